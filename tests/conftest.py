@@ -1,0 +1,87 @@
+"""Shared fixtures: the device, per-dtype tolerances, layers and inputs, and the assertions that compare an
+implementation's intermediates and gradients with the fp64 loop of triton_moe.ground_truth."""
+
+import os
+
+import pytest
+import torch
+
+# stk's Triton kernels use TF32 for fp32 operands on a GPU unless told otherwise; the fp32 comparisons with the
+# fp64 loop below need IEEE fp32. (Our own kernels choose their precision explicitly.)
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+
+import triton_moe  # noqa: E402,F401  (selects Triton's interpreter on CPU-only machines before any kernel import)
+from triton_moe.config import SEED_CONFIGS, MoEConfig  # noqa: E402
+from triton_moe.ground_truth import TOLERANCES, cosine, max_rel_error, run_with_loop  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (bf16 is broken in Triton's interpreter)")
+
+# dtypes for parametrize; bf16 runs on a GPU only and is skipped, with the reason, on the CPU.
+HALF_DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=gpu_only, id="bfloat16")]
+DTYPES = [torch.float32, *HALF_DTYPES]
+
+def seed_config(name, **overrides) -> MoEConfig:
+    return MoEConfig(**{**SEED_CONFIGS[name], **overrides})
+
+
+def make_input(shape, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator).to(device=DEVICE, dtype=dtype)
+
+
+def make_layer(cls, config, dtype, seed=0):
+    torch.manual_seed(seed)
+    layer = cls(config).to(DEVICE)
+    # Weights of size ~1/sqrt(fan-in) keep activations O(1), so that relative errors mean something.
+    with torch.no_grad():
+        layer.router.weight.normal_(0, config.hidden_size ** -0.5)
+        for name in ("w1", "v1"):
+            if getattr(layer, name) is not None:
+                getattr(layer, name).normal_(0, config.hidden_size ** -0.5)
+        layer.w2.normal_(0, config.total_width ** -0.5 * (config.num_experts / config.num_active_experts) ** 0.5)
+    return layer.to(dtype)
+
+
+def run_against_loop(layer, x):
+    """`run_with_loop` with a fixed random upstream gradient."""
+    upstream = make_input(x.shape, x.dtype, seed=1)
+    return run_with_loop(layer, x, upstream)
+
+
+def assert_close(name, got, want, dtype):
+    """got vs want within the dtype's max-rel and cosine bounds; NaN never passes."""
+    tol = TOLERANCES[dtype]
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err, cos = max_rel_error(got, want), cosine(got, want)
+    assert err <= tol["max_rel"], f"{name}: max rel error {err:.3g} > {tol['max_rel']}"
+    if want.numel() > 1:
+        assert cos >= tol["cosine"], f"{name}: cosine {cos:.7f} < {tol['cosine']}"
+
+
+def assert_intermediates_match(got: dict, want: dict, dtype):
+    """Every intermediate of `got` against `want`; integer ones exactly, per-expert lists expert by expert."""
+    for name in ("expert_indices", "tokens_per_expert", "row_to_token"):
+        assert torch.equal(got[name].cpu().long(), want[name].cpu().long()), f"{name} differs"
+    for name in ("router_logits", "expert_weights", "aux_loss"):
+        # Routing runs in fp32 whatever the layer's dtype.
+        assert_close(name, got[name], want[name], torch.float32)
+    for name in ("x_gathered", "y_expert", "output"):
+        assert_close(name, got[name], want[name], dtype)
+    for name in ("h_pre", "h_act", "h_up"):
+        assert (name in got) == (name in want), f"{name} present in one result only"
+        if name in want:
+            assert len(got[name]) == len(want[name])
+            for e, (g, w) in enumerate(zip(got[name], want[name])):
+                assert g.shape == w.shape, f"{name}[{e}]: shape {tuple(g.shape)} != {tuple(w.shape)}"
+            assert_close(name, torch.cat([g.flatten() for g in got[name]]),
+                         torch.cat([w.flatten() for w in want[name]]), dtype)
+
+
+def assert_grads_match(got_grads: dict, want_grads: dict, dtype):
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        assert got_grads[name] is not None, f"grad of {name} is missing"
+        assert_close(f"grad {name}", got_grads[name], want_grads[name], dtype)

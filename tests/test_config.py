@@ -1,0 +1,41 @@
+"""MoEConfig: derived fields and a ValueError naming the field for every bad value."""
+
+import pytest
+
+from triton_moe import MoEConfig
+
+
+def test_derived_fields():
+    config = MoEConfig(expert_sizes=[(2, 512), (3, 48)], num_active_experts=2, hidden_size=64)
+    assert config.num_experts == 5
+    assert config.expert_widths == [512, 512, 48, 48, 48]
+    assert config.expert_width_offsets == [0, 512, 1024, 1072, 1120, 1168]
+    assert config.total_width == 1168
+    assert not config.uniform_width and not config.is_glu
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(expert_sizes=[]), "expert_sizes"),
+    (dict(expert_sizes=[(0, 64)]), "expert_sizes"),
+    (dict(expert_sizes=[(2, 0)]), "expert_sizes"),
+    (dict(expert_sizes=[(2, 64, 1)]), "expert_sizes"),
+    (dict(expert_sizes=[(2, 64.0)]), "expert_sizes"),
+    (dict(num_active_experts=0), "num_active_experts"),
+    (dict(num_active_experts=5), "num_active_experts"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(activation="relu"), "activation"),
+    (dict(block_size=0), "block_size"),
+    (dict(load_balance_coef=-1.0), "load_balance_coef"),
+    (dict(z_loss_coef=-1.0), "z_loss_coef"),
+    (dict(init_std=0.0), "init_std"),
+])
+def test_bad_values_name_the_field(kwargs, field):
+    args = dict(expert_sizes=[(4, 64)], num_active_experts=2, hidden_size=32) | kwargs
+    with pytest.raises(ValueError, match=field):
+        MoEConfig(**args)
+
+
+def test_block_alignment_check_names_the_width():
+    config = MoEConfig(expert_sizes=[(2, 256), (2, 200)], num_active_experts=1, hidden_size=256)
+    with pytest.raises(ValueError, match="width 200"):
+        config.check_block_aligned()

@@ -1,0 +1,109 @@
+"""MoEConfig: the one description of an MoE layer, shared by the Triton layer and the stk reference."""
+
+from dataclasses import dataclass, field
+
+ACTIVATIONS = ("relu_squared", "swiglu", "gelu")
+
+# The seed design's table (batch 8, seq 512 in its benchmarks): 8/16/64/128 experts, uniform and variable widths.
+SEED_CONFIGS = {
+    "8exp_uniform": dict(expert_sizes=[(8, 512)], num_active_experts=2, hidden_size=256),
+    "8exp_variable": dict(expert_sizes=[(4, 512), (4, 256)], num_active_experts=2, hidden_size=256),
+    "16exp_uniform": dict(expert_sizes=[(16, 256)], num_active_experts=2, hidden_size=256),
+    "16exp_variable": dict(expert_sizes=[(4, 512), (8, 256), (4, 128)], num_active_experts=2, hidden_size=256),
+    "64exp_uniform": dict(expert_sizes=[(64, 256)], num_active_experts=8, hidden_size=256),
+    "64exp_variable": dict(expert_sizes=[(16, 512), (32, 256), (16, 128)], num_active_experts=8, hidden_size=256),
+    "128exp_uniform": dict(expert_sizes=[(128, 256)], num_active_experts=8, hidden_size=256),
+    "128exp_variable": dict(expert_sizes=[(32, 512), (64, 256), (32, 128)], num_active_experts=8, hidden_size=256),
+}
+
+
+@dataclass
+class MoEConfig:
+    """Shape and routing of one Mixture-of-Experts MLP layer.
+
+    `expert_sizes` lists groups of experts as `(count, width)`: `[(4, 512), (4, 256)]` is eight experts,
+    the first four of width 512, the last four of width 256, in that order. Expert `e` owns rows
+    `expert_width_offsets[e]:expert_width_offsets[e + 1]` of the weights `w1`, `v1` and `w2`.
+    """
+
+    expert_sizes: list[tuple[int, int]]
+    num_active_experts: int  # top-k
+    hidden_size: int
+    block_size: int = 128  # stk block; the reference needs widths and hidden_size that are multiples of it
+    activation: str = "relu_squared"
+    normalize_weights: bool = True  # renormalise the k routing weights of a token to sum to 1
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    init_std: float = 0.02  # std of the normal init of router, w1, v1 and w2 (nanoGPT's 0.02)
+
+    num_experts: int = field(init=False)
+    expert_widths: list[int] = field(init=False)  # one per expert
+    expert_width_offsets: list[int] = field(init=False)  # prefix sums of expert_widths, length E + 1
+    total_width: int = field(init=False)
+
+    def __post_init__(self):
+        self.expert_sizes = [tuple(group) for group in self.expert_sizes]
+        if not self.expert_sizes:
+            raise ValueError("expert_sizes must list at least one (count, width) group, got []")
+        for group in self.expert_sizes:
+            if len(group) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in group):
+                raise ValueError(f"expert_sizes entries must be (count, width) integer pairs, got {group!r}")
+            count, width = group
+            if count < 1:
+                raise ValueError(f"expert_sizes: expert count must be >= 1, got {count} in {group}")
+            if width < 1:
+                raise ValueError(f"expert_sizes: expert width must be >= 1, got {width} in {group}")
+        _require_int("hidden_size", self.hidden_size, minimum=1)
+        _require_int("block_size", self.block_size, minimum=1)
+
+        self.expert_widths = [width for count, width in self.expert_sizes for _ in range(count)]
+        self.num_experts = len(self.expert_widths)
+        offsets = [0]
+        for width in self.expert_widths:
+            offsets.append(offsets[-1] + width)
+        self.expert_width_offsets = offsets
+        self.total_width = offsets[-1]
+
+        _require_int("num_active_experts", self.num_active_experts, minimum=1)
+        if self.num_active_experts > self.num_experts:
+            raise ValueError(
+                f"num_active_experts (top-k) must be <= num_experts = {self.num_experts}, "
+                f"got {self.num_active_experts}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for name in ("load_balance_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.init_std <= 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std}")
+
+    @property
+    def uniform_width(self) -> bool:
+        return len(set(self.expert_widths)) == 1
+
+    @property
+    def is_glu(self) -> bool:
+        """True when the activation gates a second up projection (`v1`)."""
+        return self.activation == "swiglu"
+
+    def check_block_aligned(self) -> None:
+        """Raise a ValueError unless every width and hidden_size is a multiple of block_size (stk's need)."""
+        for width in sorted(set(self.expert_widths)):
+            if width % self.block_size:
+                raise ValueError(
+                    f"expert_sizes: width {width} is not a multiple of block_size={self.block_size}; "
+                    "the stk reference needs block-aligned widths (the Triton MoEMLP does not)"
+                )
+        if self.hidden_size % self.block_size:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of block_size={self.block_size}, "
+                "which the stk reference needs"
+            )
+
+
+def _require_int(name, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

@@ -1,0 +1,118 @@
+"""The ground truth everything is checked against: a plain per-expert loop in fp64, and the error measures.
+
+Deliberately naive (a Python loop over experts, dense matmuls), so that it is easy to trust by reading.
+"""
+
+import torch
+
+from triton_moe.config import MoEConfig
+
+# Bounds against the fp64 loop, per compute dtype: max |a - b| / max |b| (error relative to the tensor's scale)
+# and cosine similarity. fp32 is IEEE arithmetic throughout; 16-bit bounds allow for rounding of the operands
+# and of the stored hidden activations.
+TOLERANCES = {
+    torch.float32: dict(max_rel=1e-4, cosine=0.99999),
+    torch.float16: dict(max_rel=1e-2, cosine=0.9995),
+    torch.bfloat16: dict(max_rel=5e-2, cosine=0.999),
+}
+
+
+def _activation(config, h_pre, h_up):
+    if config.activation == "relu_squared":
+        return torch.relu(h_pre) ** 2
+    if config.activation == "gelu":
+        return torch.nn.functional.gelu(h_pre)
+    return torch.nn.functional.silu(h_pre) * h_up
+
+
+def dense_loop_moe(config: MoEConfig, params: dict, x: torch.Tensor) -> dict:
+    """A plain per-expert loop in fp64: routing, each expert's MLP on its tokens, weighted sum.
+
+    `params` holds fp64 tensors router [E, H], w1, (v1), w2 [total_width, H]; x is [N, H] fp64. Returns the
+    same keys as `forward_with_intermediates`, rows in the same order (by expert, then token, then slot).
+    """
+    k, num_experts = config.num_active_experts, config.num_experts
+    logits = x @ params["router"].T  # [N, E]
+    probs = logits.softmax(dim=-1)
+    weights, indices = probs.topk(k, dim=-1)
+    if config.normalize_weights:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    counts = torch.stack([(indices == e).sum() for e in range(num_experts)])
+    num_tokens = x.shape[0]
+    load_balance = num_experts * ((counts / max(num_tokens * k, 1)) * probs.sum(0) / max(num_tokens, 1)).sum()
+    z_loss = torch.logsumexp(logits, dim=-1).square().sum() / max(num_tokens, 1)
+    aux = config.load_balance_coef * load_balance + config.z_loss_coef * z_loss
+
+    output = torch.zeros_like(x)
+    rows_token, rows_x, rows_y, h_pre, h_up, h_act = [], [], [], [], [], []
+    offsets = config.expert_width_offsets
+    for e in range(num_experts):
+        tokens, slots = (indices == e).nonzero(as_tuple=True)  # row-major: by token, then slot
+        sl = slice(offsets[e], offsets[e + 1])
+        x_e = x[tokens]
+        pre = x_e @ params["w1"][sl].T
+        up = x_e @ params["v1"][sl].T if config.is_glu else None
+        act = _activation(config, pre, up)
+        y_e = act @ params["w2"][sl]
+        output = output.index_add(0, tokens, y_e * weights[tokens, slots][:, None])
+        rows_token.append(tokens)
+        rows_x.append(x_e)
+        rows_y.append(y_e)
+        h_pre.append(pre)
+        h_up.append(up)
+        h_act.append(act)
+    result = dict(
+        router_logits=logits, expert_indices=indices, expert_weights=weights, tokens_per_expert=counts,
+        row_to_token=torch.cat(rows_token), x_gathered=torch.cat(rows_x), h_pre=h_pre, h_act=h_act,
+        y_expert=torch.cat(rows_y), output=output, aux_loss=aux,
+    )
+    if config.is_glu:
+        result["h_up"] = h_up
+    return result
+
+
+def fp64_params(layer) -> dict:
+    params = {"router": layer.router.weight, "w1": layer.w1, "w2": layer.w2}
+    if layer.v1 is not None:
+        params["v1"] = layer.v1
+    return {name: p.detach().double().requires_grad_() for name, p in params.items()}
+
+
+def layer_grads(layer) -> dict:
+    grads = {"router": layer.router.weight.grad, "w1": layer.w1.grad, "w2": layer.w2.grad}
+    if layer.v1 is not None:
+        grads["v1"] = layer.v1.grad
+    return grads
+
+
+def run_with_loop(layer, x, upstream):
+    """Intermediates and gradients of `layer` and of the fp64 loop on the same weights, input and upstream grad.
+
+    The loss is <output, upstream> + aux_loss. Returns (got, want, got_grads, want_grads); grads are keyed
+    x, router, w1, (v1), w2.
+    """
+    x = x.detach().requires_grad_()
+    got = layer.forward_with_intermediates(x)
+    ((got["output"].float() * upstream.float()).sum() + got["aux_loss"]).backward()
+    got_grads = {"x": x.grad, **layer_grads(layer)}
+
+    params = fp64_params(layer)
+    x64 = x.detach().double().reshape(-1, x.shape[-1]).requires_grad_()
+    want = dense_loop_moe(layer.config, params, x64)
+    ((want["output"] * upstream.double().reshape(want["output"].shape)).sum() + want["aux_loss"]).backward()
+    want_grads = {"x": x64.grad.view(x.shape), **{name: p.grad for name, p in params.items()}}
+    want["output"] = want["output"].view(x.shape)
+    return got, want, got_grads, want_grads
+
+
+def max_rel_error(got, want) -> float:
+    got, want = got.double().cpu(), want.double().cpu()
+    scale = want.abs().max().item()
+    return (got - want).abs().max().item() / scale if scale > 0 else (got - want).abs().max().item()
+
+
+def cosine(got, want) -> float:
+    got, want = got.double().flatten().cpu(), want.double().flatten().cpu()
+    if got.norm() == 0 and want.norm() == 0:
+        return 1.0
+    return torch.nn.functional.cosine_similarity(got, want, dim=0).item()

@@ -1,0 +1,136 @@
+"""MoELayer: what the Triton MoEMLP and the stk reference share: parameters, input checks, routing, aux loss.
+
+A subclass implements `_experts(x, routing, intermediates)`, the expert computation from routed tokens to
+the combined output. Everything around it (flattening `[..., hidden]`, dtype handling, the router and its
+auxiliary loss) lives here once, so the two implementations differ only where they are meant to.
+"""
+
+import torch
+import torch.nn as nn
+
+from triton_moe.config import MoEConfig
+from triton_moe.routing import Routing, route
+
+INTERMEDIATE_KEYS = (
+    "router_logits", "expert_indices", "expert_weights", "tokens_per_expert", "row_to_token",
+    "x_gathered", "h_pre", "h_act", "y_expert", "output", "aux_loss",
+)  # plus "h_up" (x v1ᵀ per expert) when the activation is swiglu
+
+
+class MoELayer(nn.Module):
+    """Parameters (identical names, shapes and init in every implementation, so a state_dict loads into any):
+
+    - `router`: `nn.Linear(hidden, E, bias=False)`, weight [E, hidden]
+    - `w1`: [total_width, hidden], up projection (the gate for swiglu)
+    - `v1`: [total_width, hidden], the second up projection, only for swiglu: `silu(x w1ᵀ) * (x v1ᵀ)`
+    - `w2`: [total_width, hidden], down projection (`y = h w2`)
+    Expert `e` owns rows `config.expert_width_offsets[e]:config.expert_width_offsets[e + 1]` of w1, v1, w2.
+    Init: every parameter ~ Normal(0, config.init_std), as nanoGPT initialises its linear layers.
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        hidden, total_width = config.hidden_size, config.total_width
+        self.router = nn.Linear(hidden, config.num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(total_width, hidden))
+        self.v1 = nn.Parameter(torch.empty(total_width, hidden)) if config.is_glu else None
+        self.w2 = nn.Parameter(torch.empty(total_width, hidden))
+        self.aux_loss = None  # the last forward's weighted auxiliary loss, a tensor in the graph
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for param in self.parameters():
+            nn.init.normal_(param, mean=0.0, std=self.config.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., hidden] -> [..., hidden], same dtype; the weighted aux loss is kept on `self.aux_loss`."""
+        x_flat = self._flatten_input(x)  # [N, hidden]
+        routing = route(x_flat, self.router.weight, self.config)
+        self.aux_loss = routing.aux_loss
+        output = self._experts_or_empty(x_flat, routing, None)  # [N, hidden]
+        return output.view(x.shape).to(x.dtype)
+
+    def forward_with_intermediates(self, x: torch.Tensor) -> dict:
+        """Forward that also returns every intermediate, unpadded, rows in the expert-sorted order.
+
+        Keys (N tokens, k = top-k, E experts): router_logits [N, E], expert_indices [N, k], expert_weights
+        [N, k], tokens_per_expert [E], row_to_token [N*k], x_gathered [N*k, hidden], h_pre and h_act (lists of
+        E tensors [count_e, width_e], before and after the activation; h_pre is x w1ᵀ, the gate for swiglu),
+        h_up (swiglu only: x v1ᵀ per expert), y_expert [N*k, hidden] (down projection before the routing
+        weight), output [..., hidden], aux_loss [].
+        """
+        x_flat = self._flatten_input(x)
+        routing = route(x_flat, self.router.weight, self.config)
+        self.aux_loss = routing.aux_loss
+        intermediates = {
+            "router_logits": routing.router_logits,
+            "expert_indices": routing.expert_indices,
+            "expert_weights": routing.expert_weights,
+            "aux_loss": routing.aux_loss,
+        }
+        output = self._experts_or_empty(x_flat, routing, intermediates)
+        intermediates["output"] = output.view(x.shape).to(x.dtype)
+        return intermediates
+
+    def _experts(self, x: torch.Tensor, routing: Routing, intermediates: dict | None) -> torch.Tensor:
+        """Expert MLPs and the weighted combine: x [N, hidden] (N >= 1) -> [N, hidden] in the compute dtype.
+
+        When `intermediates` is a dict, add tokens_per_expert, row_to_token, x_gathered, h_pre, h_act, (h_up),
+        y_expert to it.
+        """
+        raise NotImplementedError
+
+    def _experts_or_empty(self, x, routing, intermediates):
+        if x.shape[0] > 0:
+            return self._experts(x, routing, intermediates)
+        # No tokens: an empty output that still depends on every parameter, so that they get zero grads.
+        zero = sum(param.sum() for param in self.parameters()) * 0.0
+        if intermediates is not None:
+            widths, hidden = self.config.expert_widths, self.config.hidden_size
+            empty_rows = [x.new_zeros(0, width) for width in widths]
+            intermediates.update(
+                tokens_per_expert=torch.zeros(len(widths), dtype=torch.long, device=x.device),
+                row_to_token=torch.zeros(0, dtype=torch.long, device=x.device),
+                x_gathered=x.new_zeros(0, hidden), h_pre=empty_rows, h_act=empty_rows,
+                y_expert=x.new_zeros(0, hidden),
+            )
+            if self.config.is_glu:
+                intermediates["h_up"] = empty_rows
+        return x.new_zeros(0, self.config.hidden_size) + zero.to(x.dtype)
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the expert GEMMs run in: autocast's where it is on, else the input's."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def _flatten_input(self, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 2:
+            raise ValueError(f"x must have shape [..., hidden] with at least 2 dims, got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"x's last dim must be hidden_size={self.config.hidden_size}, got shape {tuple(x.shape)}"
+            )
+        if x.device != self.w1.device:
+            raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w1.device}")
+        return x.reshape(-1, self.config.hidden_size).contiguous()
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return (f"expert_sizes={cfg.expert_sizes}, top_k={cfg.num_active_experts}, "
+                f"hidden_size={cfg.hidden_size}, activation={cfg.activation!r}")
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the last forward's weighted auxiliary losses over all MoE layers of `model` (0 if none ran)."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoELayer) and m.aux_loss is not None]
+    if not losses:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+    return torch.stack(losses).sum()
+
