@@ -22,6 +22,29 @@ gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (bf16 is b
 HALF_DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=gpu_only, id="bfloat16")]
 DTYPES = [torch.float32, *HALF_DTYPES]
 
+@pytest.fixture
+def nan_filled_outputs(monkeypatch):
+    """Fill what launchers allocate with torch.empty(_like) with NaN, so that any element a kernel leaves
+    unwritten (a ragged block, a partial tile) fails the comparison with the reference."""
+
+    def poisoned(allocate):
+        def allocate_nan(*args, **kwargs):
+            tensor = allocate(*args, **kwargs)
+            return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+        return allocate_nan
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+
+
+class RefuseLaunch:
+    """Stands in for a kernel: indexing it with a grid (a launch) fails the test."""
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"a kernel was launched with grid {grid} for zero rows")
+
+
 def seed_config(name, **overrides) -> MoEConfig:
     return MoEConfig(**{**SEED_CONFIGS[name], **overrides})
 

@@ -8,7 +8,7 @@ import reference
 import triton_moe
 from conftest import DEVICE, make_input, make_layer, seed_config
 
-IMPLEMENTATIONS = [reference.MoEMLP]
+IMPLEMENTATIONS = [reference.MoEMLP, triton_moe.MoEMLP]
 
 
 @pytest.fixture(params=IMPLEMENTATIONS, ids=lambda cls: cls.__module__)

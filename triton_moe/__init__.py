@@ -11,5 +11,6 @@ if not torch.cuda.is_available():
 
 from triton_moe.config import MoEConfig  # noqa: E402
 from triton_moe.layer import MoELayer, aux_loss  # noqa: E402
+from triton_moe.moe import MoEMLP  # noqa: E402
 
-__all__ = ["MoEConfig", "MoELayer", "aux_loss"]
+__all__ = ["MoEConfig", "MoELayer", "MoEMLP", "aux_loss"]

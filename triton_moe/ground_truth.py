@@ -111,6 +111,13 @@ def max_rel_error(got, want) -> float:
     return (got - want).abs().max().item() / scale if scale > 0 else (got - want).abs().max().item()
 
 
+def rel_l2_error(got, want) -> float:
+    """||got - want|| / ||want||: sees a wrong scale, which cosine does not."""
+    got, want = got.double().flatten().cpu(), want.double().flatten().cpu()
+    norm = want.norm().item()
+    return (got - want).norm().item() / norm if norm > 0 else (got - want).norm().item()
+
+
 def cosine(got, want) -> float:
     got, want = got.double().flatten().cpu(), want.double().flatten().cpu()
     if got.norm() == 0 and want.norm() == 0:

@@ -1,0 +1,441 @@
+"""Grouped-GEMM launchers against plain PyTorch in fp64, expert by expert, over widths, hidden sizes, routings
+and dtypes."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from triton_moe.kernels import (
+    GemmBlocks,
+    down_projection,
+    down_projection_backward,
+    down_weight_grad,
+    input_grad_rows,
+    is_gated,
+    up_projection,
+    up_weight_grad,
+)
+from triton_moe.kernels import grouped_gemm
+from conftest import DEVICE, DTYPES, RefuseLaunch
+
+pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
+
+# Largest error allowed, relative to the largest magnitude of the fp64 reference.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+ACTIVATIONS = ["relu_squared", "gelu", "swiglu"]
+
+# (expert widths, hidden size, tokens, top_k, experts the tokens may pick (None: all))
+CASES = {
+    "one_expert": ([16], 32, 8, 1, None),
+    "equal_widths": ([48, 48, 48], 64, 24, 2, None),
+    "mixed_widths": ([64, 16, 200, 48], 96, 40, 2, None),
+    "expert_without_tokens": ([64, 16, 200, 48], 32, 24, 2, [0, 2, 3]),
+    "all_tokens_on_one_expert": ([64, 16, 200, 48], 64, 40, 1, [2]),
+    "single_token": ([32, 48, 16, 200, 64], 96, 1, 2, None),
+}
+
+
+
+@dataclass
+class SortedRouting:
+    """Expert-sorted routing of the tokens, built with plain torch the way routing.py does."""
+
+    expert_widths: list[int]
+    row_to_token: torch.Tensor  # (R,) int32
+    flat_to_row: torch.Tensor  # (N * k,) int64
+    row_weights: torch.Tensor  # (R,) fp32
+    expert_row_offsets: torch.Tensor  # (E + 1,) int32
+    expert_width_offsets: torch.Tensor  # (E + 1,) int32
+    expert_h_offsets: torch.Tensor  # (E + 1,) int64
+    h_numel: int
+
+    @property
+    def num_rows(self):
+        return self.row_to_token.numel()
+
+    @property
+    def layout(self):
+        """The layout arguments of every launcher, in their order."""
+        return self.expert_row_offsets, self.expert_width_offsets, self.expert_widths, self.expert_h_offsets
+
+    def experts(self):
+        """Per expert: its rows, its weight rows, its ragged block (slices) and the block's shape."""
+        for expert, width in enumerate(self.expert_widths):
+            row_start, row_end = self.expert_row_offsets[expert : expert + 2].tolist()
+            width_start, width_end = self.expert_width_offsets[expert : expert + 2].tolist()
+            h_start = int(self.expert_h_offsets[expert])
+            count = row_end - row_start
+            yield (
+                slice(row_start, row_end),
+                slice(width_start, width_end),
+                slice(h_start, h_start + count * width),
+                (count, width),
+            )
+
+
+def make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator):
+    num_experts = len(expert_widths)
+    scores = torch.rand(num_tokens, num_experts, generator=generator)  # (N, E)
+    if allowed_experts is not None:
+        blocked = torch.ones(num_experts, dtype=torch.bool)
+        blocked[allowed_experts] = False
+        scores[:, blocked] = -1.0
+    top_scores, expert_indices = scores.topk(top_k, dim=1)  # (N, k): distinct experts per token
+    flat_experts = expert_indices.reshape(-1)  # (N * k,)
+    row_to_flat = torch.sort(flat_experts, stable=True).indices  # (R,)
+    tokens_per_expert = torch.bincount(flat_experts, minlength=num_experts)  # (E,)
+    widths = torch.tensor(expert_widths)  # (E,)
+
+    def offsets(sizes, dtype):
+        return F.pad(sizes.cumsum(0), (1, 0)).to(dtype)
+
+    expert_h_offsets = offsets(tokens_per_expert * widths, torch.int64)  # (E + 1,)
+    return SortedRouting(
+        expert_widths=list(expert_widths),
+        row_to_token=(row_to_flat // top_k).to(torch.int32).to(DEVICE),
+        flat_to_row=torch.argsort(row_to_flat).to(DEVICE),
+        row_weights=torch.softmax(top_scores, dim=1).reshape(-1)[row_to_flat].to(DEVICE),
+        expert_row_offsets=offsets(tokens_per_expert, torch.int32).to(DEVICE),
+        expert_width_offsets=offsets(widths, torch.int32).to(DEVICE),
+        expert_h_offsets=expert_h_offsets.to(DEVICE),
+        h_numel=int(expert_h_offsets[-1]),
+    )
+
+
+def random(shape, dtype, generator, scale=1.0):
+    return (torch.randn(shape, generator=generator) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def setup_case(case):
+    expert_widths, hidden, num_tokens, top_k, allowed_experts = CASES[case]
+    generator = torch.Generator().manual_seed(0)
+    return make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator), hidden, num_tokens, generator
+
+
+def random_weight(routing, hidden, dtype, generator):
+    return random((sum(routing.expert_widths), hidden), dtype, generator, scale=hidden**-0.5)  # (TW, H)
+
+
+def assert_close(actual, expected, dtype):
+    assert actual.shape == expected.shape
+    if expected.numel() == 0:
+        return
+    error = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.abs().max().item()
+    assert error <= TOLERANCE[dtype] * scale, f"max error {error:.3e} vs max reference {scale:.3e}"
+
+
+def reference_activation(h_pre, h_up, activation):
+    if activation == "relu_squared":
+        return torch.relu(h_pre) ** 2
+    if activation == "gelu":
+        return F.gelu(h_pre)
+    return F.silu(h_pre) * h_up
+
+
+def reference_up_projection(x, w1, v1, routing, activation):
+    """fp64 h_pre, h_up, h_act; the activation reads h_pre and h_up rounded to x.dtype, as they are stored."""
+    tokens = routing.row_to_token.long()
+    h_pre, h_up = [], []
+    for rows, weight_rows, _, _ in routing.experts():
+        x_rows = x.double()[tokens[rows]]  # (count_e, H)
+        h_pre.append((x_rows @ w1.double()[weight_rows].T).reshape(-1))
+        if v1 is not None:
+            h_up.append((x_rows @ v1.double()[weight_rows].T).reshape(-1))
+    h_pre = torch.cat(h_pre)  # (h_numel,)
+    h_up = torch.cat(h_up) if v1 is not None else None  # (h_numel,)
+
+    def as_stored(tensor):
+        return None if tensor is None else tensor.to(x.dtype).double()
+
+    return h_pre, h_up, reference_activation(as_stored(h_pre), as_stored(h_up), activation)
+
+
+def reference_down_projection(h_act, w2, routing, row_weights):
+    y = torch.cat(
+        [
+            h_act.double()[h_block].view(shape) @ w2.double()[weight_rows]
+            for _, weight_rows, h_block, shape in routing.experts()
+        ]
+    )  # (R, H)
+    return y if row_weights is None else y * row_weights.double()[:, None]
+
+
+def reference_down_backward(h_pre, h_up, w2, grad_out, routing, row_weights, activation):
+    """fp64 autograd of sum(grad_out * combined y), y[r] = row_weight[r] * act(h_pre, h_up)[r] @ w2_e summed over
+    each token's rows: the gradients for h_pre, h_up, row_weights and w2 (None where the input is None)."""
+    h_pre, h_up, w2, row_weights = (
+        None if tensor is None else tensor.double().requires_grad_() for tensor in (h_pre, h_up, w2, row_weights)
+    )
+    tokens = routing.row_to_token.long()
+    loss = 0.0
+    for rows, weight_rows, h_block, shape in routing.experts():
+        h_act = reference_activation(
+            h_pre[h_block].view(shape), None if h_up is None else h_up[h_block].view(shape), activation
+        )
+        y_rows = h_act @ w2[weight_rows]  # (count_e, H)
+        if row_weights is not None:
+            y_rows = y_rows * row_weights[rows, None]
+        loss = loss + (grad_out.double()[tokens[rows]] * y_rows).sum()
+    loss.backward()
+    return [None if tensor is None else tensor.grad for tensor in (h_pre, h_up, row_weights, w2)]
+
+
+def reference_up_backward(dh_pre, dh_up, x, w1, v1, routing):
+    """fp64 dx_rows [R, H] and the weight gradients dw1, dv1 [TW, H] of h_pre = x_rows @ w1_e^T (h_up with v1)."""
+    tokens = routing.row_to_token.long()
+    dx_rows = torch.zeros((routing.num_rows, x.shape[1]), dtype=torch.float64, device=DEVICE)
+    dw1 = torch.zeros(w1.shape, dtype=torch.float64, device=DEVICE)
+    dv1 = torch.zeros(w1.shape, dtype=torch.float64, device=DEVICE)
+    for rows, weight_rows, h_block, shape in routing.experts():
+        x_rows = x.double()[tokens[rows]]  # (count_e, H)
+        dh_pre_e = dh_pre.double()[h_block].view(shape)  # (count_e, W_e)
+        dx_rows[rows] = dh_pre_e @ w1.double()[weight_rows]
+        dw1[weight_rows] = dh_pre_e.T @ x_rows
+        if dh_up is not None:
+            dh_up_e = dh_up.double()[h_block].view(shape)
+            dx_rows[rows] += dh_up_e @ v1.double()[weight_rows]
+            dv1[weight_rows] = dh_up_e.T @ x_rows
+    return dx_rows, dw1, dv1 if dh_up is not None else None
+
+
+def random_down_inputs(case, activation, dtype):
+    """Routing, h_pre, h_up (gated only), w2 and grad_out [N, H] for the down projection's backward."""
+    routing, hidden, num_tokens, generator = setup_case(case)
+    h_pre = random((routing.h_numel,), dtype, generator)
+    h_up = random((routing.h_numel,), dtype, generator) if is_gated(activation) else None
+    w2 = random_weight(routing, hidden, dtype, generator)
+    grad_out = random((num_tokens, hidden), dtype, generator)
+    return routing, h_pre, h_up, w2, grad_out
+
+
+def random_up_grad_inputs(case, gated, dtype):
+    """Routing, dh_pre, dh_up (gated only), x, w1 and v1 (gated only) for the up projection's backward."""
+    routing, hidden, num_tokens, generator = setup_case(case)
+    dh_pre = random((routing.h_numel,), dtype, generator)
+    dh_up = random((routing.h_numel,), dtype, generator) if gated else None
+    x = random((num_tokens, hidden), dtype, generator)
+    w1 = random_weight(routing, hidden, dtype, generator)
+    v1 = random_weight(routing, hidden, dtype, generator) if gated else None
+    return routing, dh_pre, dh_up, x, w1, v1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_up_projection(case, activation, dtype):
+    routing, hidden, num_tokens, generator = setup_case(case)
+    x = random((num_tokens, hidden), dtype, generator)  # (N, H)
+    w1 = random_weight(routing, hidden, dtype, generator)
+    v1 = random_weight(routing, hidden, dtype, generator) if is_gated(activation) else None
+    h_pre, h_up, h_act = up_projection(x, w1, v1, routing.row_to_token, *routing.layout, routing.h_numel, activation)
+    expected_pre, expected_up, expected_act = reference_up_projection(x, w1, v1, routing, activation)
+    assert_close(h_pre, expected_pre, dtype)
+    assert_close(h_act, expected_act, dtype)
+    if is_gated(activation):
+        assert_close(h_up, expected_up, dtype)
+    else:
+        assert h_up is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_row_weights", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_down_projection(case, with_row_weights, dtype):
+    routing, hidden, _, generator = setup_case(case)
+    h_act = random((routing.h_numel,), dtype, generator)
+    w2 = random_weight(routing, hidden, dtype, generator)
+    row_weights = routing.row_weights if with_row_weights else None
+    y = down_projection(h_act, w2, *routing.layout, routing.num_rows, row_weights)
+    assert_close(y, reference_down_projection(h_act, w2, routing, row_weights), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_down_projection_backward(case, activation, dtype):
+    routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
+    dh_pre, dh_up, d_row_weights = down_projection_backward(
+        grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout, routing.row_weights, activation
+    )
+    expected_dh_pre, expected_dh_up, expected_d_row_weights, _ = reference_down_backward(
+        h_pre, h_up, w2, grad_out, routing, routing.row_weights, activation
+    )
+    assert_close(dh_pre, expected_dh_pre, dtype)
+    assert_close(d_row_weights, expected_d_row_weights, dtype)
+    if is_gated(activation):
+        assert_close(dh_up, expected_dh_up, dtype)
+    else:
+        assert dh_up is None
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_down_projection_backward_without_row_weights(activation):
+    routing, h_pre, h_up, w2, grad_out = random_down_inputs("mixed_widths", activation, torch.float32)
+    dh_pre, dh_up, d_row_weights = down_projection_backward(
+        grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout, None, activation
+    )
+    expected_dh_pre, expected_dh_up, _, _ = reference_down_backward(
+        h_pre, h_up, w2, grad_out, routing, None, activation
+    )
+    assert d_row_weights is None
+    assert_close(dh_pre, expected_dh_pre, torch.float32)
+    if is_gated(activation):
+        assert_close(dh_up, expected_dh_up, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_input_grad_rows(case, gated, dtype):
+    routing, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs(case, gated, dtype)
+    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *routing.layout, routing.num_rows)
+    assert_close(dx_rows, reference_up_backward(dh_pre, dh_up, x, w1, v1, routing)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_up_weight_grad(case, gated, dtype):
+    routing, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs(case, gated, dtype)
+    dw1, dv1 = up_weight_grad(dh_pre, dh_up, x, routing.row_to_token, *routing.layout)
+    _, expected_dw1, expected_dv1 = reference_up_backward(dh_pre, dh_up, x, w1, v1, routing)
+    assert_close(dw1, expected_dw1, dtype)
+    if gated:
+        assert_close(dv1, expected_dv1, dtype)
+    else:
+        assert dv1 is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_down_weight_grad(case, activation, dtype):
+    routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
+    dw2 = down_weight_grad(
+        h_pre, h_up, grad_out, routing.row_to_token, *routing.layout, routing.row_weights, activation
+    )
+    expected_dw2 = reference_down_backward(h_pre, h_up, w2, grad_out, routing, routing.row_weights, activation)[3]
+    assert_close(dw2, expected_dw2, dtype)
+
+
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        pytest.param(GemmBlocks(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1), id="16x16x16"),
+        pytest.param(GemmBlocks(block_m=64, block_n=16, block_k=64, num_warps=1, num_stages=1), id="64x16x64"),
+        pytest.param(GemmBlocks(block_m=16, block_n=64, block_k=32, num_warps=1, num_stages=1), id="16x64x32"),
+    ],
+)
+def test_launchers_with_other_blocks(blocks):
+    """Every launcher with tiles other than the default: partial tiles and partial-sum columns move around."""
+    dtype, activation = torch.float32, "swiglu"
+    routing, h_pre, h_up, w2, grad_out = random_down_inputs("mixed_widths", activation, dtype)
+    _, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs("mixed_widths", True, dtype)
+    layout, row_to_token, row_weights = routing.layout, routing.row_to_token, routing.row_weights
+
+    h_pre_out, _, h_act = up_projection(
+        x, w1, v1, row_to_token, *layout, routing.h_numel, activation, blocks=blocks
+    )
+    expected_pre, _, expected_act = reference_up_projection(x, w1, v1, routing, activation)
+    assert_close(h_pre_out, expected_pre, dtype)
+    assert_close(h_act, expected_act, dtype)
+    y = down_projection(h_act, w2, *layout, routing.num_rows, row_weights, blocks=blocks)
+    assert_close(y, reference_down_projection(h_act, w2, routing, row_weights), dtype)
+
+    expected_dh_pre, expected_dh_up, expected_d_row_weights, expected_dw2 = reference_down_backward(
+        h_pre, h_up, w2, grad_out, routing, row_weights, activation
+    )
+    got_dh_pre, got_dh_up, d_row_weights = down_projection_backward(
+        grad_out, w2, h_pre, h_up, row_to_token, *layout, row_weights, activation, blocks=blocks
+    )
+    assert_close(got_dh_pre, expected_dh_pre, dtype)
+    assert_close(got_dh_up, expected_dh_up, dtype)
+    assert_close(d_row_weights, expected_d_row_weights, dtype)
+    dw2 = down_weight_grad(h_pre, h_up, grad_out, row_to_token, *layout, row_weights, activation, blocks=blocks)
+    assert_close(dw2, expected_dw2, dtype)
+
+    expected_dx_rows, expected_dw1, expected_dv1 = reference_up_backward(dh_pre, dh_up, x, w1, v1, routing)
+    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout, routing.num_rows, blocks=blocks)
+    assert_close(dx_rows, expected_dx_rows, dtype)
+    dw1, dv1 = up_weight_grad(dh_pre, dh_up, x, row_to_token, *layout, blocks=blocks)
+    assert_close(dw1, expected_dw1, dtype)
+    assert_close(dv1, expected_dv1, dtype)
+
+
+def run_all_launchers(case, activation, dtype):
+    """Forward and backward through every launcher, with fixed random inputs; returns every output."""
+    routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
+    _, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
+    layout, row_to_token, row_weights = routing.layout, routing.row_to_token, routing.row_weights
+    forward = up_projection(x, w1, v1, row_to_token, *layout, routing.h_numel, activation)
+    y = down_projection(forward[2], w2, *layout, routing.num_rows, row_weights)
+    backward = down_projection_backward(grad_out, w2, h_pre, h_up, row_to_token, *layout, row_weights, activation)
+    dw2 = down_weight_grad(h_pre, h_up, grad_out, row_to_token, *layout, row_weights, activation)
+    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout, routing.num_rows)
+    dw1, dv1 = up_weight_grad(dh_pre, dh_up, x, row_to_token, *layout)
+    return [*forward, y, *backward, dw2, dx_rows, dw1, dv1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_launchers_are_deterministic(dtype):
+    first = run_all_launchers("mixed_widths", "swiglu", dtype)
+    second = run_all_launchers("mixed_widths", "swiglu", dtype)
+    for first_output, second_output in zip(first, second, strict=True):
+        assert torch.equal(first_output, second_output)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_no_rows_launches_nothing(activation, monkeypatch):
+    monkeypatch.setattr(grouped_gemm, "_expert_rows_gemm", RefuseLaunch())
+    monkeypatch.setattr(grouped_gemm, "_weight_grad_gemm", RefuseLaunch())
+    dtype, hidden, gated = torch.float32, 32, is_gated(activation)
+    generator = torch.Generator().manual_seed(0)
+    routing = make_routing([64, 16, 48], 0, 2, None, generator)
+    layout, row_to_token = routing.layout, routing.row_to_token
+    x = grad_out = random((0, hidden), dtype, generator)  # (0, H)
+    w1, v1, w2 = (random_weight(routing, hidden, dtype, generator) for _ in range(3))
+    v1 = v1 if gated else None
+
+    h_pre, h_up, h_act = up_projection(x, w1, v1, row_to_token, *layout, routing.h_numel, activation)
+    assert h_pre.shape == h_act.shape == (0,) and (h_up is not None) == gated
+    assert down_projection(h_act, w2, *layout, 0, routing.row_weights).shape == (0, hidden)
+    dh_pre, dh_up, d_row_weights = down_projection_backward(
+        grad_out, w2, h_pre, h_up, row_to_token, *layout, routing.row_weights, activation
+    )
+    assert dh_pre.shape == d_row_weights.shape == (0,) and (dh_up is not None) == gated
+    assert input_grad_rows(dh_pre, w1, dh_up, v1, *layout, 0).shape == (0, hidden)
+    dw1, dv1 = up_weight_grad(dh_pre, dh_up, x, row_to_token, *layout)
+    dw2 = down_weight_grad(h_pre, h_up, grad_out, row_to_token, *layout, routing.row_weights, activation)
+    for weight_grad in (dw1, dw2, *([dv1] if gated else [])):
+        assert torch.equal(weight_grad, torch.zeros_like(w1))
+
+
+def test_invalid_arguments_raise_value_error():
+    routing, hidden, num_tokens, generator = setup_case("mixed_widths")
+    x = random((num_tokens, hidden), torch.float32, generator)
+    w1 = random_weight(routing, hidden, torch.float32, generator)
+    row_to_token, layout, h_numel = routing.row_to_token, routing.layout, routing.h_numel
+    with pytest.raises(ValueError, match="activation"):
+        up_projection(x, w1, None, row_to_token, *layout, h_numel, "tanh")
+    with pytest.raises(ValueError, match="v1"):
+        up_projection(x, w1, None, row_to_token, *layout, h_numel, "swiglu")
+    with pytest.raises(ValueError, match="v1"):
+        up_projection(x, w1, w1, row_to_token, *layout, h_numel, "gelu")
+    with pytest.raises(ValueError, match="w1"):
+        up_projection(x, w1.half(), None, row_to_token, *layout, h_numel, "gelu")
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        up_projection(x.T.contiguous().T, w1, None, row_to_token, *layout, h_numel, "gelu")
+    with pytest.raises(ValueError, match="expert_widths"):
+        up_projection(x, w1, None, row_to_token, *layout[:2], [64, 16, 0, 248], *layout[3:], h_numel, "gelu")
+    with pytest.raises(ValueError, match="expert_h_offsets"):
+        up_projection(x, w1, None, row_to_token, *layout[:3], layout[3].int(), h_numel, "gelu")
+    h_buffer = random((h_numel,), torch.float32, generator)
+    with pytest.raises(ValueError, match="row_weights"):
+        down_projection(h_buffer, w1, *layout, routing.num_rows, routing.row_weights.half())
+    with pytest.raises(ValueError, match="dh_up and v1"):
+        input_grad_rows(h_buffer, w1, None, w1, *layout, routing.num_rows)
+    with pytest.raises(ValueError, match="block_n"):
+        GemmBlocks(block_m=32, block_n=8, block_k=32, num_warps=1, num_stages=1)

@@ -1,0 +1,170 @@
+"""The Triton MoEMLP against the fp64 per-expert loop and against the stk reference: every intermediate, the
+output, the aux loss and every gradient; widths the reference cannot do; determinism; state_dict exchange."""
+
+import pytest
+import torch
+
+import reference
+import triton_moe
+from conftest import (DEVICE, DTYPES, HALF_DTYPES, SEED_CONFIGS, assert_close, assert_grads_match,
+                      assert_intermediates_match, gpu_only, make_input, make_layer, run_against_loop,
+                      seed_config)
+from triton_moe import MoEConfig
+from triton_moe.ground_truth import cosine, rel_l2_error
+
+NUM_TOKENS = 96
+
+
+def check_against_loop(layer, x, dtype):
+    got, want, got_grads, want_grads = run_against_loop(layer, x)
+    assert_intermediates_match(got, want, dtype)
+    assert_grads_match(got_grads, want_grads, dtype)
+    return got, got_grads
+
+
+@pytest.mark.parametrize("name", list(SEED_CONFIGS))
+def test_seed_configs_fp32(name):
+    layer = make_layer(triton_moe.MoEMLP, seed_config(name), torch.float32)
+    check_against_loop(layer, make_input((NUM_TOKENS, 256), torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("activation", ["relu_squared", "swiglu", "gelu"])
+def test_half_precision(activation, dtype):
+    config = seed_config("16exp_variable", activation=activation)
+    layer = make_layer(triton_moe.MoEMLP, config, dtype)
+    check_against_loop(layer, make_input((NUM_TOKENS, 256), dtype), dtype)
+
+
+# Widths and hidden sizes that are not multiples of any tile: only the Triton layer takes them.
+ODD_CONFIGS = {
+    "widths_16_48_200": dict(expert_sizes=[(2, 16), (2, 48), (2, 200)], num_active_experts=2, hidden_size=96),
+    "width_1_hidden_20": dict(expert_sizes=[(3, 1), (1, 33)], num_active_experts=3, hidden_size=20),
+    "single_expert": dict(expert_sizes=[(1, 48)], num_active_experts=1, hidden_size=32),
+}
+
+
+@pytest.mark.parametrize("activation", ["relu_squared", "swiglu", "gelu"])
+@pytest.mark.parametrize("name", list(ODD_CONFIGS))
+def test_odd_widths(name, activation):
+    config = MoEConfig(**ODD_CONFIGS[name], activation=activation)
+    layer = make_layer(triton_moe.MoEMLP, config, torch.float32)
+    check_against_loop(layer, make_input((29, config.hidden_size), torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 33])
+def test_token_counts(num_tokens):
+    layer = make_layer(triton_moe.MoEMLP, seed_config("8exp_variable"), torch.float32)
+    check_against_loop(layer, make_input((num_tokens, 256), torch.float32), torch.float32)
+
+
+def test_3d_input_keeps_shape():
+    layer = make_layer(triton_moe.MoEMLP, seed_config("8exp_variable", activation="swiglu"), torch.float32)
+    x = make_input((3, 13, 256), torch.float32)
+    got, _ = check_against_loop(layer, x, torch.float32)
+    assert got["output"].shape == (3, 13, 256)
+
+
+def test_empty_expert_and_all_tokens_to_one():
+    config = MoEConfig(expert_sizes=[(3, 48), (2, 16)], num_active_experts=1, hidden_size=64)
+    layer = make_layer(triton_moe.MoEMLP, config, torch.float32)
+    with torch.no_grad():  # positive inputs and a positive router row: every token goes to expert 3
+        layer.router.weight[3] = 1.0
+    x = make_input((25, 64), torch.float32).abs()
+    got, grads = check_against_loop(layer, x, torch.float32)
+    assert got["tokens_per_expert"].tolist() == [0, 0, 0, 25, 0]
+    offsets = config.expert_width_offsets
+    assert grads["w1"][:offsets[3]].abs().max() == 0 and grads["w2"][offsets[4]:].abs().max() == 0
+
+
+def test_no_tokens_gives_empty_output_and_zero_grads():
+    layer = make_layer(triton_moe.MoEMLP, seed_config("8exp_variable"), torch.float32)
+    x = make_input((0, 256), torch.float32).requires_grad_()
+    out = layer(x)
+    assert out.shape == (0, 256)
+    (out.sum() + layer.aux_loss).backward()
+    for param in layer.parameters():
+        assert param.grad is not None and param.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["8exp_variable", "16exp_variable"])
+def test_matches_reference(name, dtype):
+    """Same weights and input: every intermediate and gradient of the two implementations, one to one."""
+    config = seed_config(name)
+    ours = make_layer(triton_moe.MoEMLP, config, dtype)
+    ref = reference.MoEMLP(config).to(DEVICE, dtype)
+    ref.load_state_dict(ours.state_dict())
+    results = []
+    for layer in (ours, ref):
+        x = make_input((NUM_TOKENS, 256), dtype).requires_grad_()
+        got = layer.forward_with_intermediates(x)
+        (got["output"].float() * make_input(x.shape, dtype, seed=1).float()).sum().backward()
+        results.append((got, {"x": x.grad, "w1": layer.w1.grad, "w2": layer.w2.grad,
+                              "router": layer.router.weight.grad}))
+    (ours_out, ours_grads), (ref_out, ref_grads) = results
+    assert_intermediates_match(ours_out, ref_out, dtype)
+    for name in ref_grads:
+        assert_close(f"grad {name}", ours_grads[name], ref_grads[name], dtype)
+
+
+def test_reference_state_dict_loads_and_gives_same_output():
+    config = seed_config("16exp_variable", activation="swiglu")
+    ref = make_layer(reference.MoEMLP, config, torch.float32, seed=3)
+    ours = triton_moe.MoEMLP(config).to(DEVICE)
+    ours.load_state_dict(ref.state_dict())
+    x = make_input((40, 256), torch.float32)
+    assert_close("output", ours(x), ref(x), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_is_bitwise_deterministic(dtype):
+    config = MoEConfig(expert_sizes=[(4, 64), (4, 48)], num_active_experts=2, hidden_size=64,
+                       activation="swiglu")
+    layer = make_layer(triton_moe.MoEMLP, config, dtype)
+    runs = []
+    for _ in range(2):
+        layer.zero_grad(set_to_none=True)
+        x = make_input((50, 64), dtype).requires_grad_()
+        out = layer(x)
+        (out.float() * make_input(x.shape, dtype, seed=1).float()).sum().backward()
+        runs.append([out, x.grad] + [p.grad for p in layer.parameters()])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@gpu_only
+@pytest.mark.parametrize("name", ["8exp_variable", "64exp_variable"])
+def test_bf16_error_not_larger_than_reference(name):
+    """bf16 on a GPU: cosine >= 0.999 against fp64, and no larger a relative L2 error than the stk reference's
+    in bf16, for the output and every gradient (max-rel errors are too noisy to order two bf16 results)."""
+    config = seed_config(name)
+    ours = make_layer(triton_moe.MoEMLP, config, torch.bfloat16)
+    ref = reference.MoEMLP(config).to(DEVICE, torch.bfloat16)
+    ref.load_state_dict(ours.state_dict())
+    x = make_input((NUM_TOKENS * 4, 256), torch.bfloat16)
+    (ours_out, truth, ours_grads, truth_grads), (ref_out, _, ref_grads, _) = [
+        run_against_loop(layer, x) for layer in (ours, ref)]
+    for name in ("output", "grad x", "grad router", "grad w1", "grad w2"):
+        key = name.removeprefix("grad ")
+        got, ref_got, want = ((ours_grads, ref_grads, truth_grads) if name.startswith("grad")
+                              else (ours_out, ref_out, truth))
+        ours_err, ref_err = rel_l2_error(got[key], want[key]), rel_l2_error(ref_got[key], want[key])
+        print(f"{name}: relative L2 error vs fp64, triton {ours_err:.3e}, reference {ref_err:.3e}")
+        assert cosine(got[key], want[key]) >= 0.999, name
+        assert ours_err <= ref_err, f"{name}: triton bf16 error {ours_err:.3g} > reference {ref_err:.3g}"
+
+
+@gpu_only
+def test_uniform_widths_never_synchronise():
+    """Forward and backward with equal widths run without a host-device synchronisation."""
+    layer = make_layer(triton_moe.MoEMLP, seed_config("64exp_uniform"), torch.bfloat16)
+    x = make_input((NUM_TOKENS, 256), torch.bfloat16).requires_grad_()
+    layer(x).sum().backward()  # warm-up: compilation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer(x)
+        (out.float().sum() + layer.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

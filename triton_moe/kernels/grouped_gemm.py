@@ -1,0 +1,674 @@
+"""Grouped GEMMs over expert-sorted rows: the one building block of every MoE projection, forward and backward.
+
+Two kernels, each called in several roles by the launchers below:
+- `_expert_rows_gemm`: per expert e, out[rows of e] = A[rows of e] @ B_e, in one of two layouts:
+  RAGGED_OUT (hidden -> expert width): A rows gathered from a [N, H] source by row_to_token,
+      B_e[k, n] = weight[width_off_e + n, k], out = expert e's [count_e, W_e] block of a ragged buffer.
+      Roles: up projection (+ activation), down projection backward (dH, + routing-weight grads).
+  not RAGGED_OUT (expert width -> hidden): A = expert e's block of a ragged buffer,
+      B_e[k, n] = weight[width_off_e + k, n], out = rows [R, H].
+      Roles: down projection (scaled by the routing weights), input grad rows (dX before combine).
+- `_weight_grad_gemm`: per expert e, dW[width_off_e + m, n] = sum over rows r of e of A[r, m] * B[r, n],
+  A ragged (optionally recomputed as act(h_pre[, h_up]) * row_weights), B gathered from a [N, H] source.
+  Roles: dW2, dW1 (+ dV1 in the same launch).
+Both accumulate in fp32 and never use atomics, so every result is bitwise reproducible.
+
+Layout arguments shared by the launchers (R = N * top_k expert-sorted rows, E experts, H hidden):
+    row_to_token: [R] int32/int64, token of each row; rows are sorted by expert.
+    expert_row_offsets: [E+1] int32/int64, rows of expert e are expert_row_offsets[e] : expert_row_offsets[e+1].
+    expert_width_offsets: [E+1] int32/int64, prefix sums of expert_widths; expert e owns weight rows
+        expert_width_offsets[e] : expert_width_offsets[e+1] of each [TW, H] weight.
+    expert_widths: the E widths W_e >= 1 as host ints (they size the launch grid without a device sync).
+    expert_h_offsets: [E+1] int64, prefix sums of count_e * W_e; expert e's hidden activations are the dense
+        row-major [count_e, W_e] block starting there in each ragged 1-D buffer (h_pre, h_up, h_act, ...).
+    blocks: tile sizes; tuning.gemm_blocks(dtype) when None.
+All tensors are contiguous and on one device; float operands of one call share one dtype (fp32, fp16, bf16).
+"""
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
+from triton_moe.kernels.tuning import GemmBlocks, gemm_blocks
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@triton.jit
+def _expert_of_tile(tile_id, tiles_per_expert, experts):
+    """The expert owning tile `tile_id` and that expert's first tile id.
+
+    tiles_per_expert [EXPERTS_POW2] int32 counts each expert's tiles (0 in padding lanes), experts are laid out
+    one after another. Past the last tile the expert returned is >= the number of experts.
+    """
+    tile_ends = tl.cumsum(tiles_per_expert, 0)
+    expert = tl.sum((tile_ends <= tile_id).to(tl.int32), 0)
+    first_tile = tl.sum(tl.where(experts < expert, tiles_per_expert, 0), 0)
+    return expert, first_tile
+
+
+@triton.jit
+def _expert_rows_gemm(
+    a_ptr, a2_ptr, b_ptr, b2_ptr,
+    out_ptr, out2_ptr, out3_ptr,
+    h_pre_ptr, h_up_ptr, row_weights_ptr, partials_ptr,
+    row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
+    num_experts, hidden, num_partial_cols,
+    RAGGED_OUT: tl.constexpr,
+    SECOND_PRODUCT: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_ROW_WEIGHTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EXPERTS_POW2: tl.constexpr,
+):
+    """One (expert, row tile, column tile) of out = A @ B_e; see the module docstring for the two layouts.
+
+    SECOND_PRODUCT: "none"; "shared_a": acc2 = A @ B2_e from the same A tiles (swiglu gate and up);
+        "summed": acc += A2 @ B2_e (dX of swiglu: dh_gate @ w1_e + dh_up @ v1_e).
+    EPILOGUE:
+        "act_forward": out = h_pre = acc, out2 = h_up = acc2 (GATED), out3 = h_act = act(h_pre[, h_up]).
+        "act_backward": acc = grad_out[token] @ w2_e^T, the gradient for h_act of the row's unweighted output;
+            partials[r, col tile] = sum_n acc * act, the routing-weight gradient (if HAS_ROW_WEIGHTS);
+            out = dh_pre = row_weight * acc * dact/dh_pre, out2 = dh_up likewise (GATED).
+        "store": out = acc, scaled by row_weights[r] if HAS_ROW_WEIGHTS.
+    """
+    tile_id = tl.program_id(0)
+    # The tiles per expert depend on the routing, which only the device knows: every program recomputes the
+    # schedule from the E row counts instead of the host reading them back (a device sync).
+    experts = tl.arange(0, EXPERTS_POW2)
+    is_expert = experts < num_experts
+    rows_per_expert = tl.load(expert_row_offsets_ptr + experts + 1, mask=is_expert, other=0) - tl.load(
+        expert_row_offsets_ptr + experts, mask=is_expert, other=0
+    )
+    if RAGGED_OUT:
+        widths = tl.load(expert_width_offsets_ptr + experts + 1, mask=is_expert, other=0) - tl.load(
+            expert_width_offsets_ptr + experts, mask=is_expert, other=0
+        )
+        col_tiles_per_expert = tl.cdiv(widths, BLOCK_N)
+    else:
+        col_tiles_per_expert = tl.cdiv(hidden, BLOCK_N)
+    tiles_per_expert = (tl.cdiv(rows_per_expert, BLOCK_M) * col_tiles_per_expert).to(tl.int32)
+    expert, first_tile = _expert_of_tile(tile_id, tiles_per_expert, experts)
+    if expert >= num_experts:
+        return
+
+    row_start = tl.load(expert_row_offsets_ptr + expert)
+    num_rows = tl.load(expert_row_offsets_ptr + expert + 1) - row_start
+    width_start = tl.load(expert_width_offsets_ptr + expert)
+    width = tl.load(expert_width_offsets_ptr + expert + 1) - width_start
+    h_start = tl.load(expert_h_offsets_ptr + expert).to(tl.int64)
+    if RAGGED_OUT:
+        num_cols = width
+        reduce_size = hidden
+    else:
+        num_cols = hidden
+        reduce_size = width
+    # Column tiles fastest: consecutive programs, which run at the same time, share one tile of A rows (a
+    # gather of token rows, or a slab of the ragged buffer) and sweep the expert's weight slice, which is at
+    # most a few MiB and stays in L2 across the expert's row tiles. Row tiles fastest would instead re-read
+    # every A row once per column tile, far apart in time, from DRAM for large experts.
+    col_tiles = tl.cdiv(num_cols, BLOCK_N)
+    row_tile = (tile_id - first_tile) // col_tiles
+    col_tile = (tile_id - first_tile) % col_tiles
+    expert_rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) row index within the expert
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    ks = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    row_mask = expert_rows < num_rows
+    col_mask = cols < num_cols
+    rows = row_start + expert_rows  # (BLOCK_M,) expert-sorted row ids
+    if RAGGED_OUT:
+        tokens = tl.load(row_to_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        a_offsets = tokens[:, None] * hidden + ks[None, :]  # (BLOCK_M, BLOCK_K)
+        b_offsets = (width_start + cols[None, :]).to(tl.int64) * hidden + ks[:, None]  # (BLOCK_K, BLOCK_N)
+        b_step = BLOCK_K
+        out_offsets = h_start + expert_rows[:, None].to(tl.int64) * width + cols[None, :]
+    else:
+        a_offsets = h_start + expert_rows[:, None].to(tl.int64) * width + ks[None, :]  # (BLOCK_M, BLOCK_K)
+        b_offsets = (width_start + ks[:, None]).to(tl.int64) * hidden + cols[None, :]  # (BLOCK_K, BLOCK_N)
+        b_step = BLOCK_K * hidden
+        out_offsets = rows[:, None].to(tl.int64) * hidden + cols[None, :]  # (BLOCK_M, BLOCK_N)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SECOND_PRODUCT == "shared_a":
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, reduce_size, BLOCK_K):
+        k_mask = ks < reduce_size - k_start
+        a_mask = row_mask[:, None] & k_mask[None, :]
+        b_mask = k_mask[:, None] & col_mask[None, :]
+        a = tl.load(a_ptr + a_offsets, mask=a_mask, other=0.0)
+        b = tl.load(b_ptr + b_offsets, mask=b_mask, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if SECOND_PRODUCT == "shared_a":
+            b2 = tl.load(b2_ptr + b_offsets, mask=b_mask, other=0.0)
+            acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
+        elif SECOND_PRODUCT == "summed":
+            a2 = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0)
+            b2 = tl.load(b2_ptr + b_offsets, mask=b_mask, other=0.0)
+            acc = tl.dot(a2, b2, acc, input_precision=DOT_PRECISION)
+        a_offsets += BLOCK_K
+        b_offsets += b_step
+
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    out_dtype = out_ptr.dtype.element_ty
+    if EPILOGUE == "act_forward":
+        # The activation reads h_pre (and h_up) as stored, so the backward pass recomputes exactly this h_act.
+        h_pre = acc.to(out_dtype)
+        tl.store(out_ptr + out_offsets, h_pre, mask=out_mask)
+        h_up = None
+        if GATED:
+            h_up = acc2.to(out_dtype)
+            tl.store(out2_ptr + out_offsets, h_up, mask=out_mask)
+            h_up = h_up.to(tl.float32)
+        h_act = activation_forward(h_pre.to(tl.float32), h_up, ACTIVATION)
+        tl.store(out3_ptr + out_offsets, h_act.to(out_dtype), mask=out_mask)
+    elif EPILOGUE == "act_backward":
+        h_pre = tl.load(h_pre_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+        h_up = None
+        if GATED:
+            h_up = tl.load(h_up_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+        if HAS_ROW_WEIGHTS:
+            # d loss / d row_weight[r] = sum_n acc[r, n] * h_act[r, n], h_act rounded as the forward stored it.
+            h_act = activation_forward(h_pre, h_up, ACTIVATION).to(out_dtype).to(tl.float32)
+            tl.store(partials_ptr + rows * num_partial_cols + col_tile, tl.sum(acc * h_act, 1), mask=row_mask)
+            acc = acc * tl.load(row_weights_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        d_act_d_pre, d_act_d_up = activation_backward(h_pre, h_up, ACTIVATION)
+        tl.store(out_ptr + out_offsets, (acc * d_act_d_pre).to(out_dtype), mask=out_mask)
+        if GATED:
+            tl.store(out2_ptr + out_offsets, (acc * d_act_d_up).to(out_dtype), mask=out_mask)
+    else:
+        tl.static_assert(EPILOGUE == "store", "unknown epilogue")
+        if HAS_ROW_WEIGHTS:
+            acc = acc * tl.load(row_weights_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        tl.store(out_ptr + out_offsets, acc.to(out_dtype), mask=out_mask)
+
+
+@triton.jit
+def _weight_grad_gemm(
+    a_ptr, a2_ptr, b_ptr,
+    out_ptr, out2_ptr,
+    row_weights_ptr,
+    row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
+    num_experts, hidden,
+    ACT_PROLOGUE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_ROW_WEIGHTS: tl.constexpr,
+    SECOND_OUTPUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EXPERTS_POW2: tl.constexpr,
+):
+    """One (expert, width tile, hidden tile) of out[width_off_e + m, n] = sum_r A[r, m] * B[token(r), n].
+
+    A is ragged; with ACT_PROLOGUE, a_ptr holds h_pre (a2_ptr h_up if GATED) and A = act(h_pre[, h_up]) scaled
+    by row_weights[r] if HAS_ROW_WEIGHTS. With SECOND_OUTPUT, out2 = A2^T @ B with A2 ragged at a2_ptr, sharing
+    the B loads. The reduction runs over the expert's rows, BLOCK_K at a time; an expert without rows stores 0.
+    """
+    tile_id = tl.program_id(0)
+    # The tiles depend only on the widths and H: the grid is exact and every program owns a tile.
+    experts = tl.arange(0, EXPERTS_POW2)
+    is_expert = experts < num_experts
+    widths = tl.load(expert_width_offsets_ptr + experts + 1, mask=is_expert, other=0) - tl.load(
+        expert_width_offsets_ptr + experts, mask=is_expert, other=0
+    )
+    hidden_tiles = tl.cdiv(hidden, BLOCK_N)
+    tiles_per_expert = (tl.cdiv(widths, BLOCK_M) * hidden_tiles).to(tl.int32)
+    expert, first_tile = _expert_of_tile(tile_id, tiles_per_expert, experts)
+
+    row_start = tl.load(expert_row_offsets_ptr + expert)
+    num_rows = tl.load(expert_row_offsets_ptr + expert + 1) - row_start
+    width_start = tl.load(expert_width_offsets_ptr + expert)
+    width = tl.load(expert_width_offsets_ptr + expert + 1) - width_start
+    h_start = tl.load(expert_h_offsets_ptr + expert).to(tl.int64)
+    # Width tiles fastest: the programs running together share the B tiles of one hidden tile, the irregular
+    # gather of token rows, while each reads its own contiguous columns of the expert's ragged block.
+    width_tiles = tl.cdiv(width, BLOCK_M)
+    width_tile = (tile_id - first_tile) % width_tiles
+    hidden_tile = (tile_id - first_tile) // width_tiles
+    ms = width_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) column within the expert's width
+    ns = hidden_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    ks = tl.arange(0, BLOCK_K)  # (BLOCK_K,) row within a step over the expert's rows
+    m_mask = ms < width
+    n_mask = ns < hidden
+    a_offsets = h_start + ks[None, :].to(tl.int64) * width + ms[:, None]  # (BLOCK_M, BLOCK_K): A transposed
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SECOND_OUTPUT:
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, num_rows, BLOCK_K):
+        k_mask = ks < num_rows - k_start
+        rows = row_start + k_start + ks  # (BLOCK_K,) expert-sorted row ids
+        tokens = tl.load(row_to_token_ptr + rows, mask=k_mask, other=0).to(tl.int64)
+        b = tl.load(b_ptr + tokens[:, None] * hidden + ns[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a_mask = m_mask[:, None] & k_mask[None, :]
+        a = tl.load(a_ptr + a_offsets, mask=a_mask, other=0.0)
+        if ACT_PROLOGUE:
+            h_up = None
+            if GATED:
+                h_up = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0).to(tl.float32)
+            h_act = activation_forward(a.to(tl.float32), h_up, ACTIVATION)
+            if HAS_ROW_WEIGHTS:
+                h_act = h_act * tl.load(row_weights_ptr + rows, mask=k_mask, other=0.0)[None, :]
+            a = h_act.to(b.dtype)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if SECOND_OUTPUT:
+            a2 = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0)
+            acc2 = tl.dot(a2, b, acc2, input_precision=DOT_PRECISION)
+        a_offsets += BLOCK_K * width
+
+    out_offsets = (width_start + ms[:, None]).to(tl.int64) * hidden + ns[None, :]  # (BLOCK_M, BLOCK_N)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if SECOND_OUTPUT:
+        tl.store(out2_ptr + out_offsets, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _check_tensor(name, tensor, shape, dtypes):
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    if tensor.dtype not in dtypes:
+        raise ValueError(f"{name} must have a dtype in {dtypes}, got {tensor.dtype}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width):
+    """Validate the layout arguments against weights of `total_width` rows."""
+    num_experts = len(expert_widths)
+    if num_experts == 0 or min(expert_widths) < 1:
+        raise ValueError(f"expert_widths must list at least one expert, each >= 1, got {expert_widths}")
+    if sum(expert_widths) != total_width:
+        raise ValueError(f"expert_widths sum to {sum(expert_widths)}, but the weights have {total_width} rows")
+    _check_tensor("expert_row_offsets", expert_row_offsets, (num_experts + 1,), INDEX_DTYPES)
+    _check_tensor("expert_width_offsets", expert_width_offsets, (num_experts + 1,), INDEX_DTYPES)
+    _check_tensor("expert_h_offsets", expert_h_offsets, (num_experts + 1,), (torch.int64,))
+
+
+def _check_gated_pair(name, tensor, activation, shape, dtype):
+    """`tensor` (the second projection or its grad) is given exactly when `activation` is gated."""
+    if tensor is None:
+        if is_gated(activation):
+            raise ValueError(f"{name} is required for the gated activation {activation!r}")
+    elif not is_gated(activation):
+        raise ValueError(f"{name} must be None for the activation {activation!r}")
+    else:
+        _check_tensor(name, tensor, shape, (dtype,))
+
+
+def _launch_options(dtype, blocks, expert_widths, activation, row_weights):
+    """The compile-time arguments and launch options both kernels share."""
+    return dict(
+        ACTIVATION=activation,
+        GATED=activation is not None and is_gated(activation),
+        HAS_ROW_WEIGHTS=row_weights is not None,
+        # fp32 must match an fp64 reference to 1e-4, which TF32 products (~1e-3) would miss. For 16-bit operands
+        # the setting does not apply and Triton's default is passed.
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        BLOCK_M=blocks.block_m,
+        BLOCK_N=blocks.block_n,
+        BLOCK_K=blocks.block_k,
+        EXPERTS_POW2=triton.next_power_of_2(len(expert_widths)),
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
+    )
+
+
+def _expert_rows_gemm_launch(
+    *, a, b, out, num_rows, ragged_out, epilogue, expert_row_offsets, expert_width_offsets, expert_widths,
+    expert_h_offsets, blocks, a2=None, b2=None, second_product="none", out2=None, out3=None, h_pre=None,
+    h_up=None, row_weights=None, partials=None, row_to_token=None, activation=None,
+):
+    """Launch `_expert_rows_gemm` over a grid bounding the (unknown on the host) tiles of all experts."""
+    blocks = blocks or gemm_blocks(a.dtype)
+    hidden = b.shape[1]
+    if ragged_out:
+        col_tiles_per_expert = [triton.cdiv(width, blocks.block_n) for width in expert_widths]
+    else:
+        col_tiles_per_expert = [triton.cdiv(hidden, blocks.block_n)] * len(expert_widths)
+    # cdiv(rows_e, M) <= rows_e // M + 1 and sum_e rows_e // M <= cdiv(R, M): an upper bound on the tiles;
+    # programs past the last tile exit at once.
+    grid = (triton.cdiv(num_rows, blocks.block_m) * max(col_tiles_per_expert) + sum(col_tiles_per_expert),)
+    _expert_rows_gemm[grid](
+        a, a2, b, b2,
+        out, out2, out3,
+        h_pre, h_up, row_weights, partials,
+        row_to_token, expert_row_offsets, expert_width_offsets, expert_h_offsets,
+        len(expert_widths), hidden, 0 if partials is None else partials.shape[1],
+        RAGGED_OUT=ragged_out,
+        SECOND_PRODUCT=second_product,
+        EPILOGUE=epilogue,
+        **_launch_options(a.dtype, blocks, expert_widths, activation, row_weights),
+    )
+
+
+def up_projection(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    v1: torch.Tensor | None,
+    row_to_token: torch.Tensor,
+    expert_row_offsets: torch.Tensor,
+    expert_width_offsets: torch.Tensor,
+    expert_widths: Sequence[int],
+    expert_h_offsets: torch.Tensor,
+    h_numel: int,
+    activation: str,
+    *,
+    blocks: GemmBlocks | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Up projection of every expert-sorted row, and the expert activation, into ragged buffers.
+
+    For row r (token t = row_to_token[r]) of expert e: h_pre[r, n] = x[t] . w1[width_off_e + n],
+    h_up[r, n] = x[t] . v1[width_off_e + n], h_act = act(h_pre[, h_up]), for n < W_e.
+
+    Args:
+        x: [N, H] fp32/fp16/bf16 token activations.
+        w1: [TW, H] like x: the up projection (the gate for swiglu).
+        v1: [TW, H] like x: the up projection of a gated activation; None otherwise.
+        h_numel: sum_e count_e * W_e, the length of the ragged buffers.
+        activation: a name in activation.ACTIVATIONS.
+        (layout arguments and blocks: see the module docstring)
+    Returns:
+        h_pre, h_up (None unless gated), h_act: ragged [h_numel] buffers of x.dtype.
+    """
+    check_activation(activation)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, H], got shape {tuple(x.shape)}")
+    _check_tensor("x", x, x.shape, FLOAT_DTYPES)
+    _check_tensor("w1", w1, (sum(expert_widths), x.shape[1]), (x.dtype,))
+    _check_gated_pair("v1", v1, activation, w1.shape, x.dtype)
+    _check_tensor("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
+    _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w1.shape[0])
+    h_pre = torch.empty(h_numel, dtype=x.dtype, device=x.device)  # (h_numel,) ragged
+    h_up = torch.empty_like(h_pre) if is_gated(activation) else None  # (h_numel,) ragged
+    h_act = torch.empty_like(h_pre)  # (h_numel,) ragged
+    if row_to_token.numel() > 0:
+        _expert_rows_gemm_launch(
+            a=x, b=w1, b2=v1, second_product="shared_a" if is_gated(activation) else "none",
+            out=h_pre, out2=h_up, out3=h_act, num_rows=row_to_token.numel(), ragged_out=True,
+            epilogue="act_forward", activation=activation, row_to_token=row_to_token,
+            expert_row_offsets=expert_row_offsets, expert_width_offsets=expert_width_offsets,
+            expert_widths=expert_widths, expert_h_offsets=expert_h_offsets, blocks=blocks,
+        )
+    return h_pre, h_up, h_act
+
+
+def down_projection(
+    h_act: torch.Tensor,
+    w2: torch.Tensor,
+    expert_row_offsets: torch.Tensor,
+    expert_width_offsets: torch.Tensor,
+    expert_widths: Sequence[int],
+    expert_h_offsets: torch.Tensor,
+    num_rows: int,
+    row_weights: torch.Tensor | None,
+    *,
+    blocks: GemmBlocks | None = None,
+) -> torch.Tensor:
+    """Down projection of every expert-sorted row, scaled by its routing weight.
+
+    For row r of expert e (i = r - expert_row_offsets[e]): y[r] = row_weights[r] * sum_k h_act_e[i, k] *
+    w2[width_off_e + k], with h_act_e expert e's [count_e, W_e] block.
+
+    Args:
+        h_act: ragged [sum_e count_e * W_e] fp32/fp16/bf16 activations.
+        w2: [TW, H] like h_act: the down projection.
+        num_rows: R, the number of expert-sorted rows.
+        row_weights: [R] fp32 routing weight of each row; None leaves the rows unscaled.
+        (layout arguments and blocks: see the module docstring)
+    Returns:
+        y: [R, H] of h_act.dtype, one row per expert-sorted row (combine_rows sums them per token).
+    """
+    _check_tensor("h_act", h_act, (h_act.numel(),), FLOAT_DTYPES)
+    _check_tensor("w2", w2, (sum(expert_widths), w2.shape[-1]), (h_act.dtype,))
+    if row_weights is not None:
+        _check_tensor("row_weights", row_weights, (num_rows,), (torch.float32,))
+    _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
+    y = torch.empty((num_rows, w2.shape[1]), dtype=h_act.dtype, device=h_act.device)  # (R, H)
+    if num_rows > 0:
+        _expert_rows_gemm_launch(
+            a=h_act, b=w2, out=y, num_rows=num_rows, ragged_out=False, epilogue="store", row_weights=row_weights,
+            expert_row_offsets=expert_row_offsets, expert_width_offsets=expert_width_offsets,
+            expert_widths=expert_widths, expert_h_offsets=expert_h_offsets, blocks=blocks,
+        )
+    return y
+
+
+def down_projection_backward(
+    grad_out: torch.Tensor,
+    w2: torch.Tensor,
+    h_pre: torch.Tensor,
+    h_up: torch.Tensor | None,
+    row_to_token: torch.Tensor,
+    expert_row_offsets: torch.Tensor,
+    expert_width_offsets: torch.Tensor,
+    expert_widths: Sequence[int],
+    expert_h_offsets: torch.Tensor,
+    row_weights: torch.Tensor | None,
+    activation: str,
+    *,
+    blocks: GemmBlocks | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients through the down projection and the activation, back to the ragged pre-activations.
+
+    With dA[r, n] = grad_out[row_to_token[r]] . w2[width_off_e + n] (r of expert e, n < W_e) and
+    a = act(h_pre[, h_up]) recomputed: d_row_weights[r] = sum_n dA[r, n] * a[r, n],
+    dh_pre = row_weights[r] * dA * d act / d h_pre, dh_up = row_weights[r] * dA * d act / d h_up.
+
+    Args:
+        grad_out: [N, H] fp32/fp16/bf16 gradient of the combined output (combine_rows sums rows per token,
+            so each row's gradient is its token's).
+        w2: [TW, H] like grad_out.
+        h_pre, h_up: ragged [sum_e count_e * W_e] like grad_out, from up_projection; h_up None unless gated.
+        row_weights: [R] fp32 as given to down_projection, or None if it was.
+        activation: the name given to up_projection.
+        (layout arguments and blocks: see the module docstring)
+    Returns:
+        dh_pre, dh_up (None unless gated): ragged like h_pre; d_row_weights: [R] fp32, None without row_weights.
+    """
+    check_activation(activation)
+    if grad_out.dim() != 2:
+        raise ValueError(f"grad_out must be [N, H], got shape {tuple(grad_out.shape)}")
+    _check_tensor("grad_out", grad_out, grad_out.shape, FLOAT_DTYPES)
+    _check_tensor("w2", w2, (sum(expert_widths), grad_out.shape[1]), (grad_out.dtype,))
+    _check_tensor("h_pre", h_pre, (h_pre.numel(),), (grad_out.dtype,))
+    _check_gated_pair("h_up", h_up, activation, h_pre.shape, grad_out.dtype)
+    num_rows = row_to_token.numel()
+    _check_tensor("row_to_token", row_to_token, (num_rows,), INDEX_DTYPES)
+    if row_weights is not None:
+        _check_tensor("row_weights", row_weights, (num_rows,), (torch.float32,))
+    _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
+    blocks = blocks or gemm_blocks(grad_out.dtype)
+    dh_pre = torch.empty_like(h_pre)  # (h_numel,) ragged
+    dh_up = None if h_up is None else torch.empty_like(h_up)  # (h_numel,) ragged
+    partials = None
+    if row_weights is not None:
+        # One partial sum per (row, column tile), summed below in a fixed order: no atomics, reproducible.
+        num_partial_cols = triton.cdiv(max(expert_widths), blocks.block_n)
+        partials = torch.zeros((num_rows, num_partial_cols), dtype=torch.float32, device=grad_out.device)
+    if num_rows > 0:
+        _expert_rows_gemm_launch(
+            a=grad_out, b=w2, out=dh_pre, out2=dh_up, h_pre=h_pre, h_up=h_up, row_weights=row_weights,
+            partials=partials, num_rows=num_rows, ragged_out=True, epilogue="act_backward", activation=activation,
+            row_to_token=row_to_token, expert_row_offsets=expert_row_offsets,
+            expert_width_offsets=expert_width_offsets, expert_widths=expert_widths,
+            expert_h_offsets=expert_h_offsets, blocks=blocks,
+        )
+    d_row_weights = None if partials is None else partials.sum(dim=1)  # (R,) fp32
+    return dh_pre, dh_up, d_row_weights
+
+
+def input_grad_rows(
+    dh_pre: torch.Tensor,
+    w1: torch.Tensor,
+    dh_up: torch.Tensor | None,
+    v1: torch.Tensor | None,
+    expert_row_offsets: torch.Tensor,
+    expert_width_offsets: torch.Tensor,
+    expert_widths: Sequence[int],
+    expert_h_offsets: torch.Tensor,
+    num_rows: int,
+    *,
+    blocks: GemmBlocks | None = None,
+) -> torch.Tensor:
+    """Gradient of each expert-sorted row's input: dx_rows[r] = dh_pre_e[i] @ w1_e (+ dh_up_e[i] @ v1_e).
+
+    Args:
+        dh_pre: ragged [sum_e count_e * W_e] fp32/fp16/bf16, from down_projection_backward.
+        w1: [TW, H] like dh_pre.
+        dh_up, v1: ragged like dh_pre and [TW, H], both given for a gated activation or both None.
+        num_rows: R, the number of expert-sorted rows.
+        (layout arguments and blocks: see the module docstring)
+    Returns:
+        dx_rows: [R, H] of dh_pre.dtype (combine_rows sums them per token into dx).
+    """
+    _check_tensor("dh_pre", dh_pre, (dh_pre.numel(),), FLOAT_DTYPES)
+    _check_tensor("w1", w1, (sum(expert_widths), w1.shape[-1]), (dh_pre.dtype,))
+    if (dh_up is None) != (v1 is None):
+        raise ValueError("dh_up and v1 must be given together (gated activation) or both be None")
+    if dh_up is not None:
+        _check_tensor("dh_up", dh_up, dh_pre.shape, (dh_pre.dtype,))
+        _check_tensor("v1", v1, w1.shape, (dh_pre.dtype,))
+    _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w1.shape[0])
+    dx_rows = torch.empty((num_rows, w1.shape[1]), dtype=dh_pre.dtype, device=dh_pre.device)  # (R, H)
+    if num_rows > 0:
+        _expert_rows_gemm_launch(
+            a=dh_pre, b=w1, a2=dh_up, b2=v1, second_product="none" if dh_up is None else "summed", out=dx_rows,
+            num_rows=num_rows, ragged_out=False, epilogue="store", expert_row_offsets=expert_row_offsets,
+            expert_width_offsets=expert_width_offsets, expert_widths=expert_widths,
+            expert_h_offsets=expert_h_offsets, blocks=blocks,
+        )
+    return dx_rows
+
+
+def _weight_grad_launch(
+    *, a, b, out, expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, row_to_token,
+    blocks, a2=None, out2=None, row_weights=None, activation=None,
+):
+    """Launch `_weight_grad_gemm` over its exact grid: sum_e cdiv(W_e, BLOCK_M) * cdiv(H, BLOCK_N) tiles."""
+    blocks = blocks or gemm_blocks(a.dtype)
+    hidden = b.shape[1]
+    grid = (sum(triton.cdiv(width, blocks.block_m) for width in expert_widths) * triton.cdiv(hidden, blocks.block_n),)
+    _weight_grad_gemm[grid](
+        a, a2, b,
+        out, out2,
+        row_weights,
+        row_to_token, expert_row_offsets, expert_width_offsets, expert_h_offsets,
+        len(expert_widths), hidden,
+        ACT_PROLOGUE=activation is not None,
+        SECOND_OUTPUT=out2 is not None,
+        **_launch_options(a.dtype, blocks, expert_widths, activation, row_weights),
+    )
+
+
+def up_weight_grad(
+    dh_pre: torch.Tensor,
+    dh_up: torch.Tensor | None,
+    x: torch.Tensor,
+    row_to_token: torch.Tensor,
+    expert_row_offsets: torch.Tensor,
+    expert_width_offsets: torch.Tensor,
+    expert_widths: Sequence[int],
+    expert_h_offsets: torch.Tensor,
+    *,
+    out_dtype: torch.dtype | None = None,
+    blocks: GemmBlocks | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of the up projections: dw1[width_off_e + m] = sum over rows r of e of dh_pre[r, m] * x[token(r)].
+
+    dv1 likewise from dh_up, in the same launch (the x loads are shared).
+
+    Args:
+        dh_pre: ragged [sum_e count_e * W_e] fp32/fp16/bf16, from down_projection_backward.
+        dh_up: ragged like dh_pre for a gated activation, else None.
+        x: [N, H] like dh_pre, the forward input.
+        out_dtype: dtype of the gradients; dh_pre.dtype when None.
+        (layout arguments and blocks: see the module docstring)
+    Returns:
+        dw1, dv1 (None without dh_up): [TW, H] of out_dtype; experts without rows get zeros.
+    """
+    _check_tensor("dh_pre", dh_pre, (dh_pre.numel(),), FLOAT_DTYPES)
+    if dh_up is not None:
+        _check_tensor("dh_up", dh_up, dh_pre.shape, (dh_pre.dtype,))
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, H], got shape {tuple(x.shape)}")
+    _check_tensor("x", x, x.shape, (dh_pre.dtype,))
+    _check_tensor("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
+    total_width = sum(expert_widths)
+    _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width)
+    out_dtype = out_dtype or dh_pre.dtype
+    if row_to_token.numel() == 0:
+        dw1 = torch.zeros((total_width, x.shape[1]), dtype=out_dtype, device=x.device)  # (TW, H)
+        return dw1, None if dh_up is None else torch.zeros_like(dw1)
+    dw1 = torch.empty((total_width, x.shape[1]), dtype=out_dtype, device=x.device)  # (TW, H)
+    dv1 = None if dh_up is None else torch.empty_like(dw1)  # (TW, H)
+    _weight_grad_launch(
+        a=dh_pre, a2=dh_up, b=x, out=dw1, out2=dv1, row_to_token=row_to_token,
+        expert_row_offsets=expert_row_offsets, expert_width_offsets=expert_width_offsets,
+        expert_widths=expert_widths, expert_h_offsets=expert_h_offsets, blocks=blocks,
+    )
+    return dw1, dv1
+
+
+def down_weight_grad(
+    h_pre: torch.Tensor,
+    h_up: torch.Tensor | None,
+    grad_out: torch.Tensor,
+    row_to_token: torch.Tensor,
+    expert_row_offsets: torch.Tensor,
+    expert_width_offsets: torch.Tensor,
+    expert_widths: Sequence[int],
+    expert_h_offsets: torch.Tensor,
+    row_weights: torch.Tensor | None,
+    activation: str,
+    *,
+    out_dtype: torch.dtype | None = None,
+    blocks: GemmBlocks | None = None,
+) -> torch.Tensor:
+    """Gradient of the down projection: dw2[width_off_e + m] = sum_r a[r, m] * row_weights[r] * grad_out[token(r)].
+
+    a = act(h_pre[, h_up]) is recomputed tile by tile, never stored.
+
+    Args:
+        h_pre, h_up: ragged [sum_e count_e * W_e] fp32/fp16/bf16 from up_projection; h_up None unless gated.
+        grad_out: [N, H] like h_pre, gradient of the combined output.
+        row_weights: [R] fp32 as given to down_projection, or None if it was.
+        activation: the name given to up_projection.
+        out_dtype: dtype of the gradient; h_pre.dtype when None.
+        (layout arguments and blocks: see the module docstring)
+    Returns:
+        dw2: [TW, H] of out_dtype; experts without rows get zeros.
+    """
+    check_activation(activation)
+    _check_tensor("h_pre", h_pre, (h_pre.numel(),), FLOAT_DTYPES)
+    _check_gated_pair("h_up", h_up, activation, h_pre.shape, h_pre.dtype)
+    if grad_out.dim() != 2:
+        raise ValueError(f"grad_out must be [N, H], got shape {tuple(grad_out.shape)}")
+    _check_tensor("grad_out", grad_out, grad_out.shape, (h_pre.dtype,))
+    num_rows = row_to_token.numel()
+    _check_tensor("row_to_token", row_to_token, (num_rows,), INDEX_DTYPES)
+    if row_weights is not None:
+        _check_tensor("row_weights", row_weights, (num_rows,), (torch.float32,))
+    total_width = sum(expert_widths)
+    _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width)
+    out_dtype = out_dtype or h_pre.dtype
+    if num_rows == 0:
+        return torch.zeros((total_width, grad_out.shape[1]), dtype=out_dtype, device=grad_out.device)  # (TW, H)
+    dw2 = torch.empty((total_width, grad_out.shape[1]), dtype=out_dtype, device=grad_out.device)  # (TW, H)
+    _weight_grad_launch(
+        a=h_pre, a2=h_up, b=grad_out, out=dw2, row_weights=row_weights, activation=activation,
+        row_to_token=row_to_token, expert_row_offsets=expert_row_offsets,
+        expert_width_offsets=expert_width_offsets, expert_widths=expert_widths,
+        expert_h_offsets=expert_h_offsets, blocks=blocks,
+    )
+    return dw2
