@@ -14,10 +14,11 @@ import sys
 import torch
 
 import reference
+import triton_moe
 from triton_moe.config import SEED_CONFIGS, MoEConfig
 from triton_moe.ground_truth import TOLERANCES, cosine, max_rel_error, run_with_loop
 
-IMPLEMENTATIONS = {"reference (stk)": reference.MoEMLP}
+IMPLEMENTATIONS = {"triton": triton_moe.MoEMLP, "reference (stk)": reference.MoEMLP}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

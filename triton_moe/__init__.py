@@ -4,8 +4,8 @@ import os
 
 import torch
 
-# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter. The interpreter is chosen when
-# a kernel is decorated, so this must precede every import of a module that defines one (ours and stk's).
+# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter. The choice is read when triton
+# is first imported (its own helpers such as tl.cdiv are decorated then), so import triton_moe before triton/stk.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

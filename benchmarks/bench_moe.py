@@ -1,0 +1,148 @@
+"""Per-step profile of one MoE layer (Triton vs the stk reference) and its scaling over batch sizes.
+
+    uv run python benchmarks/bench_moe.py --configs 64exp_variable --profile
+    uv run python benchmarks/bench_moe.py --configs 8exp_uniform --batch-sizes 1024 4096 16384
+
+--profile times each step alone, on the inputs a real forward gives it (CUDA events, median of repeats):
+routing, sort, the reference's topology steps, gather, up GEMM, activation, down GEMM, combine, and the
+backward kernels. The steps' sum can differ from the layer's time (launch overlap, caching).
+"""
+
+import torch
+import torch.nn.functional as F
+from harness import (DTYPES, build_layer, device, environment, forward_backward_step, make_config, parse_args,
+                     time_ms)  # first: it imports triton_moe, which picks Triton's interpreter on CPU-only hosts
+
+import stk
+from reference import topology_var
+from reference.moe import ACTIVATIONS as REFERENCE_ACTIVATIONS
+from triton_moe import kernels
+from triton_moe.ops import ExpertLayout
+from triton_moe.routing import route, sort_by_expert
+
+
+def triton_steps(layer, x):
+    """name -> zero-argument callable, for each step of the Triton layer's forward and backward."""
+    cfg = layer.config
+    routing = route(x, layer.router.weight, cfg)
+    sort = sort_by_expert(routing.expert_indices, cfg.num_experts)
+    layout = ExpertLayout.from_sort(sort, cfg.expert_widths, layer.expert_width_offsets,
+                                    layer.expert_widths_tensor, cfg.num_active_experts)
+    row_weights = routing.expert_weights.flatten()[sort.row_to_flat]
+    w1, w2, v1 = layer.w1.detach(), layer.w2.detach(), None if layer.v1 is None else layer.v1.detach()
+    h_pre, h_up, h_act = kernels.up_projection(x, w1, v1, layout.row_to_token, *layout.offsets(),
+                                               layout.h_numel, cfg.activation)
+    y_rows = kernels.down_projection(h_act, w2, *layout.offsets(), layout.num_rows, row_weights)
+    grad_out = torch.randn_like(x)
+    dh_pre, dh_up, _ = kernels.down_projection_backward(grad_out, w2, h_pre, h_up, layout.row_to_token,
+                                                        *layout.offsets(), row_weights, cfg.activation)
+    dx_rows = kernels.input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(), layout.num_rows)
+    return {
+        "routing (router GEMM, softmax, top-k, aux loss)": lambda: route(x, layer.router.weight, cfg),
+        "sort by expert + layout": lambda: ExpertLayout.from_sort(
+            sort_by_expert(routing.expert_indices, cfg.num_experts), cfg.expert_widths,
+            layer.expert_width_offsets, layer.expert_widths_tensor, cfg.num_active_experts),
+        "up GEMM (gather + activation fused)": lambda: kernels.up_projection(
+            x, w1, v1, layout.row_to_token, *layout.offsets(), layout.h_numel, cfg.activation),
+        "down GEMM (routing weight fused)": lambda: kernels.down_projection(
+            h_act, w2, *layout.offsets(), layout.num_rows, row_weights),
+        "combine": lambda: kernels.combine_rows(y_rows, layout.flat_to_row, layout.top_k),
+        "bwd: down dH (+ activation grad, routing-weight grads)": lambda: kernels.down_projection_backward(
+            grad_out, w2, h_pre, h_up, layout.row_to_token, *layout.offsets(), row_weights, cfg.activation),
+        "bwd: dW2": lambda: kernels.down_weight_grad(h_pre, h_up, grad_out, layout.row_to_token,
+                                                     *layout.offsets(), row_weights, cfg.activation),
+        "bwd: dX rows": lambda: kernels.input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(),
+                                                        layout.num_rows),
+        "bwd: dX combine": lambda: kernels.combine_rows(dx_rows, layout.flat_to_row, layout.top_k),
+        "bwd: dW1 (+dV1)": lambda: kernels.up_weight_grad(dh_pre, dh_up, x, layout.row_to_token,
+                                                          *layout.offsets()),
+    }
+
+
+def reference_steps(layer, x):
+    """name -> zero-argument callable, for each step of the stk reference's forward (backward is autograd)."""
+    cfg = layer.config
+    bs = cfg.block_size
+    routing = route(x, layer.router.weight, cfg)
+    sort = sort_by_expert(routing.expert_indices, cfg.num_experts)
+    topology, padded_row_offsets, block_rows_per_expert = topology_var.build_topology(sort.tokens_per_expert, cfg)
+    block_columns = torch.tensor([w // bs for w in cfg.expert_widths], device=x.device)
+    column_offsets = F.pad(block_columns.cumsum(0), (1, 0))
+    num_block_rows = sum(block_rows_per_expert)
+    nnz = topology.row_indices.numel()
+    block_row_expert, offsets = topology_var.block_row_offsets(block_rows_per_expert, block_columns,
+                                                               num_block_rows)
+    rows, columns = topology.row_indices, topology.column_indices
+    transposed = (topology.column_indices_t, topology.offsets_t, topology.block_offsets_t)
+    rank = torch.arange(sort.row_expert.numel(), device=x.device) - sort.expert_row_offsets[sort.row_expert]
+    padded_rows = padded_row_offsets[sort.row_expert] + rank
+    pad = lambda: x.new_zeros(topology.size()[0], cfg.hidden_size).index_copy(0, padded_rows,
+                                                                              x[sort.row_to_token])
+    x_padded = pad()
+    w1, w2 = layer.w1.detach(), layer.w2.detach()
+    h_pre = stk.ops.sdd(x_padded, w1.t(), topology)
+    act = REFERENCE_ACTIVATIONS.get(cfg.activation, F.silu)
+    h_act = stk.Matrix(topology.size(), act(h_pre.data), rows, columns, offsets, *transposed)
+    y_padded = stk.ops.dsd(h_act, w2)
+    row_weights = routing.expert_weights.flatten()[sort.row_to_flat]
+    k = cfg.num_active_experts
+    return {
+        "routing (router GEMM, softmax, top-k, aux loss)": lambda: route(x, layer.router.weight, cfg),
+        "sort by expert": lambda: sort_by_expert(routing.expert_indices, cfg.num_experts),
+        "topology: padded bins": lambda: topology_var.padded_bins(sort.tokens_per_expert, bs),
+        "topology: block-row offsets (host sync)": lambda: topology_var.block_row_offsets(
+            (padded_row_offsets.diff() // bs).tolist(), block_columns, num_block_rows),
+        "topology: row indices": lambda: topology_var.row_indices(offsets, nnz),
+        "topology: column indices": lambda: topology_var.column_indices(block_row_expert, offsets, rows,
+                                                                        column_offsets),
+        "topology: transpose": lambda: topology_var.transpose(rows, columns, cfg.total_width // bs),
+        "topology: matrix": lambda: topology_var.make_topology(topology.size()[0], cfg, rows, columns, offsets,
+                                                               transposed),
+        "gather + pad": pad,
+        "up GEMM (sdd)": lambda: stk.ops.sdd(x_padded, w1.t(), topology),
+        "activation": lambda: act(h_pre.data),
+        "down GEMM (dsd)": lambda: stk.ops.dsd(h_act, w2),
+        "un-pad + weight + combine": lambda: (y_padded[padded_rows].float() * row_weights[:, None])[
+            sort.flat_to_row].view(-1, k, cfg.hidden_size).sum(1),
+    }
+
+
+def extra_arguments(parser):
+    parser.add_argument("--profile", action="store_true", help="per-step breakdown instead of the layer time")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="token counts to sweep")
+
+
+def main():
+    args = parse_args(__doc__, extra_arguments)
+    dtype, dev = DTYPES[args.dtype], device()
+    env = environment()
+    print(f"# bench_moe: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    print(f"# command: {env['command']}")
+    for name in args.configs:
+        config, default_tokens = make_config(name, args.activation)
+        for tokens in args.batch_sizes or [args.tokens or default_tokens]:
+            x = torch.randn(tokens, config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
+            print(f"\n## {name}, {tokens} tokens, {args.dtype}")
+            if not args.profile:
+                print("| impl | fwd+bwd ms |\n|---|---:|")
+            for impl, steps_of in (("triton", triton_steps), ("stk_reference", reference_steps)):
+                torch.manual_seed(0)
+                layer, reason = build_layer(impl, config, dtype)
+                if layer is None:
+                    print(f"skipped {impl}: {reason}")
+                    continue
+                if not args.profile:
+                    ms = time_ms(forward_backward_step(layer, x), args.warmup, args.repeats)
+                    print(f"| {impl} | {ms:.3f} |")
+                    continue
+                with torch.no_grad():
+                    steps = steps_of(layer, x)
+                    times = {step: time_ms(fn, args.warmup, args.repeats) for step, fn in steps.items()}
+                total = sum(times.values())
+                print(f"\n{impl}: sum of steps {total:.3f} ms\n| step | ms | share |\n|---|---:|---:|")
+                for step, ms in times.items():
+                    print(f"| {step} | {ms:.3f} | {100 * ms / total:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The benchmark harness shared by bench_forward.py, bench_fwd_bwd.py and bench_moe.py.
+
+Configs, the implementations under test, timing (CUDA events, warm-up, median of repeats), model FLOPs, the
+measured dense bf16 peak, peak memory, and the markdown table + JSON every benchmark writes. No asserts on
+timings: a benchmark reports, it does not judge.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reference  # noqa: E402
+import triton_moe  # noqa: E402
+from baselines import GroupedMMMoE, LoopMoE, megablocks_dmoe  # noqa: E402
+from triton_moe.config import SEED_CONFIGS, MoEConfig  # noqa: E402
+from triton_moe.routing import route, sort_by_expert  # noqa: E402
+
+SEED_TOKENS = 8 * 512  # the seed table's batch 8 x seq 512
+REALISTIC_TOKENS = 16384
+
+# name -> (MoEConfig kwargs, tokens)
+CONFIGS = {name: (kwargs, SEED_TOKENS) for name, kwargs in SEED_CONFIGS.items()}
+CONFIGS.update({
+    "h2048_64x1024_top8": (dict(expert_sizes=[(64, 1024)], num_active_experts=8, hidden_size=2048),
+                           REALISTIC_TOKENS),
+    "h2048_128x768_top8": (dict(expert_sizes=[(128, 768)], num_active_experts=8, hidden_size=2048),
+                           REALISTIC_TOKENS),
+    "h2048_var_32x1536_64x768_32x384_top8": (
+        dict(expert_sizes=[(32, 1536), (64, 768), (32, 384)], num_active_experts=8, hidden_size=2048),
+        REALISTIC_TOKENS),
+    "h4096_8x14336_top2": (dict(expert_sizes=[(8, 14336)], num_active_experts=2, hidden_size=4096),
+                           REALISTIC_TOKENS),
+})
+SEED_NAMES = list(SEED_CONFIGS)
+REALISTIC_NAMES = [name for name in CONFIGS if name not in SEED_CONFIGS]
+
+IMPLEMENTATIONS = {
+    "triton": triton_moe.MoEMLP,
+    "stk_reference": reference.MoEMLP,
+    "grouped_mm": GroupedMMMoE,
+    "torch_loop": LoopMoE,
+    "megablocks": None,  # built by baselines.megablocks_dmoe where it imports
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_args(description, extra=None):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--configs", nargs="+", default=SEED_NAMES + REALISTIC_NAMES,
+                        help=f"config names or 'seed' / 'realistic' (default: all): {', '.join(CONFIGS)}")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
+    parser.add_argument("--activation", default="relu_squared", choices=["relu_squared", "swiglu", "gelu"])
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--tokens", type=int, default=None, help="override every config's token count")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=None, help="JSON path (default: runs/<benchmark>.json)")
+    if extra:
+        extra(parser)
+    args = parser.parse_args()
+    names = []
+    for name in args.configs:
+        names += {"seed": SEED_NAMES, "realistic": REALISTIC_NAMES}.get(name, [name])
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {list(CONFIGS)}")
+    args.configs = names
+    return args
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, warmup: int, repeats: int) -> float:
+    """Median wall time of fn() in ms: CUDA events on a GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def dense_peak_tflops(dtype) -> float | None:
+    """Measured dense GEMM rate of this device (8192^3 torch.matmul), the '% of peak' denominator."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    ms = time_ms(lambda: a @ b, warmup=5, repeats=20)
+    return 2 * 8192 ** 3 / ms / 1e9
+
+
+def make_config(name, activation) -> tuple[MoEConfig, int]:
+    kwargs, tokens = CONFIGS[name]
+    return MoEConfig(**kwargs, activation=activation), tokens
+
+
+def build_layer(impl, config, dtype):
+    """(layer, None), or (None, why this implementation is skipped for this config)."""
+    dev = device()
+    if impl == "megablocks":
+        layer, reason = megablocks_dmoe(config, dev, dtype)
+        return (layer.to(dev, dtype), None) if layer is not None else (None, reason)
+    cls = IMPLEMENTATIONS[impl]
+    if impl == "grouped_mm" and (dev != "cuda" or not hasattr(torch, "_grouped_mm")):
+        return None, "torch._grouped_mm needs a CUDA build of torch that has it"
+    try:
+        layer = cls(config)
+    except ValueError as error:  # e.g. the stk reference's block alignment
+        return None, str(error)
+    return layer.to(dev, dtype), None
+
+
+def model_flops(config: MoEConfig, x: torch.Tensor, router_weight: torch.Tensor) -> int:
+    """Forward FLOPs of the expert GEMMs for this batch's routing: Σ_e count_e * W_e * H * 2 per projection."""
+    with torch.no_grad():
+        sort = sort_by_expert(route(x, router_weight, config).expert_indices, config.num_experts)
+    widths = torch.tensor(config.expert_widths, device=x.device)
+    routed_width = int((sort.tokens_per_expert * widths).sum())
+    projections = 3 if config.is_glu else 2
+    return 2 * projections * routed_width * config.hidden_size
+
+
+def peak_memory_mb(fn) -> float | None:
+    """Peak memory allocated while fn() runs, above what was allocated before (activations, workspaces)."""
+    if not torch.cuda.is_available():
+        return None
+    synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+
+def environment() -> dict:
+    env = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, python=platform.python_version(),
+               command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
+    import triton
+    env["triton"] = triton.__version__
+    env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (Triton interpreter)"
+    return env
+
+
+def run_benchmark(args, benchmark_name, make_step, flops_multiplier):
+    """Time `make_step(layer, x)()` for every config x implementation; print a markdown table, write JSON.
+
+    flops_multiplier: 1 for forward only, 3 for forward + backward (two GEMMs of the backward per forward one).
+    """
+    dtype = DTYPES[args.dtype]
+    dev = device()
+    env = environment()
+    peak = dense_peak_tflops(dtype)
+    env["dense_peak_tflops"] = peak
+    print(f"# {benchmark_name}: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    print(f"# command: {env['command']}")
+    if peak:
+        print(f"# measured dense {args.dtype} GEMM peak (8192^3 torch.matmul): {peak:.0f} TFLOP/s")
+    rows, skipped = [], []
+    for name in args.configs:
+        config, tokens = make_config(name, args.activation)
+        tokens = args.tokens or tokens
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, config.hidden_size, generator=generator).to(dev, dtype)
+        reference_ms = None
+        for impl in args.impls:
+            torch.manual_seed(0)
+            layer, reason = build_layer(impl, config, dtype)
+            if layer is None:
+                skipped.append((name, impl, reason))
+                continue
+            step = make_step(layer, x)
+            try:
+                ms = time_ms(step, args.warmup, args.repeats)
+                memory = peak_memory_mb(step)
+            except (RuntimeError, NotImplementedError) as error:  # a baseline that cannot run this shape
+                skipped.append((name, impl, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"))
+                continue
+            router_weight = layer.router.weight if hasattr(layer, "router") else None
+            flops = flops_multiplier * model_flops(config, x, router_weight) if router_weight is not None else None
+            tflops = flops / ms / 1e9 if flops else None
+            if impl == "stk_reference":
+                reference_ms = ms
+            rows.append(dict(config=name, impl=impl, tokens=tokens, ms=ms, tflops=tflops,
+                             pct_peak=100 * tflops / peak if tflops and peak else None, peak_memory_mb=memory))
+            del layer, step
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+        for row in rows:
+            if row["config"] == name:
+                row["speedup_vs_reference"] = reference_ms / row["ms"] if reference_ms else None
+    print_table(rows)
+    for name, impl, reason in skipped:
+        print(f"skipped {impl} on {name}: {reason}")
+    out = Path(args.out or f"runs/{benchmark_name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(environment=env, args=vars(args), results=rows,
+                                   skipped=[dict(config=c, impl=i, reason=r) for c, i, r in skipped]), indent=2))
+    print(f"wrote {out}")
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows):
+    print("| config | impl | tokens | ms | speedup vs stk | TFLOP/s | % of dense peak | peak mem (MiB) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['config']} | {row['impl']} | {row['tokens']} | {row['ms']:.3f} | "
+              f"{_fmt(row.get('speedup_vs_reference'), '.2f')} | {_fmt(row['tflops'], '.1f')} | "
+              f"{_fmt(row['pct_peak'], '.1f')} | {_fmt(row['peak_memory_mb'], '.0f')} |")
+
+
+def forward_step(layer, x):
+    def step():
+        with torch.no_grad():
+            layer(x)
+    return step
+
+
+def forward_backward_step(layer, x):
+    x = x.detach().requires_grad_()
+    grad_out = torch.randn_like(x)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(grad_out)
+    return step
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    print("# note: no GPU, kernels run through Triton's CPU interpreter; timings are not meaningful",
+          file=sys.stderr)
