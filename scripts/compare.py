@@ -1,0 +1,70 @@
+"""What check_intermediates.py and grad_similarity.py share: the configs they sweep, twin layers with the same
+weights, and one row of a comparison table."""
+
+import torch
+
+import reference
+import triton_moe
+from triton_moe.config import SEED_CONFIGS, MoEConfig
+from triton_moe.ground_truth import TOLERANCES, cosine, max_rel_error, rel_l2_error
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+# The realistic shapes of the benchmark table (hidden 2048, 16384 tokens); on a GPU only.
+REALISTIC_CONFIGS = {
+    "h2048_64x1024_top8": dict(expert_sizes=[(64, 1024)], num_active_experts=8, hidden_size=2048),
+    "h2048_128x768_top8": dict(expert_sizes=[(128, 768)], num_active_experts=8, hidden_size=2048),
+    "h2048_var_32x1536_64x768_32x384_top8": dict(expert_sizes=[(32, 1536), (64, 768), (32, 384)],
+                                                 num_active_experts=8, hidden_size=2048),
+}
+CONFIGS = {**SEED_CONFIGS, **REALISTIC_CONFIGS}
+# Tokens per config: the seed table's 8 x 512 on a GPU; few on the CPU, where kernels are interpreted.
+DEFAULT_TOKENS = 4096 if ON_GPU else 64
+DEFAULT_CONFIGS = list(CONFIGS) if ON_GPU else list(SEED_CONFIGS)
+
+
+def add_common_arguments(parser):
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS),
+                        help="default: the seed table (+ the realistic shapes on a GPU)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"] + (["bfloat16"] if ON_GPU else []),
+                        choices=list(DTYPES))
+    parser.add_argument("--activation", default="relu_squared", choices=["relu_squared", "swiglu", "gelu"])
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def twin_layers(name, activation, dtype, seed):
+    """(triton layer, reference layer) with identical weights, on the device, in dtype."""
+    config = MoEConfig(**CONFIGS[name], activation=activation)
+    torch.manual_seed(seed)
+    ours = triton_moe.MoEMLP(config).to(DEVICE, dtype)
+    # Weights of scale 1/sqrt(fan-in), so that activations are O(1) and relative errors mean something.
+    with torch.no_grad():
+        for param in ours.parameters():
+            param.normal_(0, config.hidden_size ** -0.5)
+    ref = reference.MoEMLP(config).to(DEVICE, dtype)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def inputs(config, tokens, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, config.hidden_size, generator=generator).to(DEVICE, dtype)
+    upstream = torch.randn(tokens, config.hidden_size, generator=generator).to(DEVICE, dtype)
+    return x, upstream
+
+
+def compare(got, want, dtype) -> dict:
+    """Error measures of got against want, and whether they are within the dtype's tolerance."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    tol = TOLERANCES[dtype]
+    result = dict(max_abs=(got - want).abs().max().item() if want.numel() else 0.0,
+                  max_rel=max_rel_error(got, want), rel_l2=rel_l2_error(got, want), cosine=cosine(got, want))
+    result["ok"] = bool(result["max_rel"] <= tol["max_rel"] and (want.numel() <= 1 or result["cosine"] >= tol["cosine"]))
+    return result
+
+
+def flat(value):
+    """A tensor, or a per-expert list of tensors flattened into one."""
+    return torch.cat([v.flatten() for v in value]) if isinstance(value, list) else value

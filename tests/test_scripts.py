@@ -1,0 +1,18 @@
+"""The checking scripts run end to end on a small config and pass (each exits non-zero on a mismatch)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+@pytest.mark.parametrize("script", ["check_intermediates.py", "grad_similarity.py"])
+def test_script_passes_on_a_small_config(script):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), "--configs", "8exp_variable", "--tokens", "24",
+         "--activation", "swiglu"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "within tolerance" in result.stdout
