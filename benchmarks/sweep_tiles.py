@@ -1,0 +1,84 @@
+"""Time every grouped-GEMM role of the Triton layer under several tile shapes, on one config: the data for
+choosing tuning.py's tiles (and later an autotuner's candidates).
+
+    python3 benchmarks/sweep_tiles.py --configs h2048_128x768_top8
+"""
+
+import torch
+from harness import DTYPES, build_layer, device, environment, make_config, parse_args, time_ms
+
+from triton_moe import kernels
+from triton_moe.kernels import GemmBlocks
+from triton_moe.ops import ExpertLayout
+from triton_moe.routing import route, sort_by_expert
+
+CANDIDATES = [
+    GemmBlocks(128, 128, 64, 8, 3),
+    GemmBlocks(128, 128, 64, 4, 4),
+    GemmBlocks(128, 256, 64, 8, 3),
+    GemmBlocks(256, 128, 64, 8, 3),
+    GemmBlocks(64, 128, 64, 4, 4),
+    GemmBlocks(128, 64, 64, 4, 4),
+    GemmBlocks(128, 128, 32, 4, 5),
+]
+
+
+def roles(layer, x):
+    """role -> (function of blocks, forward FLOPs of that GEMM)."""
+    cfg = layer.config
+    routing = route(x, layer.router.weight, cfg)
+    sort = sort_by_expert(routing.expert_indices, cfg.num_experts)
+    layout = ExpertLayout.from_sort(sort, cfg.expert_widths, layer.expert_width_offsets,
+                                    layer.expert_widths_tensor, cfg.num_active_experts)
+    row_weights = routing.expert_weights.flatten()[sort.row_to_flat]
+    w1, w2, v1 = layer.w1.detach(), layer.w2.detach(), None if layer.v1 is None else layer.v1.detach()
+    h_pre, h_up, h_act = kernels.up_projection(x, w1, v1, layout.row_to_token, *layout.offsets(),
+                                               layout.h_numel, cfg.activation)
+    grad_out = torch.randn_like(x)
+    dh_pre, dh_up, _ = kernels.down_projection_backward(grad_out, w2, h_pre, h_up, layout.row_to_token,
+                                                        *layout.offsets(), row_weights, cfg.activation)
+    flops = 2 * layout.h_numel * cfg.hidden_size * (2 if v1 is not None else 1)
+    return {
+        "up": (lambda b: kernels.up_projection(x, w1, v1, layout.row_to_token, *layout.offsets(),
+                                               layout.h_numel, cfg.activation, blocks=b), flops),
+        "down": (lambda b: kernels.down_projection(h_act, w2, *layout.offsets(), layout.num_rows, row_weights,
+                                                   blocks=b), flops),
+        "down bwd dH": (lambda b: kernels.down_projection_backward(
+            grad_out, w2, h_pre, h_up, layout.row_to_token, *layout.offsets(), row_weights, cfg.activation,
+            blocks=b), flops),
+        "dW2": (lambda b: kernels.down_weight_grad(h_pre, h_up, grad_out, layout.row_to_token, *layout.offsets(),
+                                                   row_weights, cfg.activation, blocks=b), flops),
+        "dX rows": (lambda b: kernels.input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(), layout.num_rows,
+                                                      blocks=b), flops),
+        "dW1": (lambda b: kernels.up_weight_grad(dh_pre, dh_up, x, layout.row_to_token, *layout.offsets(),
+                                                 blocks=b), flops),
+    }
+
+
+def main():
+    args = parse_args(__doc__)
+    dtype = DTYPES[args.dtype]
+    env = environment()
+    print(f"# sweep_tiles: {env['device']}, triton {env['triton']}, {env['date']}; TFLOP/s per role")
+    for name in args.configs:
+        config, tokens = make_config(name, args.activation)
+        x = torch.randn(args.tokens or tokens, config.hidden_size, device=device(), dtype=dtype)
+        layer, _ = build_layer("triton", config, dtype)
+        with torch.no_grad():
+            role_fns = roles(layer, x)
+            print(f"\n## {name} ({args.activation})\n| tiles (M,N,K,warps,stages) | "
+                  + " | ".join(role_fns) + " |\n|---|" + "---:|" * len(role_fns))
+            for blocks in CANDIDATES:
+                cells = []
+                for fn, flops in role_fns.values():
+                    try:
+                        ms = time_ms(lambda: fn(blocks), args.warmup, args.repeats)
+                        cells.append(f"{flops / ms / 1e9:.0f}")
+                    except Exception as error:  # a tile shape that does not fit (shared memory, registers)
+                        cells.append(type(error).__name__)
+                tiles = (blocks.block_m, blocks.block_n, blocks.block_k, blocks.num_warps, blocks.num_stages)
+                print(f"| {tiles} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Train the same small byte-level GPT twice, once with the stk reference MoE MLP and once with the Triton one,
+from the same initial weights on the same batches, and check that the two loss curves agree.
+
+    uv run python benchmarks/validate_training.py                  # CPU: tiny model, 40 steps; GPU: 1000 steps
+    uv run python benchmarks/validate_training.py --steps 3000 --activation swiglu --wandb
+
+Reports per-step losses (cross-entropy + aux loss) of both runs, the Pearson correlation of the two curves,
+the relative gap between their final losses (mean of the last 10 steps of each) and tokens/s of each; writes
+a JSON and a PNG of both curves and their difference to --out-dir. Exits non-zero when the correlation is
+below --min-correlation (0.999) or the gap above --max-gap (1%).
+Defaults depend on the device: on a GPU a real convergence check in bf16 autocast, on the CPU (Triton's
+interpreter, fp32) a tiny model that finishes in a few minutes. Every size flag overrides its default.
+"""
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import reference
+import triton_moe
+from gpt import GPT, GPTConfig
+from triton_moe import MoEConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT / "data" / "classics.txt"
+IMPLEMENTATIONS = {"reference": reference.MoEMLP, "triton": triton_moe.MoEMLP}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FINAL_WINDOW = 10  # steps averaged for the final loss
+TIMING_SKIP = 3  # first steps left out of tokens/s: Triton compiles its kernels there
+
+# Defaults per device type. MoE widths and n_embd are multiples of 128 because the stk reference needs them.
+PRESETS = {
+    "cpu": dict(steps=40, batch_size=8, block_size=64, n_layer=2, n_head=4, n_embd=128, experts="2x256,2x128",
+                top_k=2, lr=3e-3, dtype="float32"),
+    "cuda": dict(steps=1000, batch_size=32, block_size=256, n_layer=4, n_head=4, n_embd=256, experts="4x512,4x256",
+                 top_k=2, lr=1e-3, dtype="bfloat16"),
+}
+
+
+def parse_expert_sizes(text: str) -> list[tuple[int, int]]:
+    """'4x512,4x256' -> [(4, 512), (4, 256)]: groups of (count, width)."""
+    try:
+        groups = [tuple(int(v) for v in group.split("x")) for group in text.split(",")]
+    except ValueError:
+        groups = []
+    if not groups or any(len(group) != 2 for group in groups):
+        raise argparse.ArgumentTypeError(f"--experts must look like '4x512,4x256' (count x width), got {text!r}")
+    return groups
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--block-size", type=int, help="context length")
+    parser.add_argument("--n-layer", type=int)
+    parser.add_argument("--n-head", type=int)
+    parser.add_argument("--n-embd", type=int)
+    parser.add_argument("--experts", help="expert groups, count x width: '4x512,4x256'")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--activation", default="relu_squared", choices=["relu_squared", "swiglu", "gelu"])
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--warmup-steps", type=int, help="linear warm-up, then cosine to lr/10 (default steps/10)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="float32, or bfloat16 autocast (GPU only)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batch sampler")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a text file, read as bytes")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/validate_training"))
+    parser.add_argument("--min-correlation", type=float, default=0.999)
+    parser.add_argument("--max-gap", type=float, default=0.01, help="largest relative final-loss gap")
+    parser.add_argument("--wandb", action="store_true", help="log both runs to Weights & Biases (offline)")
+    parser.add_argument("--wandb-online", action="store_true", help="with --wandb: sync online")
+    parser.add_argument("--wandb-project", default="triton-moe-validate-training")
+    args = parser.parse_args(argv)
+
+    args.device = torch.device(args.device).type
+    for name, value in PRESETS["cuda" if args.device == "cuda" else "cpu"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.expert_sizes = parse_expert_sizes(args.experts)
+    if args.warmup_steps is None:
+        args.warmup_steps = args.steps // 10
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.dtype == "bfloat16" and args.device != "cuda":
+        parser.error("--dtype bfloat16 needs a GPU (bf16 is broken in Triton's CPU interpreter)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is visible")
+    if not args.data.is_file():
+        parser.error(f"--data {args.data} is not a file")
+    if args.data.stat().st_size < args.block_size + 2:
+        parser.error(f"--data {args.data} is shorter than block_size + 2 = {args.block_size + 2} bytes")
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        parser.error("--wandb needs the wandb package: `uv sync --extra wandb` (or `uv pip install wandb`)")
+    return args
+
+
+def load_bytes(path: Path) -> torch.Tensor:
+    """The file as a 1-D int64 tensor of byte values (vocabulary 256)."""
+    return torch.from_numpy(np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.int64))
+
+
+def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator):
+    """Random windows of the corpus: inputs and next-byte targets, (B, T) int64 each, on the CPU."""
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)  # (B,)
+    offsets = torch.arange(block_size + 1)  # (T + 1,)
+    windows = data[starts[:, None] + offsets]  # (B, T + 1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def learning_rate(step: int, args) -> float:
+    """Linear warm-up to args.lr, then cosine decay to args.lr / 10 at the last step."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(args.steps - 1 - args.warmup_steps, 1)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    """nanoGPT's AdamW: weight decay on matrices and embeddings, none on norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=0.1),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def train(name: str, model: GPT, data: torch.Tensor, args, log=None) -> dict:
+    """Train `model` for args.steps steps; return its per-step losses, learning rates and tokens/s."""
+    model.train()
+    optimizer = make_optimizer(model, args.lr)
+    generator = torch.Generator().manual_seed(args.seed)  # the same batches for every run
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    tokens_per_step = args.batch_size * args.block_size
+    losses, lrs, step_seconds = [], [], []
+    progress = tqdm(range(args.steps), desc=name, file=sys.stderr, dynamic_ncols=True)
+    for step in progress:
+        start = time.perf_counter()
+        lr = learning_rate(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = (t.to(args.device) for t in get_batch(data, args.batch_size, args.block_size, generator))
+        with autocast:
+            _, loss = model(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        loss_value = loss.item()  # synchronises, so the step's time is complete
+        step_seconds.append(time.perf_counter() - start)
+        losses.append(loss_value)
+        lrs.append(lr)
+        progress.set_postfix(loss=f"{loss_value:.4f}")
+        if log is not None:
+            log({"loss": loss_value, "lr": lr}, step=step)
+    timed = step_seconds[TIMING_SKIP:] if len(step_seconds) > TIMING_SKIP else step_seconds
+    return dict(losses=losses, lrs=lrs, seconds=sum(step_seconds),
+                tokens_per_s=tokens_per_step * len(timed) / sum(timed))
+
+
+def compare(reference_losses: list[float], triton_losses: list[float]) -> dict:
+    """Pearson r of the two curves and the relative gap of their final losses (mean of the last steps)."""
+    ref, tri = np.asarray(reference_losses), np.asarray(triton_losses)
+    pearson_r = float(np.corrcoef(ref, tri)[0, 1]) if len(ref) > 1 else float("nan")
+    final_reference, final_triton = ref[-FINAL_WINDOW:].mean(), tri[-FINAL_WINDOW:].mean()
+    return dict(pearson_r=pearson_r, final_loss_reference=float(final_reference),
+                final_loss_triton=float(final_triton),
+                final_loss_gap=float(abs(final_triton - final_reference) / final_reference),
+                max_abs_diff=float(np.abs(tri - ref).max()), step0_abs_diff=float(abs(tri[0] - ref[0])))
+
+
+def plot(path: Path, runs: dict, metrics: dict, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[3, 1.4])
+    styles = {"reference": dict(linewidth=2.4, alpha=0.6), "triton": dict(linewidth=1.0, linestyle="--")}
+    for name, run in runs.items():
+        top.plot(run["losses"], label=name, **styles[name])
+    top.set_ylabel("training loss (CE + aux)")
+    top.set_title(f"{title}\nPearson r = {metrics['pearson_r']:.6f}, "
+                  f"final-loss gap = {100 * metrics['final_loss_gap']:.3f}%", fontsize=10)
+    top.legend()
+    top.grid(alpha=0.3)
+    difference = np.asarray(runs["triton"]["losses"]) - np.asarray(runs["reference"]["losses"])
+    bottom.plot(difference, color="tab:red", linewidth=1.0)
+    bottom.axhline(0.0, color="black", linewidth=0.6)
+    bottom.set_ylabel("triton - reference")
+    bottom.set_xlabel("step")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def wandb_logger(args, run_name: str, group: str):
+    """A wandb run for one implementation (offline unless --wandb-online) and its log function."""
+    import wandb
+
+    run = wandb.init(project=args.wandb_project, group=group, name=run_name,
+                     mode="online" if args.wandb_online else "offline", dir=str(args.out_dir),
+                     config={**json_args(args), "implementation": run_name})
+    return run, run.log
+
+
+def json_args(args) -> dict:
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    moe = MoEConfig(expert_sizes=args.expert_sizes, num_active_experts=args.top_k, hidden_size=args.n_embd,
+                    activation=args.activation)
+    config = GPTConfig(moe=moe, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                       block_size=args.block_size)
+    data = load_bytes(args.data)
+
+    # Model A (reference MLP) draws the initial weights; B (Triton MLP) loads them: the layouts are identical.
+    model_a = GPT(config, reference.MoEMLP)
+    initial_state = {key: value.clone() for key, value in model_a.state_dict().items()}
+    num_params = sum(p.numel() for p in model_a.parameters())
+    del model_a
+    title = (f"GPT {args.n_layer}L {args.n_embd}d, experts {moe.expert_sizes} top-{args.top_k}, "
+             f"{args.dtype} on {device_name(args.device)}")
+    print(f"{title}; {num_params / 1e6:.2f}M parameters, {len(data) / 1e3:.0f} kB of {args.data.name}, "
+          f"{args.steps} steps of {args.batch_size} x {args.block_size} tokens, lr {args.lr:g}")
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    group = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    runs = {}
+    for name, mlp_cls in IMPLEMENTATIONS.items():
+        model = GPT(config, mlp_cls)
+        model.load_state_dict(initial_state)
+        model.to(args.device)
+        wandb_run, log = wandb_logger(args, name, group) if args.wandb else (None, None)
+        runs[name] = train(name, model, data, args, log)
+        if wandb_run is not None:
+            wandb_run.summary["tokens_per_s"] = runs[name]["tokens_per_s"]
+            wandb_run.finish()
+        del model
+
+    metrics = compare(runs["reference"]["losses"], runs["triton"]["losses"])
+    checks = dict(correlation=metrics["pearson_r"] >= args.min_correlation,
+                  final_loss_gap=metrics["final_loss_gap"] <= args.max_gap)
+    versions = dict(torch=torch.__version__, triton=importlib.metadata.version("triton"),
+                    python=platform.python_version())
+    result = dict(args=json_args(args), device=device_name(args.device),
+                  date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), versions=versions,
+                  num_params=num_params, runs=runs, metrics=metrics, checks=checks, passed=all(checks.values()))
+    json_path, png_path = args.out_dir / "validate_training.json", args.out_dir / "validate_training.png"
+    json_path.write_text(json.dumps(result, indent=1))
+    plot(png_path, runs, metrics, title)
+    print_summary(runs, metrics, checks, args)
+    print(f"wrote {json_path} and {png_path}")
+    return 0 if all(checks.values()) else 1
+
+
+def print_summary(runs: dict, metrics: dict, checks: dict, args):
+    print(f"\n| {'implementation':<14} | {'first loss':>10} | {f'final loss (last {FINAL_WINDOW})':>22} |"
+          f" {'tokens/s':>10} | {'time s':>8} |")
+    print(f"|{'-' * 16}|{'-' * 12}|{'-' * 24}|{'-' * 12}|{'-' * 10}|")
+    for name, run in runs.items():
+        final = metrics[f"final_loss_{name}"]
+        print(f"| {name:<14} | {run['losses'][0]:>10.4f} | {final:>22.4f} | {run['tokens_per_s']:>10.0f} |"
+              f" {run['seconds']:>8.1f} |")
+    verdict = {True: "ok", False: "FAIL"}
+    print(f"\nPearson r of the loss curves  {metrics['pearson_r']:.6f}  (>= {args.min_correlation})  "
+          f"{verdict[checks['correlation']]}")
+    print(f"final-loss gap                {100 * metrics['final_loss_gap']:.4f}%  (<= {100 * args.max_gap:g}%)  "
+          f"{verdict[checks['final_loss_gap']]}")
+    print(f"step-0 loss difference        {metrics['step0_abs_diff']:.2e}; "
+          f"largest per-step difference {metrics['max_abs_diff']:.2e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

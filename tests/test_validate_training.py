@@ -1,0 +1,68 @@
+"""Smoke test of benchmarks/validate_training.py: a tiny GPT trained a few steps with each MoE MLP."""
+
+import importlib.machinery
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from conftest import DEVICE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import validate_training  # noqa: E402
+
+STEPS = 3
+TINY = ["--device", DEVICE, "--dtype", "float32", "--steps", str(STEPS), "--batch-size", "2", "--block-size", "16",
+        "--n-layer", "1", "--n-head", "2", "--n-embd", "128", "--experts", "1x256,2x128", "--top-k", "2"]
+
+
+class FakeWandb(types.ModuleType):
+    """Records what validate_training logs, in place of the optional wandb package."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+        self.runs = []
+
+    def init(self, **kwargs):
+        run = types.SimpleNamespace(kwargs=kwargs, logged=[], summary={}, finished=False)
+        run.log = lambda values, step: run.logged.append((step, values))
+        run.finish = lambda: setattr(run, "finished", True)
+        self.runs.append(run)
+        return run
+
+
+def test_trains_both_and_writes_results(tmp_path, monkeypatch):
+    fake_wandb = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    validate_training.main([*TINY, "--out-dir", str(tmp_path), "--wandb"])
+
+    result = json.loads((tmp_path / "validate_training.json").read_text())
+    assert (tmp_path / "validate_training.png").stat().st_size > 0
+    reference, triton = result["runs"]["reference"]["losses"], result["runs"]["triton"]["losses"]
+    assert len(reference) == len(triton) == STEPS
+    assert all(math.isfinite(loss) for loss in reference + triton)
+    # Same weights and the same first batch in fp32: the same loss up to rounding.
+    assert triton[0] == pytest.approx(reference[0], rel=1e-5)
+    assert result["runs"]["triton"]["tokens_per_s"] > 0
+    assert {"pearson_r", "final_loss_gap"} <= result["metrics"].keys()
+
+    assert [run.kwargs["name"] for run in fake_wandb.runs] == ["reference", "triton"]
+    assert all(run.kwargs["mode"] == "offline" and run.finished for run in fake_wandb.runs)
+    assert [step for step, _ in fake_wandb.runs[1].logged] == list(range(STEPS))
+
+
+def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails
+    with pytest.raises(SystemExit):
+        validate_training.main([*TINY, "--out-dir", str(tmp_path), "--wandb"])
+    assert "--wandb needs the wandb package" in capsys.readouterr().err
+
+
+def test_rejects_bf16_on_cpu(capsys):
+    with pytest.raises(SystemExit):
+        validate_training.parse_args(["--device", "cpu", "--dtype", "bfloat16"])
+    assert "bfloat16 needs a GPU" in capsys.readouterr().err
