@@ -21,7 +21,7 @@ Layout arguments shared by the launchers (R = N * top_k expert-sorted rows, E ex
     expert_widths: the E widths W_e >= 1 as host ints (they size the launch grid without a device sync).
     expert_h_offsets: [E+1] int64, prefix sums of count_e * W_e; expert e's hidden activations are the dense
         row-major [count_e, W_e] block starting there in each ragged 1-D buffer (h_pre, h_up, h_act, ...).
-    blocks: tile sizes; tuning.gemm_blocks(dtype) when None.
+    blocks: tile sizes; tuning.gemm_blocks(dtype, role) when None (each launcher is one role).
 All tensors are contiguous and on one device; float operands of one call share one dtype (fp32, fp16, bf16).
 """
 
@@ -326,11 +326,11 @@ def _launch_options(dtype, blocks, expert_widths, activation, row_weights):
 
 def _expert_rows_gemm_launch(
     *, a, b, out, num_rows, ragged_out, epilogue, expert_row_offsets, expert_width_offsets, expert_widths,
-    expert_h_offsets, blocks, a2=None, b2=None, second_product="none", out2=None, out3=None, h_pre=None,
+    expert_h_offsets, blocks, role, a2=None, b2=None, second_product="none", out2=None, out3=None, h_pre=None,
     h_up=None, row_weights=None, partials=None, row_to_token=None, activation=None,
 ):
     """Launch `_expert_rows_gemm` over a grid bounding the (unknown on the host) tiles of all experts."""
-    blocks = blocks or gemm_blocks(a.dtype)
+    blocks = blocks or gemm_blocks(a.dtype, role)
     hidden = b.shape[1]
     if ragged_out:
         col_tiles_per_expert = [triton.cdiv(width, blocks.block_n) for width in expert_widths]
@@ -394,6 +394,7 @@ def up_projection(
     h_act = torch.empty_like(h_pre)  # (h_numel,) ragged
     if row_to_token.numel() > 0:
         _expert_rows_gemm_launch(
+            role="up",
             a=x, b=w1, b2=v1, second_product="shared_a" if is_gated(activation) else "none",
             out=h_pre, out2=h_up, out3=h_act, num_rows=row_to_token.numel(), ragged_out=True,
             epilogue="act_forward", activation=activation, row_to_token=row_to_token,
@@ -437,6 +438,7 @@ def down_projection(
     y = torch.empty((num_rows, w2.shape[1]), dtype=h_act.dtype, device=h_act.device)  # (R, H)
     if num_rows > 0:
         _expert_rows_gemm_launch(
+            role="down",
             a=h_act, b=w2, out=y, num_rows=num_rows, ragged_out=False, epilogue="store", row_weights=row_weights,
             expert_row_offsets=expert_row_offsets, expert_width_offsets=expert_width_offsets,
             expert_widths=expert_widths, expert_h_offsets=expert_h_offsets, blocks=blocks,
@@ -488,7 +490,7 @@ def down_projection_backward(
     if row_weights is not None:
         _check_tensor("row_weights", row_weights, (num_rows,), (torch.float32,))
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
-    blocks = blocks or gemm_blocks(grad_out.dtype)
+    blocks = blocks or gemm_blocks(grad_out.dtype, "down_backward")
     dh_pre = torch.empty_like(h_pre)  # (h_numel,) ragged
     dh_up = None if h_up is None else torch.empty_like(h_up)  # (h_numel,) ragged
     partials = None
@@ -498,6 +500,7 @@ def down_projection_backward(
         partials = torch.zeros((num_rows, num_partial_cols), dtype=torch.float32, device=grad_out.device)
     if num_rows > 0:
         _expert_rows_gemm_launch(
+            role="down_backward",
             a=grad_out, b=w2, out=dh_pre, out2=dh_up, h_pre=h_pre, h_up=h_up, row_weights=row_weights,
             partials=partials, num_rows=num_rows, ragged_out=True, epilogue="act_backward", activation=activation,
             row_to_token=row_to_token, expert_row_offsets=expert_row_offsets,
@@ -543,6 +546,7 @@ def input_grad_rows(
     dx_rows = torch.empty((num_rows, w1.shape[1]), dtype=dh_pre.dtype, device=dh_pre.device)  # (R, H)
     if num_rows > 0:
         _expert_rows_gemm_launch(
+            role="input_grad",
             a=dh_pre, b=w1, a2=dh_up, b2=v1, second_product="none" if dh_up is None else "summed", out=dx_rows,
             num_rows=num_rows, ragged_out=False, epilogue="store", expert_row_offsets=expert_row_offsets,
             expert_width_offsets=expert_width_offsets, expert_widths=expert_widths,
@@ -553,10 +557,10 @@ def input_grad_rows(
 
 def _weight_grad_launch(
     *, a, b, out, expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, row_to_token,
-    blocks, a2=None, out2=None, row_weights=None, activation=None,
+    blocks, role, a2=None, out2=None, row_weights=None, activation=None,
 ):
     """Launch `_weight_grad_gemm` over its exact grid: sum_e cdiv(W_e, BLOCK_M) * cdiv(H, BLOCK_N) tiles."""
-    blocks = blocks or gemm_blocks(a.dtype)
+    blocks = blocks or gemm_blocks(a.dtype, role, gated=a2 is not None)
     hidden = b.shape[1]
     grid = (sum(triton.cdiv(width, blocks.block_m) for width in expert_widths) * triton.cdiv(hidden, blocks.block_n),)
     _weight_grad_gemm[grid](
@@ -613,6 +617,7 @@ def up_weight_grad(
     dw1 = torch.empty((total_width, x.shape[1]), dtype=out_dtype, device=x.device)  # (TW, H)
     dv1 = None if dh_up is None else torch.empty_like(dw1)  # (TW, H)
     _weight_grad_launch(
+        role="up_weight_grad",
         a=dh_pre, a2=dh_up, b=x, out=dw1, out2=dv1, row_to_token=row_to_token,
         expert_row_offsets=expert_row_offsets, expert_width_offsets=expert_width_offsets,
         expert_widths=expert_widths, expert_h_offsets=expert_h_offsets, blocks=blocks,
@@ -666,6 +671,7 @@ def down_weight_grad(
         return torch.zeros((total_width, grad_out.shape[1]), dtype=out_dtype, device=grad_out.device)  # (TW, H)
     dw2 = torch.empty((total_width, grad_out.shape[1]), dtype=out_dtype, device=grad_out.device)  # (TW, H)
     _weight_grad_launch(
+        role="down_weight_grad",
         a=h_pre, a2=h_up, b=grad_out, out=dw2, row_weights=row_weights, activation=activation,
         row_to_token=row_to_token, expert_row_offsets=expert_row_offsets,
         expert_width_offsets=expert_width_offsets, expert_widths=expert_widths,

@@ -1,6 +1,6 @@
 """Tile sizes, warps and pipeline stages of every kernel, per device kind and dtype, with the reasons.
 
-No autotuning yet: every launcher takes `blocks: GemmBlocks | None` and falls back on `gemm_blocks(dtype)`,
+No autotuning yet: every launcher takes `blocks: GemmBlocks | None` and falls back on `gemm_blocks(dtype, role)`,
 so an autotuner can later pass its own choice without touching the kernels.
 """
 
@@ -39,6 +39,21 @@ INTERPRETER_BLOCKS = GemmBlocks(block_m=128, block_n=128, block_k=128, num_warps
 # memory, well below the 228 KiB available, so the loads of the next steps are in flight during the MMAs.
 GPU_16BIT_BLOCKS = GemmBlocks(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
+# Per role, the tiles that measured best across the shapes of benchmarks/results/h100-2026-11-24/sweep*.md
+# (hidden 2048 with 128x768 top-8, relu_squared and swiglu; hidden 4096 with 8x14336 top-2), TFLOP/s there
+# against GPU_16BIT_BLOCKS. Narrower 4-warp tiles win for the row-parallel roles (more programs in flight, less
+# register pressure from the fused epilogues); the ragged-K weight gradients prefer shallower K steps with more
+# stages. The gated (swiglu) up-weight gradient holds two accumulators and keeps the 8-warp tile.
+GPU_16BIT_ROLE_BLOCKS = {
+    "up": GemmBlocks(128, 64, 64, num_warps=4, num_stages=4),  # 230/289/211 vs 168/269/231
+    "down": GemmBlocks(64, 128, 64, num_warps=4, num_stages=4),  # 162/187/337 vs 155/163/198
+    "down_backward": GemmBlocks(128, 64, 64, num_warps=4, num_stages=4),  # 268/291/154 vs 196/250/123
+    "input_grad": GemmBlocks(64, 128, 64, num_warps=4, num_stages=4),  # 162/187/94 vs 151/166/145
+    "down_weight_grad": GemmBlocks(128, 128, 32, num_warps=4, num_stages=5),  # 103/99/118 vs 80/83/98
+    "up_weight_grad": GemmBlocks(128, 128, 32, num_warps=4, num_stages=5),  # 160/189 vs 121/118 (not gated)
+}
+GEMM_ROLES = tuple(GPU_16BIT_ROLE_BLOCKS)
+
 # H100, fp32 operands with input_precision="ieee" (TF32 would miss the 1e-4 accuracy target): the dot runs
 # as FMAs on the CUDA cores and holds both operand tiles in registers, so 64x64x32 with 4 warps avoids spills.
 GPU_FP32_BLOCKS = GemmBlocks(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
@@ -54,13 +69,17 @@ def running_in_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gemm_blocks(dtype: torch.dtype) -> GemmBlocks:
-    """Default grouped-GEMM tiles for operands of `dtype` on the current backend."""
+def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False) -> GemmBlocks:
+    """Default grouped-GEMM tiles for operands of `dtype` in `role` (one of GEMM_ROLES) on the current backend."""
+    if role not in GEMM_ROLES:
+        raise ValueError(f"role must be one of {GEMM_ROLES}, got {role!r}")
     if running_in_interpreter():
         return INTERPRETER_BLOCKS
     if dtype == torch.float32:
         return GPU_FP32_BLOCKS
-    return GPU_16BIT_BLOCKS
+    if role == "up_weight_grad" and gated:
+        return GPU_16BIT_BLOCKS
+    return GPU_16BIT_ROLE_BLOCKS[role]
 
 
 def permute_block_h(hidden: int) -> int:
