@@ -11,7 +11,7 @@ backward kernels. The steps' sum can differ from the layer's time (launch overla
 import torch
 import torch.nn.functional as F
 from harness import (DTYPES, build_layer, device, environment, forward_backward_step, make_config, parse_args,
-                     time_ms)  # first: it imports triton_moe, which picks Triton's interpreter on CPU-only hosts
+                     time_ms, triton_operands)  # first: it imports triton_moe (interpreter on CPU-only hosts)
 
 import stk
 from reference import topology_var
@@ -23,38 +23,27 @@ from triton_moe.routing import route, sort_by_expert
 
 def triton_steps(layer, x):
     """name -> zero-argument callable, for each step of the Triton layer's forward and backward."""
-    cfg = layer.config
-    routing = route(x, layer.router.weight, cfg)
-    sort = sort_by_expert(routing.expert_indices, cfg.num_experts)
-    layout = ExpertLayout.from_sort(sort, cfg.expert_widths, layer.expert_width_offsets,
-                                    layer.expert_widths_tensor, cfg.num_active_experts)
-    row_weights = routing.expert_weights.flatten()[sort.row_to_flat]
-    w1, w2, v1 = layer.w1.detach(), layer.w2.detach(), None if layer.v1 is None else layer.v1.detach()
-    h_pre, h_up, h_act = kernels.up_projection(x, w1, v1, layout.row_to_token, *layout.offsets(),
-                                               layout.h_numel, cfg.activation)
-    y_rows = kernels.down_projection(h_act, w2, *layout.offsets(), layout.num_rows, row_weights)
-    grad_out = torch.randn_like(x)
-    dh_pre, dh_up, _ = kernels.down_projection_backward(grad_out, w2, h_pre, h_up, layout.row_to_token,
-                                                        *layout.offsets(), row_weights, cfg.activation)
-    dx_rows = kernels.input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(), layout.num_rows)
+    o = triton_operands(layer, x)
+    cfg, layout = o.cfg, o.layout
     return {
         "routing (router GEMM, softmax, top-k, aux loss)": lambda: route(x, layer.router.weight, cfg),
         "sort by expert + layout": lambda: ExpertLayout.from_sort(
-            sort_by_expert(routing.expert_indices, cfg.num_experts), cfg.expert_widths,
+            sort_by_expert(o.routing.expert_indices, cfg.num_experts), cfg.expert_widths,
             layer.expert_width_offsets, layer.expert_widths_tensor, cfg.num_active_experts),
         "up GEMM (gather + activation fused)": lambda: kernels.up_projection(
-            x, w1, v1, layout.row_to_token, *layout.offsets(), layout.h_numel, cfg.activation),
+            x, o.w1, o.v1, layout.row_to_token, *layout.offsets(), layout.h_numel, cfg.activation),
         "down GEMM (routing weight fused)": lambda: kernels.down_projection(
-            h_act, w2, *layout.offsets(), layout.num_rows, row_weights),
-        "combine": lambda: kernels.combine_rows(y_rows, layout.flat_to_row, layout.top_k),
+            o.h_act, o.w2, *layout.offsets(), layout.num_rows, o.row_weights),
+        "combine": lambda: kernels.combine_rows(o.y_rows, layout.flat_to_row, layout.top_k),
         "bwd: down dH (+ activation grad, routing-weight grads)": lambda: kernels.down_projection_backward(
-            grad_out, w2, h_pre, h_up, layout.row_to_token, *layout.offsets(), row_weights, cfg.activation),
-        "bwd: dW2": lambda: kernels.down_weight_grad(h_pre, h_up, grad_out, layout.row_to_token,
-                                                     *layout.offsets(), row_weights, cfg.activation),
-        "bwd: dX rows": lambda: kernels.input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(),
+            o.grad_out, o.w2, o.h_pre, o.h_up, layout.row_to_token, *layout.offsets(), o.row_weights,
+            cfg.activation),
+        "bwd: dW2": lambda: kernels.down_weight_grad(o.h_pre, o.h_up, o.grad_out, layout.row_to_token,
+                                                     *layout.offsets(), o.row_weights, cfg.activation),
+        "bwd: dX rows": lambda: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, *layout.offsets(),
                                                         layout.num_rows),
-        "bwd: dX combine": lambda: kernels.combine_rows(dx_rows, layout.flat_to_row, layout.top_k),
-        "bwd: dW1 (+dV1)": lambda: kernels.up_weight_grad(dh_pre, dh_up, x, layout.row_to_token,
+        "bwd: dX combine": lambda: kernels.combine_rows(o.dx_rows, layout.flat_to_row, layout.top_k),
+        "bwd: dW1 (+dV1)": lambda: kernels.up_weight_grad(o.dh_pre, o.dh_up, x, layout.row_to_token,
                                                           *layout.offsets()),
     }
 

@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -23,6 +24,8 @@ import reference  # noqa: E402
 import triton_moe  # noqa: E402
 from baselines import GroupedMMMoE, LoopMoE, megablocks_dmoe  # noqa: E402
 from triton_moe.config import SEED_CONFIGS, MoEConfig  # noqa: E402
+from triton_moe import kernels  # noqa: E402
+from triton_moe.ops import ExpertLayout  # noqa: E402
 from triton_moe.routing import route, sort_by_expert  # noqa: E402
 
 SEED_TOKENS = 8 * 512  # the seed table's batch 8 x seq 512
@@ -146,6 +149,30 @@ def model_flops(config: MoEConfig, x: torch.Tensor, router_weight: torch.Tensor)
     routed_width = int((sort.tokens_per_expert * widths).sum())
     projections = 3 if config.is_glu else 2
     return 2 * projections * routed_width * config.hidden_size
+
+
+def triton_operands(layer, x) -> SimpleNamespace:
+    """Every operand of every kernel of one Triton forward and backward on x, for timing kernels one by one:
+    routing, sort, layout, row_weights, the weights, h_pre/h_up/h_act, y_rows, grad_out, dh_pre/dh_up, dx_rows."""
+    cfg = layer.config
+    ops = SimpleNamespace(cfg=cfg, x=x, w1=layer.w1.detach(), w2=layer.w2.detach(),
+                          v1=None if layer.v1 is None else layer.v1.detach())
+    ops.routing = route(x, layer.router.weight, cfg)
+    ops.sort = sort_by_expert(ops.routing.expert_indices, cfg.num_experts)
+    ops.layout = ExpertLayout.from_sort(ops.sort, cfg.expert_widths, layer.expert_width_offsets,
+                                        layer.expert_widths_tensor, cfg.num_active_experts)
+    ops.row_weights = ops.routing.expert_weights.flatten()[ops.sort.row_to_flat]
+    ops.h_pre, ops.h_up, ops.h_act = kernels.up_projection(x, ops.w1, ops.v1, ops.layout.row_to_token,
+                                                           *ops.layout.offsets(), ops.layout.h_numel, cfg.activation)
+    ops.y_rows = kernels.down_projection(ops.h_act, ops.w2, *ops.layout.offsets(), ops.layout.num_rows,
+                                         ops.row_weights)
+    ops.grad_out = torch.randn_like(x)
+    ops.dh_pre, ops.dh_up, _ = kernels.down_projection_backward(
+        ops.grad_out, ops.w2, ops.h_pre, ops.h_up, ops.layout.row_to_token, *ops.layout.offsets(),
+        ops.row_weights, cfg.activation)
+    ops.dx_rows = kernels.input_grad_rows(ops.dh_pre, ops.w1, ops.dh_up, ops.v1, *ops.layout.offsets(),
+                                          ops.layout.num_rows)
+    return ops
 
 
 def peak_memory_mb(fn) -> float | None:

@@ -5,12 +5,10 @@ choosing tuning.py's tiles (and later an autotuner's candidates).
 """
 
 import torch
-from harness import DTYPES, build_layer, device, environment, make_config, parse_args, time_ms
+from harness import DTYPES, build_layer, device, environment, make_config, parse_args, time_ms, triton_operands
 
 from triton_moe import kernels
 from triton_moe.kernels import GemmBlocks
-from triton_moe.ops import ExpertLayout
-from triton_moe.routing import route, sort_by_expert
 
 CANDIDATES = [
     GemmBlocks(128, 128, 64, 8, 3),
@@ -24,33 +22,24 @@ CANDIDATES = [
 
 
 def roles(layer, x):
-    """role -> (function of blocks, forward FLOPs of that GEMM)."""
-    cfg = layer.config
-    routing = route(x, layer.router.weight, cfg)
-    sort = sort_by_expert(routing.expert_indices, cfg.num_experts)
-    layout = ExpertLayout.from_sort(sort, cfg.expert_widths, layer.expert_width_offsets,
-                                    layer.expert_widths_tensor, cfg.num_active_experts)
-    row_weights = routing.expert_weights.flatten()[sort.row_to_flat]
-    w1, w2, v1 = layer.w1.detach(), layer.w2.detach(), None if layer.v1 is None else layer.v1.detach()
-    h_pre, h_up, h_act = kernels.up_projection(x, w1, v1, layout.row_to_token, *layout.offsets(),
-                                               layout.h_numel, cfg.activation)
-    grad_out = torch.randn_like(x)
-    dh_pre, dh_up, _ = kernels.down_projection_backward(grad_out, w2, h_pre, h_up, layout.row_to_token,
-                                                        *layout.offsets(), row_weights, cfg.activation)
-    flops = 2 * layout.h_numel * cfg.hidden_size * (2 if v1 is not None else 1)
+    """role -> (function of blocks, FLOPs of that GEMM)."""
+    o = triton_operands(layer, x)
+    cfg, layout = o.cfg, o.layout
+    flops = 2 * layout.h_numel * cfg.hidden_size * (2 if o.v1 is not None else 1)
     return {
-        "up": (lambda b: kernels.up_projection(x, w1, v1, layout.row_to_token, *layout.offsets(),
+        "up": (lambda b: kernels.up_projection(x, o.w1, o.v1, layout.row_to_token, *layout.offsets(),
                                                layout.h_numel, cfg.activation, blocks=b), flops),
-        "down": (lambda b: kernels.down_projection(h_act, w2, *layout.offsets(), layout.num_rows, row_weights,
-                                                   blocks=b), flops),
+        "down": (lambda b: kernels.down_projection(o.h_act, o.w2, *layout.offsets(), layout.num_rows,
+                                                   o.row_weights, blocks=b), flops),
         "down bwd dH": (lambda b: kernels.down_projection_backward(
-            grad_out, w2, h_pre, h_up, layout.row_to_token, *layout.offsets(), row_weights, cfg.activation,
-            blocks=b), flops),
-        "dW2": (lambda b: kernels.down_weight_grad(h_pre, h_up, grad_out, layout.row_to_token, *layout.offsets(),
-                                                   row_weights, cfg.activation, blocks=b), flops),
-        "dX rows": (lambda b: kernels.input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(), layout.num_rows,
-                                                      blocks=b), flops),
-        "dW1": (lambda b: kernels.up_weight_grad(dh_pre, dh_up, x, layout.row_to_token, *layout.offsets(),
+            o.grad_out, o.w2, o.h_pre, o.h_up, layout.row_to_token, *layout.offsets(), o.row_weights,
+            cfg.activation, blocks=b), flops),
+        "dW2": (lambda b: kernels.down_weight_grad(o.h_pre, o.h_up, o.grad_out, layout.row_to_token,
+                                                   *layout.offsets(), o.row_weights, cfg.activation, blocks=b),
+                flops),
+        "dX rows": (lambda b: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, *layout.offsets(),
+                                                      layout.num_rows, blocks=b), flops),
+        "dW1": (lambda b: kernels.up_weight_grad(o.dh_pre, o.dh_up, x, layout.row_to_token, *layout.offsets(),
                                                  blocks=b), flops),
     }
 

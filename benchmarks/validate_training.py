@@ -6,8 +6,19 @@ from the same initial weights on the same batches, and check that the two loss c
 
 Reports per-step losses (cross-entropy + aux loss) of both runs, the Pearson correlation of the two curves,
 the relative gap between their final losses (mean of the last 10 steps of each) and tokens/s of each; writes
-a JSON and a PNG of both curves and their difference to --out-dir. Exits non-zero when the correlation is
-below --min-correlation (0.999) or the gap above --max-gap (1%).
+a JSON and a PNG of both curves and their difference to --out-dir.
+A loss curve cannot tell a correct backward from a broken one (w1's gradient x 0.3 still gives r = 0.9996), so
+two measures that can:
+- gradient check, at step 0 and every --grad-check-every steps of the reference run: the reference model's
+  weights loaded into a twin with the Triton MLP, the step's batch through both, and for each MoE parameter
+  name (router, w1, v1, w2; all layers together) and the MoE layers' input, the relative L2 error
+  ||g_triton - g_ref|| / ||g_ref|| and the cosine;
+- weight distance, at the end: ||θ_ref - θ_triton|| / ||θ_ref - θ_0||, the two trained models' distance relative
+  to how far training moved the reference from the shared initial weights θ_0; over the MoE parameters and all.
+Exits non-zero when the correlation is below --min-correlation (0.999), the gap above --max-gap (1%), a
+gradient's relative error above --max-grad-rel-l2 or a weight distance above --max-weight-distance (defaults
+per dtype: THRESHOLDS). `--inject-fault NAME` runs the Triton model with a deliberate defect
+(triton_moe.faults); the run must then fail.
 Defaults depend on the device: on a GPU a real convergence check in bf16 autocast, on the CPU (Triton's
 interpreter, fp32) a tiny model that finishes in a few minutes. Every size flag overrides its default.
 """
@@ -30,7 +41,9 @@ from tqdm import tqdm
 import reference
 import triton_moe
 from gpt import GPT, GPTConfig
-from triton_moe import MoEConfig
+from triton_moe import MoEConfig, MoELayer
+from triton_moe.faults import add_fault_argument, inject_fault
+from triton_moe.ground_truth import cosine, rel_l2_error
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "classics.txt"
@@ -38,13 +51,22 @@ IMPLEMENTATIONS = {"reference": reference.MoEMLP, "triton": triton_moe.MoEMLP}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FINAL_WINDOW = 10  # steps averaged for the final loss
 TIMING_SKIP = 3  # first steps left out of tokens/s: Triton compiles its kernels there
+MOE_PARAMETERS = ("router.weight", "w1", "v1", "w2")  # names within a block's mlp
+# Pass/fail bounds per dtype, from measurements (README, "How we know the checks work"). grad_rel_l2: the
+# largest relative L2 error of a gradient, Triton vs reference on the same weights and batch; fp32 (CPU)
+# measured <= 4e-7; bf16 (H100) measured up to TODO. weight_distance: ||θ_ref - θ_triton|| / ||θ_ref - θ_0||
+# after training; fp32 measured TODO after 40 CPU steps; bf16 TODO after 300 H100 steps.
+THRESHOLDS = {
+    "float32": dict(grad_rel_l2=1e-4, weight_distance=0.05),
+    "bfloat16": dict(grad_rel_l2=3e-2, weight_distance=0.5),
+}
 
 # Defaults per device type. MoE widths and n_embd are multiples of 128 because the stk reference needs them.
 PRESETS = {
     "cpu": dict(steps=40, batch_size=8, block_size=64, n_layer=2, n_head=4, n_embd=128, experts="2x256,2x128",
-                top_k=2, lr=3e-3, dtype="float32"),
+                top_k=2, lr=3e-3, dtype="float32", grad_check_every=10),
     "cuda": dict(steps=1000, batch_size=32, block_size=256, n_layer=4, n_head=4, n_embd=256, experts="4x512,4x256",
-                 top_k=2, lr=1e-3, dtype="bfloat16"),
+                 top_k=2, lr=1e-3, dtype="bfloat16", grad_check_every=100),
 }
 
 
@@ -79,6 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/validate_training"))
     parser.add_argument("--min-correlation", type=float, default=0.999)
     parser.add_argument("--max-gap", type=float, default=0.01, help="largest relative final-loss gap")
+    parser.add_argument("--grad-check-every", type=int,
+                        help="compare both implementations' gradients every N steps (and at step 0); 0: step 0 only")
+    parser.add_argument("--max-grad-rel-l2", type=float, help="largest relative L2 error of a gradient "
+                        "(default per dtype, THRESHOLDS)")
+    parser.add_argument("--max-weight-distance", type=float, help="largest ||θ_ref - θ_triton|| / "
+                        "||θ_ref - θ_0|| after training (default per dtype, THRESHOLDS)")
+    add_fault_argument(parser)
     parser.add_argument("--wandb", action="store_true", help="log both runs to Weights & Biases (offline)")
     parser.add_argument("--wandb-online", action="store_true", help="with --wandb: sync online")
     parser.add_argument("--wandb-project", default="triton-moe-validate-training")
@@ -89,10 +118,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.expert_sizes = parse_expert_sizes(args.experts)
+    if args.max_grad_rel_l2 is None:
+        args.max_grad_rel_l2 = THRESHOLDS[args.dtype]["grad_rel_l2"]
+    if args.max_weight_distance is None:
+        args.max_weight_distance = THRESHOLDS[args.dtype]["weight_distance"]
     if args.warmup_steps is None:
         args.warmup_steps = args.steps // 10
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.grad_check_every < 0:
+        parser.error(f"--grad-check-every must be >= 0, got {args.grad_check_every}")
     if args.dtype == "bfloat16" and args.device != "cuda":
         parser.error("--dtype bfloat16 needs a GPU (bf16 is broken in Triton's CPU interpreter)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -135,8 +170,11 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def train(name: str, model: GPT, data: torch.Tensor, args, log=None) -> dict:
-    """Train `model` for args.steps steps; return its per-step losses, learning rates and tokens/s."""
+def train(name: str, model: GPT, data: torch.Tensor, args, log=None, before_step=None) -> dict:
+    """Train `model` for args.steps steps; return its per-step losses, learning rates and tokens/s.
+
+    `before_step(step, model, inputs, targets)`, if given, runs before each step's forward (outside the timing).
+    """
     model.train()
     optimizer = make_optimizer(model, args.lr)
     generator = torch.Generator().manual_seed(args.seed)  # the same batches for every run
@@ -150,6 +188,9 @@ def train(name: str, model: GPT, data: torch.Tensor, args, log=None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = (t.to(args.device) for t in get_batch(data, args.batch_size, args.block_size, generator))
+        if before_step is not None:
+            before_step(step, model, inputs, targets)
+            start = time.perf_counter()
         with autocast:
             _, loss = model(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -166,6 +207,77 @@ def train(name: str, model: GPT, data: torch.Tensor, args, log=None) -> dict:
     timed = step_seconds[TIMING_SKIP:] if len(step_seconds) > TIMING_SKIP else step_seconds
     return dict(losses=losses, lrs=lrs, seconds=sum(step_seconds),
                 tokens_per_s=tokens_per_step * len(timed) / sum(timed))
+
+
+def moe_layers(model: GPT) -> list[MoELayer]:
+    return [block.mlp for block in model.transformer.h]
+
+
+def model_gradients(model: GPT, inputs, targets, args) -> dict:
+    """Gradients of the loss on one batch: each MoE parameter name (all layers concatenated) and the MoE layers'
+    input ("moe_input", captured by a forward pre-hook), flattened fp32 tensors. Leaves no .grad behind."""
+    captured = []
+
+    def keep_input(module, args_in):
+        args_in[0].retain_grad()
+        captured.append(args_in[0])
+
+    hooks = [layer.register_forward_pre_hook(keep_input) for layer in moe_layers(model)]
+    try:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            _, loss = model(inputs, targets)
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    grads = {}
+    for name in MOE_PARAMETERS:
+        params = [layer.get_parameter(name) for layer in moe_layers(model) if layer.get_parameter(name) is not None]
+        if name == "v1" and not model.config.moe.is_glu:
+            continue
+        grads[name.removesuffix(".weight")] = torch.cat([p.grad.float().flatten() for p in params])
+    grads["moe_input"] = torch.cat([x.grad.float().flatten() for x in captured])
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+class GradientCheck:
+    """At chosen steps of the reference run: the reference model's weights loaded into a reference twin and a
+    Triton twin (so that the training model is not touched), the step's batch through both, their gradients
+    compared. Records one entry per checked step."""
+
+    def __init__(self, config: GPTConfig, args):
+        self.args = args
+        self.twins = {name: GPT(config, mlp_cls).to(args.device) for name, mlp_cls in IMPLEMENTATIONS.items()}
+        self.results = []
+
+    def __call__(self, step: int, model: GPT, inputs, targets):
+        every = self.args.grad_check_every
+        if step != 0 and (every == 0 or step % every):
+            return
+        state = model.state_dict()
+        grads = {}
+        for name, twin in self.twins.items():
+            twin.load_state_dict(state)
+            with inject_fault(self.args.inject_fault if name == "triton" else None):
+                grads[name] = model_gradients(twin, inputs, targets, self.args)
+        errors = {key: dict(rel_l2=rel_l2_error(grads["triton"][key], want), cosine=cosine(grads["triton"][key], want))
+                  for key, want in grads["reference"].items()}
+        self.results.append(dict(step=step, grads=errors))
+
+
+def weight_distances(initial: dict, reference_final: dict, triton_final: dict) -> dict:
+    """||θ_ref - θ_triton|| / ||θ_ref - θ_0|| over the MoE parameters and over all parameters."""
+    def distance(names, a, b):
+        return math.sqrt(sum((a[n].double() - b[n].double()).square().sum().item() for n in names))
+
+    moe_names = [n for n in reference_final if ".mlp." in n]
+    result = {}
+    for label, names in (("moe", moe_names), ("all", list(reference_final))):
+        moved = distance(names, reference_final, initial)
+        result[label] = distance(names, reference_final, triton_final) / moved if moved > 0 else float("inf")
+    return result
 
 
 def compare(reference_losses: list[float], triton_losses: list[float]) -> dict:

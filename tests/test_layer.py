@@ -37,6 +37,15 @@ def test_non_contiguous_input_is_handled(layer):
     torch.testing.assert_close(layer(x), layer(x.contiguous()), rtol=0, atol=0)
 
 
+def test_no_tokens_gives_empty_output_and_zero_grads(layer):
+    x = make_input((0, 256), torch.float32).requires_grad_()
+    out = layer(x)
+    assert out.shape == (0, 256)
+    (out.sum() + layer.aux_loss).backward()
+    for param in layer.parameters():
+        assert param.grad is not None and param.grad.abs().max() == 0
+
+
 def test_parameter_layout(layer):
     config = layer.config
     shapes = {name: tuple(p.shape) for name, p in layer.state_dict().items()}

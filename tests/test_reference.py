@@ -83,16 +83,6 @@ def test_all_tokens_to_one_expert():
     assert got["tokens_per_expert"].tolist() == [0] * 6 + [40, 0]
 
 
-def test_no_tokens_gives_empty_output_and_zero_grads():
-    layer = make_layer(reference.MoEMLP, seed_config("8exp_variable"), torch.float32)
-    x = make_input((0, 256), torch.float32).requires_grad_()
-    out = layer(x)
-    assert out.shape == (0, 256)
-    (out.sum() + layer.aux_loss).backward()
-    for param in layer.parameters():
-        assert param.grad is not None and param.grad.abs().max() == 0
-
-
 def test_rejects_widths_not_multiple_of_block():
     with pytest.raises(ValueError, match="block_size"):
         reference.MoEMLP(MoEConfig(expert_sizes=[(2, 200)], num_active_experts=1, hidden_size=256))

@@ -1,0 +1,22 @@
+"""The benchmark harness runs end to end on a tiny config (timings through the interpreter mean nothing; this
+checks that the scripts and their baselines work and write their JSON)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_bench_fwd_bwd_writes_a_row_per_implementation(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_fwd_bwd.py"), "--configs", "8exp_variable", "--tokens", "16",
+         "--dtype", "float32", "--warmup", "0", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {row["impl"] for row in rows} == {"triton", "stk_reference", "torch_loop"}
+    assert all(row["ms"] > 0 and row["tokens"] == 16 for row in rows)
+    assert "skipped megablocks" in result.stdout
