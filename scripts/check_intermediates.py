@@ -1,12 +1,15 @@
-"""Both implementations on the same weights and input: every intermediate of forward_with_intermediates,
-compared one to one (Triton vs the stk reference), over the config table; a table per config and dtype.
+"""Both implementations on the same weights and input: every intermediate of forward_with_intermediates, and the
+gradients of a backward (x, router, w1, (v1), w2: the intermediates of the backward), compared one to one
+(Triton vs the stk reference), over the config table; a table per config and dtype.
 
     uv run python scripts/check_intermediates.py                        # CPU: seed table, 64 tokens, fp32
     uv run python scripts/check_intermediates.py --configs 8exp_variable --dtypes float16
+    uv run python scripts/check_intermediates.py --inject-fault w1_grad_scale   # must fail
 
-Exits non-zero when any intermediate differs beyond the dtype's tolerance (triton_moe.ground_truth.TOLERANCES;
-integer ones must be equal). Runs on a GPU when there is one (then also bf16 and the realistic shapes), else on
-the CPU through Triton's interpreter.
+Exits non-zero when any intermediate or gradient differs beyond the dtype's tolerance (relative L2 error, max
+relative error and cosine; triton_moe.ground_truth.TOLERANCES; integer ones must be equal). The loss of the
+backward is <output, g> + aux_loss with a fixed random g. Runs on a GPU when there is one (then also bf16 and
+the realistic shapes), else on the CPU through Triton's interpreter.
 """
 
 import argparse
@@ -15,27 +18,44 @@ import sys
 import torch
 
 from compare import CONFIGS, DEVICE, DTYPES, add_common_arguments, compare, flat, inputs, twin_layers
+from triton_moe.faults import inject_fault
+from triton_moe.ground_truth import layer_grads
 
 EXACT = ("expert_indices", "tokens_per_expert", "row_to_token")
 ROUTING = ("router_logits", "expert_weights", "aux_loss")  # fp32 whatever the expert dtype
 
 
-def main():
+def forward_backward(layer, x, upstream) -> tuple[dict, dict]:
+    """Intermediates of a forward, and the gradients of <output, upstream> + aux_loss (keys grad_x, grad_w1...)."""
+    x = x.detach().requires_grad_()
+    intermediates = layer.forward_with_intermediates(x)
+    ((intermediates["output"].float() * upstream.float()).sum() + intermediates["aux_loss"]).backward()
+    grads = {"grad_x": x.grad, **{f"grad_{name}": grad for name, grad in layer_grads(layer).items()}}
+    return {key: value.detach() if torch.is_tensor(value) else value for key, value in intermediates.items()}, grads
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     failures = 0
     for name in args.configs:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
             ours, ref = twin_layers(name, args.activation, dtype, args.seed)
-            x, _ = inputs(ours.config, args.tokens, dtype, args.seed)
-            with torch.no_grad():
-                got, want = ours.forward_with_intermediates(x), ref.forward_with_intermediates(x)
+            x, upstream = inputs(ours.config, args.tokens, dtype, args.seed)
+            with inject_fault(args.inject_fault):
+                got, got_grads = forward_backward(ours, x, upstream)
+            want, want_grads = forward_backward(ref, x, upstream)
+            got.update(got_grads)
+            want.update(want_grads)
+            fault = f", fault {args.inject_fault} injected into triton" if args.inject_fault else ""
             print(f"\n## {name} {CONFIGS[name]['expert_sizes']} top-{ours.config.num_active_experts}, "
-                  f"{args.activation}, {args.tokens} tokens, {dtype_name} on {DEVICE}: triton vs stk reference")
-            print(f"| {'intermediate':<18} | {'max abs':>10} | {'max rel':>10} | {'cosine':>10} | ok |")
-            print(f"|{'-' * 20}|{'-' * 12}|{'-' * 12}|{'-' * 12}|----|")
+                  f"{args.activation}, {args.tokens} tokens, {dtype_name} on {DEVICE}{fault}: "
+                  "triton vs stk reference")
+            print(f"| {'intermediate':<18} | {'max abs':>10} | {'max rel':>10} | {'rel L2':>10} | {'cosine':>10} "
+                  "| ok |")
+            print(f"|{'-' * 20}|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 12}|----|")
             for key in want:
                 a, b = flat(got[key]), flat(want[key])
                 if a.shape != b.shape:
@@ -47,10 +67,10 @@ def main():
                     result["ok"] = result["max_abs"] == 0
                 failures += not result["ok"]
                 print(f"| {key:<18} | {result['max_abs']:>10.3e} | {result['max_rel']:>10.3e} | "
-                      f"{result['cosine']:>10.7f} | {'ok' if result['ok'] else 'NO':>2} |")
+                      f"{result['rel_l2']:>10.3e} | {result['cosine']:>10.7f} | {'ok' if result['ok'] else 'NO':>2} |")
     print(f"\n{'all intermediates within tolerance' if not failures else f'{failures} beyond tolerance'}")
-    sys.exit(1 if failures else 0)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,29 +6,34 @@ Cosine similarity, relative L2 error ||a - b|| / ||b|| and max relative error; a
 
 Cosine alone cannot see a gradient off by a scale factor; the relative errors can. Exits non-zero when a
 gradient of either implementation is beyond the dtype's tolerance against the fp64 loop
-(triton_moe.ground_truth.TOLERANCES). The loss is <output, g> + aux_loss with a fixed random g.
+(triton_moe.ground_truth.TOLERANCES: relative L2 error, max relative error and cosine). The loss is
+<output, g> + aux_loss with a fixed random g. `--inject-fault NAME` runs the Triton layer with a deliberate
+defect (triton_moe.faults); the script must then fail.
 """
 
 import argparse
 import sys
 
 from compare import DEVICE, DTYPES, add_common_arguments, compare, inputs, twin_layers
+from triton_moe.faults import inject_fault
 from triton_moe.ground_truth import run_with_loop
 
 
-def main():
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     failures = 0
     for name in args.configs:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
             ours, ref = twin_layers(name, args.activation, dtype, args.seed)
             x, upstream = inputs(ours.config, args.tokens, dtype, args.seed)
-            _, _, ours_grads, truth = run_with_loop(ours, x, upstream)
+            with inject_fault(args.inject_fault):
+                _, _, ours_grads, truth = run_with_loop(ours, x, upstream)
             _, _, ref_grads, _ = run_with_loop(ref, x, upstream)
-            print(f"\n## {name}, {args.activation}, {args.tokens} tokens, {dtype_name} on {DEVICE}")
+            fault = f", fault {args.inject_fault} injected into triton" if args.inject_fault else ""
+            print(f"\n## {name}, {args.activation}, {args.tokens} tokens, {dtype_name} on {DEVICE}{fault}")
             print("| grad | pair | cosine | rel L2 | max rel | ok |\n|---|---|---:|---:|---:|---|")
             for key in truth:
                 pairs = {"triton vs fp64": (ours_grads[key], truth[key]),
@@ -43,8 +48,8 @@ def main():
                     print(f"| {key} | {pair} | {result['cosine']:.7f} | {result['rel_l2']:.3e} | "
                           f"{result['max_rel']:.3e} | {verdict} |")
     print(f"\n{'all gradients within tolerance' if not failures else f'{failures} gradients beyond tolerance'}")
-    sys.exit(1 if failures else 0)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -38,7 +38,7 @@ class FakeWandb(types.ModuleType):
 def test_trains_both_and_writes_results(tmp_path, monkeypatch):
     fake_wandb = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
-    validate_training.main([*TINY, "--out-dir", str(tmp_path), "--wandb"])
+    assert validate_training.main([*TINY, "--out-dir", str(tmp_path), "--wandb"]) == 0
 
     result = json.loads((tmp_path / "validate_training.json").read_text())
     assert (tmp_path / "validate_training.png").stat().st_size > 0
@@ -48,7 +48,10 @@ def test_trains_both_and_writes_results(tmp_path, monkeypatch):
     # Same weights and the same first batch in fp32: the same loss up to rounding.
     assert triton[0] == pytest.approx(reference[0], rel=1e-5)
     assert result["runs"]["triton"]["tokens_per_s"] > 0
-    assert {"pearson_r", "final_loss_gap"} <= result["metrics"].keys()
+    assert {"pearson_r", "final_loss_gap", "grad_checks", "weight_distance"} <= result["metrics"].keys()
+    assert [check["step"] for check in result["metrics"]["grad_checks"]] == [0]
+    assert result["metrics"]["grad_checks"][0]["grads"].keys() == {"router", "w1", "w2", "moe_input"}
+    assert all(result["checks"].values())
 
     assert [run.kwargs["name"] for run in fake_wandb.runs] == ["reference", "triton"]
     assert all(run.kwargs["mode"] == "offline" and run.finished for run in fake_wandb.runs)
@@ -58,7 +61,7 @@ def test_trains_both_and_writes_results(tmp_path, monkeypatch):
 def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails
     with pytest.raises(SystemExit):
-        validate_training.main([*TINY, "--out-dir", str(tmp_path), "--wandb"])
+        assert validate_training.main([*TINY, "--out-dir", str(tmp_path), "--wandb"]) == 0
     assert "--wandb needs the wandb package" in capsys.readouterr().err
 
 

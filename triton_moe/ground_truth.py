@@ -7,13 +7,16 @@ import torch
 
 from triton_moe.config import MoEConfig
 
-# Bounds against the fp64 loop, per compute dtype: max |a - b| / max |b| (error relative to the tensor's scale)
-# and cosine similarity. fp32 is IEEE arithmetic throughout; 16-bit bounds allow for rounding of the operands
-# and of the stored hidden activations.
+# Bounds against the fp64 loop, per compute dtype: max |a - b| / max |b| (error relative to the tensor's scale),
+# relative L2 error ||a - b|| / ||b|| (sees a wrong scale or a missing part, which cosine does not) and cosine
+# similarity. fp32 is IEEE arithmetic throughout; 16-bit bounds allow for rounding of the operands and of the
+# stored hidden activations. rel_l2 from measurements (grad_similarity, check_intermediates; README "How we know
+# the checks work"): fp32 <= 6e-7 against fp64 and Triton vs stk (CPU); fp16 <= 6.3e-4 against fp64 (CPU);
+# bf16 gradients 3-5.3e-3 against fp64 and <= 5.2e-3 Triton vs stk (H100). Each bound is 2-15x above those.
 TOLERANCES = {
-    torch.float32: dict(max_rel=1e-4, cosine=0.99999),
-    torch.float16: dict(max_rel=1e-2, cosine=0.9995),
-    torch.bfloat16: dict(max_rel=5e-2, cosine=0.999),
+    torch.float32: dict(max_rel=1e-4, rel_l2=1e-5, cosine=0.99999),
+    torch.float16: dict(max_rel=1e-2, rel_l2=2e-3, cosine=0.9995),
+    torch.bfloat16: dict(max_rel=5e-2, rel_l2=1e-2, cosine=0.999),
 }
 
 

@@ -26,16 +26,20 @@ class MoELayer(nn.Module):
     - `w2`: [total_width, hidden], down projection (`y = h w2`)
     Expert `e` owns rows `config.expert_width_offsets[e]:config.expert_width_offsets[e + 1]` of w1, v1, w2.
     Init: every parameter ~ Normal(0, config.init_std), as nanoGPT initialises its linear layers.
+
+    `weight_rows` (default `config.total_width`) is how many rows of w1, v1, w2 this module holds: fewer when it
+    holds only some experts' rows (expert parallelism, `triton_moe.expert_parallel`).
     """
 
-    def __init__(self, config: MoEConfig):
+    def __init__(self, config: MoEConfig, weight_rows: int | None = None):
         super().__init__()
         self.config = config
-        hidden, total_width = config.hidden_size, config.total_width
+        hidden = config.hidden_size
+        rows = config.total_width if weight_rows is None else weight_rows
         self.router = nn.Linear(hidden, config.num_experts, bias=False)
-        self.w1 = nn.Parameter(torch.empty(total_width, hidden))
-        self.v1 = nn.Parameter(torch.empty(total_width, hidden)) if config.is_glu else None
-        self.w2 = nn.Parameter(torch.empty(total_width, hidden))
+        self.w1 = nn.Parameter(torch.empty(rows, hidden))
+        self.v1 = nn.Parameter(torch.empty(rows, hidden)) if config.is_glu else None
+        self.w2 = nn.Parameter(torch.empty(rows, hidden))
         self.aux_loss = None  # the last forward's weighted auxiliary loss, a tensor in the graph
         self.reset_parameters()
 

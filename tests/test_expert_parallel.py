@@ -1,0 +1,149 @@
+"""ExpertParallelMoEMLP over 2 and 4 processes (gloo on the CPU, NCCL where there is a GPU per rank) against the
+single-process MoEMLP on the same global weights: each rank's output and input gradient, and the gathered
+expert gradients and all-reduced router gradient. Plus the setup errors, raised before any collective, and the
+example training script under torchrun."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import triton_moe
+from conftest import DEVICE, assert_close, make_input, make_layer
+from triton_moe import MoEConfig
+from triton_moe.expert_parallel import ExpertParallelMoEMLP, data_parallel, split_experts
+
+EXPERT_SIZES = [(2, 64), (2, 48), (4, 16)]  # 8 experts, variable widths
+HIDDEN = 32
+
+# name -> config overrides, the expert ranges per world size (None: an even split), tokens on each rank,
+# experts no token is routed to, whether the layer runs under `data_parallel` (DDP) on a group of its own.
+CASES = {
+    "uneven_ranges_starved_experts": dict(
+        activation="relu_squared", ranges={2: [(0, 3), (3, 8)], 4: [(0, 1), (1, 4), (4, 6), (6, 8)]},
+        tokens=[5, 12, 19, 26], starved=(6, 7), ddp=False),  # with 4 ranks, rank 3 receives no rows at all
+    "even_split_rank_without_tokens_ddp": dict(
+        activation="swiglu", ranges={2: None, 4: None}, tokens=[17, 0, 9, 30], starved=(), ddp=True),
+}
+
+
+def run_case(case, rank, world_size, ep_group):
+    config = MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN,
+                       activation=case["activation"])
+    reference = make_layer(triton_moe.MoEMLP, config, torch.float32)  # the same weights on every rank
+    x = make_input((case["tokens"][rank], HIDDEN), torch.float32, seed=10 + rank)
+    if case["starved"]:
+        x = x.abs()
+        with torch.no_grad():  # positive inputs, negative router rows: these experts get no token anywhere
+            reference.router.weight[list(case["starved"])] = -1.0
+    upstream = make_input(x.shape, torch.float32, seed=50 + rank)
+
+    ep = ExpertParallelMoEMLP(config, ep_group, case["ranges"][world_size]).to(DEVICE)
+    ep.load_global_state_dict(reference.state_dict())
+    model = data_parallel(torch.nn.Sequential(ep)) if case["ddp"] else ep
+
+    results = []
+    for layer, module in ((reference, reference), (model, ep)):
+        x_leaf = x.clone().requires_grad_()
+        out = layer(x_leaf)
+        ((out * upstream).sum() + module.aux_loss).backward()
+        results.append((out, x_leaf.grad))
+    (ref_out, ref_dx), (ep_out, ep_dx) = results
+    for name, got, want in (("output", ep_out, ref_out), ("grad x", ep_dx, ref_dx)):
+        if want.numel():
+            assert_close(f"rank {rank}: {name}", got, want, torch.float32)
+        else:
+            assert got.shape == want.shape
+
+    # The reference's gradients summed over the ranks' batches are those of the sum of the ranks' losses.
+    scale = 1 / world_size if case["ddp"] else 1.0  # under DDP: of the mean
+    router_grad = ep.router.weight.grad.clone()
+    if not case["ddp"]:
+        dist.all_reduce(router_grad)
+    want = {"router.weight": reference.router.weight.grad}
+    got = {"router.weight": router_grad}
+    for name in ("w1", "v1", "w2"):
+        if getattr(reference, name) is not None:
+            want[name] = getattr(reference, name).grad
+            got[name] = ep.gather_expert_rows(getattr(ep, name).grad)
+    for name in want:
+        dist.all_reduce(want[name])
+        assert_close(f"rank {rank}: grad {name}", got[name], want[name] * scale, torch.float32)
+    for name in case["starved"]:
+        offsets = config.expert_width_offsets
+        assert got["w1"][offsets[name]:offsets[name + 1]].abs().max() == 0
+
+    gathered = ep.global_state_dict()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(gathered[name], value), name
+
+
+def worker(rank, world_size, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # the processes share the machine's cores
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    try:
+        with pytest.raises(ValueError, match="one \\(start, end\\) per rank"):
+            ExpertParallelMoEMLP(MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN),
+                                 expert_ranges=[(0, 8)] * (world_size + 1))
+        ep_group = dist.new_group()  # the expert exchanges apart from DDP's all-reduces
+        for name, case in CASES.items():
+            run_case(case, rank, world_size, None if not case["ddp"] else ep_group)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_matches_single_process_layer(world_size):
+    if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs for NCCL (or no GPU, for gloo on the CPU)")
+    mp.spawn(worker, args=(world_size, free_port()), nprocs=world_size, join=True)
+
+
+@pytest.mark.parametrize("num_experts, world_size, expert_ranges, match", [
+    (8, 3, None, "not divisible by the process group's size 3"),
+    (8, 2, [(0, 3), (4, 8)], "contiguous"),
+    (8, 2, [(0, 3), (3, 7)], "cover experts 0..7"),
+    (8, 2, [(0, 0), (0, 8)], "non-empty"),
+    (8, 2, [(0, 8)], "one \\(start, end\\) per rank"),
+])
+def test_bad_expert_split_is_refused(num_experts, world_size, expert_ranges, match):
+    with pytest.raises(ValueError, match=match):
+        split_experts(num_experts, world_size, expert_ranges)
+
+
+def test_uneven_split_is_accepted():
+    assert split_experts(8, 3, [(0, 1), (1, 5), (5, 8)]) == [(0, 1), (1, 5), (5, 8)]
+    assert split_experts(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+
+
+def test_without_process_group_raises():
+    config = MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ExpertParallelMoEMLP(config)
+
+
+def test_train_example_runs_under_torchrun():
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs for NCCL (or no GPU, for gloo on the CPU)")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), str(root / "examples" / "train_ep.py"),
+                             "--steps", "2"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "step 1: loss" in result.stdout

@@ -1,0 +1,249 @@
+"""Expert parallelism: the E experts of one MoE layer split across the ranks of a torch.distributed group.
+
+Each rank holds a contiguous range of experts (their rows of w1, v1, w2) and the whole, replicated router. One
+forward on a rank with N local tokens (k = top-k, R = N * k assignments, P ranks):
+    route            x [N, H] -> expert_weights, expert_indices [N, k]                 (routing.py, replicated)
+    sort by expert   -> the R rows ordered by expert, so each destination rank's rows are contiguous
+    exchange counts  all_to_all of the per-expert counts, read on the host: the split sizes (EP syncs here)
+    dispatch         all_to_all_single of x's rows [R, H] -> received rows [R_in, H], by source then expert
+    local experts    ops.expert_mlp with top_k = 1 and unit weights: its gather sorts the received rows by
+                     local expert, its combine puts the outputs back in the order they arrived -> [R_in, H]
+    return           the reverse all_to_all_single -> [R, H], in this rank's sorted order
+    combine          routing weights applied in fp32, each token's k rows summed in slot order -> [N, H]
+The backward runs both exchanges in reverse (`AllToAll.backward`). An expert's gradient is the gradient of the
+sum of every rank's loss; the router's gradient is this rank's only (all-reduce it, e.g. under DDP:
+`data_parallel` does both).
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from triton_moe.config import MoEConfig
+from triton_moe.layer import MoELayer
+from triton_moe.ops import ExpertLayout, expert_mlp
+from triton_moe.routing import Routing, sort_by_expert
+
+EXPERT_PARAMETERS = ("w1", "v1", "w2")
+LOCAL_BUFFERS = ("local_width_offsets", "local_widths_tensor")  # rank-specific, like the expert parameters
+
+
+def split_experts(num_experts: int, world_size: int,
+                  expert_ranges: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """The `(start, end)` expert range of each rank: `expert_ranges` checked, or E split evenly over the ranks.
+
+    Ranges are half-open, one per rank in group-rank order, contiguous, non-empty, and cover 0..E together.
+    """
+    if expert_ranges is None:
+        if num_experts % world_size:
+            raise ValueError(f"num_experts={num_experts} is not divisible by the process group's size "
+                             f"{world_size}; pass expert_ranges=[(start, end), ...] to split them unevenly")
+        per_rank = num_experts // world_size
+        return [(rank * per_rank, (rank + 1) * per_rank) for rank in range(world_size)]
+    ranges = [tuple(r) for r in expert_ranges]
+    if len(ranges) != world_size:
+        raise ValueError(f"expert_ranges must give one (start, end) per rank of the process group "
+                         f"({world_size}), got {len(ranges)}: {ranges}")
+    next_start = 0
+    for rank, (start, end) in enumerate(ranges):
+        if start != next_start or end <= start:
+            raise ValueError(f"expert_ranges must be contiguous, non-empty (start, end) ranges covering experts "
+                             f"0..{num_experts} in rank order; rank {rank} has ({start}, {end}), expected start "
+                             f"{next_start}: {ranges}")
+        next_start = end
+    if next_start != num_experts:
+        raise ValueError(f"expert_ranges cover experts 0..{next_start}, but the layer has num_experts="
+                         f"{num_experts}: {ranges}")
+    return ranges
+
+
+def _group_rank_and_size(process_group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("ExpertParallelMoEMLP needs an initialised torch.distributed process group: call "
+                           "torch.distributed.init_process_group (e.g. under torchrun) before building it")
+    return dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+class AllToAll(torch.autograd.Function):
+    """all_to_all_single of rows with variable split sizes; the backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, rows, output_splits: list[int], input_splits: list[int], group):
+        received = rows.new_empty((sum(output_splits), *rows.shape[1:]))
+        dist.all_to_all_single(received, rows.contiguous(), output_splits, input_splits, group=group)
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        return received
+
+    @staticmethod
+    def backward(ctx, grad_received):
+        output_splits, input_splits = ctx.splits
+        return AllToAll.apply(grad_received, input_splits, output_splits, ctx.group), None, None, None
+
+
+class ExpertParallelMoEMLP(MoELayer):
+    """The Triton MoE MLP with its experts split across the ranks of `process_group` (default: the world).
+
+    `expert_ranges`: one half-open `(start, end)` range of experts per rank, contiguous, covering 0..E (ranks may
+    hold different numbers of experts and widths); default: E split evenly, which needs E divisible by the
+    group's size. Parameters: the router [E, H] (replicated: keep it in sync across ranks) and this rank's
+    experts' rows of w1, v1, w2, `[local_width, H]`. Fill them from a single-process layer's state_dict with
+    `load_global_state_dict`; `global_state_dict` gathers them back. Every rank of the group must call forward
+    and backward together (collectives), with any number of tokens, zero included.
+    """
+
+    def __init__(self, config: MoEConfig, process_group=None,
+                 expert_ranges: list[tuple[int, int]] | None = None):
+        rank, world_size = _group_rank_and_size(process_group)
+        ranges = split_experts(config.num_experts, world_size, expert_ranges)
+        start, end = ranges[rank]
+        offsets = config.expert_width_offsets
+        super().__init__(config, weight_rows=offsets[end] - offsets[start])
+        self.process_group, self.rank, self.world_size = process_group, rank, world_size
+        self.expert_ranges = ranges
+        self.local_experts = range(start, end)
+        self.local_rows = slice(offsets[start], offsets[end])  # this rank's rows of the global w1, v1, w2
+        self.local_widths = config.expert_widths[start:end]
+        self.experts_per_rank = [e - s for s, e in ranges]
+        local_offsets = [offset - offsets[start] for offset in offsets[start:end + 1]]
+        self.register_buffer("local_width_offsets", torch.tensor(local_offsets), persistent=False)
+        self.register_buffer("local_widths_tensor", torch.tensor(self.local_widths), persistent=False)
+
+    def _experts_or_empty(self, x, routing, intermediates):
+        return self._experts(x, routing, intermediates)  # a rank without tokens still joins the exchanges
+
+    def _experts(self, x: torch.Tensor, routing: Routing, intermediates: dict | None) -> torch.Tensor:
+        if intermediates is not None:
+            raise NotImplementedError("forward_with_intermediates is not available under expert parallelism; "
+                                      "gather the weights (global_state_dict) into an MoEMLP instead")
+        cfg, group = self.config, self.process_group
+        num_tokens, k = routing.expert_indices.shape
+        dtype = self.compute_dtype(x)
+        sort = sort_by_expert(routing.expert_indices, cfg.num_experts)  # rows by expert: by destination rank
+        send_counts, recv_counts = self._exchange_counts(sort.tokens_per_expert)
+        send_splits = [sum(send_counts[s:e]) for s, e in self.expert_ranges]  # rows to each rank
+        num_local = len(self.local_experts)
+        recv_splits = [sum(recv_counts[i:i + num_local]) for i in range(0, len(recv_counts), num_local)]
+
+        # Each token's k rows, in sorted order; expand + a permutation keeps the backward free of atomics.
+        x_rows = x.to(dtype)[:, None].expand(num_tokens, k, cfg.hidden_size).reshape(-1, cfg.hidden_size)
+        x_rows = x_rows[sort.row_to_flat]  # [R, H]
+        received = AllToAll.apply(x_rows, recv_splits, send_splits, group)  # [R_in, H]: by source, then expert
+        y_received = self._local_experts(received, recv_counts, dtype)  # [R_in, H], same order
+        y_rows = AllToAll.apply(y_received, send_splits, recv_splits, group)  # [R, H], sorted order
+        y_slots = y_rows[sort.flat_to_row].view(num_tokens, k, cfg.hidden_size)  # [N, k, H]
+        output = (y_slots.float() * routing.expert_weights[..., None]).sum(dim=1)  # [N, H] fp32
+        return output.to(dtype)
+
+    def _exchange_counts(self, tokens_per_expert: torch.Tensor) -> tuple[list[int], list[int]]:
+        """This rank's rows per expert [E], and the rows it receives per (source rank, local expert) [P * E_local].
+
+        all_to_all_single takes its split sizes as Python ints, so the counts are read on the host: expert
+        parallelism synchronises once per forward, here.
+        """
+        recv = tokens_per_expert.new_empty(self.world_size * len(self.local_experts))
+        dist.all_to_all_single(recv, tokens_per_expert.contiguous(),
+                               [len(self.local_experts)] * self.world_size, self.experts_per_rank,
+                               group=self.process_group)
+        counts = torch.cat([tokens_per_expert, recv]).tolist()
+        return counts[:self.config.num_experts], counts[self.config.num_experts:]
+
+    def _local_experts(self, received: torch.Tensor, recv_counts: list[int], dtype) -> torch.Tensor:
+        """Run the local experts on the received rows [R_in, H]; outputs [R_in, H] in the same order."""
+        num_local = len(self.local_experts)
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(num_local, device=received.device).repeat(self.world_size),
+            torch.tensor(recv_counts, device=received.device), output_size=received.shape[0])  # [R_in]
+        # Each received row is a "token" with one slot: the sort's gather orders them by local expert (stably),
+        # and the combine of top_k = 1 with unit weights writes each output back to its row.
+        sort = sort_by_expert(expert_of_row[:, None], num_local)
+        layout = ExpertLayout.from_sort(sort, self.local_widths, self.local_width_offsets,
+                                        self.local_widths_tensor, top_k=1)
+        unit_weights = torch.ones(received.shape[0], device=received.device, dtype=torch.float32)
+        w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
+        v1 = self.v1.to(dtype) if self.config.is_glu else None
+        return expert_mlp(received, unit_weights, w1, v1, w2, layout, self.config.activation)
+
+    def load_global_state_dict(self, state_dict: dict) -> None:
+        """Load a single-process layer's state_dict: the router and this rank's experts' rows."""
+        self.load_state_dict(shard_state_dict(self, state_dict))
+
+    def gather_expert_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's `local` [local_width, ...] (a weight shard or its gradient) -> the global [total_width, ...].
+
+        A collective: every rank of the group calls it.
+        """
+        offsets = self.config.expert_width_offsets
+        widths = [offsets[e] - offsets[s] for s, e in self.expert_ranges]
+        padded = local.new_zeros((max(widths), *local.shape[1:]))  # all_gather needs equal shapes
+        padded[:local.shape[0]] = local
+        shards = [torch.empty_like(padded) for _ in widths]
+        dist.all_gather(shards, padded.contiguous(), group=self.process_group)
+        return torch.cat([shard[:width] for shard, width in zip(shards, widths)])
+
+    def global_state_dict(self) -> dict:
+        """The single-process layer's state_dict (router, global w1, v1, w2), on every rank. A collective."""
+        return gather_state_dict(self)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, rank={self.rank}/{self.world_size}, "
+                f"local_experts={self.local_experts.start}..{self.local_experts.stop - 1}")
+
+
+def _expert_layers(model: nn.Module):
+    """(prefix for names, layer) of each expert-parallel layer in `model`."""
+    return [(f"{name}." if name else "", module) for name, module in model.named_modules()
+            if isinstance(module, ExpertParallelMoEMLP)]
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Names of `model`'s parameters sharded by expert parallelism (each rank holds different ones)."""
+    return [prefix + name for prefix, layer in _expert_layers(model)
+            for name in EXPERT_PARAMETERS if getattr(layer, name) is not None]
+
+
+def shard_state_dict(model: nn.Module, global_state_dict: dict) -> dict:
+    """The state_dict of the single-process twin of `model` (MoEMLP where `model` has ExpertParallelMoEMLP),
+    with each expert-parallel layer's w1, v1, w2 cut down to this rank's rows: for `model.load_state_dict`."""
+    local = dict(global_state_dict)
+    for prefix, layer in _expert_layers(model):
+        for name in EXPERT_PARAMETERS:
+            if prefix + name in local:
+                local[prefix + name] = local[prefix + name][layer.local_rows]
+    return local
+
+
+@torch.no_grad()
+def gather_state_dict(model: nn.Module) -> dict:
+    """`model.state_dict()` with every expert-parallel layer's shards gathered into the global w1, v1, w2: the
+    single-process twin's state_dict (a checkpoint), on every rank. A collective: every rank calls it."""
+    state = model.state_dict()
+    for prefix, layer in _expert_layers(model):
+        for name in EXPERT_PARAMETERS:
+            if getattr(layer, name) is not None:
+                state[prefix + name] = layer.gather_expert_rows(getattr(layer, name).detach())
+    return state
+
+
+def _rank_local_buffer_names(model: nn.Module) -> list[str]:
+    return [prefix + name for prefix, _ in _expert_layers(model) for name in LOCAL_BUFFERS]
+
+
+def data_parallel(model: nn.Module, process_group=None, **ddp_kwargs) -> nn.parallel.DistributedDataParallel:
+    """`model` under DDP over `process_group`, its expert-parallel experts left out of DDP's all-reduce.
+
+    DDP averages the replicated parameters' gradients (the router included) over the ranks. The experts' are
+    divided by the group's size instead, so that every gradient is that of the mean of the ranks' losses (EP and
+    DP over the same ranks). The expert layers should use a process group of their own (e.g. `dist.new_group()`),
+    so that their exchanges never interleave with DDP's all-reduces on one communicator.
+    """
+    if isinstance(model, ExpertParallelMoEMLP):  # DDP names a root module's parameters inconsistently
+        raise ValueError("data_parallel: pass a model that holds the ExpertParallelMoEMLP layers, not a layer")
+    _, world_size = _group_rank_and_size(process_group)
+    names = expert_parameter_names(model)
+    # The local experts' layout buffers differ between ranks too: DDP must not broadcast rank 0's over them.
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, names + _rank_local_buffer_names(model))
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].register_hook(lambda grad: grad / world_size)
+    return nn.parallel.DistributedDataParallel(model, process_group=process_group, **ddp_kwargs)

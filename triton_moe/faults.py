@@ -1,0 +1,91 @@
+"""Test support: deliberate defects in the Triton layer, to show that the checking tools can say no.
+
+    with inject_fault("w1_grad_scale"):
+        loss = model(x).sum(); loss.backward()      # every triton_moe.MoEMLP in here runs with the defect
+
+The defect wraps `triton_moe.moe.expert_mlp` (the autograd Function's entry point) for the duration of the
+`with`: the kernels and the library's code path are untouched, and nothing in triton_moe imports this module.
+It lives in the package, not in scripts/ or benchmarks/, because the tools of both folders import it.
+"""
+
+import contextlib
+
+import torch
+
+import triton_moe.moe
+
+FAULTS = {
+    "w1_grad_scale": "the gradient of w1 multiplied by 0.3",
+    "router_grad_zero": "no gradient through the routing weights (the router learns from the aux loss only)",
+    "drop_last_expert_grad": "the last expert's rows of dW1, dV1 and dW2 are zero, as if skipped by the GEMMs",
+    "forward_weight_off_by_one": "the routing weight of slot j applied to slot j+1 (cyclic), in the forward",
+}
+
+
+class _EditGrad(torch.autograd.Function):
+    """Identity in the forward; the backward passes the gradient through `edit`."""
+
+    @staticmethod
+    def forward(ctx, tensor, edit):
+        ctx.edit = edit
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.edit(grad), None
+
+
+def _scale_rows_grad(tensor, rows: slice, factor: float):
+    def edit(grad):
+        grad = grad.clone()
+        grad[rows] *= factor
+        return grad
+
+    return _EditGrad.apply(tensor, edit)
+
+
+def _faulty(name, expert_mlp):
+    def w1_grad_scale(x, row_weights, w1, v1, w2, layout, activation):
+        return expert_mlp(x, row_weights, _scale_rows_grad(w1, slice(None), 0.3), v1, w2, layout, activation)
+
+    def router_grad_zero(x, row_weights, w1, v1, w2, layout, activation):
+        return expert_mlp(x, row_weights.detach(), w1, v1, w2, layout, activation)
+
+    def drop_last_expert_grad(x, row_weights, w1, v1, w2, layout, activation):
+        last = slice(layout.expert_width_offsets[-2].item(), layout.expert_width_offsets[-1].item())
+        w1, w2 = _scale_rows_grad(w1, last, 0.0), _scale_rows_grad(w2, last, 0.0)
+        v1 = _scale_rows_grad(v1, last, 0.0) if v1 is not None else None
+        return expert_mlp(x, row_weights, w1, v1, w2, layout, activation)
+
+    def forward_weight_off_by_one(x, row_weights, w1, v1, w2, layout, activation):
+        # row_weights is in the expert-sorted row order; back to (token, slot), roll the slots, and sort again.
+        slot_weights = row_weights[layout.flat_to_row].view(-1, layout.top_k)  # [N, k]
+        row_to_flat = torch.empty_like(layout.flat_to_row)
+        row_to_flat[layout.flat_to_row] = torch.arange(layout.flat_to_row.numel(), device=row_to_flat.device)
+        shifted = slot_weights.roll(1, dims=1).flatten()[row_to_flat]  # slot j's weight on slot j+1
+        return expert_mlp(x, shifted, w1, v1, w2, layout, activation)
+
+    return locals()[name]
+
+
+@contextlib.contextmanager
+def inject_fault(name: str | None):
+    """Run every Triton MoEMLP with the defect `name` (a key of FAULTS) inside the block; None: no defect."""
+    if name is None:
+        yield
+        return
+    if name not in FAULTS:
+        raise ValueError(f"unknown fault {name!r}; choose one of {sorted(FAULTS)}")
+    original = triton_moe.moe.expert_mlp
+    triton_moe.moe.expert_mlp = _faulty(name, original)
+    try:
+        yield
+    finally:
+        triton_moe.moe.expert_mlp = original
+
+
+def add_fault_argument(parser):
+    """The --inject-fault option the checking tools share."""
+    parser.add_argument("--inject-fault", choices=sorted(FAULTS), metavar="NAME",
+                        help="run the Triton implementation with a deliberate defect, to check that this tool "
+                             "fails: " + "; ".join(f"{name}: {text}" for name, text in FAULTS.items()))
