@@ -42,6 +42,8 @@ def test_validate_training_fails_on_each_fault(fault, tmp_path):
     # The gradient check at step 0 alone catches every fault: a loss curve may not.
     assert result["checks"]["grad_rel_l2"] == (fault is None)
     assert result["metrics"]["grad_checks"][0]["step"] == 0
+    # In fp32 the distance between the trained models catches every fault too (in bf16 it cannot: README).
+    assert result["checks"]["weight_distance"] == (fault is None)
 
 
 def test_fault_is_undone_on_exit():
