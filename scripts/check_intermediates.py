@@ -19,7 +19,7 @@ import torch
 
 from compare import CONFIGS, DEVICE, DTYPES, add_common_arguments, compare, flat, inputs, twin_layers
 from triton_moe.faults import inject_fault
-from triton_moe.ground_truth import layer_grads
+from triton_moe.ground_truth import run_layer
 
 EXACT = ("expert_indices", "tokens_per_expert", "row_to_token")
 ROUTING = ("router_logits", "expert_weights", "aux_loss")  # fp32 whatever the expert dtype
@@ -27,10 +27,8 @@ ROUTING = ("router_logits", "expert_weights", "aux_loss")  # fp32 whatever the e
 
 def forward_backward(layer, x, upstream) -> tuple[dict, dict]:
     """Intermediates of a forward, and the gradients of <output, upstream> + aux_loss (keys grad_x, grad_w1...)."""
-    x = x.detach().requires_grad_()
-    intermediates = layer.forward_with_intermediates(x)
-    ((intermediates["output"].float() * upstream.float()).sum() + intermediates["aux_loss"]).backward()
-    grads = {"grad_x": x.grad, **{f"grad_{name}": grad for name, grad in layer_grads(layer).items()}}
+    intermediates, grads = run_layer(layer, x, upstream)
+    grads = {f"grad_{name}": grad for name, grad in grads.items()}
     return {key: value.detach() if torch.is_tensor(value) else value for key, value in intermediates.items()}, grads
 
 

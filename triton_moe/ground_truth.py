@@ -88,17 +88,22 @@ def layer_grads(layer) -> dict:
     return grads
 
 
+def run_layer(layer, x, upstream):
+    """(intermediates, grads) of one forward_with_intermediates of `layer` on x and the backward of
+    <output, upstream> + aux_loss; grads are keyed x, router, w1, (v1), w2."""
+    x = x.detach().requires_grad_()
+    intermediates = layer.forward_with_intermediates(x)
+    ((intermediates["output"].float() * upstream.float()).sum() + intermediates["aux_loss"]).backward()
+    return intermediates, {"x": x.grad, **layer_grads(layer)}
+
+
 def run_with_loop(layer, x, upstream):
     """Intermediates and gradients of `layer` and of the fp64 loop on the same weights, input and upstream grad.
 
     The loss is <output, upstream> + aux_loss. Returns (got, want, got_grads, want_grads); grads are keyed
     x, router, w1, (v1), w2.
     """
-    x = x.detach().requires_grad_()
-    got = layer.forward_with_intermediates(x)
-    ((got["output"].float() * upstream.float()).sum() + got["aux_loss"]).backward()
-    got_grads = {"x": x.grad, **layer_grads(layer)}
-
+    got, got_grads = run_layer(layer, x, upstream)
     params = fp64_params(layer)
     x64 = x.detach().double().reshape(-1, x.shape[-1]).requires_grad_()
     want = dense_loop_moe(layer.config, params, x64)
