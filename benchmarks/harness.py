@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference  # noqa: E402
 import triton_moe  # noqa: E402
 from baselines import GroupedMMMoE, LoopMoE, megablocks_dmoe  # noqa: E402
-from triton_moe.config import SEED_CONFIGS, MoEConfig  # noqa: E402
+from triton_moe.config import REALISTIC_CONFIGS, SEED_CONFIGS, MoEConfig  # noqa: E402
 from triton_moe import kernels  # noqa: E402
 from triton_moe.ops import ExpertLayout  # noqa: E402
 from triton_moe.routing import route, sort_by_expert  # noqa: E402
@@ -33,17 +33,7 @@ REALISTIC_TOKENS = 16384
 
 # name -> (MoEConfig kwargs, tokens)
 CONFIGS = {name: (kwargs, SEED_TOKENS) for name, kwargs in SEED_CONFIGS.items()}
-CONFIGS.update({
-    "h2048_64x1024_top8": (dict(expert_sizes=[(64, 1024)], num_active_experts=8, hidden_size=2048),
-                           REALISTIC_TOKENS),
-    "h2048_128x768_top8": (dict(expert_sizes=[(128, 768)], num_active_experts=8, hidden_size=2048),
-                           REALISTIC_TOKENS),
-    "h2048_var_32x1536_64x768_32x384_top8": (
-        dict(expert_sizes=[(32, 1536), (64, 768), (32, 384)], num_active_experts=8, hidden_size=2048),
-        REALISTIC_TOKENS),
-    "h4096_8x14336_top2": (dict(expert_sizes=[(8, 14336)], num_active_experts=2, hidden_size=4096),
-                           REALISTIC_TOKENS),
-})
+CONFIGS.update({name: (kwargs, REALISTIC_TOKENS) for name, kwargs in REALISTIC_CONFIGS.items()})
 SEED_NAMES = list(SEED_CONFIGS)
 REALISTIC_NAMES = [name for name in CONFIGS if name not in SEED_CONFIGS]
 

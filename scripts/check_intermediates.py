@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from compare import CONFIGS, DEVICE, DTYPES, add_common_arguments, compare, flat, inputs, twin_layers
+from compare import CONFIGS, DEVICE, add_common_arguments, cases, compare, flat
 from triton_moe.faults import inject_fault
 from triton_moe.ground_truth import run_layer
 
@@ -37,35 +37,31 @@ def main(argv=None) -> int:
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     failures = 0
-    for name in args.configs:
-        for dtype_name in args.dtypes:
-            dtype = DTYPES[dtype_name]
-            ours, ref = twin_layers(name, args.activation, dtype, args.seed)
-            x, upstream = inputs(ours.config, args.tokens, dtype, args.seed)
-            with inject_fault(args.inject_fault):
-                got, got_grads = forward_backward(ours, x, upstream)
-            want, want_grads = forward_backward(ref, x, upstream)
-            got.update(got_grads)
-            want.update(want_grads)
-            fault = f", fault {args.inject_fault} injected into triton" if args.inject_fault else ""
-            print(f"\n## {name} {CONFIGS[name]['expert_sizes']} top-{ours.config.num_active_experts}, "
-                  f"{args.activation}, {args.tokens} tokens, {dtype_name} on {DEVICE}{fault}: "
-                  "triton vs stk reference")
-            print(f"| {'intermediate':<18} | {'max abs':>10} | {'max rel':>10} | {'rel L2':>10} | {'cosine':>10} "
-                  "| ok |")
-            print(f"|{'-' * 20}|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 12}|----|")
-            for key in want:
-                a, b = flat(got[key]), flat(want[key])
-                if a.shape != b.shape:
-                    print(f"| {key:<18} | shape {tuple(a.shape)} != {tuple(b.shape)} | NO |")
-                    failures += 1
-                    continue
-                result = compare(a, b, torch.float32 if key in ROUTING else dtype)
-                if key in EXACT:
-                    result["ok"] = result["max_abs"] == 0
-                failures += not result["ok"]
-                print(f"| {key:<18} | {result['max_abs']:>10.3e} | {result['max_rel']:>10.3e} | "
-                      f"{result['rel_l2']:>10.3e} | {result['cosine']:>10.7f} | {'ok' if result['ok'] else 'NO':>2} |")
+    for name, dtype_name, dtype, ours, ref, x, upstream in cases(args):
+        with inject_fault(args.inject_fault):
+            got, got_grads = forward_backward(ours, x, upstream)
+        want, want_grads = forward_backward(ref, x, upstream)
+        got.update(got_grads)
+        want.update(want_grads)
+        fault = f", fault {args.inject_fault} injected into triton" if args.inject_fault else ""
+        print(f"\n## {name} {CONFIGS[name]['expert_sizes']} top-{ours.config.num_active_experts}, "
+              f"{args.activation}, {args.tokens} tokens, {dtype_name} on {DEVICE}{fault}: "
+              "triton vs stk reference")
+        print(f"| {'intermediate':<18} | {'max abs':>10} | {'max rel':>10} | {'rel L2':>10} | {'cosine':>10} "
+              "| ok |")
+        print(f"|{'-' * 20}|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 12}|----|")
+        for key in want:
+            a, b = flat(got[key]), flat(want[key])
+            if a.shape != b.shape:
+                print(f"| {key:<18} | shape {tuple(a.shape)} != {tuple(b.shape)} | NO |")
+                failures += 1
+                continue
+            result = compare(a, b, torch.float32 if key in ROUTING else dtype)
+            if key in EXACT:
+                result["ok"] = result["max_abs"] == 0
+            failures += not result["ok"]
+            print(f"| {key:<18} | {result['max_abs']:>10.3e} | {result['max_rel']:>10.3e} | "
+                  f"{result['rel_l2']:>10.3e} | {result['cosine']:>10.7f} | {'ok' if result['ok'] else 'NO':>2} |")
     print(f"\n{'all intermediates within tolerance' if not failures else f'{failures} beyond tolerance'}")
     return 1 if failures else 0
 

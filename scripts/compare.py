@@ -5,26 +5,22 @@ import torch
 
 import reference
 import triton_moe
-from triton_moe.config import SEED_CONFIGS, MoEConfig
+from triton_moe.config import REALISTIC_CONFIGS, SEED_CONFIGS, MoEConfig
 from triton_moe.faults import add_fault_argument
 from triton_moe.ground_truth import TOLERANCES, cosine, max_rel_error, rel_l2_error
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-# The realistic shapes of the benchmark table (hidden 2048, 16384 tokens); on a GPU only.
-REALISTIC_CONFIGS = {
-    "h2048_64x1024_top8": dict(expert_sizes=[(64, 1024)], num_active_experts=8, hidden_size=2048),
-    "h2048_128x768_top8": dict(expert_sizes=[(128, 768)], num_active_experts=8, hidden_size=2048),
-    "h2048_var_32x1536_64x768_32x384_top8": dict(expert_sizes=[(32, 1536), (64, 768), (32, 384)],
-                                                 num_active_experts=8, hidden_size=2048),
-}
+# The hidden-2048 realistic shapes of the benchmark table; on a GPU only.
+GPU_CONFIGS = {name: REALISTIC_CONFIGS[name] for name in
+               ("h2048_64x1024_top8", "h2048_128x768_top8", "h2048_var_32x1536_64x768_32x384_top8")}
 # The smallest shape stk takes with variable widths; for the CPU tests (Triton's interpreter is slow).
 TINY_CONFIGS = {"4exp_variable_h128": dict(expert_sizes=[(2, 256), (2, 128)], num_active_experts=2, hidden_size=128)}
-CONFIGS = {**SEED_CONFIGS, **REALISTIC_CONFIGS, **TINY_CONFIGS}
+CONFIGS = {**SEED_CONFIGS, **GPU_CONFIGS, **TINY_CONFIGS}
 # Tokens per config: the seed table's 8 x 512 on a GPU; few on the CPU, where kernels are interpreted.
 DEFAULT_TOKENS = 4096 if ON_GPU else 64
-DEFAULT_CONFIGS = list(CONFIGS) if ON_GPU else list(SEED_CONFIGS)
+DEFAULT_CONFIGS = list(SEED_CONFIGS) + (list(GPU_CONFIGS) if ON_GPU else [])
 
 
 def add_common_arguments(parser):
@@ -36,6 +32,17 @@ def add_common_arguments(parser):
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
     parser.add_argument("--seed", type=int, default=0)
     add_fault_argument(parser)
+
+
+def cases(args):
+    """For each config x dtype of the command line: (name, dtype_name, dtype, triton layer, reference layer,
+    x, upstream gradient), the two layers on identical weights."""
+    for name in args.configs:
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            ours, ref = twin_layers(name, args.activation, dtype, args.seed)
+            x, upstream = inputs(ours.config, args.tokens, dtype, args.seed)
+            yield name, dtype_name, dtype, ours, ref, x, upstream
 
 
 def twin_layers(name, activation, dtype, seed):

@@ -14,7 +14,7 @@ defect (triton_moe.faults); the script must then fail.
 import argparse
 import sys
 
-from compare import DEVICE, DTYPES, add_common_arguments, compare, inputs, twin_layers
+from compare import DEVICE, add_common_arguments, cases, compare
 from triton_moe.faults import inject_fault
 from triton_moe.ground_truth import run_with_loop
 
@@ -24,29 +24,25 @@ def main(argv=None) -> int:
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     failures = 0
-    for name in args.configs:
-        for dtype_name in args.dtypes:
-            dtype = DTYPES[dtype_name]
-            ours, ref = twin_layers(name, args.activation, dtype, args.seed)
-            x, upstream = inputs(ours.config, args.tokens, dtype, args.seed)
-            with inject_fault(args.inject_fault):
-                _, _, ours_grads, truth = run_with_loop(ours, x, upstream)
-            _, _, ref_grads, _ = run_with_loop(ref, x, upstream)
-            fault = f", fault {args.inject_fault} injected into triton" if args.inject_fault else ""
-            print(f"\n## {name}, {args.activation}, {args.tokens} tokens, {dtype_name} on {DEVICE}{fault}")
-            print("| grad | pair | cosine | rel L2 | max rel | ok |\n|---|---|---:|---:|---:|---|")
-            for key in truth:
-                pairs = {"triton vs fp64": (ours_grads[key], truth[key]),
-                         "stk vs fp64": (ref_grads[key], truth[key]),
-                         "triton vs stk": (ours_grads[key], ref_grads[key])}
-                for pair, (got, want) in pairs.items():
-                    result = compare(got, want, dtype)
-                    # Pass/fail is each implementation against the truth; triton vs stk is shown for reading.
-                    judged = pair != "triton vs stk"
-                    failures += judged and not result["ok"]
-                    verdict = ("ok" if result["ok"] else "NO") if judged else ""
-                    print(f"| {key} | {pair} | {result['cosine']:.7f} | {result['rel_l2']:.3e} | "
-                          f"{result['max_rel']:.3e} | {verdict} |")
+    for name, dtype_name, dtype, ours, ref, x, upstream in cases(args):
+        with inject_fault(args.inject_fault):
+            _, _, ours_grads, truth = run_with_loop(ours, x, upstream)
+        _, _, ref_grads, _ = run_with_loop(ref, x, upstream)
+        fault = f", fault {args.inject_fault} injected into triton" if args.inject_fault else ""
+        print(f"\n## {name}, {args.activation}, {args.tokens} tokens, {dtype_name} on {DEVICE}{fault}")
+        print("| grad | pair | cosine | rel L2 | max rel | ok |\n|---|---|---:|---:|---:|---|")
+        for key in truth:
+            pairs = {"triton vs fp64": (ours_grads[key], truth[key]),
+                     "stk vs fp64": (ref_grads[key], truth[key]),
+                     "triton vs stk": (ours_grads[key], ref_grads[key])}
+            for pair, (got, want) in pairs.items():
+                result = compare(got, want, dtype)
+                # Pass/fail is each implementation against the truth; triton vs stk is shown for reading.
+                judged = pair != "triton vs stk"
+                failures += judged and not result["ok"]
+                verdict = ("ok" if result["ok"] else "NO") if judged else ""
+                print(f"| {key} | {pair} | {result['cosine']:.7f} | {result['rel_l2']:.3e} | "
+                      f"{result['max_rel']:.3e} | {verdict} |")
     print(f"\n{'all gradients within tolerance' if not failures else f'{failures} gradients beyond tolerance'}")
     return 1 if failures else 0
 

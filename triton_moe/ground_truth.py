@@ -20,7 +20,8 @@ TOLERANCES = {
 }
 
 
-def _activation(config, h_pre, h_up):
+def activation(config, h_pre, h_up):
+    """The expert activation in plain torch: relu(h)², gelu(h) (erf), or silu(h_pre) * h_up for swiglu."""
     if config.activation == "relu_squared":
         return torch.relu(h_pre) ** 2
     if config.activation == "gelu":
@@ -55,7 +56,7 @@ def dense_loop_moe(config: MoEConfig, params: dict, x: torch.Tensor) -> dict:
         x_e = x[tokens]
         pre = x_e @ params["w1"][sl].T
         up = x_e @ params["v1"][sl].T if config.is_glu else None
-        act = _activation(config, pre, up)
+        act = activation(config, pre, up)
         y_e = act @ params["w2"][sl]
         output = output.index_add(0, tokens, y_e * weights[tokens, slots][:, None])
         rows_token.append(tokens)
