@@ -3,11 +3,14 @@
 Pre-LN blocks (ln -> causal self-attention, ln -> MoE MLP), learned position embeddings, tied input and output
 embeddings, nanoGPT's init. The loss is the next-token cross-entropy plus `triton_moe.aux_loss(model)`.
 Both MLP classes have the same parameter names and layout, so one model's `state_dict` loads into the other.
+`load_bytes` and `get_batch` read the byte-level corpus it trains on (validate_training.py, examples/train_ep.py).
 """
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -103,3 +106,19 @@ class GPT(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss + aux_loss(self)
+
+
+# ---------------------------------------------------------------- the byte-level corpus it trains on
+
+
+def load_bytes(path: Path) -> torch.Tensor:
+    """The file as a 1-D int64 tensor of byte values (vocabulary 256)."""
+    return torch.from_numpy(np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.int64))
+
+
+def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator):
+    """Random windows of the corpus: inputs and next-byte targets, (B, T) int64 each, on the CPU."""
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)  # (B,)
+    offsets = torch.arange(block_size + 1)  # (T + 1,)
+    windows = data[starts[:, None] + offsets]  # (B, T + 1)
+    return windows[:, :-1], windows[:, 1:]

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import reference
 import triton_moe
-from gpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig, get_batch, load_bytes
 from triton_moe import MoEConfig, MoELayer
 from triton_moe.faults import add_fault_argument, inject_fault
 from triton_moe.ground_truth import cosine, rel_l2_error
@@ -142,19 +142,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.wandb and importlib.util.find_spec("wandb") is None:
         parser.error("--wandb needs the wandb package: `uv sync --extra wandb` (or `uv pip install wandb`)")
     return args
-
-
-def load_bytes(path: Path) -> torch.Tensor:
-    """The file as a 1-D int64 tensor of byte values (vocabulary 256)."""
-    return torch.from_numpy(np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.int64))
-
-
-def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator):
-    """Random windows of the corpus: inputs and next-byte targets, (B, T) int64 each, on the CPU."""
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)  # (B,)
-    offsets = torch.arange(block_size + 1)  # (T + 1,)
-    windows = data[starts[:, None] + offsets]  # (B, T + 1)
-    return windows[:, :-1], windows[:, 1:]
 
 
 def learning_rate(step: int, args) -> float:

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import triton_moe  # noqa: E402  (before triton: selects the interpreter on CPU-only machines)
-from gpt import GPT, GPTConfig  # noqa: E402
+from gpt import GPT, GPTConfig, get_batch, load_bytes  # noqa: E402
 from triton_moe import MoEConfig  # noqa: E402
 from triton_moe.expert_parallel import (ExpertParallelMoEMLP, data_parallel, gather_state_dict,  # noqa: E402
                                         shard_state_dict)
@@ -54,13 +53,6 @@ def parse_args():
     return args
 
 
-def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator):
-    """Random windows of the byte corpus: inputs and next-byte targets, (B, T) int64 each."""
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)  # (B,)
-    windows = data[starts[:, None] + torch.arange(block_size + 1)]  # (B, T + 1)
-    return windows[:, :-1], windows[:, 1:]
-
-
 def main():
     args = parse_args()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -81,7 +73,7 @@ def main():
     model = data_parallel(model.to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
-    data = torch.from_numpy(np.frombuffer(Path(args.data).read_bytes(), dtype=np.uint8).astype(np.int64))
+    data = load_bytes(Path(args.data))
     generator = torch.Generator().manual_seed(1000 + rank)  # each rank its own batches
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=backend == "nccl")
     for step in range(args.steps):
