@@ -2,16 +2,19 @@
 
     uv run python benchmarks/bench_moe.py --configs 64exp_variable --profile
     uv run python benchmarks/bench_moe.py --configs 8exp_uniform --batch-sizes 1024 4096 16384
+    uv run python benchmarks/bench_moe.py --configs seed --kernels
 
 --profile times each step alone, on the inputs a real forward gives it (CUDA events, median of repeats):
 routing, sort, the reference's topology steps, gather, up GEMM, activation, down GEMM, combine, and the
 backward kernels. The steps' sum can differ from the layer's time (launch overlap, caching).
+--kernels lists every launch of one forward + backward (torch.profiler, GPU only): how many, and their device
+time, which against the layer's time shows how much of it is launch overhead.
 """
 
 import torch
 import torch.nn.functional as F
-from harness import (DTYPES, build_layer, device, environment, forward_backward_step, make_config, parse_args,
-                     time_ms, triton_operands)  # first: it imports triton_moe (interpreter on CPU-only hosts)
+from harness import (DTYPES, build_layer, device, environment, forward_backward_step, kernel_launches, make_config,
+                     parse_args, time_ms, triton_operands)  # first: it imports triton_moe (interpreter on CPU-only hosts)
 
 import stk
 from reference import topology_var
@@ -63,8 +66,9 @@ def reference_steps(layer, x):
                                                                num_block_rows)
     rows, columns = topology.row_indices, topology.column_indices
     transposed = (topology.column_indices_t, topology.offsets_t, topology.block_offsets_t)
-    rank = torch.arange(sort.row_expert.numel(), device=x.device) - sort.expert_row_offsets[sort.row_expert]
-    padded_rows = padded_row_offsets[sort.row_expert] + rank
+    row_expert = sort.row_expert.long()
+    rank = torch.arange(row_expert.numel(), device=x.device) - sort.expert_row_offsets[row_expert]
+    padded_rows = padded_row_offsets[row_expert] + rank
     pad = lambda: x.new_zeros(topology.size()[0], cfg.hidden_size).index_copy(0, padded_rows,
                                                                               x[sort.row_to_token])
     x_padded = pad()
@@ -99,6 +103,21 @@ def reference_steps(layer, x):
 def extra_arguments(parser):
     parser.add_argument("--profile", action="store_true", help="per-step breakdown instead of the layer time")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="token counts to sweep")
+    parser.add_argument("--kernels", action="store_true", help="launches and device time of one forward + backward")
+
+
+def print_launches(impl, layer, x, args):
+    if device() != "cuda":
+        print(f"{impl}: --kernels needs a GPU (on the CPU the profiler sees no device launches)")
+        return
+    step = forward_backward_step(layer, x)
+    wall_ms = time_ms(step, args.warmup, args.repeats)
+    table, device_us = kernel_launches(step)
+    launches = sum(count for _, count, _ in table)
+    print(f"\n{impl}: {launches} launches per forward + backward, {device_us / 1e3:.3f} ms of device time, "
+          f"{wall_ms:.3f} ms of wall time\n| kernel | launches | device µs |\n|---|---:|---:|")
+    for name, count, micros in table:
+        print(f"| {name[:90]} | {count} | {micros:.1f} |")
 
 
 def main():
@@ -112,13 +131,16 @@ def main():
         for tokens in args.batch_sizes or [args.tokens or default_tokens]:
             x = torch.randn(tokens, config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
             print(f"\n## {name}, {tokens} tokens, {args.dtype}")
-            if not args.profile:
+            if not args.profile and not args.kernels:
                 print("| impl | fwd+bwd ms |\n|---|---:|")
             for impl, steps_of in (("triton", triton_steps), ("stk_reference", reference_steps)):
                 torch.manual_seed(0)
                 layer, reason = build_layer(impl, config, dtype)
                 if layer is None:
                     print(f"skipped {impl}: {reason}")
+                    continue
+                if args.kernels:
+                    print_launches(impl, layer, x, args)
                     continue
                 if not args.profile:
                     ms = time_ms(forward_backward_step(layer, x), args.warmup, args.repeats)

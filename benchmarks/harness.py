@@ -186,10 +186,11 @@ def environment() -> dict:
     return env
 
 
-def run_benchmark(args, benchmark_name, make_step, flops_multiplier):
+def run_benchmark(args, benchmark_name, make_step, flops_multiplier, make_compiled_step=None):
     """Time `make_step(layer, x)()` for every config x implementation; print a markdown table, write JSON.
 
     flops_multiplier: 1 for forward only, 3 for forward + backward (two GEMMs of the backward per forward one).
+    make_compiled_step: when given (on a GPU), the Triton layer is also timed through it.
     """
     dtype = DTYPES[args.dtype]
     dev = device()
@@ -225,8 +226,16 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier):
             tflops = flops / ms / 1e9 if flops else None
             if impl == "stk_reference":
                 reference_ms = ms
+            compiled_ms = None
+            if make_compiled_step and impl == "triton" and dev == "cuda":
+                try:
+                    compiled_ms = time_ms(make_compiled_step(layer, x), args.warmup, args.repeats)
+                except Exception as error:  # a compilation or capture that fails: say why, keep the eager figures
+                    why = (str(error).splitlines() or [""])[0][:160]
+                    skipped.append((name, "triton (torch.compile)", f"{type(error).__name__}: {why}"))
             rows.append(dict(config=name, impl=impl, tokens=tokens, ms=ms, tflops=tflops,
-                             pct_peak=100 * tflops / peak if tflops and peak else None, peak_memory_mb=memory))
+                             pct_peak=100 * tflops / peak if tflops and peak else None, peak_memory_mb=memory,
+                             compiled_ms=compiled_ms))
             del layer, step
             if dev == "cuda":
                 torch.cuda.empty_cache()
@@ -248,12 +257,14 @@ def _fmt(value, spec):
 
 
 def print_table(rows):
-    print("| config | impl | tokens | ms | speedup vs stk | TFLOP/s | % of dense peak | peak mem (MiB) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| config | impl | tokens | ms | speedup vs stk | TFLOP/s | % of dense peak | peak mem (MiB) "
+          "| torch.compile reduce-overhead ms |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['config']} | {row['impl']} | {row['tokens']} | {row['ms']:.3f} | "
               f"{_fmt(row.get('speedup_vs_reference'), '.2f')} | {_fmt(row['tflops'], '.1f')} | "
-              f"{_fmt(row['pct_peak'], '.1f')} | {_fmt(row['peak_memory_mb'], '.0f')} |")
+              f"{_fmt(row['pct_peak'], '.1f')} | {_fmt(row['peak_memory_mb'], '.0f')} | "
+              f"{_fmt(row.get('compiled_ms'), '.3f')} |")
 
 
 def forward_step(layer, x):
@@ -272,6 +283,37 @@ def forward_backward_step(layer, x):
         x.grad = None
         layer(x).backward(grad_out)
     return step
+
+
+def compiled_forward_backward_step(layer, x):
+    """forward_backward_step of torch.compile(layer, mode="reduce-overhead"): Inductor around the layer's custom
+    ops, and the forward and backward replayed from CUDA graphs, which takes the launch overhead away."""
+    compiled_step = forward_backward_step(torch.compile(layer, mode="reduce-overhead", fullgraph=True), x)
+
+    def step():
+        # Every call under the same config: a change of it would make Dynamo recompile.
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            compiled_step()
+    return step
+
+
+def kernel_launches(step) -> tuple[list[tuple[str, int, float]], float]:
+    """The device work of one step() after a warm-up call: ([(kernel, launches, device µs)], device µs in all).
+
+    Counts every CUDA kernel, memset and memcpy the profiler sees, i.e. every launch on the device.
+    """
+    step()
+    synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        step()
+        synchronize()
+    kernels = {}
+    for event in profile.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            count, micros = kernels.get(event.name, (0, 0.0))
+            kernels[event.name] = (count + 1, micros + event.time_range.elapsed_us())
+    table = sorted(((name, count, micros) for name, (count, micros) in kernels.items()), key=lambda row: -row[2])
+    return table, sum(micros for _, _, micros in table)
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":

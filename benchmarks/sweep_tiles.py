@@ -12,12 +12,17 @@ from triton_moe.kernels import GemmBlocks
 
 CANDIDATES = [
     GemmBlocks(128, 128, 64, 8, 3),
+    GemmBlocks(128, 128, 64, 8, 4),
+    GemmBlocks(128, 128, 64, 4, 3),
     GemmBlocks(128, 128, 64, 4, 4),
     GemmBlocks(128, 256, 64, 8, 3),
     GemmBlocks(256, 128, 64, 8, 3),
     GemmBlocks(64, 128, 64, 4, 4),
+    GemmBlocks(64, 256, 64, 4, 3),
     GemmBlocks(128, 64, 64, 4, 4),
+    GemmBlocks(64, 64, 64, 4, 4),
     GemmBlocks(128, 128, 32, 4, 5),
+    GemmBlocks(128, 128, 128, 8, 3),
 ]
 
 

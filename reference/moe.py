@@ -40,9 +40,9 @@ class MoEMLP(MoELayer):
             topology, padded_row_offsets, block_rows_per_expert = build_topology(sort.tokens_per_expert, cfg)
 
             # Row r of expert e moves to padded row padded_row_offsets[e] + (r - expert_row_offsets[e]).
-            rank_in_expert = (torch.arange(sort.row_expert.numel(), device=x.device)
-                              - sort.expert_row_offsets[sort.row_expert])
-            padded_rows = padded_row_offsets[sort.row_expert] + rank_in_expert  # [N*k]
+            row_expert = sort.row_expert.long()  # [N*k]
+            rank_in_expert = torch.arange(row_expert.numel(), device=x.device) - sort.expert_row_offsets[row_expert]
+            padded_rows = padded_row_offsets[row_expert] + rank_in_expert  # [N*k]
             x_gathered = x[sort.row_to_token]  # [N*k, hidden]
             x_padded = x.new_zeros(topology.size()[0], hidden).index_copy(0, padded_rows, x_gathered)
 

@@ -152,6 +152,24 @@ def test_bf16_error_not_larger_than_reference(name):
 
 
 @gpu_only
+def test_uniform_widths_capture_in_cuda_graphs():
+    """With equal widths, forward and backward replay from CUDA graphs and give the eager results bit for bit."""
+    layer = make_layer(triton_moe.MoEMLP, seed_config("64exp_uniform"), torch.bfloat16)
+    x = make_input((NUM_TOKENS, 256), torch.bfloat16).requires_grad_()
+    grad_out = make_input((NUM_TOKENS, 256), torch.bfloat16)
+    graphed = torch.cuda.make_graphed_callables(layer, (x,))
+    results = []
+    for forward in (layer, graphed):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        out = forward(x)
+        out.backward(grad_out)
+        results.append([out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    for eager, replayed in zip(*results):
+        assert torch.equal(eager, replayed)
+
+
+@gpu_only
 def test_uniform_widths_never_synchronise():
     """Forward and backward with equal widths run without a host-device synchronisation."""
     layer = make_layer(triton_moe.MoEMLP, seed_config("64exp_uniform"), torch.bfloat16)

@@ -60,9 +60,7 @@ def _faulty(name, expert_mlp):
     def forward_weight_off_by_one(x, row_weights, w1, v1, w2, layout, activation):
         # row_weights is in the expert-sorted row order; back to (token, slot), roll the slots, and sort again.
         slot_weights = row_weights[layout.flat_to_row].view(-1, layout.top_k)  # [N, k]
-        row_to_flat = torch.empty_like(layout.flat_to_row)
-        row_to_flat[layout.flat_to_row] = torch.arange(layout.flat_to_row.numel(), device=row_to_flat.device)
-        shifted = slot_weights.roll(1, dims=1).flatten()[row_to_flat]  # slot j's weight on slot j+1
+        shifted = layout.sorted_row_weights(slot_weights.roll(1, dims=1))  # slot j's weight on slot j+1
         return expert_mlp(x, shifted, w1, v1, w2, layout, activation)
 
     return locals()[name]

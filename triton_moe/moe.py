@@ -32,7 +32,7 @@ class MoEMLP(MoELayer):
         sort = sort_by_expert(routing.expert_indices, cfg.num_experts)  # rows by expert, then token, then slot
         layout = ExpertLayout.from_sort(sort, cfg.expert_widths, self.expert_width_offsets,
                                         self.expert_widths_tensor, cfg.num_active_experts)
-        row_weights = routing.expert_weights.flatten()[sort.row_to_flat]  # [R] fp32
+        row_weights = layout.sorted_row_weights(routing.expert_weights)  # [R] fp32
         x, w1, w2 = x.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
         v1 = self.v1.to(dtype) if cfg.is_glu else None
         output = expert_mlp(x, row_weights, w1, v1, w2, layout, cfg.activation)  # [N, H]

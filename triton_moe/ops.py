@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from triton_moe.kernels import (combine_rows, down_projection, down_projection_backward, down_weight_grad,
                                 input_grad_rows, up_projection, up_weight_grad)
@@ -30,7 +31,8 @@ class ExpertLayout:
     """Where each expert's rows and hidden activations lie, for one batch's routing."""
 
     row_to_token: torch.Tensor  # [R] token of each expert-sorted row
-    flat_to_row: torch.Tensor  # [N*k] sorted row of each (token, slot)
+    row_to_flat: torch.Tensor  # [R] (token, slot) assignment token * k + slot of each sorted row
+    flat_to_row: torch.Tensor  # [N*k] sorted row of each (token, slot): the inverse permutation
     expert_row_offsets: torch.Tensor  # [E+1] rows of expert e: offsets[e]:offsets[e+1]
     expert_width_offsets: torch.Tensor  # [E+1] static: weight rows of expert e
     expert_widths: list[int]  # [E] host ints: they size the launch grids
@@ -50,42 +52,102 @@ class ExpertLayout:
             # Variable widths: the ragged buffer's size depends on the routing, so it is read back to size the
             # allocation. This is the one host-device synchronisation of the layer.
             h_numel = int(expert_h_offsets[-1])
-        return cls(sort.row_to_token, sort.flat_to_row, sort.expert_row_offsets, expert_width_offsets,
-                   expert_widths, expert_h_offsets, h_numel, top_k)
+        return cls(sort.row_to_token, sort.row_to_flat, sort.flat_to_row, sort.expert_row_offsets,
+                   expert_width_offsets, expert_widths, expert_h_offsets, h_numel, top_k)
 
     @property
     def num_rows(self) -> int:
         return self.row_to_token.numel()
 
+    def sorted_row_weights(self, expert_weights: torch.Tensor) -> torch.Tensor:
+        """The routing weight of each expert-sorted row: expert_weights [N, k] -> [R], differentiable."""
+        return expert_weights.flatten()[self.row_to_flat]
+
     def offsets(self) -> tuple:
         """The layout arguments every grouped-GEMM launcher takes, in their order."""
         return self.expert_row_offsets, self.expert_width_offsets, self.expert_widths, self.expert_h_offsets
 
+    def op_arguments(self) -> tuple:
+        """The layout as the custom ops below take it: tensors, then host ints (a custom op takes no dataclass)."""
+        return (self.row_to_token, self.flat_to_row, self.expert_row_offsets, self.expert_width_offsets,
+                self.expert_h_offsets, self.expert_widths, self.h_numel, self.top_k)
 
-class ExpertMLP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, row_weights, w1, v1, w2, layout: ExpertLayout, activation: str):
-        h_pre, h_up, h_act = up_projection(x, w1, v1, layout.row_to_token, *layout.offsets(), layout.h_numel,
-                                           activation)  # ragged [h_numel] each
-        y_rows = down_projection(h_act, w2, *layout.offsets(), layout.num_rows, row_weights)  # [R, H]
-        out = combine_rows(y_rows, layout.flat_to_row, layout.top_k)  # [N, H]
-        ctx.save_for_backward(x, row_weights, w1, v1, w2, h_pre, h_up)
-        ctx.layout, ctx.activation = layout, activation
-        return out
+    @classmethod
+    def from_op_arguments(cls, row_to_token, flat_to_row, expert_row_offsets, expert_width_offsets, expert_h_offsets,
+                          expert_widths, h_numel, top_k) -> "ExpertLayout":
+        """Inverse of op_arguments (row_to_flat is not needed inside the ops and is left None)."""
+        return cls(row_to_token, None, flat_to_row, expert_row_offsets, expert_width_offsets, list(expert_widths),
+                   expert_h_offsets, h_numel, top_k)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, row_weights, w1, v1, w2, h_pre, h_up = ctx.saved_tensors
-        layout, activation = ctx.layout, ctx.activation
-        grad_out = grad_out.contiguous()  # [N, H]
-        dh_pre, dh_up, d_row_weights = down_projection_backward(
-            grad_out, w2, h_pre, h_up, layout.row_to_token, *layout.offsets(), row_weights, activation)
-        dw2 = down_weight_grad(h_pre, h_up, grad_out, layout.row_to_token, *layout.offsets(), row_weights,
-                               activation)  # [TW, H]
-        dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(), layout.num_rows)  # [R, H]
-        dx = combine_rows(dx_rows, layout.flat_to_row, layout.top_k)  # [N, H]
-        dw1, dv1 = up_weight_grad(dh_pre, dh_up, x, layout.row_to_token, *layout.offsets())  # [TW, H] each
-        return dx, d_row_weights, dw1, dv1, dw2, None, None
+
+# The forward and backward are registered as torch.library custom ops, so that torch.compile sees each as one
+# opaque node (with the shapes from the fake implementations) instead of tracing into the Triton launchers. A
+# custom op returns no None: the unused h_up of a non-gated activation, and its gradient dv1, are empty tensors.
+@torch.library.custom_op("triton_moe::expert_mlp", mutates_args=())
+def _expert_mlp_forward(
+    x: Tensor, row_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
+    row_to_token: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor,
+    expert_h_offsets: Tensor, expert_widths: list[int], h_numel: int, top_k: int, activation: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out [N, H], h_pre [h_numel], h_up [h_numel], or [0] unless gated); h_act is not kept."""
+    layout = ExpertLayout.from_op_arguments(row_to_token, flat_to_row, expert_row_offsets, expert_width_offsets,
+                                            expert_h_offsets, expert_widths, h_numel, top_k)
+    h_pre, h_up, h_act = up_projection(x, w1, v1, layout.row_to_token, *layout.offsets(), layout.h_numel,
+                                       activation)  # ragged [h_numel] each
+    y_rows = down_projection(h_act, w2, *layout.offsets(), layout.num_rows, row_weights)  # [R, H]
+    out = combine_rows(y_rows, layout.flat_to_row, layout.top_k)  # [N, H]
+    return out, h_pre, x.new_empty(0) if h_up is None else h_up
+
+
+@_expert_mlp_forward.register_fake
+def _(x, row_weights, w1, v1, w2, row_to_token, flat_to_row, expert_row_offsets, expert_width_offsets,
+      expert_h_offsets, expert_widths, h_numel, top_k, activation):
+    return torch.empty_like(x), x.new_empty(h_numel), x.new_empty(0 if v1 is None else h_numel)
+
+
+@torch.library.custom_op("triton_moe::expert_mlp_backward", mutates_args=())
+def _expert_mlp_backward(
+    grad_out: Tensor, x: Tensor, row_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, h_pre: Tensor,
+    h_up: Tensor | None, row_to_token: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor,
+    expert_width_offsets: Tensor, expert_h_offsets: Tensor, expert_widths: list[int], h_numel: int, top_k: int,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx [N, H], d_row_weights [R] fp32, dw1, dv1 ([0] unless gated), dw2 [TW, H])."""
+    layout = ExpertLayout.from_op_arguments(row_to_token, flat_to_row, expert_row_offsets, expert_width_offsets,
+                                            expert_h_offsets, expert_widths, h_numel, top_k)
+    dh_pre, dh_up, d_row_weights = down_projection_backward(
+        grad_out, w2, h_pre, h_up, layout.row_to_token, *layout.offsets(), row_weights, activation)
+    dw2 = down_weight_grad(h_pre, h_up, grad_out, layout.row_to_token, *layout.offsets(), row_weights,
+                           activation)  # [TW, H]
+    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(), layout.num_rows)  # [R, H]
+    dx = combine_rows(dx_rows, layout.flat_to_row, layout.top_k)  # [N, H]
+    dw1, dv1 = up_weight_grad(dh_pre, dh_up, x, layout.row_to_token, *layout.offsets())  # [TW, H] each
+    return dx, d_row_weights, dw1, w1.new_empty(0) if dv1 is None else dv1, dw2
+
+
+@_expert_mlp_backward.register_fake
+def _(grad_out, x, row_weights, w1, v1, w2, h_pre, h_up, row_to_token, flat_to_row, expert_row_offsets,
+      expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k, activation):
+    dv1 = w1.new_empty(0) if v1 is None else torch.empty_like(v1)
+    return torch.empty_like(x), torch.empty_like(row_weights), torch.empty_like(w1), dv1, torch.empty_like(w2)
+
+
+def _setup_context(ctx, inputs, output):
+    x, row_weights, w1, v1, w2, *layout_tensors = inputs[:10]
+    _, h_pre, h_up = output
+    ctx.save_for_backward(x, row_weights, w1, v1, w2, h_pre, None if v1 is None else h_up, *layout_tensors)
+    ctx.host_arguments = inputs[10:]  # expert_widths, h_numel, top_k, activation
+    ctx.mark_non_differentiable(h_pre, h_up)
+
+
+def _backward(ctx, grad_out, _grad_h_pre, _grad_h_up):
+    x, row_weights, w1, v1, w2, h_pre, h_up, *layout_tensors = ctx.saved_tensors
+    dx, d_row_weights, dw1, dv1, dw2 = _expert_mlp_backward(
+        grad_out.contiguous(), x, row_weights, w1, v1, w2, h_pre, h_up, *layout_tensors, *ctx.host_arguments)
+    return (dx, d_row_weights, dw1, None if v1 is None else dv1, dw2) + (None,) * 9
+
+
+_expert_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def expert_mlp(x, row_weights, w1, v1, w2, layout: ExpertLayout, activation: str) -> torch.Tensor:
@@ -95,4 +157,4 @@ def expert_mlp(x, row_weights, w1, v1, w2, layout: ExpertLayout, activation: str
     (routing weight of each expert-sorted row). Returns [N, H] in x's dtype; differentiable in x, row_weights
     and the weights.
     """
-    return ExpertMLP.apply(x, row_weights, w1, v1, w2, layout, activation)
+    return _expert_mlp_forward(x, row_weights, w1, v1, w2, *layout.op_arguments(), activation)[0]

@@ -25,7 +25,7 @@ class ExpertSort:
 
     row_to_flat: torch.Tensor  # [N*k] int64: flat assignment index token*k + slot of each sorted row
     row_to_token: torch.Tensor  # [N*k] int64: token of each sorted row
-    row_expert: torch.Tensor  # [N*k] int64: expert of each sorted row (non-decreasing)
+    row_expert: torch.Tensor  # [N*k] int16 (int32 past 32767 experts): expert of each sorted row, non-decreasing
     flat_to_row: torch.Tensor  # [N*k] int64: sorted row of each flat assignment (inverse of row_to_flat)
     tokens_per_expert: torch.Tensor  # [E] int64
     expert_row_offsets: torch.Tensor  # [E + 1] int64: rows of expert e are offsets[e]:offsets[e + 1]
@@ -55,7 +55,9 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> Ro
 
 def sort_by_expert(expert_indices: torch.Tensor, num_experts: int) -> ExpertSort:
     """Sort the assignments of `expert_indices` [N, k] by expert (stable, so token then slot order is kept)."""
-    flat_experts = expert_indices.flatten()  # [N*k]
+    # Radix sort makes one pass per key byte: 16-bit keys take 2 passes where the int64 indices would take 8.
+    key_dtype = torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
+    flat_experts = expert_indices.flatten().to(key_dtype)  # [N*k]
     row_expert, row_to_flat = torch.sort(flat_experts, stable=True)  # [N*k] each
     k = expert_indices.shape[1]
     row_to_token = torch.div(row_to_flat, k, rounding_mode="floor")

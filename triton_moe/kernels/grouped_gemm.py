@@ -25,6 +25,7 @@ Layout arguments shared by the launchers (R = N * top_k expert-sorted rows, E ex
 All tensors are contiguous and on one device; float operands of one call share one dtype (fp32, fp16, bf16).
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,9 @@ from triton_moe.kernels.tuning import GemmBlocks, gemm_blocks
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# The largest common factor of the expert widths worth telling the compiler (WIDTH_MULTIPLE): 16 elements hold
+# a whole 16-byte vector in every dtype, and Triton marks integer arguments divisible by 16 the same way.
+WIDTH_ALIGNMENT = 16
 
 
 @triton.jit
@@ -69,6 +73,7 @@ def _expert_rows_gemm(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EXPERTS_POW2: tl.constexpr,
+    WIDTH_MULTIPLE: tl.constexpr,
 ):
     """One (expert, row tile, column tile) of out = A @ B_e; see the module docstring for the two layouts.
 
@@ -104,8 +109,10 @@ def _expert_rows_gemm(
     row_start = tl.load(expert_row_offsets_ptr + expert)
     num_rows = tl.load(expert_row_offsets_ptr + expert + 1) - row_start
     width_start = tl.load(expert_width_offsets_ptr + expert)
-    width = tl.load(expert_width_offsets_ptr + expert + 1) - width_start
-    h_start = tl.load(expert_h_offsets_ptr + expert).to(tl.int64)
+    # Every width, hence every block start in the ragged buffers, is a multiple of WIDTH_MULTIPLE. Loaded from
+    # memory, the compiler cannot know it: without the hint each ragged row access is split into 2-byte ones.
+    width = tl.multiple_of(tl.load(expert_width_offsets_ptr + expert + 1) - width_start, WIDTH_MULTIPLE)
+    h_start = tl.multiple_of(tl.load(expert_h_offsets_ptr + expert).to(tl.int64), WIDTH_MULTIPLE)
     if RAGGED_OUT:
         num_cols = width
         reduce_size = hidden
@@ -208,6 +215,7 @@ def _weight_grad_gemm(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EXPERTS_POW2: tl.constexpr,
+    WIDTH_MULTIPLE: tl.constexpr,
 ):
     """One (expert, width tile, hidden tile) of out[width_off_e + m, n] = sum_r A[r, m] * B[token(r), n].
 
@@ -229,8 +237,10 @@ def _weight_grad_gemm(
     row_start = tl.load(expert_row_offsets_ptr + expert)
     num_rows = tl.load(expert_row_offsets_ptr + expert + 1) - row_start
     width_start = tl.load(expert_width_offsets_ptr + expert)
-    width = tl.load(expert_width_offsets_ptr + expert + 1) - width_start
-    h_start = tl.load(expert_h_offsets_ptr + expert).to(tl.int64)
+    # Every width, hence every block start in the ragged buffers, is a multiple of WIDTH_MULTIPLE. Loaded from
+    # memory, the compiler cannot know it: without the hint each ragged row access is split into 2-byte ones.
+    width = tl.multiple_of(tl.load(expert_width_offsets_ptr + expert + 1) - width_start, WIDTH_MULTIPLE)
+    h_start = tl.multiple_of(tl.load(expert_h_offsets_ptr + expert).to(tl.int64), WIDTH_MULTIPLE)
     # Width tiles fastest: the programs running together share the B tiles of one hidden tile, the irregular
     # gather of token rows, while each reads its own contiguous columns of the expert's ragged block.
     width_tiles = tl.cdiv(width, BLOCK_M)
@@ -272,6 +282,12 @@ def _weight_grad_gemm(
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     if SECOND_OUTPUT:
         tl.store(out2_ptr + out_offsets, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    """Ceiling division of host ints. (triton.cdiv is a constexpr function that costs ~2 µs a call: per expert
+    and per launch, that was most of the host time of a layer with 64 experts.)"""
+    return -(-numerator // denominator)
 
 
 def _check_tensor(name, tensor, shape, dtypes):
@@ -318,7 +334,8 @@ def _launch_options(dtype, blocks, expert_widths, activation, row_weights):
         BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n,
         BLOCK_K=blocks.block_k,
-        EXPERTS_POW2=triton.next_power_of_2(len(expert_widths)),
+        EXPERTS_POW2=1 << (len(expert_widths) - 1).bit_length(),  # next power of two
+        WIDTH_MULTIPLE=math.gcd(WIDTH_ALIGNMENT, *expert_widths),
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )
@@ -330,15 +347,15 @@ def _expert_rows_gemm_launch(
     h_up=None, row_weights=None, partials=None, row_to_token=None, activation=None,
 ):
     """Launch `_expert_rows_gemm` over a grid bounding the (unknown on the host) tiles of all experts."""
-    blocks = blocks or gemm_blocks(a.dtype, role)
+    blocks = blocks or gemm_blocks(a.dtype, role, gated=b2 is not None)
     hidden = b.shape[1]
     if ragged_out:
-        col_tiles_per_expert = [triton.cdiv(width, blocks.block_n) for width in expert_widths]
+        col_tiles_per_expert = [_ceil_div(width, blocks.block_n) for width in expert_widths]
     else:
-        col_tiles_per_expert = [triton.cdiv(hidden, blocks.block_n)] * len(expert_widths)
+        col_tiles_per_expert = [_ceil_div(hidden, blocks.block_n)] * len(expert_widths)
     # cdiv(rows_e, M) <= rows_e // M + 1 and sum_e rows_e // M <= cdiv(R, M): an upper bound on the tiles;
     # programs past the last tile exit at once.
-    grid = (triton.cdiv(num_rows, blocks.block_m) * max(col_tiles_per_expert) + sum(col_tiles_per_expert),)
+    grid = (_ceil_div(num_rows, blocks.block_m) * max(col_tiles_per_expert) + sum(col_tiles_per_expert),)
     _expert_rows_gemm[grid](
         a, a2, b, b2,
         out, out2, out3,
@@ -496,7 +513,7 @@ def down_projection_backward(
     partials = None
     if row_weights is not None:
         # One partial sum per (row, column tile), summed below in a fixed order: no atomics, reproducible.
-        num_partial_cols = triton.cdiv(max(expert_widths), blocks.block_n)
+        num_partial_cols = _ceil_div(max(expert_widths), blocks.block_n)
         partials = torch.zeros((num_rows, num_partial_cols), dtype=torch.float32, device=grad_out.device)
     if num_rows > 0:
         _expert_rows_gemm_launch(
@@ -562,7 +579,7 @@ def _weight_grad_launch(
     """Launch `_weight_grad_gemm` over its exact grid: sum_e cdiv(W_e, BLOCK_M) * cdiv(H, BLOCK_N) tiles."""
     blocks = blocks or gemm_blocks(a.dtype, role, gated=a2 is not None)
     hidden = b.shape[1]
-    grid = (sum(triton.cdiv(width, blocks.block_m) for width in expert_widths) * triton.cdiv(hidden, blocks.block_n),)
+    grid = (sum(_ceil_div(width, blocks.block_m) for width in expert_widths) * _ceil_div(hidden, blocks.block_n),)
     _weight_grad_gemm[grid](
         a, a2, b,
         out, out2,

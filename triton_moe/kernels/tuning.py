@@ -34,23 +34,26 @@ class GemmBlocks:
 # widths 16, 48, 200 and hidden sizes 32, 64, 96 still exercise partial tiles and several tiles per expert.
 INTERPRETER_BLOCKS = GemmBlocks(block_m=128, block_n=128, block_k=128, num_warps=1, num_stages=1)
 
-# H100, fp16/bf16 operands: 128x128 output tiles with 64-deep K steps keep the tensor cores fed; 8 warps share
-# the 128x128 fp32 accumulator (64 registers a thread) and 3 stages of A and B tiles take 96 KiB of shared
-# memory, well below the 228 KiB available, so the loads of the next steps are in flight during the MMAs.
-GPU_16BIT_BLOCKS = GemmBlocks(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
-
-# Per role, the tiles that measured best across the shapes of benchmarks/results/h100-2026-11-24/sweep*.md
-# (hidden 2048 with 128x768 top-8, relu_squared and swiglu; hidden 4096 with 8x14336 top-2), TFLOP/s there
-# against GPU_16BIT_BLOCKS. Narrower 4-warp tiles win for the row-parallel roles (more programs in flight, less
-# register pressure from the fused epilogues); the ragged-K weight gradients prefer shallower K steps with more
-# stages. The gated (swiglu) up-weight gradient holds two accumulators and keeps the 8-warp tile.
+# Per role, the tiles that measured best across the shapes of benchmarks/results/h100-2026-11-24/sweep.md
+# (hidden 2048 with 128x768 and 64x1024 top-8, hidden 4096 with 8x14336 top-2; relu_squared), in TFLOP/s there.
+# With the ragged strides declared multiples of 16 (grouped_gemm.WIDTH_MULTIPLE) wide tiles win: 128x256 with 8
+# warps for the two roles that write [R, H] rows from the ragged buffer and for the gathered up projection.
+# The down backward's epilogue recomputes the activation and its derivative, and prefers K steps of 128; the
+# weight gradients, which reduce over the ragged rows, prefer 128x128 tiles.
 GPU_16BIT_ROLE_BLOCKS = {
-    "up": GemmBlocks(128, 64, 64, num_warps=4, num_stages=4),  # 230/289/211 vs 168/269/231
-    "down": GemmBlocks(64, 128, 64, num_warps=4, num_stages=4),  # 162/187/337 vs 155/163/198
-    "down_backward": GemmBlocks(128, 64, 64, num_warps=4, num_stages=4),  # 268/291/154 vs 196/250/123
-    "input_grad": GemmBlocks(64, 128, 64, num_warps=4, num_stages=4),  # 162/187/94 vs 151/166/145
-    "down_weight_grad": GemmBlocks(128, 128, 32, num_warps=4, num_stages=5),  # 103/99/118 vs 80/83/98
-    "up_weight_grad": GemmBlocks(128, 128, 32, num_warps=4, num_stages=5),  # 160/189 vs 121/118 (not gated)
+    "up": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 327/486/523
+    "down": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 474/551/654
+    "down_backward": GemmBlocks(128, 128, 128, num_warps=8, num_stages=3),  # 293/345/346
+    "input_grad": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 440/542/667
+    "down_weight_grad": GemmBlocks(128, 128, 64, num_warps=4, num_stages=3),  # 238/246/303
+    "up_weight_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # 305/383/381
+}
+# A gated (swiglu) activation doubles the operand tiles of the up projection and of the input gradient (two
+# weights, two accumulators or two A operands): 128x256 runs out of shared memory there, and these measured best
+# (sweep_swiglu.md, hidden 2048, 128x768 top-8).
+GPU_16BIT_GATED_BLOCKS = {
+    "up": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),
+    "input_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=3),
 }
 GEMM_ROLES = tuple(GPU_16BIT_ROLE_BLOCKS)
 
@@ -77,8 +80,8 @@ def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False) -> GemmBlock
         return INTERPRETER_BLOCKS
     if dtype == torch.float32:
         return GPU_FP32_BLOCKS
-    if role == "up_weight_grad" and gated:
-        return GPU_16BIT_BLOCKS
+    if gated and role in GPU_16BIT_GATED_BLOCKS:
+        return GPU_16BIT_GATED_BLOCKS[role]
     return GPU_16BIT_ROLE_BLOCKS[role]
 
 

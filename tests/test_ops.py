@@ -1,0 +1,70 @@
+"""The expert MLP's torch.library custom ops: their registration (schema, fake tensors, autograd) and
+torch.compile of the whole MoEMLP with no graph break (aot_eager on the CPU, Inductor on a GPU)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import triton_moe
+from conftest import DEVICE, ON_GPU, make_input, make_layer
+from triton_moe import MoEConfig
+from triton_moe.ground_truth import rel_l2_error
+from triton_moe.ops import ExpertLayout
+from triton_moe.routing import route, sort_by_expert
+
+CONFIGS = {
+    "uniform": MoEConfig(expert_sizes=[(4, 32)], num_active_experts=2, hidden_size=32),
+    "variable": MoEConfig(expert_sizes=[(2, 48), (2, 16)], num_active_experts=2, hidden_size=32),
+}
+
+
+def op_arguments(config, activation, num_tokens=24):
+    """Arguments of triton_moe::expert_mlp for a random routing, as MoEMLP passes them (fp32, requiring grad)."""
+    config = dataclasses.replace(config, activation=activation)
+    layer = make_layer(triton_moe.MoEMLP, config, torch.float32)
+    x = make_input((num_tokens, config.hidden_size), torch.float32)
+    routing = route(x, layer.router.weight, config)
+    layout = ExpertLayout.from_sort(sort_by_expert(routing.expert_indices, config.num_experts), config.expert_widths,
+                                    layer.expert_width_offsets, layer.expert_widths_tensor, config.num_active_experts)
+    v1 = layer.v1.detach().clone().requires_grad_() if config.is_glu else None
+    tensors = [x.requires_grad_(), layout.sorted_row_weights(routing.expert_weights).detach().requires_grad_(),
+               layer.w1.detach().clone().requires_grad_(), v1, layer.w2.detach().clone().requires_grad_()]
+    return (*tensors, *layout.op_arguments(), activation)
+
+
+@pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_forward_op_passes_opcheck(name, activation):
+    """Schema, fake-tensor shapes, autograd registration and AOT dispatch of the op and, through its autograd, of
+    triton_moe::expert_mlp_backward."""
+    torch.library.opcheck(torch.ops.triton_moe.expert_mlp.default, op_arguments(CONFIGS[name], activation))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compiled_layer_matches_eager(name):
+    """torch.compile(fullgraph=True) of a block holding MoEMLP: no graph break, the eager output and gradients.
+
+    Variable widths read the ragged buffer's size back to the host; with capture_scalar_outputs Dynamo keeps it
+    in the graph as a symbolic size instead of breaking the graph there.
+    """
+    torch._dynamo.reset()
+    config = CONFIGS[name]
+    dtype = torch.float32
+    layer = make_layer(triton_moe.MoEMLP, config, dtype)
+    block = torch.nn.Sequential(torch.nn.LayerNorm(config.hidden_size), layer).to(DEVICE)
+    x = make_input((3, 8, config.hidden_size), dtype)
+    results = []
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled = torch.compile(block, backend="inductor" if ON_GPU else "aot_eager", fullgraph=True)
+        for run in (block, compiled):
+            block.zero_grad(set_to_none=True)
+            x_leaf = x.clone().requires_grad_()
+            out = run(x_leaf)
+            (out.square().sum() + layer.aux_loss).backward()
+            results.append([out.detach(), x_leaf.grad] + [p.grad for p in block.parameters()])
+    for eager, compiled_result in zip(*results):
+        if ON_GPU:  # Inductor fuses the routing's elementwise ops and rounds them differently
+            assert rel_l2_error(compiled_result, eager) < 1e-5
+        else:
+            assert torch.equal(compiled_result, eager)
