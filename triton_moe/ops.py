@@ -138,6 +138,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, row_weights, w1, v1, w2, h_pre, None if v1 is None else h_up, *layout_tensors)
     ctx.host_arguments = inputs[10:]  # expert_widths, h_numel, top_k, activation
     ctx.mark_non_differentiable(h_pre, h_up)
+    # Autograd would otherwise hand the backward zero gradients for h_pre and h_up: a ragged buffer each.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_h_pre, _grad_h_up):

@@ -49,11 +49,13 @@ GPU_16BIT_ROLE_BLOCKS = {
     "up_weight_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # 305/383/381
 }
 # A gated (swiglu) activation doubles the operand tiles of the up projection and of the input gradient (two
-# weights, two accumulators or two A operands): 128x256 runs out of shared memory there, and these measured best
-# (sweep_swiglu.md, hidden 2048, 128x768 top-8).
+# weights, two accumulators or two A operands): 128x256 runs out of shared memory there. The down weight gradient
+# recomputes silu(h_pre) * h_up from two loaded tiles and prefers narrower rows. These measured best in
+# sweep_swiglu.md (hidden 2048, 128x768 top-8; its TFLOP/s count both projections, so compare within a column).
 GPU_16BIT_GATED_BLOCKS = {
-    "up": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),
-    "input_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=3),
+    "up": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # 430 vs 387 for 128x128x64 with 3 stages
+    "input_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=3),  # 422, the only 8-warp tile that fits
+    "down_weight_grad": GemmBlocks(64, 256, 64, num_warps=4, num_stages=3),  # 284 vs 201 for the relu² choice
 }
 GEMM_ROLES = tuple(GPU_16BIT_ROLE_BLOCKS)
 
