@@ -1,4 +1,5 @@
-"""Autograd over the Triton kernels: the expert MLP of one MoE layer, from routed tokens to the combined output.
+"""The expert MLP of one MoE layer, from routed tokens to the combined output: its forward and backward over the
+Triton kernels, registered as torch.library custom ops with their autograd (see below), so torch.compile works.
 
 Forward (R = N * k expert-sorted rows, hidden activations ragged: expert e's rows are a [count_e, W_e] block):
     up_projection      x [N, H] gathered by row_to_token, @ w1_eᵀ (and v1_eᵀ), activation in the epilogue

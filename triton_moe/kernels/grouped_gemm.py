@@ -56,6 +56,20 @@ def _expert_of_tile(tile_id, tiles_per_expert, experts):
 
 
 @triton.jit
+def _expert_extent(expert, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
+                   WIDTH_MULTIPLE: tl.constexpr):
+    """(first row, rows, first weight row, width, start of the ragged block) of one expert."""
+    row_start = tl.load(expert_row_offsets_ptr + expert)
+    num_rows = tl.load(expert_row_offsets_ptr + expert + 1) - row_start
+    width_start = tl.load(expert_width_offsets_ptr + expert)
+    # Every width, hence every block start in the ragged buffers, is a multiple of WIDTH_MULTIPLE. Loaded from
+    # memory, the compiler cannot know it: without the hint each ragged row access is split into 2-byte ones.
+    width = tl.multiple_of(tl.load(expert_width_offsets_ptr + expert + 1) - width_start, WIDTH_MULTIPLE)
+    h_start = tl.multiple_of(tl.load(expert_h_offsets_ptr + expert).to(tl.int64), WIDTH_MULTIPLE)
+    return row_start, num_rows, width_start, width, h_start
+
+
+@triton.jit
 def _expert_rows_gemm(
     a_ptr, a2_ptr, b_ptr, b2_ptr,
     out_ptr, out2_ptr, out3_ptr,
@@ -106,13 +120,8 @@ def _expert_rows_gemm(
     if expert >= num_experts:
         return
 
-    row_start = tl.load(expert_row_offsets_ptr + expert)
-    num_rows = tl.load(expert_row_offsets_ptr + expert + 1) - row_start
-    width_start = tl.load(expert_width_offsets_ptr + expert)
-    # Every width, hence every block start in the ragged buffers, is a multiple of WIDTH_MULTIPLE. Loaded from
-    # memory, the compiler cannot know it: without the hint each ragged row access is split into 2-byte ones.
-    width = tl.multiple_of(tl.load(expert_width_offsets_ptr + expert + 1) - width_start, WIDTH_MULTIPLE)
-    h_start = tl.multiple_of(tl.load(expert_h_offsets_ptr + expert).to(tl.int64), WIDTH_MULTIPLE)
+    row_start, num_rows, width_start, width, h_start = _expert_extent(
+        expert, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr, WIDTH_MULTIPLE)
     if RAGGED_OUT:
         num_cols = width
         reduce_size = hidden
@@ -234,13 +243,8 @@ def _weight_grad_gemm(
     tiles_per_expert = (tl.cdiv(widths, BLOCK_M) * hidden_tiles).to(tl.int32)
     expert, first_tile = _expert_of_tile(tile_id, tiles_per_expert, experts)
 
-    row_start = tl.load(expert_row_offsets_ptr + expert)
-    num_rows = tl.load(expert_row_offsets_ptr + expert + 1) - row_start
-    width_start = tl.load(expert_width_offsets_ptr + expert)
-    # Every width, hence every block start in the ragged buffers, is a multiple of WIDTH_MULTIPLE. Loaded from
-    # memory, the compiler cannot know it: without the hint each ragged row access is split into 2-byte ones.
-    width = tl.multiple_of(tl.load(expert_width_offsets_ptr + expert + 1) - width_start, WIDTH_MULTIPLE)
-    h_start = tl.multiple_of(tl.load(expert_h_offsets_ptr + expert).to(tl.int64), WIDTH_MULTIPLE)
+    row_start, num_rows, width_start, width, h_start = _expert_extent(
+        expert, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr, WIDTH_MULTIPLE)
     # Width tiles fastest: the programs running together share the B tiles of one hidden tile, the irregular
     # gather of token rows, while each reads its own contiguous columns of the expert's ragged block.
     width_tiles = tl.cdiv(width, BLOCK_M)
@@ -286,7 +290,7 @@ def _weight_grad_gemm(
 
 def _ceil_div(numerator: int, denominator: int) -> int:
     """Ceiling division of host ints. (triton.cdiv is a constexpr function that costs ~2 µs a call: per expert
-    and per launch, that was most of the host time of a layer with 64 experts.)"""
+    and per launch, that came to most of a millisecond per step with 64 experts.)"""
     return -(-numerator // denominator)
 
 
