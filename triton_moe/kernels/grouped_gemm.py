@@ -303,6 +303,19 @@ def _check_tensor(name, tensor, shape, dtypes):
         raise ValueError(f"{name} must be contiguous")
 
 
+def _check_token_rows(name, tensor, dtypes):
+    """`tensor` is a contiguous [N, H] matrix of token rows with a dtype in `dtypes`."""
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be [N, H], got shape {tuple(tensor.shape)}")
+    _check_tensor(name, tensor, tensor.shape, dtypes)
+
+
+def _check_row_weights(row_weights, num_rows):
+    """`row_weights` is None or the [R] fp32 routing weight of each expert-sorted row."""
+    if row_weights is not None:
+        _check_tensor("row_weights", row_weights, (num_rows,), (torch.float32,))
+
+
 def _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width):
     """Validate the layout arguments against weights of `total_width` rows."""
     num_experts = len(expert_widths)
@@ -403,9 +416,7 @@ def up_projection(
         h_pre, h_up (None unless gated), h_act: ragged [h_numel] buffers of x.dtype.
     """
     check_activation(activation)
-    if x.dim() != 2:
-        raise ValueError(f"x must be [N, H], got shape {tuple(x.shape)}")
-    _check_tensor("x", x, x.shape, FLOAT_DTYPES)
+    _check_token_rows("x", x, FLOAT_DTYPES)
     _check_tensor("w1", w1, (sum(expert_widths), x.shape[1]), (x.dtype,))
     _check_gated_pair("v1", v1, activation, w1.shape, x.dtype)
     _check_tensor("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
@@ -453,8 +464,7 @@ def down_projection(
     """
     _check_tensor("h_act", h_act, (h_act.numel(),), FLOAT_DTYPES)
     _check_tensor("w2", w2, (sum(expert_widths), w2.shape[-1]), (h_act.dtype,))
-    if row_weights is not None:
-        _check_tensor("row_weights", row_weights, (num_rows,), (torch.float32,))
+    _check_row_weights(row_weights, num_rows)
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
     y = torch.empty((num_rows, w2.shape[1]), dtype=h_act.dtype, device=h_act.device)  # (R, H)
     if num_rows > 0:
@@ -500,16 +510,13 @@ def down_projection_backward(
         dh_pre, dh_up (None unless gated): ragged like h_pre; d_row_weights: [R] fp32, None without row_weights.
     """
     check_activation(activation)
-    if grad_out.dim() != 2:
-        raise ValueError(f"grad_out must be [N, H], got shape {tuple(grad_out.shape)}")
-    _check_tensor("grad_out", grad_out, grad_out.shape, FLOAT_DTYPES)
+    _check_token_rows("grad_out", grad_out, FLOAT_DTYPES)
     _check_tensor("w2", w2, (sum(expert_widths), grad_out.shape[1]), (grad_out.dtype,))
     _check_tensor("h_pre", h_pre, (h_pre.numel(),), (grad_out.dtype,))
     _check_gated_pair("h_up", h_up, activation, h_pre.shape, grad_out.dtype)
     num_rows = row_to_token.numel()
     _check_tensor("row_to_token", row_to_token, (num_rows,), INDEX_DTYPES)
-    if row_weights is not None:
-        _check_tensor("row_weights", row_weights, (num_rows,), (torch.float32,))
+    _check_row_weights(row_weights, num_rows)
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
     blocks = blocks or gemm_blocks(grad_out.dtype, "down_backward")
     dh_pre = torch.empty_like(h_pre)  # (h_numel,) ragged
@@ -625,9 +632,7 @@ def up_weight_grad(
     _check_tensor("dh_pre", dh_pre, (dh_pre.numel(),), FLOAT_DTYPES)
     if dh_up is not None:
         _check_tensor("dh_up", dh_up, dh_pre.shape, (dh_pre.dtype,))
-    if x.dim() != 2:
-        raise ValueError(f"x must be [N, H], got shape {tuple(x.shape)}")
-    _check_tensor("x", x, x.shape, (dh_pre.dtype,))
+    _check_token_rows("x", x, (dh_pre.dtype,))
     _check_tensor("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
     total_width = sum(expert_widths)
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width)
@@ -678,13 +683,10 @@ def down_weight_grad(
     check_activation(activation)
     _check_tensor("h_pre", h_pre, (h_pre.numel(),), FLOAT_DTYPES)
     _check_gated_pair("h_up", h_up, activation, h_pre.shape, h_pre.dtype)
-    if grad_out.dim() != 2:
-        raise ValueError(f"grad_out must be [N, H], got shape {tuple(grad_out.shape)}")
-    _check_tensor("grad_out", grad_out, grad_out.shape, (h_pre.dtype,))
+    _check_token_rows("grad_out", grad_out, (h_pre.dtype,))
     num_rows = row_to_token.numel()
     _check_tensor("row_to_token", row_to_token, (num_rows,), INDEX_DTYPES)
-    if row_weights is not None:
-        _check_tensor("row_weights", row_weights, (num_rows,), (torch.float32,))
+    _check_row_weights(row_weights, num_rows)
     total_width = sum(expert_widths)
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width)
     out_dtype = out_dtype or h_pre.dtype
