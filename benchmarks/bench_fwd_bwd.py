@@ -1,17 +1,24 @@
 """Forward + backward time of the MoE MLP layer: Triton vs the stk reference and the other baselines.
 
-    uv run python benchmarks/bench_fwd_bwd.py --configs seed realistic [--compile]
+    uv run python benchmarks/bench_fwd_bwd.py --configs seed realistic [--compile] [--graph]
 """
 
-from harness import compiled_forward_backward_step, forward_backward_step, parse_args, run_benchmark
+from harness import (compiled_forward_backward_step, forward_backward_step, graphed_forward_backward_step,
+                     parse_args, run_benchmark)
 
 
 def extra_arguments(parser):
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile(mode='reduce-overhead') of the Triton layer (GPU)")
+    parser.add_argument("--graph", action="store_true",
+                        help="also time the Triton layer's forward + backward replayed from one CUDA graph (GPU)")
 
 
 if __name__ == "__main__":
     args = parse_args(__doc__, extra_arguments)
-    run_benchmark(args, "bench_fwd_bwd", forward_backward_step, flops_multiplier=3,
-                  make_compiled_step=compiled_forward_backward_step if args.compile else None)
+    variants = {}
+    if args.compile:
+        variants["torch.compile reduce-overhead"] = compiled_forward_backward_step
+    if args.graph:
+        variants["CUDA graph"] = graphed_forward_backward_step
+    run_benchmark(args, "bench_fwd_bwd", forward_backward_step, flops_multiplier=3, triton_variants=variants)

@@ -143,7 +143,8 @@ def model_flops(config: MoEConfig, x: torch.Tensor, router_weight: torch.Tensor)
 
 def triton_operands(layer, x) -> SimpleNamespace:
     """Every operand of every kernel of one Triton forward and backward on x, for timing kernels one by one:
-    routing, sort, layout, row_weights, the weights, h_pre/h_up/h_act, y_rows, grad_out, dh_pre/dh_up, dx_rows."""
+    routing, sort, layout, row_weights, the weights, h_pre/h_up/h_act (weighted), y_rows, grad_out, dh_pre/dh_up,
+    dx_rows."""
     cfg = layer.config
     ops = SimpleNamespace(cfg=cfg, x=x, w1=layer.w1.detach(), w2=layer.w2.detach(),
                           v1=None if layer.v1 is None else layer.v1.detach())
@@ -153,9 +154,9 @@ def triton_operands(layer, x) -> SimpleNamespace:
                                         layer.expert_widths_tensor, cfg.num_active_experts)
     ops.row_weights = ops.routing.expert_weights.flatten()[ops.sort.row_to_flat]
     ops.h_pre, ops.h_up, ops.h_act = kernels.up_projection(x, ops.w1, ops.v1, ops.layout.row_to_token,
-                                                           *ops.layout.offsets(), ops.layout.h_numel, cfg.activation)
-    ops.y_rows = kernels.down_projection(ops.h_act, ops.w2, *ops.layout.offsets(), ops.layout.num_rows,
-                                         ops.row_weights)
+                                                           *ops.layout.offsets(), ops.layout.h_numel, cfg.activation,
+                                                           ops.row_weights)
+    ops.y_rows = kernels.down_projection(ops.h_act, ops.w2, *ops.layout.offsets(), ops.layout.num_rows)
     ops.grad_out = torch.randn_like(x)
     ops.dh_pre, ops.dh_up, _ = kernels.down_projection_backward(
         ops.grad_out, ops.w2, ops.h_pre, ops.h_up, ops.layout.row_to_token, *ops.layout.offsets(),
@@ -186,11 +187,12 @@ def environment() -> dict:
     return env
 
 
-def run_benchmark(args, benchmark_name, make_step, flops_multiplier, make_compiled_step=None):
+def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_variants=None):
     """Time `make_step(layer, x)()` for every config x implementation; print a markdown table, write JSON.
 
     flops_multiplier: 1 for forward only, 3 for forward + backward (two GEMMs of the backward per forward one).
-    make_compiled_step: when given (on a GPU), the Triton layer is also timed through it.
+    triton_variants: {column label: make_step}, other ways of running the Triton layer (torch.compile, a CUDA
+        graph), each timed on a GPU in a column of its own.
     """
     dtype = DTYPES[args.dtype]
     dev = device()
@@ -226,23 +228,25 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier, make_compil
             tflops = flops / ms / 1e9 if flops else None
             if impl == "stk_reference":
                 reference_ms = ms
-            compiled_ms = None
-            if make_compiled_step and impl == "triton" and dev == "cuda":
+            variant_ms = {}
+            for label, make_variant_step in (triton_variants or {}).items():
+                if impl != "triton" or dev != "cuda":
+                    continue
                 try:
-                    compiled_ms = time_ms(make_compiled_step(layer, x), args.warmup, args.repeats)
+                    variant_ms[label] = time_ms(make_variant_step(layer, x), args.warmup, args.repeats)
                 except Exception as error:  # a compilation or capture that fails: say why, keep the eager figures
                     why = (str(error).splitlines() or [""])[0][:160]
-                    skipped.append((name, "triton (torch.compile)", f"{type(error).__name__}: {why}"))
+                    skipped.append((name, f"triton ({label})", f"{type(error).__name__}: {why}"))
             rows.append(dict(config=name, impl=impl, tokens=tokens, ms=ms, tflops=tflops,
                              pct_peak=100 * tflops / peak if tflops and peak else None, peak_memory_mb=memory,
-                             compiled_ms=compiled_ms))
+                             variant_ms=variant_ms))
             del layer, step
             if dev == "cuda":
                 torch.cuda.empty_cache()
         for row in rows:
             if row["config"] == name:
                 row["speedup_vs_reference"] = reference_ms / row["ms"] if reference_ms else None
-    print_table(rows)
+    print_table(rows, list(triton_variants or {}))
     for name, impl, reason in skipped:
         print(f"skipped {impl} on {name}: {reason}")
     out = Path(args.out or f"runs/{benchmark_name}.json")
@@ -256,15 +260,15 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def print_table(rows):
-    print("| config | impl | tokens | ms | speedup vs stk | TFLOP/s | % of dense peak | peak mem (MiB) "
-          "| torch.compile reduce-overhead ms |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+def print_table(rows, variant_labels):
+    print("| config | impl | tokens | ms | speedup vs stk | TFLOP/s | % of dense peak | peak mem (MiB) |"
+          + "".join(f" {label} ms |" for label in variant_labels))
+    print("|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(variant_labels))
     for row in rows:
         print(f"| {row['config']} | {row['impl']} | {row['tokens']} | {row['ms']:.3f} | "
               f"{_fmt(row.get('speedup_vs_reference'), '.2f')} | {_fmt(row['tflops'], '.1f')} | "
-              f"{_fmt(row['pct_peak'], '.1f')} | {_fmt(row['peak_memory_mb'], '.0f')} | "
-              f"{_fmt(row.get('compiled_ms'), '.3f')} |")
+              f"{_fmt(row['pct_peak'], '.1f')} | {_fmt(row['peak_memory_mb'], '.0f')} |"
+              + "".join(f" {_fmt(row['variant_ms'].get(label), '.3f')} |" for label in variant_labels))
 
 
 def forward_step(layer, x):
@@ -295,6 +299,24 @@ def compiled_forward_backward_step(layer, x):
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             compiled_step()
     return step
+
+
+def graphed_forward_backward_step(layer, x):
+    """forward_backward_step captured once in a CUDA graph and replayed: the device time of the layer with no
+    host work at all (the upper bound of what any launch-overhead reduction can give). Needs a layer that never
+    synchronises with the host: uniform expert widths."""
+    step = forward_backward_step(layer, x)
+    # Warm up on a side stream, as capture requires: the Triton kernels compile and the caching allocator fills.
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def kernel_launches(step) -> tuple[list[tuple[str, int, float]], float]:

@@ -30,22 +30,23 @@ def roles(layer, x):
     """role -> (function of blocks, FLOPs of that GEMM)."""
     o = triton_operands(layer, x)
     cfg, layout = o.cfg, o.layout
-    flops = 2 * layout.h_numel * cfg.hidden_size * (2 if o.v1 is not None else 1)
+    one_product = 2 * layout.h_numel * cfg.hidden_size  # FLOPs of one GEMM over all routed rows
+    gated_products = one_product * (2 if o.v1 is not None else 1)  # the roles that do both swiglu projections
     return {
         "up": (lambda b: kernels.up_projection(x, o.w1, o.v1, layout.row_to_token, *layout.offsets(),
-                                               layout.h_numel, cfg.activation, blocks=b), flops),
-        "down": (lambda b: kernels.down_projection(o.h_act, o.w2, *layout.offsets(), layout.num_rows,
-                                                   o.row_weights, blocks=b), flops),
+                                               layout.h_numel, cfg.activation, o.row_weights, blocks=b),
+               gated_products),
+        "down": (lambda b: kernels.down_projection(o.h_act, o.w2, *layout.offsets(), layout.num_rows, blocks=b),
+                 one_product),
         "down bwd dH": (lambda b: kernels.down_projection_backward(
             o.grad_out, o.w2, o.h_pre, o.h_up, layout.row_to_token, *layout.offsets(), o.row_weights,
-            cfg.activation, blocks=b), flops),
-        "dW2": (lambda b: kernels.down_weight_grad(o.h_pre, o.h_up, o.grad_out, layout.row_to_token,
-                                                   *layout.offsets(), o.row_weights, cfg.activation, blocks=b),
-                flops),
+            cfg.activation, blocks=b), one_product),
+        "dW2": (lambda b: kernels.weight_grad(o.h_act, None, o.grad_out, layout.row_to_token, *layout.offsets(),
+                                              blocks=b), one_product),
         "dX rows": (lambda b: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, *layout.offsets(),
-                                                      layout.num_rows, blocks=b), flops),
-        "dW1": (lambda b: kernels.up_weight_grad(o.dh_pre, o.dh_up, x, layout.row_to_token, *layout.offsets(),
-                                                 blocks=b), flops),
+                                                      layout.num_rows, blocks=b), gated_products),
+        "dW1": (lambda b: kernels.weight_grad(o.dh_pre, o.dh_up, x, layout.row_to_token, *layout.offsets(),
+                                              blocks=b), gated_products),
     }
 
 

@@ -11,11 +11,10 @@ from triton_moe.kernels import (
     GemmBlocks,
     down_projection,
     down_projection_backward,
-    down_weight_grad,
     input_grad_rows,
     is_gated,
     up_projection,
-    up_weight_grad,
+    weight_grad,
 )
 from triton_moe.kernels import grouped_gemm
 from conftest import DEVICE, DTYPES, RefuseLaunch
@@ -135,8 +134,9 @@ def reference_activation(h_pre, h_up, activation):
     return F.silu(h_pre) * h_up
 
 
-def reference_up_projection(x, w1, v1, routing, activation):
-    """fp64 h_pre, h_up, h_act; the activation reads h_pre and h_up rounded to x.dtype, as they are stored."""
+def reference_up_projection(x, w1, v1, routing, activation, row_weights=None):
+    """fp64 h_pre, h_up, h_act (times each row's weight when given); the activation reads h_pre and h_up rounded
+    to x.dtype, as they are stored."""
     tokens = routing.row_to_token.long()
     h_pre, h_up = [], []
     for rows, weight_rows, _, _ in routing.experts():
@@ -150,17 +150,20 @@ def reference_up_projection(x, w1, v1, routing, activation):
     def as_stored(tensor):
         return None if tensor is None else tensor.to(x.dtype).double()
 
-    return h_pre, h_up, reference_activation(as_stored(h_pre), as_stored(h_up), activation)
+    h_act = reference_activation(as_stored(h_pre), as_stored(h_up), activation)  # (h_numel,)
+    if row_weights is not None:
+        for rows, _, h_block, shape in routing.experts():
+            h_act[h_block] = (h_act[h_block].view(shape) * row_weights.double()[rows, None]).reshape(-1)
+    return h_pre, h_up, h_act
 
 
-def reference_down_projection(h_act, w2, routing, row_weights):
-    y = torch.cat(
+def reference_down_projection(h_act, w2, routing):
+    return torch.cat(
         [
             h_act.double()[h_block].view(shape) @ w2.double()[weight_rows]
             for _, weight_rows, h_block, shape in routing.experts()
         ]
     )  # (R, H)
-    return y if row_weights is None else y * row_weights.double()[:, None]
 
 
 def reference_down_backward(h_pre, h_up, w2, grad_out, routing, row_weights, activation):
@@ -223,15 +226,18 @@ def random_up_grad_inputs(case, gated, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_row_weights", [True, False])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("case", CASES)
-def test_up_projection(case, activation, dtype):
+def test_up_projection(case, activation, with_row_weights, dtype):
     routing, hidden, num_tokens, generator = setup_case(case)
     x = random((num_tokens, hidden), dtype, generator)  # (N, H)
     w1 = random_weight(routing, hidden, dtype, generator)
     v1 = random_weight(routing, hidden, dtype, generator) if is_gated(activation) else None
-    h_pre, h_up, h_act = up_projection(x, w1, v1, routing.row_to_token, *routing.layout, routing.h_numel, activation)
-    expected_pre, expected_up, expected_act = reference_up_projection(x, w1, v1, routing, activation)
+    row_weights = routing.row_weights if with_row_weights else None
+    h_pre, h_up, h_act = up_projection(x, w1, v1, routing.row_to_token, *routing.layout, routing.h_numel, activation,
+                                       row_weights)
+    expected_pre, expected_up, expected_act = reference_up_projection(x, w1, v1, routing, activation, row_weights)
     assert_close(h_pre, expected_pre, dtype)
     assert_close(h_act, expected_act, dtype)
     if is_gated(activation):
@@ -241,15 +247,13 @@ def test_up_projection(case, activation, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_row_weights", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_down_projection(case, with_row_weights, dtype):
+def test_down_projection(case, dtype):
     routing, hidden, _, generator = setup_case(case)
     h_act = random((routing.h_numel,), dtype, generator)
     w2 = random_weight(routing, hidden, dtype, generator)
-    row_weights = routing.row_weights if with_row_weights else None
-    y = down_projection(h_act, w2, *routing.layout, routing.num_rows, row_weights)
-    assert_close(y, reference_down_projection(h_act, w2, routing, row_weights), dtype)
+    y = down_projection(h_act, w2, *routing.layout, routing.num_rows)
+    assert_close(y, reference_down_projection(h_act, w2, routing), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -298,9 +302,10 @@ def test_input_grad_rows(case, gated, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_up_weight_grad(case, gated, dtype):
+def test_weight_grad(case, gated, dtype):
+    """dW1 (and dV1 from the second ragged buffer when gated); dW2 is the same call on other operands."""
     routing, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs(case, gated, dtype)
-    dw1, dv1 = up_weight_grad(dh_pre, dh_up, x, routing.row_to_token, *routing.layout)
+    dw1, dv1 = weight_grad(dh_pre, dh_up, x, routing.row_to_token, *routing.layout)
     _, expected_dw1, expected_dv1 = reference_up_backward(dh_pre, dh_up, x, w1, v1, routing)
     assert_close(dw1, expected_dw1, dtype)
     if gated:
@@ -311,12 +316,18 @@ def test_up_weight_grad(case, gated, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("case", CASES)
-def test_down_weight_grad(case, activation, dtype):
-    routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
-    dw2 = down_weight_grad(
-        h_pre, h_up, grad_out, routing.row_to_token, *routing.layout, routing.row_weights, activation
-    )
+def test_down_weight_grad_from_weighted_activations(activation, dtype):
+    """dW2 as the layer computes it, from up_projection's weighted activations, against autograd of the down
+    projection of the unweighted activations scaled by the routing weights."""
+    routing, hidden, num_tokens, generator = setup_case("mixed_widths")
+    x = random((num_tokens, hidden), dtype, generator)
+    w1 = random_weight(routing, hidden, dtype, generator)
+    v1 = random_weight(routing, hidden, dtype, generator) if is_gated(activation) else None
+    w2 = random_weight(routing, hidden, dtype, generator)
+    grad_out = random((num_tokens, hidden), dtype, generator)
+    h_pre, h_up, h_act_weighted = up_projection(x, w1, v1, routing.row_to_token, *routing.layout, routing.h_numel,
+                                                activation, routing.row_weights)
+    dw2, _ = weight_grad(h_act_weighted, None, grad_out, routing.row_to_token, *routing.layout)
     expected_dw2 = reference_down_backward(h_pre, h_up, w2, grad_out, routing, routing.row_weights, activation)[3]
     assert_close(dw2, expected_dw2, dtype)
 
@@ -337,13 +348,13 @@ def test_launchers_with_other_blocks(blocks):
     layout, row_to_token, row_weights = routing.layout, routing.row_to_token, routing.row_weights
 
     h_pre_out, _, h_act = up_projection(
-        x, w1, v1, row_to_token, *layout, routing.h_numel, activation, blocks=blocks
+        x, w1, v1, row_to_token, *layout, routing.h_numel, activation, row_weights, blocks=blocks
     )
-    expected_pre, _, expected_act = reference_up_projection(x, w1, v1, routing, activation)
+    expected_pre, _, expected_act = reference_up_projection(x, w1, v1, routing, activation, row_weights)
     assert_close(h_pre_out, expected_pre, dtype)
     assert_close(h_act, expected_act, dtype)
-    y = down_projection(h_act, w2, *layout, routing.num_rows, row_weights, blocks=blocks)
-    assert_close(y, reference_down_projection(h_act, w2, routing, row_weights), dtype)
+    y = down_projection(h_act, w2, *layout, routing.num_rows, blocks=blocks)
+    assert_close(y, reference_down_projection(h_act, w2, routing), dtype)
 
     expected_dh_pre, expected_dh_up, expected_d_row_weights, expected_dw2 = reference_down_backward(
         h_pre, h_up, w2, grad_out, routing, row_weights, activation
@@ -354,13 +365,11 @@ def test_launchers_with_other_blocks(blocks):
     assert_close(got_dh_pre, expected_dh_pre, dtype)
     assert_close(got_dh_up, expected_dh_up, dtype)
     assert_close(d_row_weights, expected_d_row_weights, dtype)
-    dw2 = down_weight_grad(h_pre, h_up, grad_out, row_to_token, *layout, row_weights, activation, blocks=blocks)
-    assert_close(dw2, expected_dw2, dtype)
 
     expected_dx_rows, expected_dw1, expected_dv1 = reference_up_backward(dh_pre, dh_up, x, w1, v1, routing)
     dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout, routing.num_rows, blocks=blocks)
     assert_close(dx_rows, expected_dx_rows, dtype)
-    dw1, dv1 = up_weight_grad(dh_pre, dh_up, x, row_to_token, *layout, blocks=blocks)
+    dw1, dv1 = weight_grad(dh_pre, dh_up, x, row_to_token, *layout, blocks=blocks)
     assert_close(dw1, expected_dw1, dtype)
     assert_close(dv1, expected_dv1, dtype)
 
@@ -370,12 +379,12 @@ def run_all_launchers(case, activation, dtype):
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
     _, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
     layout, row_to_token, row_weights = routing.layout, routing.row_to_token, routing.row_weights
-    forward = up_projection(x, w1, v1, row_to_token, *layout, routing.h_numel, activation)
-    y = down_projection(forward[2], w2, *layout, routing.num_rows, row_weights)
+    forward = up_projection(x, w1, v1, row_to_token, *layout, routing.h_numel, activation, row_weights)
+    y = down_projection(forward[2], w2, *layout, routing.num_rows)
     backward = down_projection_backward(grad_out, w2, h_pre, h_up, row_to_token, *layout, row_weights, activation)
-    dw2 = down_weight_grad(h_pre, h_up, grad_out, row_to_token, *layout, row_weights, activation)
+    dw2, _ = weight_grad(forward[2], None, grad_out, row_to_token, *layout)
     dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout, routing.num_rows)
-    dw1, dv1 = up_weight_grad(dh_pre, dh_up, x, row_to_token, *layout)
+    dw1, dv1 = weight_grad(dh_pre, dh_up, x, row_to_token, *layout)
     return [*forward, y, *backward, dw2, dx_rows, dw1, dv1]
 
 
@@ -391,6 +400,7 @@ def test_launchers_are_deterministic(dtype):
 def test_no_rows_launches_nothing(activation, monkeypatch):
     monkeypatch.setattr(grouped_gemm, "_expert_rows_gemm", RefuseLaunch())
     monkeypatch.setattr(grouped_gemm, "_weight_grad_gemm", RefuseLaunch())
+    monkeypatch.setattr(grouped_gemm, "_activation_backward_rows", RefuseLaunch())
     dtype, hidden, gated = torch.float32, 32, is_gated(activation)
     generator = torch.Generator().manual_seed(0)
     routing = make_routing([64, 16, 48], 0, 2, None, generator)
@@ -399,18 +409,19 @@ def test_no_rows_launches_nothing(activation, monkeypatch):
     w1, v1, w2 = (random_weight(routing, hidden, dtype, generator) for _ in range(3))
     v1 = v1 if gated else None
 
-    h_pre, h_up, h_act = up_projection(x, w1, v1, row_to_token, *layout, routing.h_numel, activation)
+    h_pre, h_up, h_act = up_projection(x, w1, v1, row_to_token, *layout, routing.h_numel, activation,
+                                       routing.row_weights)
     assert h_pre.shape == h_act.shape == (0,) and (h_up is not None) == gated
-    assert down_projection(h_act, w2, *layout, 0, routing.row_weights).shape == (0, hidden)
+    assert down_projection(h_act, w2, *layout, 0).shape == (0, hidden)
     dh_pre, dh_up, d_row_weights = down_projection_backward(
         grad_out, w2, h_pre, h_up, row_to_token, *layout, routing.row_weights, activation
     )
     assert dh_pre.shape == d_row_weights.shape == (0,) and (dh_up is not None) == gated
     assert input_grad_rows(dh_pre, w1, dh_up, v1, *layout, 0).shape == (0, hidden)
-    dw1, dv1 = up_weight_grad(dh_pre, dh_up, x, row_to_token, *layout)
-    dw2 = down_weight_grad(h_pre, h_up, grad_out, row_to_token, *layout, routing.row_weights, activation)
-    for weight_grad in (dw1, dw2, *([dv1] if gated else [])):
-        assert torch.equal(weight_grad, torch.zeros_like(w1))
+    dw1, dv1 = weight_grad(dh_pre, dh_up, x, row_to_token, *layout)
+    dw2, _ = weight_grad(h_act, None, grad_out, row_to_token, *layout)
+    for grad in (dw1, dw2, *([dv1] if gated else [])):
+        assert torch.equal(grad, torch.zeros_like(w1))
 
 
 def test_invalid_arguments_raise_value_error():
@@ -432,9 +443,9 @@ def test_invalid_arguments_raise_value_error():
         up_projection(x, w1, None, row_to_token, *layout[:2], [64, 16, 0, 248], *layout[3:], h_numel, "gelu")
     with pytest.raises(ValueError, match="expert_h_offsets"):
         up_projection(x, w1, None, row_to_token, *layout[:3], layout[3].int(), h_numel, "gelu")
-    h_buffer = random((h_numel,), torch.float32, generator)
     with pytest.raises(ValueError, match="row_weights"):
-        down_projection(h_buffer, w1, *layout, routing.num_rows, routing.row_weights.half())
+        up_projection(x, w1, None, row_to_token, *layout, h_numel, "gelu", routing.row_weights.half())
+    h_buffer = random((h_numel,), torch.float32, generator)
     with pytest.raises(ValueError, match="dh_up and v1"):
         input_grad_rows(h_buffer, w1, None, w1, *layout, routing.num_rows)
     with pytest.raises(ValueError, match="block_n"):

@@ -45,7 +45,7 @@ class MoEMLP(MoELayer):
         """The tensors the fused path never materialises, recomputed step by step by the same kernels."""
         h_pre, h_up, h_act = up_projection(x, w1, v1, layout.row_to_token, *layout.offsets(), layout.h_numel,
                                            self.config.activation)
-        y_expert = down_projection(h_act, w2, *layout.offsets(), layout.num_rows, None)  # [R, H], unweighted
+        y_expert = down_projection(h_act, w2, *layout.offsets(), layout.num_rows)  # [R, H], unweighted
         sizes = (sort.tokens_per_expert.cpu() * self.expert_widths_tensor.cpu()).tolist()
         to_rows = lambda ragged: [block.view(-1, width) for block, width in
                                   zip(ragged.split(sizes), self.config.expert_widths)]

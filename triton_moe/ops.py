@@ -2,18 +2,20 @@
 Triton kernels, registered as torch.library custom ops with their autograd (see below), so torch.compile works.
 
 Forward (R = N * k expert-sorted rows, hidden activations ragged: expert e's rows are a [count_e, W_e] block):
-    up_projection      x [N, H] gathered by row_to_token, @ w1_eᵀ (and v1_eᵀ), activation in the epilogue
-                       -> h_pre, (h_up), h_act          ragged [Σ_e count_e * W_e]
-    down_projection    h_act @ w2_e, times the row's routing weight in the epilogue -> y_rows [R, H]
+    up_projection      x [N, H] gathered by row_to_token, @ w1_eᵀ (and v1_eᵀ); the epilogue applies the
+                       activation and the row's routing weight w_r
+                       -> h_pre, (h_up), h_act_weighted = act(h_pre[, h_up]) * w_r     ragged [Σ_e count_e * W_e]
+    down_projection    h_act_weighted @ w2_e -> y_rows [R, H]
     combine_rows       sum of each token's k rows, in slot order -> out [N, H]
 Backward:
-    down_projection_backward   grad_out gathered by row_to_token, @ w2_eᵀ; the epilogue recomputes the
+    down_projection_backward   dA = grad_out gathered by row_to_token, @ w2_eᵀ; then a row pass recomputes the
                                activation from h_pre: routing-weight grads, dh_pre, (dh_up)
-    down_weight_grad           dw2_e = Σ_r act(h_pre)[r] * w_r ⊗ grad_out[token(r)]
+    weight_grad                dw2_e = Σ_r h_act_weighted[r] ⊗ grad_out[token(r)]
     input_grad_rows + combine  dx = Σ_slots dh_pre @ w1_e (+ dh_up @ v1_e)
-    up_weight_grad             dw1_e = Σ_r dh_pre[r] ⊗ x[token(r)] (and dv1 in the same launch)
-Saved for backward: x, the weights, h_pre (and h_up), the routing weights and the small index tensors.
-h_act is not saved: the backward recomputes it from h_pre where it is needed.
+    weight_grad                dw1_e = Σ_r dh_pre[r] ⊗ x[token(r)] (and dv1 in the same launch)
+Saved for backward: x, the weights, h_pre (and h_up), h_act_weighted, the routing weights and the small index
+tensors. Keeping h_act_weighted costs one ragged buffer; in exchange dW2 is the same plain GEMM as dW1, where
+recomputing the activation and the weight on its operand tiles made it the slowest GEMM of the step.
 """
 
 from dataclasses import dataclass
@@ -22,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from triton_moe.kernels import (combine_rows, down_projection, down_projection_backward, down_weight_grad,
-                                input_grad_rows, up_projection, up_weight_grad)
+from triton_moe.kernels import (combine_rows, down_projection, down_projection_backward, input_grad_rows,
+                                up_projection, weight_grad)
 from triton_moe.routing import ExpertSort
 
 
@@ -89,27 +91,27 @@ def _expert_mlp_forward(
     x: Tensor, row_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
     row_to_token: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor,
     expert_h_offsets: Tensor, expert_widths: list[int], h_numel: int, top_k: int, activation: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(out [N, H], h_pre [h_numel], h_up [h_numel], or [0] unless gated); h_act is not kept."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out [N, H], h_pre [h_numel], h_up [h_numel] or [0] unless gated, h_act_weighted [h_numel])."""
     layout = ExpertLayout.from_op_arguments(row_to_token, flat_to_row, expert_row_offsets, expert_width_offsets,
                                             expert_h_offsets, expert_widths, h_numel, top_k)
-    h_pre, h_up, h_act = up_projection(x, w1, v1, layout.row_to_token, *layout.offsets(), layout.h_numel,
-                                       activation)  # ragged [h_numel] each
-    y_rows = down_projection(h_act, w2, *layout.offsets(), layout.num_rows, row_weights)  # [R, H]
+    h_pre, h_up, h_act_weighted = up_projection(x, w1, v1, layout.row_to_token, *layout.offsets(), layout.h_numel,
+                                                activation, row_weights)  # ragged [h_numel] each
+    y_rows = down_projection(h_act_weighted, w2, *layout.offsets(), layout.num_rows)  # [R, H]
     out = combine_rows(y_rows, layout.flat_to_row, layout.top_k)  # [N, H]
-    return out, h_pre, x.new_empty(0) if h_up is None else h_up
+    return out, h_pre, x.new_empty(0) if h_up is None else h_up, h_act_weighted
 
 
 @_expert_mlp_forward.register_fake
 def _(x, row_weights, w1, v1, w2, row_to_token, flat_to_row, expert_row_offsets, expert_width_offsets,
       expert_h_offsets, expert_widths, h_numel, top_k, activation):
-    return torch.empty_like(x), x.new_empty(h_numel), x.new_empty(0 if v1 is None else h_numel)
+    return torch.empty_like(x), x.new_empty(h_numel), x.new_empty(0 if v1 is None else h_numel), x.new_empty(h_numel)
 
 
 @torch.library.custom_op("triton_moe::expert_mlp_backward", mutates_args=())
 def _expert_mlp_backward(
     grad_out: Tensor, x: Tensor, row_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, h_pre: Tensor,
-    h_up: Tensor | None, row_to_token: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor,
+    h_up: Tensor | None, h_act_weighted: Tensor, row_to_token: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor,
     expert_width_offsets: Tensor, expert_h_offsets: Tensor, expert_widths: list[int], h_numel: int, top_k: int,
     activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -118,16 +120,15 @@ def _expert_mlp_backward(
                                             expert_h_offsets, expert_widths, h_numel, top_k)
     dh_pre, dh_up, d_row_weights = down_projection_backward(
         grad_out, w2, h_pre, h_up, layout.row_to_token, *layout.offsets(), row_weights, activation)
-    dw2 = down_weight_grad(h_pre, h_up, grad_out, layout.row_to_token, *layout.offsets(), row_weights,
-                           activation)  # [TW, H]
+    dw2, _ = weight_grad(h_act_weighted, None, grad_out, layout.row_to_token, *layout.offsets())  # [TW, H]
     dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(), layout.num_rows)  # [R, H]
     dx = combine_rows(dx_rows, layout.flat_to_row, layout.top_k)  # [N, H]
-    dw1, dv1 = up_weight_grad(dh_pre, dh_up, x, layout.row_to_token, *layout.offsets())  # [TW, H] each
+    dw1, dv1 = weight_grad(dh_pre, dh_up, x, layout.row_to_token, *layout.offsets())  # [TW, H] each
     return dx, d_row_weights, dw1, w1.new_empty(0) if dv1 is None else dv1, dw2
 
 
 @_expert_mlp_backward.register_fake
-def _(grad_out, x, row_weights, w1, v1, w2, h_pre, h_up, row_to_token, flat_to_row, expert_row_offsets,
+def _(grad_out, x, row_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, row_to_token, flat_to_row, expert_row_offsets,
       expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k, activation):
     dv1 = w1.new_empty(0) if v1 is None else torch.empty_like(v1)
     return torch.empty_like(x), torch.empty_like(row_weights), torch.empty_like(w1), dv1, torch.empty_like(w2)
@@ -135,18 +136,20 @@ def _(grad_out, x, row_weights, w1, v1, w2, h_pre, h_up, row_to_token, flat_to_r
 
 def _setup_context(ctx, inputs, output):
     x, row_weights, w1, v1, w2, *layout_tensors = inputs[:10]
-    _, h_pre, h_up = output
-    ctx.save_for_backward(x, row_weights, w1, v1, w2, h_pre, None if v1 is None else h_up, *layout_tensors)
+    _, h_pre, h_up, h_act_weighted = output
+    ctx.save_for_backward(x, row_weights, w1, v1, w2, h_pre, None if v1 is None else h_up, h_act_weighted,
+                          *layout_tensors)
     ctx.host_arguments = inputs[10:]  # expert_widths, h_numel, top_k, activation
-    ctx.mark_non_differentiable(h_pre, h_up)
-    # Autograd would otherwise hand the backward zero gradients for h_pre and h_up: a ragged buffer each.
+    ctx.mark_non_differentiable(h_pre, h_up, h_act_weighted)
+    # Autograd would otherwise hand the backward zero gradients for the ragged outputs: a ragged buffer each.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, _grad_h_pre, _grad_h_up):
-    x, row_weights, w1, v1, w2, h_pre, h_up, *layout_tensors = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_h_pre, _grad_h_up, _grad_h_act_weighted):
+    x, row_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors = ctx.saved_tensors
     dx, d_row_weights, dw1, dv1, dw2 = _expert_mlp_backward(
-        grad_out.contiguous(), x, row_weights, w1, v1, w2, h_pre, h_up, *layout_tensors, *ctx.host_arguments)
+        grad_out.contiguous(), x, row_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors,
+        *ctx.host_arguments)
     return (dx, d_row_weights, dw1, None if v1 is None else dv1, dw2) + (None,) * 9
 
 

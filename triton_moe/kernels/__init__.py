@@ -4,10 +4,9 @@ from triton_moe.kernels.activation import ACTIVATIONS, GATED_ACTIVATIONS, is_gat
 from triton_moe.kernels.grouped_gemm import (
     down_projection,
     down_projection_backward,
-    down_weight_grad,
     input_grad_rows,
     up_projection,
-    up_weight_grad,
+    weight_grad,
 )
 from triton_moe.kernels.permute import combine_rows, gather_rows
 from triton_moe.kernels.tuning import GemmBlocks, gemm_blocks
@@ -19,11 +18,10 @@ __all__ = [
     "combine_rows",
     "down_projection",
     "down_projection_backward",
-    "down_weight_grad",
     "gather_rows",
     "gemm_blocks",
     "input_grad_rows",
     "is_gated",
     "up_projection",
-    "up_weight_grad",
+    "weight_grad",
 ]

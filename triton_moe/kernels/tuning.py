@@ -30,32 +30,33 @@ class GemmBlocks:
 
 
 # Triton's interpreter runs each program as numpy operations on the CPU: the cost is per program and per
-# operation, hardly per flop. 32-wide tiles keep the number of programs small for the test shapes while
-# widths 16, 48, 200 and hidden sizes 32, 64, 96 still exercise partial tiles and several tiles per expert.
+# operation, hardly per flop. 128-wide tiles keep the number of programs small for the test shapes while
+# widths 16, 48, 200 and hidden sizes 32, 64, 96 still exercise partial tiles, and width 200 two tiles per expert
+# (test_grouped_gemm passes smaller tiles explicitly to cover more tiles per expert).
 INTERPRETER_BLOCKS = GemmBlocks(block_m=128, block_n=128, block_k=128, num_warps=1, num_stages=1)
 
-# Per role, the tiles that measured best across the shapes of benchmarks/results/h100-2026-11-24/sweep.md
-# (hidden 2048 with 128x768 and 64x1024 top-8, hidden 4096 with 8x14336 top-2; relu_squared), in TFLOP/s there.
-# With the ragged strides declared multiples of 16 (grouped_gemm.WIDTH_MULTIPLE) wide tiles win: 128x256 with 8
-# warps for the two roles that write [R, H] rows from the ragged buffer and for the gathered up projection.
-# The down backward's epilogue recomputes the activation and its derivative, and prefers K steps of 128; the
-# weight gradients, which reduce over the ragged rows, prefer 128x128 tiles.
+# Per role, the tiles that measured best in benchmarks/results/h100-2026-11-25/sweep.md (hidden 2048, 128x768 and
+# 64x1024 top-8, relu_squared), in TFLOP/s there; the 2026-11-24 sweep, which added hidden 4096 with 8x14336
+# top-2, ranked them the same. With the ragged strides declared multiples of 16 (grouped_gemm.WIDTH_MULTIPLE) wide
+# tiles win: 128x256 with 8 warps for the two roles that write [R, H] rows from the ragged buffer and for the two
+# gathered ones (the up projection, and the down backward's dA GEMM, timed with its row pass in
+# h100-2026-11-25/dh_tiles.md, where 128x128x128 gives 323). The weight gradients (dW1 and dW2 are the same GEMM
+# shape), which reduce over the ragged rows, prefer 128x128 tiles.
 GPU_16BIT_ROLE_BLOCKS = {
-    "up": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 327/486/523
-    "down": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 474/551/654
-    "down_backward": GemmBlocks(128, 128, 128, num_warps=8, num_stages=3),  # 293/345/346
-    "input_grad": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 440/542/667
-    "down_weight_grad": GemmBlocks(128, 128, 64, num_warps=4, num_stages=3),  # 238/246/303
-    "up_weight_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # 305/383/381
+    "up": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 465/526
+    "down": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 472/565
+    "down_backward": GemmBlocks(128, 256, 64, num_warps=8, num_stages=4),  # dA + row pass: 392 vs 358 (3 stages)
+    "input_grad": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 489/568
+    "weight_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # dW2 348/409, dW1 349/411
 }
 # A gated (swiglu) activation doubles the operand tiles of the up projection and of the input gradient (two
-# weights, two accumulators or two A operands): 128x256 runs out of shared memory there. The down weight gradient
-# recomputes silu(h_pre) * h_up from two loaded tiles and prefers narrower rows. These measured best in
-# sweep_swiglu.md (hidden 2048, 128x768 top-8; its TFLOP/s count both projections, so compare within a column).
+# weights, two accumulators or two A operands), and the outputs of the weight gradient (dW1 with dV1): 128x256 runs
+# out of shared memory or registers there. Measured in h100-2026-11-25/sweep_swiglu.md (hidden 2048, 128x768
+# top-8, TFLOP/s of the role's GEMMs).
 GPU_16BIT_GATED_BLOCKS = {
-    "up": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # 430 vs 387 for 128x128x64 with 3 stages
-    "input_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=3),  # 422, the only 8-warp tile that fits
-    "down_weight_grad": GemmBlocks(64, 256, 64, num_warps=4, num_stages=3),  # 284 vs 201 for the relu² choice
+    "up": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # 445 (454 with 3 stages; 430 vs 387 the day before)
+    "input_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=3),  # 423, the only 8-warp tile that fits
+    "weight_grad": GemmBlocks(64, 128, 64, num_warps=4, num_stages=4),  # dW1 + dV1: 342 vs 318
 }
 GEMM_ROLES = tuple(GPU_16BIT_ROLE_BLOCKS)
 
@@ -63,8 +64,8 @@ GEMM_ROLES = tuple(GPU_16BIT_ROLE_BLOCKS)
 # as FMAs on the CUDA cores and holds both operand tiles in registers, so 64x64x32 with 4 warps avoids spills.
 GPU_FP32_BLOCKS = GemmBlocks(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
 
-# Permute kernels copy or sum whole rows, one program per row: up to 1024 elements a step is 8 (fp32) or
-# 16 (fp16) contiguous bytes per thread with 4 warps, enough for full-width memory transactions.
+# Permute kernels and the down backward's row pass walk whole rows, one program per row: up to 1024 elements a step
+# is 8 (fp32) or 16 (fp16) contiguous bytes per thread with 4 warps, enough for full-width memory transactions.
 PERMUTE_MAX_BLOCK_H = 1024
 PERMUTE_NUM_WARPS = 4
 
