@@ -21,6 +21,7 @@ from reference import topology_var
 from reference.moe import ACTIVATIONS as REFERENCE_ACTIVATIONS
 from triton_moe import kernels
 from triton_moe.ops import ExpertLayout
+from triton_moe.router_ops import fused_sort_by_expert
 from triton_moe.routing import route, sort_by_expert
 
 
@@ -29,9 +30,9 @@ def triton_steps(layer, x):
     o = triton_operands(layer, x)
     cfg, layout = o.cfg, o.layout
     return {
-        "routing (router GEMM, softmax, top-k, aux loss)": lambda: route(x, layer.router.weight, cfg),
+        "routing (router GEMM, softmax, top-k, aux loss)": lambda: layer._route(x),
         "sort by expert + layout": lambda: ExpertLayout.from_sort(
-            sort_by_expert(o.routing.expert_indices, cfg.num_experts), cfg.expert_widths,
+            fused_sort_by_expert(o.routing.expert_indices, cfg.num_experts, o.routing.block_counts), cfg.expert_widths,
             layer.expert_width_offsets, layer.expert_widths_tensor, cfg.num_active_experts),
         "up GEMM (gather, activation and routing weight fused)": lambda: kernels.up_projection(
             x, o.w1, o.v1, layout.row_to_token, *layout.offsets(), layout.h_numel, cfg.activation, o.row_weights),

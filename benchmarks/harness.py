@@ -6,6 +6,7 @@ timings: a benchmark reports, it does not judge.
 """
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -26,6 +27,7 @@ from baselines import GroupedMMMoE, LoopMoE, megablocks_dmoe  # noqa: E402
 from triton_moe.config import REALISTIC_CONFIGS, SEED_CONFIGS, MoEConfig  # noqa: E402
 from triton_moe import kernels  # noqa: E402
 from triton_moe.ops import ExpertLayout  # noqa: E402
+from triton_moe.router_ops import fused_sort_by_expert  # noqa: E402
 from triton_moe.routing import route, sort_by_expert  # noqa: E402
 
 SEED_TOKENS = 8 * 512  # the seed table's batch 8 x seq 512
@@ -148,8 +150,8 @@ def triton_operands(layer, x) -> SimpleNamespace:
     cfg = layer.config
     ops = SimpleNamespace(cfg=cfg, x=x, w1=layer.w1.detach(), w2=layer.w2.detach(),
                           v1=None if layer.v1 is None else layer.v1.detach())
-    ops.routing = route(x, layer.router.weight, cfg)
-    ops.sort = sort_by_expert(ops.routing.expert_indices, cfg.num_experts)
+    ops.routing = layer._route(x)
+    ops.sort = fused_sort_by_expert(ops.routing.expert_indices, cfg.num_experts, ops.routing.block_counts)
     ops.layout = ExpertLayout.from_sort(ops.sort, cfg.expert_widths, layer.expert_width_offsets,
                                         layer.expert_widths_tensor, cfg.num_active_experts)
     ops.row_weights = ops.routing.expert_weights.flatten()[ops.sort.row_to_flat]
@@ -305,16 +307,25 @@ def graphed_forward_backward_step(layer, x):
     """forward_backward_step captured once in a CUDA graph and replayed: the device time of the layer with no
     host work at all (the upper bound of what any launch-overhead reduction can give). Needs a layer that never
     synchronises with the host: uniform expert widths."""
-    step = forward_backward_step(layer, x)
-    # Warm up on a side stream, as capture requires: the Triton kernels compile and the caching allocator fills.
-    side_stream = torch.cuda.Stream()
-    side_stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side_stream):
-        for _ in range(3):
+    if not layer.config.uniform_width:
+        # Checked before capturing: a capture that fails on the sync leaves the CUDA RNG unusable in this process.
+        raise ValueError("variable widths read the ragged buffer's size back to the host, which a graph cannot hold")
+    # A copy: the layer's parameters went through backward on the default stream, and their gradient accumulators
+    # would wait on it from inside the capture, which invalidates it. The copy's are made on the capture stream.
+    # (Without the last forward's aux loss, a tensor of the autograd graph, which deepcopy refuses.)
+    aux_loss, layer.aux_loss = layer.aux_loss, None
+    try:
+        step = forward_backward_step(copy.deepcopy(layer), x)
+    finally:
+        layer.aux_loss = aux_loss
+    capture_stream = torch.cuda.Stream()
+    capture_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(capture_stream):
+        for _ in range(3):  # as capture requires: the kernels compiled and the caching allocator warm
             step()
-    torch.cuda.current_stream().wait_stream(side_stream)
+    torch.cuda.current_stream().wait_stream(capture_stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=capture_stream):
         step()
     return graph.replay
 

@@ -16,7 +16,7 @@ from triton_moe.kernels import (
     up_projection,
     weight_grad,
 )
-from triton_moe.kernels import grouped_gemm
+from triton_moe.kernels import grouped_gemm, tuning
 from conftest import DEVICE, DTYPES, RefuseLaunch
 
 pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
@@ -273,6 +273,24 @@ def test_down_projection_backward(case, activation, dtype):
         assert_close(dh_up, expected_dh_up, dtype)
     else:
         assert dh_up is None
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_down_projection_backward_row_pass_in_column_steps(activation, monkeypatch):
+    """The row pass with 16 columns a step: rows of 200 take 13 steps, and one program holds every row (128 rows
+    a program), of all four widths, and masks the rest."""
+    monkeypatch.setattr(tuning, "PERMUTE_MAX_BLOCK_H", 16)
+    routing, h_pre, h_up, w2, grad_out = random_down_inputs("mixed_widths", activation, torch.float32)
+    dh_pre, dh_up, d_row_weights = down_projection_backward(
+        grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout, routing.row_weights, activation
+    )
+    expected_dh_pre, expected_dh_up, expected_d_row_weights, _ = reference_down_backward(
+        h_pre, h_up, w2, grad_out, routing, routing.row_weights, activation
+    )
+    assert_close(dh_pre, expected_dh_pre, torch.float32)
+    assert_close(d_row_weights, expected_d_row_weights, torch.float32)
+    if is_gated(activation):
+        assert_close(dh_up, expected_dh_up, torch.float32)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -1,7 +1,8 @@
 """MoELayer: what the Triton MoEMLP and the stk reference share: parameters, input checks, routing, aux loss.
 
 A subclass implements `_experts(x, routing, intermediates)`, the expert computation from routed tokens to
-the combined output. Everything around it (flattening `[..., hidden]`, dtype handling, the router and its
+the combined output, and may replace `_route` (the plain-torch `routing.route`) by a faster one with the same
+results. Everything around it (flattening `[..., hidden]`, dtype handling, the router and its
 auxiliary loss) lives here once, so the two implementations differ only where they are meant to.
 """
 
@@ -50,7 +51,7 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden] -> [..., hidden], same dtype; the weighted aux loss is kept on `self.aux_loss`."""
         x_flat = self._flatten_input(x)  # [N, hidden]
-        routing = route(x_flat, self.router.weight, self.config)
+        routing = self._route(x_flat)
         self.aux_loss = routing.aux_loss
         output = self._experts_or_empty(x_flat, routing, None)  # [N, hidden]
         return output.view(x.shape).to(x.dtype)
@@ -65,7 +66,7 @@ class MoELayer(nn.Module):
         weight), output [..., hidden], aux_loss [].
         """
         x_flat = self._flatten_input(x)
-        routing = route(x_flat, self.router.weight, self.config)
+        routing = self._route(x_flat)
         self.aux_loss = routing.aux_loss
         intermediates = {
             "router_logits": routing.router_logits,
@@ -76,6 +77,10 @@ class MoELayer(nn.Module):
         output = self._experts_or_empty(x_flat, routing, intermediates)
         intermediates["output"] = output.view(x.shape).to(x.dtype)
         return intermediates
+
+    def _route(self, x: torch.Tensor) -> Routing:
+        """Router logits, top-k weights and indices, aux loss of x [N, hidden] (N >= 0): `routing.route`."""
+        return route(x, self.router.weight, self.config)
 
     def _experts(self, x: torch.Tensor, routing: Routing, intermediates: dict | None) -> torch.Tensor:
         """Expert MLPs and the weighted combine: x [N, hidden] (N >= 1) -> [N, hidden] in the compute dtype.

@@ -1,8 +1,8 @@
 """MoEMLP: the topology-free Triton Mixture-of-Experts MLP. What a user imports.
 
 One forward (N tokens, k = top-k, E experts of widths W_e, R = N * k rows):
-    route            x [N, H] -> expert_weights, expert_indices [N, k], aux_loss      (layer.py, routing.py)
-    sort by expert   -> row_to_token [R], expert_row_offsets [E+1]                    (routing.py)
+    route            x [N, H] -> expert_weights, expert_indices [N, k], aux_loss      (router_ops.fused_route)
+    sort by expert   -> row_to_token [R], expert_row_offsets [E+1]             (router_ops.fused_sort_by_expert)
     layout           -> where each expert's rows and ragged hidden block lie           (ops.ExpertLayout)
     expert_mlp       gather + up + activation, down * routing weight, combine -> [N, H] (ops.py -> kernels/)
 No padding and no sparse topology: each kernel program finds its (expert, row tile, column tile) from the
@@ -15,7 +15,7 @@ from triton_moe.config import MoEConfig
 from triton_moe.kernels import down_projection, gather_rows, up_projection
 from triton_moe.layer import MoELayer
 from triton_moe.ops import ExpertLayout, expert_mlp
-from triton_moe.routing import Routing, sort_by_expert
+from triton_moe.router_ops import FusedRouting, fused_route, fused_sort_by_expert
 
 
 class MoEMLP(MoELayer):
@@ -26,10 +26,15 @@ class MoEMLP(MoELayer):
         self.register_buffer("expert_width_offsets", torch.tensor(config.expert_width_offsets), persistent=False)
         self.register_buffer("expert_widths_tensor", torch.tensor(config.expert_widths), persistent=False)
 
-    def _experts(self, x: torch.Tensor, routing: Routing, intermediates: dict | None) -> torch.Tensor:
+    def _route(self, x: torch.Tensor) -> FusedRouting:
+        """routing.route's results in two kernels after the router GEMM, plus the counts the sort reuses."""
+        return fused_route(x, self.router.weight, self.config)
+
+    def _experts(self, x: torch.Tensor, routing: FusedRouting, intermediates: dict | None) -> torch.Tensor:
         cfg = self.config
         dtype = self.compute_dtype(x)
-        sort = sort_by_expert(routing.expert_indices, cfg.num_experts)  # rows by expert, then token, then slot
+        # rows by expert, then token, then slot: routing.sort_by_expert's result, from the route's counts
+        sort = fused_sort_by_expert(routing.expert_indices, cfg.num_experts, routing.block_counts)
         layout = ExpertLayout.from_sort(sort, cfg.expert_widths, self.expert_width_offsets,
                                         self.expert_widths_tensor, cfg.num_active_experts)
         row_weights = layout.sorted_row_weights(routing.expert_weights)  # [R] fp32

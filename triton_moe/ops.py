@@ -64,7 +64,7 @@ class ExpertLayout:
 
     def sorted_row_weights(self, expert_weights: torch.Tensor) -> torch.Tensor:
         """The routing weight of each expert-sorted row: expert_weights [N, k] -> [R], differentiable."""
-        return expert_weights.flatten()[self.row_to_flat]
+        return _PermuteRows.apply(expert_weights.flatten(), self.row_to_flat, self.flat_to_row)
 
     def offsets(self) -> tuple:
         """The layout arguments every grouped-GEMM launcher takes, in their order."""
@@ -81,6 +81,21 @@ class ExpertLayout:
         """Inverse of op_arguments (row_to_flat is not needed inside the ops and is left None)."""
         return cls(row_to_token, None, flat_to_row, expert_row_offsets, expert_width_offsets, list(expert_widths),
                    expert_h_offsets, h_numel, top_k)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """values[permutation] [R], whose backward gathers by the inverse permutation. (Indexing's own backward
+    scatters with accumulation, which sorts the indices again: six launches and a radix sort per step.)"""
+
+    @staticmethod
+    def forward(ctx, values, permutation, inverse):
+        ctx.save_for_backward(inverse)
+        return values[permutation]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
 
 
 # The forward and backward are registered as torch.library custom ops, so that torch.compile sees each as one

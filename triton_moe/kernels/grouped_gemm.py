@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
-from triton_moe.kernels.tuning import PERMUTE_NUM_WARPS, GemmBlocks, gemm_blocks, permute_block_h
+from triton_moe.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor_shape
+from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, ROW_PASS_ELEMENTS, GemmBlocks, gemm_blocks,
+                                       permute_block_h)
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INDEX_DTYPES = (torch.int32, torch.int64)
 # The largest common factor of the expert widths worth telling the compiler (WIDTH_MULTIPLE): 16 elements hold
 # a whole 16-byte vector in every dtype, and Triton marks integer arguments divisible by 16 the same way.
 WIDTH_ALIGNMENT = 16
@@ -267,48 +267,53 @@ def _activation_backward_rows(
     d_act_ptr, h_pre_ptr, h_up_ptr, row_weights_ptr,
     dh_up_ptr, d_row_weights_ptr,
     expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
-    num_experts,
+    num_rows, num_experts,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     HAS_ROW_WEIGHTS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
     BLOCK_W: tl.constexpr,
     EXPERTS_POW2: tl.constexpr,
     WIDTH_MULTIPLE: tl.constexpr,
 ):
-    """One expert-sorted row r of the ragged dA (the gradient for the row's unweighted activations), in place.
+    """BLOCK_ROWS expert-sorted rows of the ragged dA (the gradient for the rows' unweighted activations), in place.
 
     With act = act(h_pre[, h_up]) recomputed in fp32: d_row_weights[r] = sum_n dA * act (if HAS_ROW_WEIGHTS),
     then dA becomes dh_pre = row_weights[r] * dA * d act / d h_pre, and dh_up = row_weights[r] * dA * d act / d h_up
-    (GATED). The row is walked BLOCK_W columns at a time.
+    (GATED). Each row has its expert's width and place in the buffer; the rows are walked BLOCK_W columns a step.
     """
-    row = tl.program_id(0)
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,)
+    row_mask = rows < num_rows
     experts = tl.arange(0, EXPERTS_POW2)
-    expert_row_ends = tl.load(expert_row_offsets_ptr + experts + 1, mask=experts < num_experts, other=0)
-    expert = tl.sum(((expert_row_ends <= row) & (experts < num_experts)).to(tl.int32), 0)
+    is_expert = experts < num_experts
+    expert_row_ends = tl.load(expert_row_offsets_ptr + experts + 1, mask=is_expert, other=0)  # (EXPERTS_POW2,)
+    expert = tl.sum(((expert_row_ends[None, :] <= rows[:, None]) & is_expert[None, :]).to(tl.int32), 1)
+    expert = tl.where(row_mask, expert, 0)  # (BLOCK_ROWS,); rows past the end read expert 0's extent, unused
     row_start, _, _, width, h_start = _expert_extent(
         expert, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr, WIDTH_MULTIPLE)
-    row_offset = h_start + (row - row_start).to(tl.int64) * width
+    row_offsets = h_start + (rows - row_start).to(tl.int64) * width  # (BLOCK_ROWS,)
+    width = tl.where(row_mask, width, 0)
     cols = tl.arange(0, BLOCK_W)  # (BLOCK_W,)
     if HAS_ROW_WEIGHTS:
-        row_weight = tl.load(row_weights_ptr + row)
-        row_weight_grad = tl.zeros((BLOCK_W,), dtype=tl.float32)
-    for col_start in range(0, width, BLOCK_W):
-        col_mask = cols < width - col_start
-        offsets = row_offset + col_start + cols
-        d_act = tl.load(d_act_ptr + offsets, mask=col_mask, other=0.0).to(tl.float32)
-        h_pre = tl.load(h_pre_ptr + offsets, mask=col_mask, other=0.0).to(tl.float32)
+        row_weights = tl.load(row_weights_ptr + rows, mask=row_mask, other=0.0)[:, None]  # (BLOCK_ROWS, 1)
+        row_weight_grads = tl.zeros((BLOCK_ROWS, BLOCK_W), dtype=tl.float32)
+    for col_start in range(0, tl.max(width, 0), BLOCK_W):
+        mask = cols[None, :] < width[:, None] - col_start  # (BLOCK_ROWS, BLOCK_W)
+        offsets = row_offsets[:, None] + col_start + cols[None, :]
+        d_act = tl.load(d_act_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        h_pre = tl.load(h_pre_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         h_up = None
         if GATED:
-            h_up = tl.load(h_up_ptr + offsets, mask=col_mask, other=0.0).to(tl.float32)
+            h_up = tl.load(h_up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_ROW_WEIGHTS:
-            row_weight_grad += d_act * activation_forward(h_pre, h_up, ACTIVATION)
-            d_act = d_act * row_weight
+            row_weight_grads += d_act * activation_forward(h_pre, h_up, ACTIVATION)
+            d_act = d_act * row_weights
         d_act_d_pre, d_act_d_up = activation_backward(h_pre, h_up, ACTIVATION)
-        tl.store(d_act_ptr + offsets, (d_act * d_act_d_pre).to(d_act_ptr.dtype.element_ty), mask=col_mask)
+        tl.store(d_act_ptr + offsets, (d_act * d_act_d_pre).to(d_act_ptr.dtype.element_ty), mask=mask)
         if GATED:
-            tl.store(dh_up_ptr + offsets, (d_act * d_act_d_up).to(dh_up_ptr.dtype.element_ty), mask=col_mask)
+            tl.store(dh_up_ptr + offsets, (d_act * d_act_d_up).to(dh_up_ptr.dtype.element_ty), mask=mask)
     if HAS_ROW_WEIGHTS:
-        tl.store(d_row_weights_ptr + row, tl.sum(row_weight_grad, 0))
+        tl.store(d_row_weights_ptr + rows, tl.sum(row_weight_grads, 1), mask=row_mask)
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:
@@ -322,26 +327,17 @@ def _next_power_of_2(value: int) -> int:
     return 1 << (value - 1).bit_length()
 
 
-def _check_tensor(name, tensor, shape, dtypes):
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
-    if tensor.dtype not in dtypes:
-        raise ValueError(f"{name} must have a dtype in {dtypes}, got {tensor.dtype}")
-    if not tensor.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
 def _check_token_rows(name, tensor, dtypes):
     """`tensor` is a contiguous [N, H] matrix of token rows with a dtype in `dtypes`."""
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be [N, H], got shape {tuple(tensor.shape)}")
-    _check_tensor(name, tensor, tensor.shape, dtypes)
+    check_tensor_shape(name, tensor, tensor.shape, dtypes)
 
 
 def _check_row_weights(row_weights, num_rows):
     """`row_weights` is None or the [R] fp32 routing weight of each expert-sorted row."""
     if row_weights is not None:
-        _check_tensor("row_weights", row_weights, (num_rows,), (torch.float32,))
+        check_tensor_shape("row_weights", row_weights, (num_rows,), (torch.float32,))
 
 
 def _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width):
@@ -351,9 +347,9 @@ def _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, exper
         raise ValueError(f"expert_widths must list at least one expert, each >= 1, got {expert_widths}")
     if sum(expert_widths) != total_width:
         raise ValueError(f"expert_widths sum to {sum(expert_widths)}, but the weights have {total_width} rows")
-    _check_tensor("expert_row_offsets", expert_row_offsets, (num_experts + 1,), INDEX_DTYPES)
-    _check_tensor("expert_width_offsets", expert_width_offsets, (num_experts + 1,), INDEX_DTYPES)
-    _check_tensor("expert_h_offsets", expert_h_offsets, (num_experts + 1,), (torch.int64,))
+    check_tensor_shape("expert_row_offsets", expert_row_offsets, (num_experts + 1,), INDEX_DTYPES)
+    check_tensor_shape("expert_width_offsets", expert_width_offsets, (num_experts + 1,), INDEX_DTYPES)
+    check_tensor_shape("expert_h_offsets", expert_h_offsets, (num_experts + 1,), (torch.int64,))
 
 
 def _check_gated_pair(name, tensor, activation, shape, dtype):
@@ -364,7 +360,7 @@ def _check_gated_pair(name, tensor, activation, shape, dtype):
     elif not is_gated(activation):
         raise ValueError(f"{name} must be None for the activation {activation!r}")
     else:
-        _check_tensor(name, tensor, shape, (dtype,))
+        check_tensor_shape(name, tensor, shape, (dtype,))
 
 
 def _launch_options(dtype, blocks, expert_widths):
@@ -448,9 +444,9 @@ def up_projection(
     """
     check_activation(activation)
     _check_token_rows("x", x, FLOAT_DTYPES)
-    _check_tensor("w1", w1, (sum(expert_widths), x.shape[1]), (x.dtype,))
+    check_tensor_shape("w1", w1, (sum(expert_widths), x.shape[1]), (x.dtype,))
     _check_gated_pair("v1", v1, activation, w1.shape, x.dtype)
-    _check_tensor("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
+    check_tensor_shape("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
     _check_row_weights(row_weights, row_to_token.numel())
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w1.shape[0])
     h_pre = torch.empty(h_numel, dtype=x.dtype, device=x.device)  # (h_numel,) ragged
@@ -493,8 +489,8 @@ def down_projection(
     Returns:
         y: [R, H] of h_act.dtype, one row per expert-sorted row (combine_rows sums them per token).
     """
-    _check_tensor("h_act", h_act, (h_act.numel(),), FLOAT_DTYPES)
-    _check_tensor("w2", w2, (sum(expert_widths), w2.shape[-1]), (h_act.dtype,))
+    check_tensor_shape("h_act", h_act, (h_act.numel(),), FLOAT_DTYPES)
+    check_tensor_shape("w2", w2, (sum(expert_widths), w2.shape[-1]), (h_act.dtype,))
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
     y = torch.empty((num_rows, w2.shape[1]), dtype=h_act.dtype, device=h_act.device)  # (R, H)
     if num_rows > 0:
@@ -545,11 +541,11 @@ def down_projection_backward(
     """
     check_activation(activation)
     _check_token_rows("grad_out", grad_out, FLOAT_DTYPES)
-    _check_tensor("w2", w2, (sum(expert_widths), grad_out.shape[1]), (grad_out.dtype,))
-    _check_tensor("h_pre", h_pre, (h_pre.numel(),), (grad_out.dtype,))
+    check_tensor_shape("w2", w2, (sum(expert_widths), grad_out.shape[1]), (grad_out.dtype,))
+    check_tensor_shape("h_pre", h_pre, (h_pre.numel(),), (grad_out.dtype,))
     _check_gated_pair("h_up", h_up, activation, h_pre.shape, grad_out.dtype)
     num_rows = row_to_token.numel()
-    _check_tensor("row_to_token", row_to_token, (num_rows,), INDEX_DTYPES)
+    check_tensor_shape("row_to_token", row_to_token, (num_rows,), INDEX_DTYPES)
     _check_row_weights(row_weights, num_rows)
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
     dh_pre = torch.empty_like(h_pre)  # (h_numel,) ragged: dA, then dh_pre in place
@@ -564,15 +560,18 @@ def down_projection_backward(
             expert_width_offsets=expert_width_offsets, expert_widths=expert_widths,
             expert_h_offsets=expert_h_offsets, blocks=blocks,
         )
-        _activation_backward_rows[(num_rows,)](
+        block_w = permute_block_h(max(expert_widths))
+        block_rows = ROW_PASS_ELEMENTS // block_w if ROW_PASS_ELEMENTS > block_w else 1
+        _activation_backward_rows[(_ceil_div(num_rows, block_rows),)](
             dh_pre, h_pre, h_up, row_weights,
             dh_up, d_row_weights,
             expert_row_offsets, expert_width_offsets, expert_h_offsets,
-            len(expert_widths),
+            num_rows, len(expert_widths),
             ACTIVATION=activation,
             GATED=is_gated(activation),
             HAS_ROW_WEIGHTS=row_weights is not None,
-            BLOCK_W=permute_block_h(max(expert_widths)),
+            BLOCK_ROWS=block_rows,
+            BLOCK_W=block_w,
             EXPERTS_POW2=_next_power_of_2(len(expert_widths)),
             WIDTH_MULTIPLE=math.gcd(WIDTH_ALIGNMENT, *expert_widths),
             num_warps=PERMUTE_NUM_WARPS,
@@ -604,13 +603,13 @@ def input_grad_rows(
     Returns:
         dx_rows: [R, H] of dh_pre.dtype (combine_rows sums them per token into dx).
     """
-    _check_tensor("dh_pre", dh_pre, (dh_pre.numel(),), FLOAT_DTYPES)
-    _check_tensor("w1", w1, (sum(expert_widths), w1.shape[-1]), (dh_pre.dtype,))
+    check_tensor_shape("dh_pre", dh_pre, (dh_pre.numel(),), FLOAT_DTYPES)
+    check_tensor_shape("w1", w1, (sum(expert_widths), w1.shape[-1]), (dh_pre.dtype,))
     if (dh_up is None) != (v1 is None):
         raise ValueError("dh_up and v1 must be given together (gated activation) or both be None")
     if dh_up is not None:
-        _check_tensor("dh_up", dh_up, dh_pre.shape, (dh_pre.dtype,))
-        _check_tensor("v1", v1, w1.shape, (dh_pre.dtype,))
+        check_tensor_shape("dh_up", dh_up, dh_pre.shape, (dh_pre.dtype,))
+        check_tensor_shape("v1", v1, w1.shape, (dh_pre.dtype,))
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w1.shape[0])
     dx_rows = torch.empty((num_rows, w1.shape[1]), dtype=dh_pre.dtype, device=dh_pre.device)  # (R, H)
     if num_rows > 0:
@@ -649,11 +648,11 @@ def weight_grad(
     Returns:
         dw, dw_2 (None without ragged2): [TW, H] of ragged.dtype; experts without rows get zeros.
     """
-    _check_tensor("ragged", ragged, (ragged.numel(),), FLOAT_DTYPES)
+    check_tensor_shape("ragged", ragged, (ragged.numel(),), FLOAT_DTYPES)
     if ragged2 is not None:
-        _check_tensor("ragged2", ragged2, ragged.shape, (ragged.dtype,))
+        check_tensor_shape("ragged2", ragged2, ragged.shape, (ragged.dtype,))
     _check_token_rows("token_rows", token_rows, (ragged.dtype,))
-    _check_tensor("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
+    check_tensor_shape("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
     total_width = sum(expert_widths)
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width)
     shape = (total_width, token_rows.shape[1])

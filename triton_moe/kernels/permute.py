@@ -8,10 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
+from triton_moe.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor_dim
 from triton_moe.kernels.tuning import PERMUTE_NUM_WARPS, permute_block_h
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit
@@ -40,15 +39,6 @@ def _combine_rows_kernel(rows_ptr, flat_to_row_ptr, out_ptr, hidden, top_k, BLOC
         tl.store(out_ptr + token * hidden + col_start + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
-def _check_tensor(name, tensor, dim, dtypes):
-    if tensor.dim() != dim:
-        raise ValueError(f"{name} must have {dim} dimension(s), got shape {tuple(tensor.shape)}")
-    if tensor.dtype not in dtypes:
-        raise ValueError(f"{name} must have a dtype in {dtypes}, got {tensor.dtype}")
-    if not tensor.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
 def gather_rows(src: torch.Tensor, row_to_token: torch.Tensor) -> torch.Tensor:
     """Copy each expert-sorted row's token: rows[r] = src[row_to_token[r]].
 
@@ -58,8 +48,8 @@ def gather_rows(src: torch.Tensor, row_to_token: torch.Tensor) -> torch.Tensor:
     Returns:
         rows: [R, H] of src.dtype.
     """
-    _check_tensor("src", src, 2, _FLOAT_DTYPES)
-    _check_tensor("row_to_token", row_to_token, 1, _INDEX_DTYPES)
+    check_tensor_dim("src", src, 2, FLOAT_DTYPES)
+    check_tensor_dim("row_to_token", row_to_token, 1, INDEX_DTYPES)
     num_rows, hidden = row_to_token.shape[0], src.shape[1]
     rows = torch.empty((num_rows, hidden), dtype=src.dtype, device=src.device)  # (R, H)
     if num_rows > 0 and hidden > 0:
@@ -81,8 +71,8 @@ def combine_rows(rows: torch.Tensor, flat_to_row: torch.Tensor, top_k: int) -> t
     Returns:
         out: [N, H] of rows.dtype.
     """
-    _check_tensor("rows", rows, 2, _FLOAT_DTYPES)
-    _check_tensor("flat_to_row", flat_to_row, 1, _INDEX_DTYPES)
+    check_tensor_dim("rows", rows, 2, FLOAT_DTYPES)
+    check_tensor_dim("flat_to_row", flat_to_row, 1, INDEX_DTYPES)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if flat_to_row.shape[0] != rows.shape[0] or rows.shape[0] % top_k != 0:

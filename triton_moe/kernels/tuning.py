@@ -64,10 +64,43 @@ GEMM_ROLES = tuple(GPU_16BIT_ROLE_BLOCKS)
 # as FMAs on the CUDA cores and holds both operand tiles in registers, so 64x64x32 with 4 warps avoids spills.
 GPU_FP32_BLOCKS = GemmBlocks(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
 
-# Permute kernels and the down backward's row pass walk whole rows, one program per row: up to 1024 elements a step
-# is 8 (fp32) or 16 (fp16) contiguous bytes per thread with 4 warps, enough for full-width memory transactions.
+# Permute kernels and the down backward's row pass walk whole rows: up to 1024 elements of a row a step is 8 (fp32)
+# or 16 (fp16) contiguous bytes per thread with 4 warps, enough for full-width memory transactions.
 PERMUTE_MAX_BLOCK_H = 1024
 PERMUTE_NUM_WARPS = 4
+# The row pass takes several short rows a program, about 2048 elements in all (8 rows of width 256): one program
+# per row of 256 had 2 elements a thread and took 28 µs for the 32768 rows of a seed config.
+ROW_PASS_ELEMENTS = 2048
+
+
+# Routing and the counting sort (kernels/router.py).
+# The route kernels work on [tile tokens, EXPERTS_POW2] fp32 tiles (logits, probabilities, scores, slots): 2048
+# elements with 8 warps is 8 per thread, which ptxas (Triton 3.6, sm_90) compiles without spilling for E from 1
+# to 2048 and k = 8; 4096 elements, or 4 warps, spill in the backward.
+ROUTE_TILE_ELEMENTS = 2048
+ROUTE_NUM_WARPS = 8
+# Triton's interpreter pays per program and per operation rather than per element: 4x larger tiles there keep the
+# CPU tests quick, and still take several tiles a block from 129 experts on.
+INTERPRETER_ROUTE_TILE_ELEMENTS = 8192
+# The forward covers 64 tokens a program, a tile at a time: 4096 tokens (the launch-bound size) make 64 programs,
+# and the per-block tables ([blocks, E] counts and probability sums), which one program reduces afterwards, have
+# N / 64 rows whatever the tile.
+ROUTE_BLOCK_TOKENS = 64
+# The single-program reductions over [blocks, E] tables are bound by the latency of their loads: each step loads
+# a tile of 8192 elements (at most 1024 experts wide), 16 per thread with 16 warps (no spills), so that the
+# 256 x 128 tables of 16384 tokens and 128 experts take 4 steps.
+TABLE_TILE_ELEMENTS = 8192
+TABLE_MAX_EXPERTS = 1024
+TABLE_NUM_WARPS = 16
+# Without the route's counts, the sort counts blocks of 256 assignments itself. The rank of an assignment compares
+# it with every other of its block, 32 at a time: the work of a block grows with the square of its size.
+SORT_BLOCK_ASSIGNMENTS = 256
+RANK_CHUNK = 32
+# The counting zeroes its row of the [blocks, E] table 1024 experts a step, and the scatter moves 1024 assignments
+# a program: 8 elements per thread with 4 warps.
+ZERO_CHUNK = 1024
+SCATTER_BLOCK = 1024
+SORT_NUM_WARPS = 4
 
 
 def running_in_interpreter() -> bool:

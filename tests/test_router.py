@@ -1,0 +1,243 @@
+"""fused_route and fused_sort_by_expert (triton_moe/router_ops.py over triton_moe/kernels/router.py) against the
+plain-torch routing.route and routing.sort_by_expert: forward, gradients, edge cases, validation, custom ops."""
+
+import pytest
+import torch
+
+from triton_moe.config import MoEConfig
+from triton_moe.kernels import router
+from triton_moe.router_ops import ExpertBlockCounts, fused_route, fused_sort_by_expert
+from triton_moe.routing import ExpertSort, route, sort_by_expert
+from conftest import DEVICE, RefuseLaunch
+
+HIDDEN = 32
+# Everything runs in fp32: the kernels' exponentials and summation orders differ from torch's by a few ulps of the
+# largest terms. Sums over the tokens (router_weight's gradient) cancel to small elements, so the absolute
+# tolerance scales with the largest element.
+RTOL = 1e-5
+ATOL_PER_LARGEST = 1e-6
+EXPERTS_AND_TOP_K = [(experts, top_k) for experts in (1, 3, 8, 64, 130) for top_k in (1, 2, 8) if top_k <= experts]
+NUM_TOKENS = [0, 1, 37, 300]
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Fill what torch.empty(_like) allocates with NaN, or -7 for integers, so that any element a kernel leaves
+    unwritten fails the comparison with the reference."""
+
+    def poisoned(allocate):
+        def allocate_poisoned(*args, **kwargs):
+            tensor = allocate(*args, **kwargs)
+            return tensor.fill_(float("nan") if tensor.is_floating_point() else -7)
+
+        return allocate_poisoned
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
+
+def make_config(num_experts, top_k, normalize_weights=True):
+    # Coefficients above the defaults, so that both terms of the aux loss weigh in its gradient.
+    return MoEConfig(expert_sizes=[(num_experts, 16)], num_active_experts=top_k, hidden_size=HIDDEN,
+                     normalize_weights=normalize_weights, load_balance_coef=0.5, z_loss_coef=0.1)
+
+
+def make_router_inputs(num_tokens, num_experts, seed=0):
+    """x [N, HIDDEN] and router_weight [E, HIDDEN], fp32, requiring grad; logits of order 1, without exact ties."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((num_tokens, HIDDEN), generator=generator)
+    router_weight = torch.randn((num_experts, HIDDEN), generator=generator) * HIDDEN**-0.5
+    logits = x @ router_weight.T  # (N, E)
+    assert (logits.sort(dim=1).values.diff(dim=1) != 0).all(), "tied logits: the expert order would be arbitrary"
+    return x.to(DEVICE).requires_grad_(), router_weight.to(DEVICE).requires_grad_()
+
+
+def assert_close(name, got, want):
+    largest = want.abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL_PER_LARGEST * max(largest, 1.0),
+                               msg=lambda message: f"{name}: {message}")
+
+
+def assert_sorts_equal(got: ExpertSort, want: ExpertSort):
+    for name in ExpertSort.__dataclass_fields__:
+        got_field, want_field = getattr(got, name), getattr(want, name)
+        assert got_field.dtype == want_field.dtype, f"{name}: dtype {got_field.dtype} != {want_field.dtype}"
+        assert torch.equal(got_field, want_field), f"{name} differs"
+
+
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+@pytest.mark.parametrize("normalize_weights", [True, False])
+@pytest.mark.parametrize("num_experts, top_k", EXPERTS_AND_TOP_K)
+def test_fused_route_matches_route(num_experts, top_k, normalize_weights, num_tokens):
+    """Same routing, and the same gradients of x and router_weight from the weights and from the aux loss."""
+    config = make_config(num_experts, top_k, normalize_weights)
+    x, router_weight = make_router_inputs(num_tokens, num_experts)
+    got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
+    assert torch.equal(got.expert_indices, want.expert_indices)
+    assert torch.equal(got.router_logits, want.router_logits)
+    assert_close("expert_weights", got.expert_weights, want.expert_weights)
+    assert_close("aux_loss", got.aux_loss, want.aux_loss)
+
+    upstream = torch.randn((num_tokens, top_k), generator=torch.Generator().manual_seed(1)).to(DEVICE)  # (N, k)
+    # The aux loss is a mean over the tokens: times N, its gradient per token weighs as much as the weights'.
+    got_grads = torch.autograd.grad((got.expert_weights * upstream).sum() + num_tokens * got.aux_loss,
+                                    (x, router_weight))
+    want_grads = torch.autograd.grad((want.expert_weights * upstream).sum() + num_tokens * want.aux_loss,
+                                     (x, router_weight))
+    for name, got_grad, want_grad in zip(("x", "router_weight"), got_grads, want_grads):
+        assert_close(f"grad of {name}", got_grad, want_grad)
+
+
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+@pytest.mark.parametrize("num_experts, top_k", EXPERTS_AND_TOP_K)
+def test_fused_sort_matches_sort_by_expert(num_experts, top_k, num_tokens):
+    """The route's block counts and the sort's own counting give sort_by_expert's ExpertSort exactly."""
+    x, router_weight = make_router_inputs(num_tokens, num_experts)
+    with torch.no_grad():
+        routing = fused_route(x, router_weight, make_config(num_experts, top_k))
+    want = sort_by_expert(routing.expert_indices, num_experts)
+    assert_sorts_equal(fused_sort_by_expert(routing.expert_indices, num_experts, routing.block_counts), want)
+    assert_sorts_equal(fused_sort_by_expert(routing.expert_indices, num_experts), want)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("num_tokens, top_k, num_experts", [(300, 3, 5), (100, 4, 3000), (7, 1, 40000)])
+def test_sort_of_any_indices(num_tokens, top_k, num_experts, index_dtype):
+    """Indices that no top-k gives (repeated experts within a token, most experts empty, int32 row experts past
+    32767 experts) sort like sort_by_expert."""
+    generator = torch.Generator().manual_seed(0)
+    expert_indices = torch.randint(0, num_experts, (num_tokens, top_k), generator=generator)  # (N, k)
+    expert_indices = expert_indices.to(device=DEVICE, dtype=index_dtype)
+    assert_sorts_equal(fused_sort_by_expert(expert_indices, num_experts),
+                       sort_by_expert(expert_indices.long(), num_experts))
+
+
+def test_every_loop_takes_several_steps(monkeypatch):
+    """Tiles small enough that the route kernel walks several tiles a block and the single-program reductions
+    several row and expert chunks; blocks of the sort that do not hold a whole number of tokens."""
+    monkeypatch.setattr(router, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile, 4 tiles a block
+    monkeypatch.setattr(router, "TABLE_TILE_ELEMENTS", 8)  # 2 blocks by 4 experts a step
+    monkeypatch.setattr(router, "TABLE_MAX_EXPERTS", 4)
+    monkeypatch.setattr(router, "ZERO_CHUNK", 4)
+    num_experts, top_k = 11, 3
+    config = make_config(num_experts, top_k)
+    x, router_weight = make_router_inputs(150, num_experts)  # 3 blocks, the last one partial
+    got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
+    assert torch.equal(got.expert_indices, want.expert_indices)
+    assert_close("expert_weights", got.expert_weights, want.expert_weights)
+    assert_close("aux_loss", got.aux_loss, want.aux_loss)
+    want_sort = sort_by_expert(want.expert_indices, num_experts)
+    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.block_counts), want_sort)
+    block_counts = ExpertBlockCounts(7, *router.count_expert_blocks(got.expert_indices, num_experts, 7))
+    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, block_counts), want_sort)
+
+
+def test_ties_do_not_change_the_weights():
+    """With exact ties the kernel takes the lowest expert first (as a stable sort would); whichever tied expert is
+    taken, the weights are the same as route's."""
+    num_experts, top_k = 16, 4
+    generator = torch.Generator().manual_seed(0)
+    # One-hot tokens pick rows of an integer-valued router: integer logits, with many ties.
+    x = torch.eye(HIDDEN)[torch.randint(0, HIDDEN, (64,), generator=generator)].to(DEVICE)  # (N, H)
+    router_weight = torch.randint(0, 3, (num_experts, HIDDEN), generator=generator).float().to(DEVICE)  # (E, H)
+    config = make_config(num_experts, top_k)
+    got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
+    lowest_first = torch.sort(got.router_logits, dim=1, descending=True, stable=True).indices[:, :top_k]
+    assert torch.equal(got.expert_indices, lowest_first)
+    assert_close("expert_weights", got.expert_weights, want.expert_weights)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the softmax of a row of -inf is NaN
+def test_infinite_and_nan_logits_pick_real_distinct_experts():
+    """-inf logits rank above padding and taken experts, NaN above everything (as torch.topk ranks NaN): every
+    token still gets top_k distinct experts in [0, E), so that the sort stays in bounds."""
+    num_experts, top_k = 5, 4
+    logits = torch.randn((3, num_experts))  # (N, E)
+    logits[0, 1:] = float("-inf")
+    logits[1] = float("-inf")
+    logits[2, 3] = float("nan")
+    expert_indices = router.topk_softmax(logits.to(DEVICE), top_k, True, 0.0, 0.0)[1].cpu()
+    assert ((expert_indices >= 0) & (expert_indices < num_experts)).all()
+    assert (expert_indices.sort(dim=1).values.diff(dim=1) > 0).all()
+    assert expert_indices[0, 0] == 0 and expert_indices[2, 0] == 3
+
+
+def test_results_are_reproducible():
+    config = make_config(64, 8)
+    x, router_weight = make_router_inputs(300, 64)
+    runs = []
+    for _ in range(2):
+        routing = fused_route(x, router_weight, config)
+        grads = torch.autograd.grad((routing.expert_weights.sum() + routing.aux_loss), (x, router_weight))
+        runs.append((routing.expert_weights, routing.aux_loss, *grads))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_no_tokens_launches_nothing(monkeypatch):
+    for name in ("_topk_softmax_kernel", "_aux_loss_kernel", "_topk_softmax_backward_kernel",
+                 "_count_expert_blocks_kernel", "_expert_offsets_kernel", "_scatter_sorted_rows_kernel"):
+        monkeypatch.setattr(router, name, RefuseLaunch())
+    x, router_weight = make_router_inputs(0, 8)
+    routing = fused_route(x, router_weight, make_config(8, 2))
+    assert routing.expert_weights.shape == routing.expert_indices.shape == (0, 2)
+    assert routing.aux_loss.item() == 0
+    grads = torch.autograd.grad(routing.expert_weights.sum() + routing.aux_loss, (x, router_weight))
+    assert grads[0].shape == (0, HIDDEN) and not grads[1].any()
+    for block_counts in (routing.block_counts, None):
+        sort = fused_sort_by_expert(routing.expert_indices, 8, block_counts)
+        assert sort.row_to_flat.shape == (0,) and sort.row_expert.dtype == torch.int16
+        assert not sort.tokens_per_expert.any() and sort.expert_row_offsets.shape == (9,)
+        assert not sort.expert_row_offsets.any()
+
+
+def test_launchers_name_the_bad_argument():
+    logits = torch.randn((4, 8), device=DEVICE)  # (N, E)
+    indices = torch.zeros((4, 2), dtype=torch.int64, device=DEVICE)  # (N, k)
+    counts, ranks = router.count_expert_blocks(indices, 8)
+    cases = [
+        ("router_logits", lambda: router.topk_softmax(logits.double(), 2, True, 0.0, 0.0)),
+        ("router_logits", lambda: router.topk_softmax(logits.T, 2, True, 0.0, 0.0)),
+        ("router_logits", lambda: router.topk_softmax(logits[0], 2, True, 0.0, 0.0)),
+        ("top_k", lambda: router.topk_softmax(logits, 9, True, 0.0, 0.0)),
+        ("top_k", lambda: router.topk_softmax(logits, 0, True, 0.0, 0.0)),
+        ("z_loss_coef", lambda: router.topk_softmax(logits, 2, True, 0.0, -1.0)),
+        ("grad_expert_weights", lambda: router.topk_softmax_backward(
+            torch.zeros((4, 3), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
+            torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
+        ("grad_aux_loss", lambda: router.topk_softmax_backward(
+            torch.zeros((4, 2), device=DEVICE), torch.zeros(1, device=DEVICE), logits, indices,
+            torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
+        ("assignments_per_expert", lambda: router.topk_softmax_backward(
+            torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
+            torch.zeros(7, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
+        ("expert_indices", lambda: router.count_expert_blocks(indices.float(), 8)),
+        ("expert_indices", lambda: router.count_expert_blocks(indices.T, 8)),
+        ("num_experts", lambda: router.count_expert_blocks(indices, 0)),
+        ("block_assignments", lambda: router.count_expert_blocks(indices, 8, 0)),
+        ("block_expert_counts", lambda: router.sort_by_expert_blocks(indices, counts[:, :0], ranks, 256)),
+        ("block_expert_counts", lambda: router.sort_by_expert_blocks(indices, counts, ranks, 4)),
+        ("block_expert_counts", lambda: router.sort_by_expert_blocks(indices, counts.long(), ranks, 256)),
+        ("ranks_in_block", lambda: router.sort_by_expert_blocks(indices, counts, ranks[:2], 256)),
+        ("block_counts", lambda: fused_sort_by_expert(indices, 9, ExpertBlockCounts(256, counts, ranks))),
+    ]
+    for name, call in cases:
+        with pytest.raises(ValueError, match=name):
+            call()
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake-tensor shapes, autograd registration and AOT dispatch of each op (the backward op also through
+    triton_moe::topk_softmax's autograd)."""
+    x, router_weight = make_router_inputs(8, 8)
+    logits = (x @ router_weight.T).detach().requires_grad_()  # (N, E)
+    torch.library.opcheck(torch.ops.triton_moe.topk_softmax.default, (logits, 2, True, 0.5, 0.1))
+    routing = fused_route(x, router_weight, make_config(8, 2))
+    torch.library.opcheck(torch.ops.triton_moe.count_expert_blocks.default, (routing.expert_indices, 8, 16))
+    block_counts = routing.block_counts
+    torch.library.opcheck(torch.ops.triton_moe.sort_by_expert.default,
+                          (routing.expert_indices, block_counts.block_expert_counts, block_counts.ranks_in_block,
+                           block_counts.block_assignments))

@@ -1,0 +1,544 @@
+"""Routing and the expert sort in a few launches: top-k softmax over router logits, its backward, and a stable
+counting sort of the (token, slot) assignments by expert.
+
+Forward (N tokens, E experts, k slots; the tokens are cut into blocks of ROUTE_BLOCK_TOKENS):
+    _topk_softmax_kernel       per block: softmax, top-k, (renormalised) weights, expert indices, and per block
+                               the partials of the aux loss (sums of probabilities, assignment counts, sums of
+                               lse²) and of the sort (assignment counts, each assignment's rank in its block)
+    _aux_loss_kernel           one program: reduces the partials in a fixed order -> aux loss, counts per expert
+Backward:
+    _topk_softmax_backward_kernel   per tile of tokens: recomputes the softmax from the logits -> grad of the logits
+Sort (a stable counting sort, R = N * k assignments cut into blocks of B assignments):
+    _count_expert_blocks_kernel     per block: assignments per expert, and the rank of each assignment among the
+                                    earlier ones of its block with the same expert (the route gives both already)
+    _expert_offsets_kernel          one program: scans the [blocks, E] counts over blocks for each expert
+    _scatter_sorted_rows_kernel     per assignment: row = expert_row_offsets[e] + block_expert_starts[b, e] + rank
+Nothing uses atomics and the reductions run in a fixed order, so every result is bitwise reproducible; every size
+follows from the input shapes, so nothing synchronises with the host.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_moe.kernels.checks import INDEX_DTYPES, check_tensor_dim
+from triton_moe.kernels.tuning import (INTERPRETER_ROUTE_TILE_ELEMENTS, RANK_CHUNK, ROUTE_BLOCK_TOKENS,
+                                       ROUTE_NUM_WARPS, ROUTE_TILE_ELEMENTS, SCATTER_BLOCK, SORT_BLOCK_ASSIGNMENTS,
+                                       SORT_NUM_WARPS, TABLE_MAX_EXPERTS, TABLE_NUM_WARPS, TABLE_TILE_ELEMENTS,
+                                       ZERO_CHUNK, running_in_interpreter)
+
+# The largest finite fp32: real experts whose logit is -inf still rank above padding and taken experts (-inf).
+_FP32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _softmax_rows(logits_ptr, tokens, experts, num_tokens, num_experts):
+    """(probs, lse, logits) of a [tokens, EXPERTS_POW2] tile; padding experts have logit -inf, probability 0.
+
+    Tokens past the last read logits 0 rather than -inf, so that their softmax stays finite (it is then ignored).
+    """
+    token_mask = tokens < num_tokens
+    expert_mask = experts < num_experts
+    logits = tl.load(logits_ptr + tokens[:, None] * num_experts + experts[None, :],
+                     mask=token_mask[:, None] & expert_mask[None, :], other=0.0)
+    logits = tl.where(expert_mask[None, :], logits, float("-inf"))
+    row_max = tl.max(logits, axis=1)
+    exp_shifted = tl.exp(logits - row_max[:, None])
+    exp_sum = tl.sum(exp_shifted, axis=1)
+    probs = exp_shifted / exp_sum[:, None]
+    lse = row_max + tl.log(exp_sum)
+    return probs, lse, logits
+
+
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr, expert_weights_ptr, expert_indices_ptr, ranks_in_block_ptr,
+    block_prob_sums_ptr, block_expert_counts_ptr, block_lse_sq_sums_ptr,
+    num_tokens, num_experts,
+    TOP_K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    TILE_TOKENS: tl.constexpr,
+    EXPERTS_POW2: tl.constexpr,
+    TOP_K_POW2: tl.constexpr,
+):
+    """Softmax and top-k of one block of BLOCK_TOKENS tokens, TILE_TOKENS at a time, and the block's partials.
+
+    Writes expert_weights, expert_indices and ranks_in_block [N, k] (the rank of an assignment among the block's
+    earlier assignments to the same expert), and row `block` of block_prob_sums [blocks, E] fp32 (sum of the
+    probabilities over the block's tokens), block_expert_counts [blocks, E] int32 and block_lse_sq_sums [blocks].
+    """
+    block = tl.program_id(0)
+    experts = tl.arange(0, EXPERTS_POW2)  # (EXPERTS_POW2,)
+    slots = tl.arange(0, TOP_K_POW2)  # (TOP_K_POW2,)
+    expert_mask = experts < num_experts
+    takers_before = tl.zeros((EXPERTS_POW2,), dtype=tl.int32)  # assignments of the block's earlier tiles
+    prob_sums = tl.zeros((EXPERTS_POW2,), dtype=tl.float32)
+    lse_sq_sums = tl.zeros((TILE_TOKENS,), dtype=tl.float32)
+    for tile_start in range(0, BLOCK_TOKENS, TILE_TOKENS):
+        tokens = block.to(tl.int64) * BLOCK_TOKENS + tile_start + tl.arange(0, TILE_TOKENS)  # (TILE_TOKENS,)
+        token_mask = tokens < num_tokens
+        probs, lse, logits = _softmax_rows(logits_ptr, tokens, experts, num_tokens, num_experts)
+
+        # Softmax is monotonic, so the top k are picked on the logits, exactly, whatever rounding the exponential
+        # has here or in torch. Like torch.topk on probabilities, NaN ranks above everything, ties go to the lowest
+        # expert, and a real expert even at logit -inf ranks above padding and taken experts: every pick is a
+        # real, new expert.
+        scores = tl.where(logits != logits, float("inf"), tl.maximum(logits, -_FP32_MAX))
+        scores = tl.where(expert_mask[None, :], scores, float("-inf"))  # (TILE_TOKENS, EXPERTS_POW2)
+        slot_of_expert = tl.full((TILE_TOKENS, EXPERTS_POW2), -1, tl.int32)  # the slot that took (token, expert)
+        weights = tl.zeros((TILE_TOKENS, TOP_K_POW2), dtype=tl.float32)
+        indices = tl.zeros((TILE_TOKENS, TOP_K_POW2), dtype=tl.int32)
+        # A loop rather than static_range: unrolled, the compiler keeps every round's values live, and spills.
+        for slot in range(TOP_K):
+            expert = tl.argmax(scores, axis=1, tie_break_left=True)  # (TILE_TOKENS,)
+            chosen = experts[None, :] == expert[:, None]  # (TILE_TOKENS, EXPERTS_POW2)
+            weight = tl.sum(tl.where(chosen, probs, 0.0), axis=1)
+            weights = tl.where(slots[None, :] == slot, weight[:, None], weights)
+            indices = tl.where(slots[None, :] == slot, expert[:, None], indices)
+            slot_of_expert = tl.where(chosen, slot, slot_of_expert)
+            scores = tl.where(chosen, float("-inf"), scores)
+        if NORMALIZE:
+            weights = weights / tl.sum(weights, axis=1)[:, None]
+
+        # A token takes each expert at most once, so an assignment's rank among the block's earlier ones with the
+        # same expert is the number of earlier tokens of the block that took that expert.
+        taken = ((slot_of_expert >= 0) & token_mask[:, None]).to(tl.int32)  # (TILE_TOKENS, EXPERTS_POW2)
+        earlier_takers = tl.cumsum(taken, axis=0) - taken + takers_before[None, :]
+        ranks = tl.zeros((TILE_TOKENS, TOP_K_POW2), dtype=tl.int32)
+        for slot in range(TOP_K):
+            rank = tl.sum(tl.where(slot_of_expert == slot, earlier_takers, 0), axis=1)  # (TILE_TOKENS,)
+            ranks = tl.where(slots[None, :] == slot, rank[:, None], ranks)
+
+        out_offsets = tokens[:, None] * TOP_K + slots[None, :]  # (TILE_TOKENS, TOP_K_POW2)
+        out_mask = token_mask[:, None] & (slots[None, :] < TOP_K)
+        tl.store(expert_weights_ptr + out_offsets, weights, mask=out_mask)
+        tl.store(expert_indices_ptr + out_offsets, indices.to(tl.int64), mask=out_mask)
+        tl.store(ranks_in_block_ptr + out_offsets, ranks, mask=out_mask)
+        takers_before += tl.sum(taken, axis=0)
+        prob_sums += tl.sum(tl.where(token_mask[:, None], probs, 0.0), axis=0)
+        lse_sq_sums += tl.where(token_mask, lse * lse, 0.0)
+
+    table_offsets = block.to(tl.int64) * num_experts + experts
+    tl.store(block_expert_counts_ptr + table_offsets, takers_before, mask=expert_mask)
+    tl.store(block_prob_sums_ptr + table_offsets, prob_sums, mask=expert_mask)
+    tl.store(block_lse_sq_sums_ptr + block, tl.sum(lse_sq_sums, axis=0))
+
+
+@triton.jit
+def _aux_loss_kernel(
+    block_prob_sums_ptr, block_expert_counts_ptr, block_lse_sq_sums_ptr, aux_loss_ptr, assignments_per_expert_ptr,
+    num_blocks, num_experts, num_assignments, num_tokens, load_balance_coef, z_loss_coef,
+    BLOCK_ROWS: tl.constexpr,
+    EXPERT_CHUNK: tl.constexpr,
+):
+    """One program: aux_loss = load_balance_coef * E * sum_e f_e * P_e + z_loss_coef * sum(lse²) / N, with
+    f_e = count_e / (N * k) and P_e = sum of p_e / N (num_assignments and num_tokens as floats, N > 0); also
+    assignments_per_expert [E] int64.
+
+    The partials are summed block by block in a fixed order: the result does not depend on scheduling.
+    """
+    block_rows = tl.arange(0, BLOCK_ROWS)
+    balance = tl.zeros((EXPERT_CHUNK,), dtype=tl.float32)  # f_e * P_e, summed over the expert chunks
+    for expert_start in range(0, num_experts, EXPERT_CHUNK):
+        experts = expert_start + tl.arange(0, EXPERT_CHUNK)
+        expert_mask = experts < num_experts
+        prob_sums = tl.zeros((EXPERT_CHUNK,), dtype=tl.float32)
+        counts = tl.zeros((EXPERT_CHUNK,), dtype=tl.int32)
+        for block_start in range(0, num_blocks, BLOCK_ROWS):
+            blocks = block_start + block_rows
+            offsets = blocks[:, None].to(tl.int64) * num_experts + experts[None, :]  # (BLOCK_ROWS, EXPERT_CHUNK)
+            mask = (blocks < num_blocks)[:, None] & expert_mask[None, :]
+            prob_sums += tl.sum(tl.load(block_prob_sums_ptr + offsets, mask=mask, other=0.0), axis=0)
+            counts += tl.sum(tl.load(block_expert_counts_ptr + offsets, mask=mask, other=0), axis=0)
+        tl.store(assignments_per_expert_ptr + experts, counts.to(tl.int64), mask=expert_mask)
+        balance += (counts.to(tl.float32) / num_assignments) * (prob_sums / num_tokens)
+    lse_sq_sums = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    for block_start in range(0, num_blocks, BLOCK_ROWS):
+        blocks = block_start + block_rows
+        lse_sq_sums += tl.load(block_lse_sq_sums_ptr + blocks, mask=blocks < num_blocks, other=0.0)
+    load_balance_loss = num_experts * tl.sum(balance, axis=0)
+    z_loss = tl.sum(lse_sq_sums, axis=0) / num_tokens
+    tl.store(aux_loss_ptr, load_balance_coef * load_balance_loss + z_loss_coef * z_loss)
+
+
+@triton.jit
+def _topk_softmax_backward_kernel(
+    grad_weights_ptr, grad_aux_loss_ptr, logits_ptr, expert_indices_ptr, assignments_per_expert_ptr,
+    grad_logits_ptr,
+    num_tokens, num_experts, prob_sum_grad_scale, lse_sq_grad_scale,
+    TOP_K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    TILE_TOKENS: tl.constexpr,
+    EXPERTS_POW2: tl.constexpr,
+):
+    """grad_logits of one tile of TILE_TOKENS tokens, from the weights' gradient and the aux loss's.
+
+    With s_j = p[idx_j] and, when normalising, w_j = s_j / S (S = sum_j s_j):
+        dL/ds_j = (g_j - sum_m g_m w_m) / S, or g_j without normalising;
+        dp = dL/ds scattered to the chosen experts + grad_aux * prob_sum_grad_scale * count_e;
+        dlogits = p * (dp - sum_e p_e dp_e) + grad_aux * lse_sq_grad_scale * 2 * lse * p.
+    """
+    tile = tl.program_id(0)
+    tokens = tile.to(tl.int64) * TILE_TOKENS + tl.arange(0, TILE_TOKENS)  # (TILE_TOKENS,)
+    experts = tl.arange(0, EXPERTS_POW2)  # (EXPERTS_POW2,)
+    token_mask = tokens < num_tokens
+    expert_mask = experts < num_experts
+    probs, lse, _ = _softmax_rows(logits_ptr, tokens, experts, num_tokens, num_experts)
+
+    grad_selected = tl.zeros((TILE_TOKENS, EXPERTS_POW2), dtype=tl.float32)  # g_j at the expert of slot j
+    chosen_any = tl.zeros((TILE_TOKENS, EXPERTS_POW2), dtype=tl.int1)
+    selected_sum = tl.zeros((TILE_TOKENS,), dtype=tl.float32)  # S
+    grad_dot_selected = tl.zeros((TILE_TOKENS,), dtype=tl.float32)  # sum_j g_j s_j
+    for slot in range(TOP_K):  # not unrolled, as in the forward
+        expert = tl.load(expert_indices_ptr + tokens * TOP_K + slot, mask=token_mask, other=0)
+        grad = tl.load(grad_weights_ptr + tokens * TOP_K + slot, mask=token_mask, other=0.0)
+        chosen = experts[None, :] == expert[:, None]  # (TILE_TOKENS, EXPERTS_POW2)
+        grad_selected = tl.where(chosen, grad[:, None], grad_selected)
+        chosen_any = chosen_any | chosen
+        if NORMALIZE:
+            selected = tl.sum(tl.where(chosen, probs, 0.0), axis=1)
+            selected_sum += selected
+            grad_dot_selected += grad * selected
+    if NORMALIZE:
+        # sum_m g_m w_m = sum_m g_m s_m / S
+        grad_probs = (grad_selected - tl.where(chosen_any, (grad_dot_selected / selected_sum)[:, None], 0.0)) \
+            / selected_sum[:, None]
+    else:
+        grad_probs = grad_selected
+    grad_aux = tl.load(grad_aux_loss_ptr)
+    # d aux / d(sum over tokens of p_e) is proportional to the (constant) count of expert e.
+    counts = tl.load(assignments_per_expert_ptr + experts, mask=expert_mask, other=0).to(tl.float32)
+    grad_probs += (grad_aux * prob_sum_grad_scale) * counts[None, :]
+    grad_probs_dot = tl.sum(probs * grad_probs, axis=1)  # (TILE_TOKENS,)
+    grad_logits = probs * (grad_probs - grad_probs_dot[:, None]) \
+        + (2.0 * grad_aux * lse_sq_grad_scale) * lse[:, None] * probs
+    tl.store(grad_logits_ptr + tokens[:, None] * num_experts + experts[None, :], grad_logits,
+             mask=token_mask[:, None] & expert_mask[None, :])
+
+
+@triton.jit
+def _count_expert_blocks_kernel(
+    expert_indices_ptr, block_expert_counts_ptr, ranks_in_block_ptr,
+    num_assignments, num_experts, block_assignments,
+    BLOCK_POW2: tl.constexpr,
+    RANK_CHUNK: tl.constexpr,
+    ZERO_CHUNK: tl.constexpr,
+):
+    """One block of block_assignments flat assignments: row `block` of block_expert_counts [blocks, E] int32,
+    and for each assignment its rank among the block's earlier assignments to the same expert (ranks_in_block).
+
+    Every pair of the block is compared, RANK_CHUNK columns at a time, which gives each assignment its rank and
+    its expert's count in the block without a [block, E] one-hot, for any E and any indices (a token may list an
+    expert twice). The row is zeroed, then each assignment writes its expert's count: the same value for all the
+    assignments of one expert, so the order of those stores does not matter.
+    """
+    block = tl.program_id(0).to(tl.int64)
+    block_start = block * block_assignments
+    lanes = tl.arange(0, BLOCK_POW2)  # (BLOCK_POW2,) position in the block
+    lane_mask = (lanes < block_assignments) & (block_start + lanes < num_assignments)
+    # Lanes past the end hold expert -1, which no real assignment has.
+    lane_experts = tl.load(expert_indices_ptr + block_start + lanes, mask=lane_mask, other=-1).to(tl.int32)
+    ranks = tl.zeros((BLOCK_POW2,), dtype=tl.int32)
+    counts = tl.zeros((BLOCK_POW2,), dtype=tl.int32)  # of each lane's expert in the block
+    for chunk_start in range(0, block_assignments, RANK_CHUNK):
+        others = chunk_start + tl.arange(0, RANK_CHUNK)  # (RANK_CHUNK,)
+        other_mask = (others < block_assignments) & (block_start + others < num_assignments)
+        other_experts = tl.load(expert_indices_ptr + block_start + others, mask=other_mask, other=-1).to(tl.int32)
+        same = other_experts[None, :] == lane_experts[:, None]  # (BLOCK_POW2, RANK_CHUNK)
+        ranks += tl.sum((same & (others[None, :] < lanes[:, None])).to(tl.int32), axis=1)
+        counts += tl.sum(same.to(tl.int32), axis=1)
+    tl.store(ranks_in_block_ptr + block_start + lanes, ranks, mask=lane_mask)
+    counts_row_ptr = block_expert_counts_ptr + block * num_experts
+    for expert_start in range(0, num_experts, ZERO_CHUNK):
+        experts = expert_start + tl.arange(0, ZERO_CHUNK)
+        tl.store(counts_row_ptr + experts, tl.zeros((ZERO_CHUNK,), dtype=tl.int32), mask=experts < num_experts)
+    # The zeros must land before the counts, which other threads of the program store.
+    tl.debug_barrier()
+    tl.store(counts_row_ptr + lane_experts, counts, mask=lane_mask)
+
+
+@triton.jit
+def _expert_offsets_kernel(
+    block_expert_counts_ptr, block_expert_starts_ptr, tokens_per_expert_ptr, expert_row_offsets_ptr,
+    num_blocks, num_experts,
+    BLOCK_ROWS: tl.constexpr,
+    EXPERT_CHUNK: tl.constexpr,
+):
+    """One program: the exclusive scan of block_expert_counts [blocks, E] over the blocks of each expert.
+
+    block_expert_starts[b, e] = sum_{b' < b} counts[b', e] (int32), tokens_per_expert [E] int64 and
+    expert_row_offsets [E + 1] int64, the exclusive scan of tokens_per_expert with the total at the end. The
+    expert's own offset is left out of block_expert_starts, so that one pass over the table suffices.
+    """
+    block_rows = tl.arange(0, BLOCK_ROWS)
+    rows_before = tl.zeros((1,), dtype=tl.int64)  # assignments of the experts before the chunk
+    tl.store(expert_row_offsets_ptr + tl.arange(0, 1), rows_before)
+    for expert_start in range(0, num_experts, EXPERT_CHUNK):
+        experts = expert_start + tl.arange(0, EXPERT_CHUNK)  # (EXPERT_CHUNK,)
+        expert_mask = experts < num_experts
+        counted = tl.zeros((EXPERT_CHUNK,), dtype=tl.int32)  # assignments in the blocks before the tile
+        for block_start in range(0, num_blocks, BLOCK_ROWS):
+            blocks = block_start + block_rows
+            offsets = blocks[:, None].to(tl.int64) * num_experts + experts[None, :]  # (BLOCK_ROWS, EXPERT_CHUNK)
+            mask = (blocks < num_blocks)[:, None] & expert_mask[None, :]
+            counts = tl.load(block_expert_counts_ptr + offsets, mask=mask, other=0)
+            tl.store(block_expert_starts_ptr + offsets, tl.cumsum(counts, axis=0) - counts + counted[None, :],
+                     mask=mask)
+            counted += tl.sum(counts, axis=0)
+        totals = counted.to(tl.int64)
+        tl.store(tokens_per_expert_ptr + experts, totals, mask=expert_mask)
+        tl.store(expert_row_offsets_ptr + experts + 1, rows_before + tl.cumsum(totals, axis=0), mask=expert_mask)
+        rows_before += tl.sum(totals, axis=0)
+
+
+@triton.jit
+def _scatter_sorted_rows_kernel(
+    expert_indices_ptr, ranks_in_block_ptr, block_expert_starts_ptr, expert_row_offsets_ptr,
+    row_to_flat_ptr, row_to_token_ptr, row_expert_ptr, flat_to_row_ptr,
+    num_assignments, num_experts, top_k, block_assignments,
+    BLOCK: tl.constexpr,
+):
+    """Each flat assignment f = token * top_k + slot of expert e, in block b = f // block_assignments, goes to
+    row = expert_row_offsets[e] + block_expert_starts[b, e] + ranks_in_block[f]; writes the four row maps."""
+    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    mask = flat < num_assignments
+    expert = tl.load(expert_indices_ptr + flat, mask=mask, other=0).to(tl.int64)
+    count_block = flat // block_assignments
+    row = (tl.load(expert_row_offsets_ptr + expert, mask=mask, other=0)
+           + tl.load(block_expert_starts_ptr + count_block * num_experts + expert, mask=mask, other=0)
+           + tl.load(ranks_in_block_ptr + flat, mask=mask, other=0))
+    tl.store(row_to_flat_ptr + row, flat, mask=mask)
+    tl.store(row_to_token_ptr + row, flat // top_k, mask=mask)
+    tl.store(row_expert_ptr + row, expert.to(row_expert_ptr.dtype.element_ty), mask=mask)
+    tl.store(flat_to_row_ptr + flat, row, mask=mask)
+
+
+def route_tile_tokens(num_experts: int) -> int:
+    """Tokens per tile of the route kernels for E experts: a power of two that divides ROUTE_BLOCK_TOKENS."""
+    tile_elements = INTERPRETER_ROUTE_TILE_ELEMENTS if running_in_interpreter() else ROUTE_TILE_ELEMENTS
+    return max(min(tile_elements // triton.next_power_of_2(num_experts), ROUTE_BLOCK_TOKENS), 1)
+
+
+def row_expert_dtype(num_experts: int) -> torch.dtype:
+    """dtype of ExpertSort.row_expert: int16, or int32 past 32767 experts (as routing.sort_by_expert)."""
+    return torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def _table_tiles(num_experts: int) -> tuple[int, int]:
+    """(BLOCK_ROWS, EXPERT_CHUNK) of the single-program reductions over a [blocks, E] table."""
+    expert_chunk = min(triton.next_power_of_2(num_experts), TABLE_MAX_EXPERTS)
+    return max(TABLE_TILE_ELEMENTS // expert_chunk, 1), expert_chunk
+
+
+def _check_shape(name, tensor, shape):
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def _check_int(name, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_assignments(expert_indices):
+    if expert_indices.numel() >= 2**31:
+        raise ValueError(f"expert_indices must hold fewer than 2**31 assignments (int32 counts and ranks), "
+                         f"got {expert_indices.numel()}")
+
+
+def _check_coef(name, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: bool, load_balance_coef: float,
+                 z_loss_coef: float) -> tuple[torch.Tensor, ...]:
+    """Softmax, top-k and the aux loss of router logits, in two launches (none when N = 0).
+
+    Args:
+        router_logits: [N, E] fp32.
+        top_k: experts per token, 1 <= top_k <= E.
+        normalize_weights: renormalise each token's k weights to sum 1.
+        load_balance_coef, z_loss_coef: aux_loss = load_balance_coef * E * sum_e f_e P_e
+            + z_loss_coef * mean(logsumexp(logits)²), f_e the fraction of the N * k assignments to e and P_e
+            the mean probability of e (both 0 when N = 0).
+    Returns:
+        expert_weights [N, k] fp32 and expert_indices [N, k] int64, in descending probability (ties: lowest
+            expert first);
+        aux_loss [] fp32;
+        block_expert_counts [cdiv(N, ROUTE_BLOCK_TOKENS), E] int32, the assignments of each block of
+            ROUTE_BLOCK_TOKENS tokens to each expert, and ranks_in_block [N, k] int32, each assignment's rank
+            among the earlier ones of its block with the same expert (what sort_by_expert_blocks takes, with
+            block_assignments = ROUTE_BLOCK_TOKENS * k);
+        assignments_per_expert [E] int64 (what topk_softmax_backward takes).
+    """
+    check_tensor_dim("router_logits", router_logits, 2, (torch.float32,))
+    num_tokens, num_experts = router_logits.shape
+    if num_experts < 1:
+        raise ValueError(f"router_logits must have at least one expert column, got shape {tuple(router_logits.shape)}")
+    _check_int("top_k", top_k, 1)
+    if top_k > num_experts:
+        raise ValueError(f"top_k must be <= the number of experts {num_experts}, got {top_k}")
+    _check_coef("load_balance_coef", load_balance_coef)
+    _check_coef("z_loss_coef", z_loss_coef)
+    if num_tokens * top_k >= 2**31:
+        raise ValueError(f"router_logits: N * top_k must be below 2**31 (int32 counts), got {num_tokens * top_k}")
+    device = router_logits.device
+    num_blocks = triton.cdiv(num_tokens, ROUTE_BLOCK_TOKENS)
+    expert_weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=device)  # (N, k)
+    expert_indices = torch.empty((num_tokens, top_k), dtype=torch.int64, device=device)  # (N, k)
+    ranks_in_block = torch.empty((num_tokens, top_k), dtype=torch.int32, device=device)  # (N, k)
+    block_expert_counts = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)  # (blocks, E)
+    if num_tokens == 0:
+        aux_loss = torch.zeros((), dtype=torch.float32, device=device)
+        assignments_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        return expert_weights, expert_indices, aux_loss, block_expert_counts, ranks_in_block, assignments_per_expert
+    block_prob_sums = torch.empty((num_blocks, num_experts), dtype=torch.float32, device=device)  # (blocks, E)
+    block_lse_sq_sums = torch.empty(num_blocks, dtype=torch.float32, device=device)  # (blocks,)
+    _topk_softmax_kernel[(num_blocks,)](
+        router_logits, expert_weights, expert_indices, ranks_in_block,
+        block_prob_sums, block_expert_counts, block_lse_sq_sums,
+        num_tokens, num_experts,
+        TOP_K=top_k, NORMALIZE=bool(normalize_weights), BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
+        TILE_TOKENS=route_tile_tokens(num_experts), EXPERTS_POW2=triton.next_power_of_2(num_experts),
+        TOP_K_POW2=triton.next_power_of_2(top_k),
+        num_warps=ROUTE_NUM_WARPS,
+    )
+    aux_loss = torch.empty((), dtype=torch.float32, device=device)
+    assignments_per_expert = torch.empty(num_experts, dtype=torch.int64, device=device)  # (E,)
+    block_rows, expert_chunk = _table_tiles(num_experts)
+    _aux_loss_kernel[(1,)](
+        block_prob_sums, block_expert_counts, block_lse_sq_sums, aux_loss, assignments_per_expert,
+        num_blocks, num_experts, float(num_tokens * top_k), float(num_tokens),
+        float(load_balance_coef), float(z_loss_coef),
+        BLOCK_ROWS=block_rows, EXPERT_CHUNK=expert_chunk, num_warps=TABLE_NUM_WARPS,
+    )
+    return expert_weights, expert_indices, aux_loss, block_expert_counts, ranks_in_block, assignments_per_expert
+
+
+def topk_softmax_backward(grad_expert_weights: torch.Tensor, grad_aux_loss: torch.Tensor,
+                          router_logits: torch.Tensor, expert_indices: torch.Tensor,
+                          assignments_per_expert: torch.Tensor, normalize_weights: bool, load_balance_coef: float,
+                          z_loss_coef: float) -> torch.Tensor:
+    """Gradient of topk_softmax's expert_weights and aux_loss with respect to the logits, in one launch.
+
+    Args:
+        grad_expert_weights: [N, k] fp32.
+        grad_aux_loss: [] fp32, read on the device.
+        router_logits: [N, E] fp32, expert_indices [N, k] int64 and assignments_per_expert [E] int64 as given
+            to and returned by topk_softmax; normalize_weights and the coefficients as given to it.
+    Returns:
+        grad_logits: [N, E] fp32.
+    """
+    check_tensor_dim("router_logits", router_logits, 2, (torch.float32,))
+    num_tokens, num_experts = router_logits.shape
+    check_tensor_dim("expert_indices", expert_indices, 2, (torch.int64,))
+    if expert_indices.shape[0] != num_tokens or not 1 <= expert_indices.shape[1] <= num_experts:
+        raise ValueError(f"expert_indices must be [N, k] with N = {num_tokens} and 1 <= k <= {num_experts}, "
+                         f"got shape {tuple(expert_indices.shape)}")
+    top_k = expert_indices.shape[1]
+    check_tensor_dim("grad_expert_weights", grad_expert_weights, 2, (torch.float32,))
+    _check_shape("grad_expert_weights", grad_expert_weights, expert_indices.shape)
+    check_tensor_dim("grad_aux_loss", grad_aux_loss, 0, (torch.float32,))
+    check_tensor_dim("assignments_per_expert", assignments_per_expert, 1, (torch.int64,))
+    _check_shape("assignments_per_expert", assignments_per_expert, (num_experts,))
+    _check_coef("load_balance_coef", load_balance_coef)
+    _check_coef("z_loss_coef", z_loss_coef)
+    grad_logits = torch.empty_like(router_logits)  # (N, E)
+    if num_tokens == 0:
+        return grad_logits
+    tile_tokens = route_tile_tokens(num_experts)
+    # aux_loss = load_balance_coef * E * sum_e (count_e / (N k)) (prob_sum_e / N) + z_loss_coef * lse_sq_sum / N.
+    prob_sum_grad_scale = load_balance_coef * num_experts / (num_tokens * top_k * num_tokens)
+    _topk_softmax_backward_kernel[(triton.cdiv(num_tokens, tile_tokens),)](
+        grad_expert_weights, grad_aux_loss, router_logits, expert_indices, assignments_per_expert, grad_logits,
+        num_tokens, num_experts, prob_sum_grad_scale, z_loss_coef / num_tokens,
+        TOP_K=top_k, NORMALIZE=bool(normalize_weights), TILE_TOKENS=tile_tokens,
+        EXPERTS_POW2=triton.next_power_of_2(num_experts), num_warps=ROUTE_NUM_WARPS,
+    )
+    return grad_logits
+
+
+def count_expert_blocks(expert_indices: torch.Tensor, num_experts: int,
+                        block_assignments: int = SORT_BLOCK_ASSIGNMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of block_assignments flat assignments, the count of each expert and each assignment's rank among
+    the block's earlier assignments to the same expert; one launch (none when N * k = 0).
+
+    Args:
+        expert_indices: [N, k] int32/int64 in [0, num_experts); flat assignment f = token * k + slot.
+        num_experts: E >= 1.
+        block_assignments: assignments per block, >= 1 (the rank costs grow with its square).
+    Returns:
+        block_expert_counts [cdiv(N * k, block_assignments), E] int32 and ranks_in_block [N, k] int32.
+    """
+    check_tensor_dim("expert_indices", expert_indices, 2, INDEX_DTYPES)
+    _check_int("num_experts", num_experts, 1)
+    _check_int("block_assignments", block_assignments, 1)
+    _check_assignments(expert_indices)
+    num_assignments = expert_indices.numel()
+    num_blocks = triton.cdiv(num_assignments, block_assignments)
+    device = expert_indices.device
+    block_expert_counts = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)  # (blocks, E)
+    ranks_in_block = torch.empty(expert_indices.shape, dtype=torch.int32, device=device)  # (N, k)
+    if num_blocks > 0:
+        _count_expert_blocks_kernel[(num_blocks,)](
+            expert_indices, block_expert_counts, ranks_in_block,
+            num_assignments, num_experts, block_assignments,
+            BLOCK_POW2=triton.next_power_of_2(block_assignments), RANK_CHUNK=RANK_CHUNK, ZERO_CHUNK=ZERO_CHUNK,
+            num_warps=SORT_NUM_WARPS,
+        )
+    return block_expert_counts, ranks_in_block
+
+
+def sort_by_expert_blocks(expert_indices: torch.Tensor, block_expert_counts: torch.Tensor,
+                          ranks_in_block: torch.Tensor, block_assignments: int) -> tuple[torch.Tensor, ...]:
+    """The stable sort of the assignments by expert, from their per-block counts and ranks; two launches (none
+    when N * k = 0).
+
+    Args:
+        expert_indices: [N, k] int32/int64 in [0, E); flat assignment f = token * k + slot.
+        block_expert_counts: [cdiv(N * k, block_assignments), E] int32, from count_expert_blocks or topk_softmax.
+        ranks_in_block: [N, k] int32, from the same call.
+        block_assignments: the flat assignments per block of those counts.
+    Returns (as routing.ExpertSort, whose fields and dtypes they are):
+        row_to_flat, row_to_token [N * k] int64; row_expert [N * k] int16 (int32 past 32767 experts);
+        flat_to_row [N * k] int64; tokens_per_expert [E] int64; expert_row_offsets [E + 1] int64.
+    """
+    check_tensor_dim("expert_indices", expert_indices, 2, INDEX_DTYPES)
+    _check_int("block_assignments", block_assignments, 1)
+    _check_assignments(expert_indices)
+    check_tensor_dim("block_expert_counts", block_expert_counts, 2, (torch.int32,))
+    num_assignments = expert_indices.numel()
+    num_blocks, num_experts = block_expert_counts.shape
+    if num_experts < 1:
+        raise ValueError(f"block_expert_counts must have at least one expert column, got shape "
+                         f"{tuple(block_expert_counts.shape)}")
+    _check_shape("block_expert_counts", block_expert_counts,
+                 (triton.cdiv(num_assignments, block_assignments), num_experts))
+    check_tensor_dim("ranks_in_block", ranks_in_block, 2, (torch.int32,))
+    _check_shape("ranks_in_block", ranks_in_block, expert_indices.shape)
+    device = expert_indices.device
+    row_to_flat = torch.empty(num_assignments, dtype=torch.int64, device=device)  # (R,)
+    row_to_token = torch.empty(num_assignments, dtype=torch.int64, device=device)  # (R,)
+    row_expert = torch.empty(num_assignments, dtype=row_expert_dtype(num_experts), device=device)  # (R,)
+    flat_to_row = torch.empty(num_assignments, dtype=torch.int64, device=device)  # (N * k,)
+    if num_assignments == 0:
+        tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        expert_row_offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+        return row_to_flat, row_to_token, row_expert, flat_to_row, tokens_per_expert, expert_row_offsets
+    block_expert_starts = torch.empty_like(block_expert_counts)  # (blocks, E)
+    tokens_per_expert = torch.empty(num_experts, dtype=torch.int64, device=device)  # (E,)
+    expert_row_offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=device)  # (E + 1,)
+    block_rows, expert_chunk = _table_tiles(num_experts)
+    _expert_offsets_kernel[(1,)](
+        block_expert_counts, block_expert_starts, tokens_per_expert, expert_row_offsets, num_blocks, num_experts,
+        BLOCK_ROWS=block_rows, EXPERT_CHUNK=expert_chunk, num_warps=TABLE_NUM_WARPS,
+    )
+    _scatter_sorted_rows_kernel[(triton.cdiv(num_assignments, SCATTER_BLOCK),)](
+        expert_indices, ranks_in_block, block_expert_starts, expert_row_offsets,
+        row_to_flat, row_to_token, row_expert, flat_to_row,
+        num_assignments, num_experts, expert_indices.shape[1], block_assignments,
+        BLOCK=SCATTER_BLOCK, num_warps=SORT_NUM_WARPS,
+    )
+    return row_to_flat, row_to_token, row_expert, flat_to_row, tokens_per_expert, expert_row_offsets

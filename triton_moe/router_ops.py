@@ -1,0 +1,157 @@
+"""Routing and the expert sort over the Triton kernels of kernels/router.py: torch.library custom ops with their
+autograd (so that torch.compile sees each as one opaque node), and the two functions the layer calls.
+
+    fused_route(x, router_weight, config)        -> FusedRouting: routing.route's Routing, plus the per-block
+                                                    counts that spare the sort its counting pass
+    fused_sort_by_expert(expert_indices, E, block_counts)   -> routing.sort_by_expert's ExpertSort
+Launches: the route's forward is F.linear and 2 kernels (top-k softmax, aux loss), its backward 1 kernel (and
+F.linear's); the sort 2 kernels given the route's counts, 3 without.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from triton_moe.config import MoEConfig
+from triton_moe.kernels.router import (ROUTE_BLOCK_TOKENS, SORT_BLOCK_ASSIGNMENTS, count_expert_blocks,
+                                       row_expert_dtype, sort_by_expert_blocks, topk_softmax, topk_softmax_backward)
+from triton_moe.routing import ExpertSort, Routing
+
+
+@dataclass
+class ExpertBlockCounts:
+    """What the counting sort needs besides the indices, per block of flat assignments f = token * k + slot."""
+
+    block_assignments: int  # flat assignments per block
+    block_expert_counts: Tensor  # [cdiv(N*k, block_assignments), E] int32: assignments of each block to each expert
+    ranks_in_block: Tensor  # [N, k] int32: rank of each assignment among its block's earlier ones to its expert
+
+
+@dataclass
+class FusedRouting(Routing):
+    """A Routing, and what the route counted on the way for the sort."""
+
+    block_counts: ExpertBlockCounts  # the route's counts, for fused_sort_by_expert
+
+
+@torch.library.custom_op("triton_moe::topk_softmax", mutates_args=())
+def _topk_softmax(
+    router_logits: Tensor, top_k: int, normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(expert_weights [N, k] fp32, expert_indices [N, k] int64, aux_loss [] fp32, block_expert_counts
+    [blocks, E] int32, ranks_in_block [N, k] int32, assignments_per_expert [E] int64); see kernels.router."""
+    return topk_softmax(router_logits, top_k, normalize_weights, load_balance_coef, z_loss_coef)
+
+
+@_topk_softmax.register_fake
+def _(router_logits, top_k, normalize_weights, load_balance_coef, z_loss_coef):
+    num_tokens, num_experts = router_logits.shape
+    num_blocks = (num_tokens + ROUTE_BLOCK_TOKENS - 1) // ROUTE_BLOCK_TOKENS
+    return (router_logits.new_empty((num_tokens, top_k)),
+            router_logits.new_empty((num_tokens, top_k), dtype=torch.int64),
+            router_logits.new_empty(()),
+            router_logits.new_empty((num_blocks, num_experts), dtype=torch.int32),
+            router_logits.new_empty((num_tokens, top_k), dtype=torch.int32),
+            router_logits.new_empty((num_experts,), dtype=torch.int64))
+
+
+@torch.library.custom_op("triton_moe::topk_softmax_backward", mutates_args=())
+def _topk_softmax_backward(
+    grad_expert_weights: Tensor, grad_aux_loss: Tensor, router_logits: Tensor, expert_indices: Tensor,
+    assignments_per_expert: Tensor, normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
+) -> Tensor:
+    """grad_logits [N, E] fp32 from the gradients of expert_weights [N, k] and aux_loss []."""
+    return topk_softmax_backward(grad_expert_weights, grad_aux_loss, router_logits, expert_indices,
+                                 assignments_per_expert, normalize_weights, load_balance_coef, z_loss_coef)
+
+
+@_topk_softmax_backward.register_fake
+def _(grad_expert_weights, grad_aux_loss, router_logits, expert_indices, assignments_per_expert, normalize_weights,
+      load_balance_coef, z_loss_coef):
+    return torch.empty_like(router_logits)
+
+
+def _setup_context(ctx, inputs, output):
+    router_logits, _, normalize_weights, load_balance_coef, z_loss_coef = inputs
+    _, expert_indices, _, _, _, assignments_per_expert = output
+    ctx.save_for_backward(router_logits, expert_indices, assignments_per_expert)
+    ctx.loss_arguments = (normalize_weights, load_balance_coef, z_loss_coef)
+
+
+def _backward(ctx, grad_expert_weights, _grad_indices, grad_aux_loss, _grad_counts, _grad_ranks, _grad_assignments):
+    router_logits, expert_indices, assignments_per_expert = ctx.saved_tensors
+    grad_logits = _topk_softmax_backward(grad_expert_weights.contiguous(), grad_aux_loss.contiguous(), router_logits,
+                                         expert_indices, assignments_per_expert, *ctx.loss_arguments)
+    return grad_logits, None, None, None, None
+
+
+_topk_softmax.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("triton_moe::count_expert_blocks", mutates_args=())
+def _count_expert_blocks(expert_indices: Tensor, num_experts: int, block_assignments: int) -> tuple[Tensor, Tensor]:
+    """(block_expert_counts [blocks, E] int32, ranks_in_block [N, k] int32); see kernels.router."""
+    return count_expert_blocks(expert_indices, num_experts, block_assignments)
+
+
+@_count_expert_blocks.register_fake
+def _(expert_indices, num_experts, block_assignments):
+    num_blocks = (expert_indices.numel() + block_assignments - 1) // block_assignments
+    return (expert_indices.new_empty((num_blocks, num_experts), dtype=torch.int32),
+            expert_indices.new_empty(expert_indices.shape, dtype=torch.int32))
+
+
+@torch.library.custom_op("triton_moe::sort_by_expert", mutates_args=())
+def _sort_by_expert(
+    expert_indices: Tensor, block_expert_counts: Tensor, ranks_in_block: Tensor, block_assignments: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The fields of ExpertSort, in its order; see kernels.router.sort_by_expert_blocks."""
+    return sort_by_expert_blocks(expert_indices, block_expert_counts, ranks_in_block, block_assignments)
+
+
+@_sort_by_expert.register_fake
+def _(expert_indices, block_expert_counts, ranks_in_block, block_assignments):
+    num_assignments = expert_indices.numel()
+    num_experts = block_expert_counts.shape[1]
+    rows = expert_indices.new_empty((num_assignments,), dtype=torch.int64)
+    return (rows, torch.empty_like(rows), rows.new_empty((num_assignments,), dtype=row_expert_dtype(num_experts)),
+            torch.empty_like(rows), rows.new_empty((num_experts,)), rows.new_empty((num_experts + 1,)))
+
+
+def fused_route(x: Tensor, router_weight: Tensor, config: MoEConfig) -> FusedRouting:
+    """Route tokens `x` [N, hidden] with `router_weight` [E, hidden], as routing.route does, in fp32.
+
+    The fields of Routing have route's dtypes and values: the same expert_indices, the weights, logits and aux loss
+    up to fp32 rounding. Gradients reach x and router_weight through the logits, from expert_weights and aux_loss.
+    block_counts hands fused_sort_by_expert the route's per-block expert counts.
+    """
+    top_k = config.num_active_experts
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        router_logits = F.linear(x.float(), router_weight.float())  # [N, E]
+    # expert_weights, expert_indices [N, k]; aux_loss []; block_expert_counts [blocks, E]; ranks_in_block [N, k]
+    expert_weights, expert_indices, aux_loss, block_expert_counts, ranks_in_block, _ = _topk_softmax(
+        router_logits, top_k, config.normalize_weights, float(config.load_balance_coef), float(config.z_loss_coef))
+    block_counts = ExpertBlockCounts(ROUTE_BLOCK_TOKENS * top_k, block_expert_counts, ranks_in_block)
+    return FusedRouting(router_logits, expert_weights, expert_indices, aux_loss, block_counts)
+
+
+def fused_sort_by_expert(expert_indices: Tensor, num_experts: int,
+                         block_counts: ExpertBlockCounts | None = None) -> ExpertSort:
+    """Sort the assignments of `expert_indices` [N, k] (int32/int64 in [0, num_experts)) by expert, stably: the
+    ExpertSort of routing.sort_by_expert, field for field, dtype for dtype.
+
+    block_counts: FusedRouting.block_counts of the route that gave these indices, which spares the counting
+    launch; None counts here (any indices, a token may even list an expert twice).
+    """
+    if block_counts is None:
+        block_assignments = SORT_BLOCK_ASSIGNMENTS
+        block_expert_counts, ranks_in_block = _count_expert_blocks(expert_indices, num_experts, block_assignments)
+    else:
+        block_assignments = block_counts.block_assignments
+        block_expert_counts, ranks_in_block = block_counts.block_expert_counts, block_counts.ranks_in_block
+        if block_expert_counts.dim() != 2 or block_expert_counts.shape[1] != num_experts:
+            raise ValueError(f"block_counts must count num_experts = {num_experts} experts, got block_expert_counts "
+                             f"of shape {tuple(block_expert_counts.shape)}")
+    return ExpertSort(*_sort_by_expert(expert_indices, block_expert_counts, ranks_in_block, block_assignments))
