@@ -154,7 +154,7 @@ def triton_operands(layer, x) -> SimpleNamespace:
     ops.sort = fused_sort_by_expert(ops.routing.expert_indices, cfg.num_experts, ops.routing.block_counts)
     ops.layout = ExpertLayout.from_sort(ops.sort, cfg.expert_widths, layer.expert_width_offsets,
                                         layer.expert_widths_tensor, cfg.num_active_experts)
-    ops.row_weights = ops.routing.expert_weights.flatten()[ops.sort.row_to_flat]
+    ops.row_weights = ops.layout.sorted_row_weights(ops.routing.expert_weights)
     ops.h_pre, ops.h_up, ops.h_act = kernels.up_projection(x, ops.w1, ops.v1, ops.layout.row_to_token,
                                                            *ops.layout.offsets(), ops.layout.h_numel, cfg.activation,
                                                            ops.row_weights)

@@ -4,7 +4,7 @@ One forward (N tokens, k = top-k, E experts of widths W_e, R = N * k rows):
     route            x [N, H] -> expert_weights, expert_indices [N, k], aux_loss      (router_ops.fused_route)
     sort by expert   -> row_to_token [R], expert_row_offsets [E+1]             (router_ops.fused_sort_by_expert)
     layout           -> where each expert's rows and ragged hidden block lie           (ops.ExpertLayout)
-    expert_mlp       gather + up + activation, down * routing weight, combine -> [N, H] (ops.py -> kernels/)
+    expert_mlp       gather + up + activation * routing weight, down, combine -> [N, H] (ops.py -> kernels/)
 No padding and no sparse topology: each kernel program finds its (expert, row tile, column tile) from the
 offsets. Any width >= 1 works, and experts of different widths share one layer.
 """
