@@ -363,8 +363,16 @@ def _check_gated_pair(name, tensor, activation, shape, dtype):
         check_tensor_shape(name, tensor, shape, (dtype,))
 
 
+def _layout_constants(expert_widths):
+    """The compile-time facts of the layout that every kernel here takes."""
+    return dict(
+        EXPERTS_POW2=_next_power_of_2(len(expert_widths)),
+        WIDTH_MULTIPLE=math.gcd(WIDTH_ALIGNMENT, *expert_widths),
+    )
+
+
 def _launch_options(dtype, blocks, expert_widths):
-    """The compile-time arguments and launch options both kernels share."""
+    """The compile-time arguments and launch options both GEMM kernels share."""
     return dict(
         # fp32 must match an fp64 reference to 1e-4, which TF32 products (~1e-3) would miss. For 16-bit operands
         # the setting does not apply and Triton's default is passed.
@@ -372,8 +380,7 @@ def _launch_options(dtype, blocks, expert_widths):
         BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n,
         BLOCK_K=blocks.block_k,
-        EXPERTS_POW2=_next_power_of_2(len(expert_widths)),
-        WIDTH_MULTIPLE=math.gcd(WIDTH_ALIGNMENT, *expert_widths),
+        **_layout_constants(expert_widths),
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )
@@ -381,7 +388,7 @@ def _launch_options(dtype, blocks, expert_widths):
 
 def _expert_rows_gemm_launch(
     *, a, b, out, num_rows, ragged_out, epilogue, expert_row_offsets, expert_width_offsets, expert_widths,
-    expert_h_offsets, blocks, role, a2=None, b2=None, second_product="none", out2=None, out3=None, h_pre=None,
+    expert_h_offsets, blocks, role, a2=None, b2=None, second_product="none", out2=None, out3=None,
     row_weights=None, row_to_token=None, activation=None,
 ):
     """Launch `_expert_rows_gemm` over a grid bounding the (unknown on the host) tiles of all experts."""
@@ -572,8 +579,7 @@ def down_projection_backward(
             HAS_ROW_WEIGHTS=row_weights is not None,
             BLOCK_ROWS=block_rows,
             BLOCK_W=block_w,
-            EXPERTS_POW2=_next_power_of_2(len(expert_widths)),
-            WIDTH_MULTIPLE=math.gcd(WIDTH_ALIGNMENT, *expert_widths),
+            **_layout_constants(expert_widths),
             num_warps=PERMUTE_NUM_WARPS,
         )
     return dh_pre, dh_up, d_row_weights
