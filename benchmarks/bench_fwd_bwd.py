@@ -1,7 +1,9 @@
 """Forward + backward time of the MoE MLP layer: Triton vs the stk reference and the other baselines.
 
-    uv run python benchmarks/bench_fwd_bwd.py --configs seed realistic [--compile] [--graph]
+    uv run python benchmarks/bench_fwd_bwd.py --configs seed realistic [--compile] [--graph] [--calling-thread-backward]
 """
+
+import torch
 
 from harness import (compiled_forward_backward_step, forward_backward_step, graphed_forward_backward_step,
                      parse_args, run_benchmark)
@@ -12,6 +14,10 @@ def extra_arguments(parser):
                         help="also time torch.compile(mode='reduce-overhead') of the Triton layer (GPU)")
     parser.add_argument("--graph", action="store_true",
                         help="also time the Triton layer's forward + backward replayed from one CUDA graph (GPU)")
+    parser.add_argument("--calling-thread-backward", action="store_true",
+                        help="run every implementation's backward in the calling thread instead of autograd's device "
+                             "thread (torch.autograd.set_multithreading_enabled(False)): on hosts where Python runs "
+                             "slower off the main thread, this shortens launch-bound steps")
 
 
 if __name__ == "__main__":
@@ -21,4 +27,5 @@ if __name__ == "__main__":
         variants["torch.compile reduce-overhead"] = compiled_forward_backward_step
     if args.graph:
         variants["CUDA graph"] = graphed_forward_backward_step
-    run_benchmark(args, "bench_fwd_bwd", forward_backward_step, flops_multiplier=3, triton_variants=variants)
+    with torch.autograd.set_multithreading_enabled(not args.calling_thread_backward):
+        run_benchmark(args, "bench_fwd_bwd", forward_backward_step, flops_multiplier=3, triton_variants=variants)

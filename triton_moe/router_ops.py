@@ -1,5 +1,7 @@
 """Routing and the expert sort over the Triton kernels of kernels/router.py: torch.library custom ops with their
-autograd (so that torch.compile sees each as one opaque node), and the two functions the layer calls.
+autograd, which torch.compile sees as opaque nodes, and the two functions the layer calls. Eager calls skip the
+custom ops' dispatch (as ops.expert_mlp does, for the same reason: host time) and call the launchers directly, through
+an autograd.Function for the route.
 
     fused_route(x, router_weight, config)        -> FusedRouting: routing.route's Routing, plus the per-block
                                                     counts that spare the sort its counting pass
@@ -78,16 +80,39 @@ def _setup_context(ctx, inputs, output):
     _, expert_indices, _, _, _, assignments_per_expert = output
     ctx.save_for_backward(router_logits, expert_indices, assignments_per_expert)
     ctx.loss_arguments = (normalize_weights, load_balance_coef, z_loss_coef)
+    # Autograd would otherwise hand the backward zero gradients for the four index and count outputs: a launch each.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_expert_weights, _grad_indices, grad_aux_loss, _grad_counts, _grad_ranks, _grad_assignments):
-    router_logits, expert_indices, assignments_per_expert = ctx.saved_tensors
-    grad_logits = _topk_softmax_backward(grad_expert_weights.contiguous(), grad_aux_loss.contiguous(), router_logits,
-                                         expert_indices, assignments_per_expert, *ctx.loss_arguments)
-    return grad_logits, None, None, None, None
+def _autograd_backward(backward):
+    """The autograd backward of the top-k softmax, computed by `backward` (the custom op or the plain function)."""
+
+    def run(ctx, grad_expert_weights, _grad_indices, grad_aux_loss, _grad_counts, _grad_ranks, _grad_assignments):
+        router_logits, expert_indices, assignments_per_expert = ctx.saved_tensors
+        if grad_expert_weights is None:  # only the aux loss reached the loss
+            grad_expert_weights = router_logits.new_zeros(expert_indices.shape)
+        if grad_aux_loss is None:  # the aux loss was left out of the loss
+            grad_aux_loss = router_logits.new_zeros(())
+        grad_logits = backward(grad_expert_weights.contiguous(), grad_aux_loss.contiguous(), router_logits,
+                               expert_indices, assignments_per_expert, *ctx.loss_arguments)
+        return grad_logits, None, None, None, None
+
+    return run
 
 
-_topk_softmax.register_autograd(_backward, setup_context=_setup_context)
+_topk_softmax.register_autograd(_autograd_backward(_topk_softmax_backward), setup_context=_setup_context)
+
+
+class _EagerTopkSoftmax(torch.autograd.Function):
+    """The custom op's forward and backward, called directly (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = topk_softmax(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_autograd_backward(topk_softmax_backward))
 
 
 @torch.library.custom_op("triton_moe::count_expert_blocks", mutates_args=())
@@ -131,7 +156,8 @@ def fused_route(x: Tensor, router_weight: Tensor, config: MoEConfig) -> FusedRou
     with torch.autocast(device_type=x.device.type, enabled=False):
         router_logits = F.linear(x.float(), router_weight.float())  # [N, E]
     # expert_weights, expert_indices [N, k]; aux_loss []; block_expert_counts [blocks, E]; ranks_in_block [N, k]
-    expert_weights, expert_indices, aux_loss, block_expert_counts, ranks_in_block, _ = _topk_softmax(
+    topk = _topk_softmax if torch.compiler.is_compiling() else _EagerTopkSoftmax.apply
+    expert_weights, expert_indices, aux_loss, block_expert_counts, ranks_in_block, _ = topk(
         router_logits, top_k, config.normalize_weights, float(config.load_balance_coef), float(config.z_loss_coef))
     block_counts = ExpertBlockCounts(ROUTE_BLOCK_TOKENS * top_k, block_expert_counts, ranks_in_block)
     return FusedRouting(router_logits, expert_weights, expert_indices, aux_loss, block_counts)
@@ -145,13 +171,16 @@ def fused_sort_by_expert(expert_indices: Tensor, num_experts: int,
     block_counts: FusedRouting.block_counts of the route that gave these indices, which spares the counting
     launch; None counts here (any indices, a token may even list an expert twice).
     """
+    compiling = torch.compiler.is_compiling()
     if block_counts is None:
         block_assignments = SORT_BLOCK_ASSIGNMENTS
-        block_expert_counts, ranks_in_block = _count_expert_blocks(expert_indices, num_experts, block_assignments)
+        count = _count_expert_blocks if compiling else count_expert_blocks
+        block_expert_counts, ranks_in_block = count(expert_indices, num_experts, block_assignments)
     else:
         block_assignments = block_counts.block_assignments
         block_expert_counts, ranks_in_block = block_counts.block_expert_counts, block_counts.ranks_in_block
         if block_expert_counts.dim() != 2 or block_expert_counts.shape[1] != num_experts:
             raise ValueError(f"block_counts must count num_experts = {num_experts} experts, got block_expert_counts "
                              f"of shape {tuple(block_expert_counts.shape)}")
-    return ExpertSort(*_sort_by_expert(expert_indices, block_expert_counts, ranks_in_block, block_assignments))
+    sort = _sort_by_expert if compiling else sort_by_expert_blocks
+    return ExpertSort(*sort(expert_indices, block_expert_counts, ranks_in_block, block_assignments))

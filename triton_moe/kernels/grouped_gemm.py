@@ -27,6 +27,7 @@ Layout arguments shared by the launchers (R = N * top_k expert-sorted rows, E ex
 All tensors are contiguous and on one device; float operands of one call share one dtype (fp32, fp16, bf16).
 """
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -35,7 +36,7 @@ import triton
 import triton.language as tl
 
 from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
-from triton_moe.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor_shape
+from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, next_power_of_2
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, ROW_PASS_ELEMENTS, GemmBlocks, gemm_blocks,
                                        permute_block_h)
 
@@ -316,15 +317,28 @@ def _activation_backward_rows(
         tl.store(d_row_weights_ptr + rows, tl.sum(row_weight_grads, 1), mask=row_mask)
 
 
-def _ceil_div(numerator: int, denominator: int) -> int:
-    """Ceiling division of host ints. (triton.cdiv is a constexpr function that costs ~2 µs a call: per expert
-    and per launch, that came to most of a millisecond per step with 64 experts.)"""
-    return -(-numerator // denominator)
+@functools.lru_cache(maxsize=64)
+def _width_facts(expert_widths: tuple[int, ...]) -> tuple[int, int, dict]:
+    """(total width, smallest width, the compile-time constants every kernel here takes) of the expert widths.
+
+    Computed once per set of widths rather than per launch: with 64 or 128 experts the Python loops over the widths
+    were a good part of a launcher's host time.
+    """
+    constants = dict(EXPERTS_POW2=next_power_of_2(len(expert_widths)),
+                     WIDTH_MULTIPLE=math.gcd(WIDTH_ALIGNMENT, *expert_widths))
+    return sum(expert_widths), min(expert_widths, default=0), constants
 
 
-def _next_power_of_2(value: int) -> int:
-    """The smallest power of two >= value >= 1 (host ints; see _ceil_div for why not triton's)."""
-    return 1 << (value - 1).bit_length()
+def _total_width(expert_widths) -> int:
+    return _width_facts(tuple(expert_widths))[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _tiles_per_row_block(expert_widths: tuple[int, ...], block: int) -> tuple[int, int]:
+    """(largest, sum) over the experts of cdiv(W_e, block): the tiles of one block of rows (or of one row of
+    blocks) across the experts' widths."""
+    tiles = [ceil_div(width, block) for width in expert_widths]
+    return max(tiles), sum(tiles)
 
 
 def _check_token_rows(name, tensor, dtypes):
@@ -343,10 +357,11 @@ def _check_row_weights(row_weights, num_rows):
 def _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width):
     """Validate the layout arguments against weights of `total_width` rows."""
     num_experts = len(expert_widths)
-    if num_experts == 0 or min(expert_widths) < 1:
+    widths_total, smallest_width, _ = _width_facts(tuple(expert_widths))
+    if num_experts == 0 or smallest_width < 1:
         raise ValueError(f"expert_widths must list at least one expert, each >= 1, got {expert_widths}")
-    if sum(expert_widths) != total_width:
-        raise ValueError(f"expert_widths sum to {sum(expert_widths)}, but the weights have {total_width} rows")
+    if widths_total != total_width:
+        raise ValueError(f"expert_widths sum to {widths_total}, but the weights have {total_width} rows")
     check_tensor_shape("expert_row_offsets", expert_row_offsets, (num_experts + 1,), INDEX_DTYPES)
     check_tensor_shape("expert_width_offsets", expert_width_offsets, (num_experts + 1,), INDEX_DTYPES)
     check_tensor_shape("expert_h_offsets", expert_h_offsets, (num_experts + 1,), (torch.int64,))
@@ -365,10 +380,7 @@ def _check_gated_pair(name, tensor, activation, shape, dtype):
 
 def _layout_constants(expert_widths):
     """The compile-time facts of the layout that every kernel here takes."""
-    return dict(
-        EXPERTS_POW2=_next_power_of_2(len(expert_widths)),
-        WIDTH_MULTIPLE=math.gcd(WIDTH_ALIGNMENT, *expert_widths),
-    )
+    return _width_facts(tuple(expert_widths))[2]
 
 
 def _launch_options(dtype, blocks, expert_widths):
@@ -395,12 +407,13 @@ def _expert_rows_gemm_launch(
     blocks = blocks or gemm_blocks(a.dtype, role, gated=b2 is not None)
     hidden = b.shape[1]
     if ragged_out:
-        col_tiles_per_expert = [_ceil_div(width, blocks.block_n) for width in expert_widths]
+        most_col_tiles, col_tiles_sum = _tiles_per_row_block(tuple(expert_widths), blocks.block_n)
     else:
-        col_tiles_per_expert = [_ceil_div(hidden, blocks.block_n)] * len(expert_widths)
+        most_col_tiles = ceil_div(hidden, blocks.block_n)
+        col_tiles_sum = most_col_tiles * len(expert_widths)
     # cdiv(rows_e, M) <= rows_e // M + 1 and sum_e rows_e // M <= cdiv(R, M): an upper bound on the tiles;
     # programs past the last tile exit at once.
-    grid = (_ceil_div(num_rows, blocks.block_m) * max(col_tiles_per_expert) + sum(col_tiles_per_expert),)
+    grid = (ceil_div(num_rows, blocks.block_m) * most_col_tiles + col_tiles_sum,)
     _expert_rows_gemm[grid](
         a, a2, b, b2,
         out, out2, out3,
@@ -451,7 +464,7 @@ def up_projection(
     """
     check_activation(activation)
     _check_token_rows("x", x, FLOAT_DTYPES)
-    check_tensor_shape("w1", w1, (sum(expert_widths), x.shape[1]), (x.dtype,))
+    check_tensor_shape("w1", w1, (_total_width(expert_widths), x.shape[1]), (x.dtype,))
     _check_gated_pair("v1", v1, activation, w1.shape, x.dtype)
     check_tensor_shape("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
     _check_row_weights(row_weights, row_to_token.numel())
@@ -497,7 +510,7 @@ def down_projection(
         y: [R, H] of h_act.dtype, one row per expert-sorted row (combine_rows sums them per token).
     """
     check_tensor_shape("h_act", h_act, (h_act.numel(),), FLOAT_DTYPES)
-    check_tensor_shape("w2", w2, (sum(expert_widths), w2.shape[-1]), (h_act.dtype,))
+    check_tensor_shape("w2", w2, (_total_width(expert_widths), w2.shape[-1]), (h_act.dtype,))
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
     y = torch.empty((num_rows, w2.shape[1]), dtype=h_act.dtype, device=h_act.device)  # (R, H)
     if num_rows > 0:
@@ -548,7 +561,7 @@ def down_projection_backward(
     """
     check_activation(activation)
     _check_token_rows("grad_out", grad_out, FLOAT_DTYPES)
-    check_tensor_shape("w2", w2, (sum(expert_widths), grad_out.shape[1]), (grad_out.dtype,))
+    check_tensor_shape("w2", w2, (_total_width(expert_widths), grad_out.shape[1]), (grad_out.dtype,))
     check_tensor_shape("h_pre", h_pre, (h_pre.numel(),), (grad_out.dtype,))
     _check_gated_pair("h_up", h_up, activation, h_pre.shape, grad_out.dtype)
     num_rows = row_to_token.numel()
@@ -569,7 +582,7 @@ def down_projection_backward(
         )
         block_w = permute_block_h(max(expert_widths))
         block_rows = ROW_PASS_ELEMENTS // block_w if ROW_PASS_ELEMENTS > block_w else 1
-        _activation_backward_rows[(_ceil_div(num_rows, block_rows),)](
+        _activation_backward_rows[(ceil_div(num_rows, block_rows),)](
             dh_pre, h_pre, h_up, row_weights,
             dh_up, d_row_weights,
             expert_row_offsets, expert_width_offsets, expert_h_offsets,
@@ -610,7 +623,7 @@ def input_grad_rows(
         dx_rows: [R, H] of dh_pre.dtype (combine_rows sums them per token into dx).
     """
     check_tensor_shape("dh_pre", dh_pre, (dh_pre.numel(),), FLOAT_DTYPES)
-    check_tensor_shape("w1", w1, (sum(expert_widths), w1.shape[-1]), (dh_pre.dtype,))
+    check_tensor_shape("w1", w1, (_total_width(expert_widths), w1.shape[-1]), (dh_pre.dtype,))
     if (dh_up is None) != (v1 is None):
         raise ValueError("dh_up and v1 must be given together (gated activation) or both be None")
     if dh_up is not None:
@@ -659,7 +672,7 @@ def weight_grad(
         check_tensor_shape("ragged2", ragged2, ragged.shape, (ragged.dtype,))
     _check_token_rows("token_rows", token_rows, (ragged.dtype,))
     check_tensor_shape("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
-    total_width = sum(expert_widths)
+    total_width = _total_width(expert_widths)
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width)
     shape = (total_width, token_rows.shape[1])
     if row_to_token.numel() == 0:
@@ -670,7 +683,7 @@ def weight_grad(
     blocks = blocks or gemm_blocks(ragged.dtype, "weight_grad", gated=ragged2 is not None)
     hidden = token_rows.shape[1]
     # The grid is exact: the tiles depend only on the widths and H, sum_e cdiv(W_e, BLOCK_M) * cdiv(H, BLOCK_N).
-    grid = (sum(_ceil_div(width, blocks.block_m) for width in expert_widths) * _ceil_div(hidden, blocks.block_n),)
+    grid = (_tiles_per_row_block(tuple(expert_widths), blocks.block_m)[1] * ceil_div(hidden, blocks.block_n),)
     _weight_grad_gemm[grid](
         ragged, ragged2, token_rows,
         dw, dw_2,

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_moe.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor_dim
+from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, check_tensor_dim
 from triton_moe.kernels.tuning import PERMUTE_NUM_WARPS, permute_block_h
 
 

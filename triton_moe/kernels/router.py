@@ -17,11 +17,13 @@ Nothing uses atomics and the reductions run in a fixed order, so every result is
 follows from the input shapes, so nothing synchronises with the host.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from triton_moe.kernels.checks import INDEX_DTYPES, check_tensor_dim
+from triton_moe.kernels.host import INDEX_DTYPES, ceil_div, check_tensor_dim, next_power_of_2
 from triton_moe.kernels.tuning import (INTERPRETER_ROUTE_TILE_ELEMENTS, RANK_CHUNK, ROUTE_BLOCK_TOKENS,
                                        ROUTE_NUM_WARPS, ROUTE_TILE_ELEMENTS, SCATTER_BLOCK, SORT_BLOCK_ASSIGNMENTS,
                                        SORT_NUM_WARPS, TABLE_MAX_EXPERTS, TABLE_NUM_WARPS, TABLE_TILE_ELEMENTS,
@@ -314,10 +316,11 @@ def _scatter_sorted_rows_kernel(
     tl.store(flat_to_row_ptr + flat, row, mask=mask)
 
 
+@functools.cache
 def route_tile_tokens(num_experts: int) -> int:
     """Tokens per tile of the route kernels for E experts: a power of two that divides ROUTE_BLOCK_TOKENS."""
     tile_elements = INTERPRETER_ROUTE_TILE_ELEMENTS if running_in_interpreter() else ROUTE_TILE_ELEMENTS
-    return max(min(tile_elements // triton.next_power_of_2(num_experts), ROUTE_BLOCK_TOKENS), 1)
+    return max(min(tile_elements // next_power_of_2(num_experts), ROUTE_BLOCK_TOKENS), 1)
 
 
 def row_expert_dtype(num_experts: int) -> torch.dtype:
@@ -325,9 +328,10 @@ def row_expert_dtype(num_experts: int) -> torch.dtype:
     return torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
 
 
+@functools.cache
 def _table_tiles(num_experts: int) -> tuple[int, int]:
     """(BLOCK_ROWS, EXPERT_CHUNK) of the single-program reductions over a [blocks, E] table."""
-    expert_chunk = min(triton.next_power_of_2(num_experts), TABLE_MAX_EXPERTS)
+    expert_chunk = min(next_power_of_2(num_experts), TABLE_MAX_EXPERTS)
     return max(TABLE_TILE_ELEMENTS // expert_chunk, 1), expert_chunk
 
 
@@ -385,7 +389,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
     if num_tokens * top_k >= 2**31:
         raise ValueError(f"router_logits: N * top_k must be below 2**31 (int32 counts), got {num_tokens * top_k}")
     device = router_logits.device
-    num_blocks = triton.cdiv(num_tokens, ROUTE_BLOCK_TOKENS)
+    num_blocks = ceil_div(num_tokens, ROUTE_BLOCK_TOKENS)
     expert_weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=device)  # (N, k)
     expert_indices = torch.empty((num_tokens, top_k), dtype=torch.int64, device=device)  # (N, k)
     ranks_in_block = torch.empty((num_tokens, top_k), dtype=torch.int32, device=device)  # (N, k)
@@ -401,8 +405,8 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
         block_prob_sums, block_expert_counts, block_lse_sq_sums,
         num_tokens, num_experts,
         TOP_K=top_k, NORMALIZE=bool(normalize_weights), BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
-        TILE_TOKENS=route_tile_tokens(num_experts), EXPERTS_POW2=triton.next_power_of_2(num_experts),
-        TOP_K_POW2=triton.next_power_of_2(top_k),
+        TILE_TOKENS=route_tile_tokens(num_experts), EXPERTS_POW2=next_power_of_2(num_experts),
+        TOP_K_POW2=next_power_of_2(top_k),
         num_warps=ROUTE_NUM_WARPS,
     )
     aux_loss = torch.empty((), dtype=torch.float32, device=device)
@@ -451,11 +455,11 @@ def topk_softmax_backward(grad_expert_weights: torch.Tensor, grad_aux_loss: torc
     tile_tokens = route_tile_tokens(num_experts)
     # aux_loss = load_balance_coef * E * sum_e (count_e / (N k)) (prob_sum_e / N) + z_loss_coef * lse_sq_sum / N.
     prob_sum_grad_scale = load_balance_coef * num_experts / (num_tokens * top_k * num_tokens)
-    _topk_softmax_backward_kernel[(triton.cdiv(num_tokens, tile_tokens),)](
+    _topk_softmax_backward_kernel[(ceil_div(num_tokens, tile_tokens),)](
         grad_expert_weights, grad_aux_loss, router_logits, expert_indices, assignments_per_expert, grad_logits,
         num_tokens, num_experts, prob_sum_grad_scale, z_loss_coef / num_tokens,
         TOP_K=top_k, NORMALIZE=bool(normalize_weights), TILE_TOKENS=tile_tokens,
-        EXPERTS_POW2=triton.next_power_of_2(num_experts), num_warps=ROUTE_NUM_WARPS,
+        EXPERTS_POW2=next_power_of_2(num_experts), num_warps=ROUTE_NUM_WARPS,
     )
     return grad_logits
 
@@ -477,7 +481,7 @@ def count_expert_blocks(expert_indices: torch.Tensor, num_experts: int,
     _check_int("block_assignments", block_assignments, 1)
     _check_assignments(expert_indices)
     num_assignments = expert_indices.numel()
-    num_blocks = triton.cdiv(num_assignments, block_assignments)
+    num_blocks = ceil_div(num_assignments, block_assignments)
     device = expert_indices.device
     block_expert_counts = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)  # (blocks, E)
     ranks_in_block = torch.empty(expert_indices.shape, dtype=torch.int32, device=device)  # (N, k)
@@ -485,7 +489,7 @@ def count_expert_blocks(expert_indices: torch.Tensor, num_experts: int,
         _count_expert_blocks_kernel[(num_blocks,)](
             expert_indices, block_expert_counts, ranks_in_block,
             num_assignments, num_experts, block_assignments,
-            BLOCK_POW2=triton.next_power_of_2(block_assignments), RANK_CHUNK=RANK_CHUNK, ZERO_CHUNK=ZERO_CHUNK,
+            BLOCK_POW2=next_power_of_2(block_assignments), RANK_CHUNK=RANK_CHUNK, ZERO_CHUNK=ZERO_CHUNK,
             num_warps=SORT_NUM_WARPS,
         )
     return block_expert_counts, ranks_in_block
@@ -515,7 +519,7 @@ def sort_by_expert_blocks(expert_indices: torch.Tensor, block_expert_counts: tor
         raise ValueError(f"block_expert_counts must have at least one expert column, got shape "
                          f"{tuple(block_expert_counts.shape)}")
     _check_shape("block_expert_counts", block_expert_counts,
-                 (triton.cdiv(num_assignments, block_assignments), num_experts))
+                 (ceil_div(num_assignments, block_assignments), num_experts))
     check_tensor_dim("ranks_in_block", ranks_in_block, 2, (torch.int32,))
     _check_shape("ranks_in_block", ranks_in_block, expert_indices.shape)
     device = expert_indices.device
@@ -535,7 +539,7 @@ def sort_by_expert_blocks(expert_indices: torch.Tensor, block_expert_counts: tor
         block_expert_counts, block_expert_starts, tokens_per_expert, expert_row_offsets, num_blocks, num_experts,
         BLOCK_ROWS=block_rows, EXPERT_CHUNK=expert_chunk, num_warps=TABLE_NUM_WARPS,
     )
-    _scatter_sorted_rows_kernel[(triton.cdiv(num_assignments, SCATTER_BLOCK),)](
+    _scatter_sorted_rows_kernel[(ceil_div(num_assignments, SCATTER_BLOCK),)](
         expert_indices, ranks_in_block, block_expert_starts, expert_row_offsets,
         row_to_flat, row_to_token, row_expert, flat_to_row,
         num_assignments, num_experts, expert_indices.shape[1], block_assignments,

@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
+
+from triton_moe.kernels.host import next_power_of_2
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class GemmBlocks:
         for name in ("block_m", "block_n", "block_k"):
             size = getattr(self, name)
             # tl.dot needs every dimension to be a power of two and at least 16.
-            if size < 16 or size != triton.next_power_of_2(size):
+            if size < 16 or size & (size - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {size}")
 
 
@@ -103,9 +104,13 @@ SCATTER_BLOCK = 1024
 SORT_NUM_WARPS = 4
 
 
+# Triton reads TRITON_INTERPRET once, when it decorates the kernels at import; this module reads it once too.
+_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def running_in_interpreter() -> bool:
     """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRETER
 
 
 def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False) -> GemmBlocks:
@@ -123,4 +128,4 @@ def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False) -> GemmBlock
 
 def permute_block_h(hidden: int) -> int:
     """Columns handled per step by the permute kernels for rows of `hidden` elements."""
-    return min(triton.next_power_of_2(hidden), PERMUTE_MAX_BLOCK_H)
+    return min(next_power_of_2(hidden), PERMUTE_MAX_BLOCK_H)

@@ -1,4 +1,10 @@
-"""The argument checks every launcher makes before it launches anything: a ValueError that names the argument."""
+"""What every launcher does on the host before it launches: the argument checks (a ValueError that names the
+argument) and the integer arithmetic of grids and tiles.
+
+The launchers run on every step, and on a small batch their host time, not the GPU's, is the layer's time: these
+helpers are plain Python on purpose. (triton.cdiv and triton.next_power_of_2 are constexpr functions that cost a
+few µs a call on the host; per expert and per launch that came to most of a millisecond per step with 64 experts.)
+"""
 
 import torch
 
@@ -8,7 +14,7 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 def check_tensor_shape(name, tensor, shape, dtypes):
     """`tensor` is contiguous, of exactly `shape`, with a dtype in `dtypes`."""
-    if tuple(tensor.shape) != tuple(shape):
+    if tensor.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
     _check_dtype_and_layout(name, tensor, dtypes)
 
@@ -27,3 +33,13 @@ def _check_dtype_and_layout(name, tensor, dtypes):
         raise ValueError(f"{name} must have a dtype in {dtypes}, got {tensor.dtype}")
     if not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
+
+
+def ceil_div(numerator: int, denominator: int) -> int:
+    """Ceiling division of host ints."""
+    return -(-numerator // denominator)
+
+
+def next_power_of_2(value: int) -> int:
+    """The smallest power of two >= value >= 1, of host ints."""
+    return 1 << (value - 1).bit_length()
