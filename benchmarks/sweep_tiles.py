@@ -2,6 +2,7 @@
 choosing tuning.py's tiles (and later an autotuner's candidates).
 
     python3 benchmarks/sweep_tiles.py --configs h2048_128x768_top8
+    python3 benchmarks/sweep_tiles.py --configs 64exp_uniform 8exp_uniform --graph    # small problems: device µs
 """
 
 import torch
@@ -24,6 +25,37 @@ CANDIDATES = [
     GemmBlocks(128, 128, 32, 4, 5),
     GemmBlocks(128, 128, 128, 8, 3),
 ]
+# Added for small problems (the seed configs), where the tiles above are too few to fill the GPU.
+SMALL_CANDIDATES = [
+    GemmBlocks(64, 128, 64, 4, 3),
+    GemmBlocks(128, 64, 64, 4, 3),
+    GemmBlocks(64, 64, 64, 4, 3),
+    GemmBlocks(32, 128, 64, 4, 3),
+    GemmBlocks(64, 128, 128, 4, 3),
+    GemmBlocks(64, 64, 128, 4, 3),
+]
+
+
+def extra_arguments(parser):
+    parser.add_argument("--graph", action="store_true",
+                        help="report device µs per launch, from CUDA-graph replays of 20 launches, instead of TFLOP/s "
+                             "from timed calls (which include ~0.1 ms of host time per launch), and add small tiles")
+
+
+def graph_us(fn, launches=20, replays=5) -> float:
+    """Device µs per call of fn, captured `launches` times in one CUDA graph and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # compiled, and the caching allocator warm
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    graph.replay()
+    return time_ms(graph.replay, warmup=1, repeats=replays) * 1e3 / launches
 
 
 def roles(layer, x):
@@ -51,10 +83,13 @@ def roles(layer, x):
 
 
 def main():
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, extra_arguments)
     dtype = DTYPES[args.dtype]
     env = environment()
-    print(f"# sweep_tiles: {env['device']}, triton {env['triton']}, {env['date']}; TFLOP/s per role")
+    unit = "device µs per launch (CUDA-graph replays)" if args.graph else "TFLOP/s per role"
+    print(f"# sweep_tiles: {env['device']}, triton {env['triton']}, {env['date']}; {unit}")
+    print(f"# command: {env['command']}")
+    candidates = [None] + CANDIDATES + SMALL_CANDIDATES if args.graph else CANDIDATES
     for name in args.configs:
         config, tokens = make_config(name, args.activation)
         x = torch.randn(args.tokens or tokens, config.hidden_size, device=device(), dtype=dtype)
@@ -63,16 +98,20 @@ def main():
             role_fns = roles(layer, x)
             print(f"\n## {name} ({args.activation})\n| tiles (M,N,K,warps,stages) | "
                   + " | ".join(role_fns) + " |\n|---|" + "---:|" * len(role_fns))
-            for blocks in CANDIDATES:
+            for blocks in candidates:  # None: the launchers' defaults (tuning.gemm_blocks)
                 cells = []
                 for fn, flops in role_fns.values():
                     try:
-                        ms = time_ms(lambda: fn(blocks), args.warmup, args.repeats)
-                        cells.append(f"{flops / ms / 1e9:.0f}")
+                        if args.graph:
+                            cells.append(f"{graph_us(lambda: fn(blocks)):.1f}")
+                        else:
+                            ms = time_ms(lambda: fn(blocks), args.warmup, args.repeats)
+                            cells.append(f"{flops / ms / 1e9:.0f}")
                     except Exception as error:  # a tile shape that does not fit (shared memory, registers)
                         cells.append(type(error).__name__)
-                tiles = (blocks.block_m, blocks.block_n, blocks.block_k, blocks.num_warps, blocks.num_stages)
-                print(f"| {tiles} | " + " | ".join(cells) + " |")
+                tiles = "default" if blocks is None else (
+                    blocks.block_m, blocks.block_n, blocks.block_k, blocks.num_warps, blocks.num_stages)
+                print(f"| {tiles} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -101,9 +101,9 @@ class _PermuteRows(torch.autograd.Function):
 # The forward and backward run as torch.library custom ops under torch.compile, which then sees each as one opaque
 # node (with the shapes from the fake implementations) instead of tracing into the Triton launchers. Eager calls
 # go through _EagerExpertMLP, an autograd.Function over the same two functions: the custom op's dispatch (its
-# schema conversions, the autograd and backend layers, the alias check) cost 0.8 ms of host time per forward and
-# backward on the lent H100's host, a quarter of a seed-config step. A custom op returns no None: the unused h_up of
-# a non-gated activation, and its gradient dv1, are empty tensors.
+# schema conversions, the autograd and backend layers, the alias check) cost 0.4-0.8 ms of host time per forward
+# and backward on the lent H100's host, up to a quarter of a seed-config step. A custom op returns no None: the
+# unused h_up of a non-gated activation, and its gradient dv1, are empty tensors.
 def _expert_mlp_forward(
     x: Tensor, row_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
     row_to_token: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor,

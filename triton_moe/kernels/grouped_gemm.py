@@ -23,7 +23,7 @@ Layout arguments shared by the launchers (R = N * top_k expert-sorted rows, E ex
     expert_widths: the E widths W_e >= 1 as host ints (they size the launch grid without a device sync).
     expert_h_offsets: [E+1] int64, prefix sums of count_e * W_e; expert e's hidden activations are the dense
         row-major [count_e, W_e] block starting there in each ragged 1-D buffer (h_pre, h_up, h_act, ...).
-    blocks: tile sizes; tuning.gemm_blocks(dtype, role) when None (each launcher is one role).
+    blocks: tile sizes; tuning.gemm_blocks(dtype, role, ...) when None (each launcher is one role).
 All tensors are contiguous and on one device; float operands of one call share one dtype (fp32, fp16, bf16).
 """
 
@@ -404,8 +404,8 @@ def _expert_rows_gemm_launch(
     row_weights=None, row_to_token=None, activation=None,
 ):
     """Launch `_expert_rows_gemm` over a grid bounding the (unknown on the host) tiles of all experts."""
-    blocks = blocks or gemm_blocks(a.dtype, role, gated=b2 is not None)
     hidden = b.shape[1]
+    blocks = blocks or gemm_blocks(a.dtype, role, gated=b2 is not None, rows_x_hidden=num_rows * hidden)
     if ragged_out:
         most_col_tiles, col_tiles_sum = _tiles_per_row_block(tuple(expert_widths), blocks.block_n)
     else:
@@ -680,8 +680,9 @@ def weight_grad(
         return dw, None if ragged2 is None else torch.zeros_like(dw)
     dw = ragged.new_empty(shape)  # (TW, H)
     dw_2 = None if ragged2 is None else torch.empty_like(dw)  # (TW, H)
-    blocks = blocks or gemm_blocks(ragged.dtype, "weight_grad", gated=ragged2 is not None)
     hidden = token_rows.shape[1]
+    blocks = blocks or gemm_blocks(ragged.dtype, "weight_grad", gated=ragged2 is not None,
+                                   rows_x_hidden=row_to_token.numel() * hidden)
     # The grid is exact: the tiles depend only on the widths and H, sum_e cdiv(W_e, BLOCK_M) * cdiv(H, BLOCK_N).
     grid = (_tiles_per_row_block(tuple(expert_widths), blocks.block_m)[1] * ceil_div(hidden, blocks.block_n),)
     _weight_grad_gemm[grid](

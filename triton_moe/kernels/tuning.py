@@ -1,6 +1,7 @@
 """Tile sizes, warps and pipeline stages of every kernel, per device kind and dtype, with the reasons.
 
-No autotuning yet: every launcher takes `blocks: GemmBlocks | None` and falls back on `gemm_blocks(dtype, role)`,
+No autotuning yet: every launcher takes `blocks: GemmBlocks | None` and falls back on
+`gemm_blocks(dtype, role, gated, rows_x_hidden)`, a table keyed on the role and a shape class measured on the H100,
 so an autotuner can later pass its own choice without touching the kernels.
 """
 
@@ -61,6 +62,22 @@ GPU_16BIT_GATED_BLOCKS = {
 }
 GEMM_ROLES = tuple(GPU_16BIT_ROLE_BLOCKS)
 
+# Small problems (the seed configs: hidden 256, 8192 to 32768 rows) make too few 128x256 tiles to fill the GPU:
+# 64-row tiles with 4 warps run every role but the weight gradients faster there, and the weight gradients do as
+# well with 128x64 as with 128x128 and 8 warps. Device µs per launch from CUDA-graph replays in
+# h100-2026-11-25/sweep_seed.md ("default" there is this table), summed over the six GEMMs of a step, the large
+# tiles (the (128, 256, 64, 8, 3) and (128, 128, 64, 8, 4) rows) -> these: 8 experts 89.9 -> 74.4, 16 experts
+# 61.8 -> 53.2, 64 experts 149.7 -> 142.8, 128 experts 176.5 -> 167.8. The gated launches (two products, or dW1 with
+# dV1) were not swept at these sizes and keep the gated tiles above.
+SMALL_PROBLEM_ROWS_X_HIDDEN = 2**24  # rows * hidden below this is a small problem (seed configs: at most 2**23)
+GPU_16BIT_SMALL_BLOCKS = {
+    "up": GemmBlocks(64, 128, 64, num_warps=4, num_stages=3),
+    "down": GemmBlocks(64, 128, 64, num_warps=4, num_stages=3),
+    "down_backward": GemmBlocks(64, 128, 64, num_warps=4, num_stages=3),
+    "input_grad": GemmBlocks(64, 128, 64, num_warps=4, num_stages=3),
+    "weight_grad": GemmBlocks(128, 64, 64, num_warps=4, num_stages=3),
+}
+
 # H100, fp32 operands with input_precision="ieee" (TF32 would miss the 1e-4 accuracy target): the dot runs
 # as FMAs on the CUDA cores and holds both operand tiles in registers, so 64x64x32 with 4 warps avoids spills.
 GPU_FP32_BLOCKS = GemmBlocks(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
@@ -113,16 +130,21 @@ def running_in_interpreter() -> bool:
     return _INTERPRETER
 
 
-def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False) -> GemmBlocks:
-    """Default grouped-GEMM tiles for operands of `dtype` in `role` (one of GEMM_ROLES) on the current backend."""
+def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden: int | None = None) -> GemmBlocks:
+    """Default grouped-GEMM tiles for operands of `dtype` in `role` (one of GEMM_ROLES) on the current backend.
+
+    rows_x_hidden: the launch's expert-sorted rows times the hidden size, which picks the shape class (None: large).
+    """
     if role not in GEMM_ROLES:
         raise ValueError(f"role must be one of {GEMM_ROLES}, got {role!r}")
     if running_in_interpreter():
         return INTERPRETER_BLOCKS
     if dtype == torch.float32:
         return GPU_FP32_BLOCKS
-    if gated and role in GPU_16BIT_GATED_BLOCKS:
-        return GPU_16BIT_GATED_BLOCKS[role]
+    if gated:
+        return GPU_16BIT_GATED_BLOCKS.get(role, GPU_16BIT_ROLE_BLOCKS[role])
+    if rows_x_hidden is not None and rows_x_hidden < SMALL_PROBLEM_ROWS_X_HIDDEN:
+        return GPU_16BIT_SMALL_BLOCKS[role]
     return GPU_16BIT_ROLE_BLOCKS[role]
 
 
