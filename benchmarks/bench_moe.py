@@ -35,12 +35,13 @@ def triton_steps(layer, x):
             fused_sort_by_expert(o.routing.expert_indices, cfg.num_experts, o.routing.block_counts), cfg.expert_widths,
             layer.expert_width_offsets, layer.expert_widths_tensor, cfg.num_active_experts),
         "up GEMM (gather, activation and routing weight fused)": lambda: kernels.up_projection(
-            x, o.w1, o.v1, layout.row_to_token, *layout.offsets(), layout.h_numel, cfg.activation, o.row_weights),
+            x, o.w1, o.v1, layout.row_to_token, *layout.offsets(), layout.h_numel, cfg.activation, o.expert_weights,
+            row_weight_index=layout.row_to_flat),
         "down GEMM": lambda: kernels.down_projection(o.h_act, o.w2, *layout.offsets(), layout.num_rows),
         "combine": lambda: kernels.combine_rows(o.y_rows, layout.flat_to_row, layout.top_k),
         "bwd: down dH (+ activation grad, routing-weight grads)": lambda: kernels.down_projection_backward(
-            o.grad_out, o.w2, o.h_pre, o.h_up, layout.row_to_token, *layout.offsets(), o.row_weights,
-            cfg.activation),
+            o.grad_out, o.w2, o.h_pre, o.h_up, layout.row_to_token, *layout.offsets(), o.expert_weights,
+            cfg.activation, row_weight_index=layout.row_to_flat),
         "bwd: dW2": lambda: kernels.weight_grad(o.h_act, None, o.grad_out, layout.row_to_token, *layout.offsets()),
         "bwd: dX rows": lambda: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, *layout.offsets(),
                                                         layout.num_rows),

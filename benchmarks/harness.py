@@ -145,7 +145,7 @@ def model_flops(config: MoEConfig, x: torch.Tensor, router_weight: torch.Tensor)
 
 def triton_operands(layer, x) -> SimpleNamespace:
     """Every operand of every kernel of one Triton forward and backward on x, for timing kernels one by one:
-    routing, sort, layout, row_weights, the weights, h_pre/h_up/h_act (weighted), y_rows, grad_out, dh_pre/dh_up,
+    routing, sort, layout, expert_weights ([N*k], read through layout.row_to_flat), the weights, h_pre/h_up/h_act (weighted), y_rows, grad_out, dh_pre/dh_up,
     dx_rows."""
     cfg = layer.config
     ops = SimpleNamespace(cfg=cfg, x=x, w1=layer.w1.detach(), w2=layer.w2.detach(),
@@ -154,15 +154,15 @@ def triton_operands(layer, x) -> SimpleNamespace:
     ops.sort = fused_sort_by_expert(ops.routing.expert_indices, cfg.num_experts, ops.routing.block_counts)
     ops.layout = ExpertLayout.from_sort(ops.sort, cfg.expert_widths, layer.expert_width_offsets,
                                         layer.expert_widths_tensor, cfg.num_active_experts)
-    ops.row_weights = ops.layout.sorted_row_weights(ops.routing.expert_weights)
-    ops.h_pre, ops.h_up, ops.h_act = kernels.up_projection(x, ops.w1, ops.v1, ops.layout.row_to_token,
-                                                           *ops.layout.offsets(), ops.layout.h_numel, cfg.activation,
-                                                           ops.row_weights)
+    ops.expert_weights = ops.routing.expert_weights.detach().flatten()  # [N*k]
+    ops.h_pre, ops.h_up, ops.h_act = kernels.up_projection(
+        x, ops.w1, ops.v1, ops.layout.row_to_token, *ops.layout.offsets(), ops.layout.h_numel, cfg.activation,
+        ops.expert_weights, row_weight_index=ops.layout.row_to_flat)
     ops.y_rows = kernels.down_projection(ops.h_act, ops.w2, *ops.layout.offsets(), ops.layout.num_rows)
     ops.grad_out = torch.randn_like(x)
     ops.dh_pre, ops.dh_up, _ = kernels.down_projection_backward(
         ops.grad_out, ops.w2, ops.h_pre, ops.h_up, ops.layout.row_to_token, *ops.layout.offsets(),
-        ops.row_weights, cfg.activation)
+        ops.expert_weights, cfg.activation, row_weight_index=ops.layout.row_to_flat)
     ops.dx_rows = kernels.input_grad_rows(ops.dh_pre, ops.w1, ops.dh_up, ops.v1, *ops.layout.offsets(),
                                           ops.layout.num_rows)
     return ops

@@ -66,13 +66,14 @@ def roles(layer, x):
     gated_products = one_product * (2 if o.v1 is not None else 1)  # the roles that do both swiglu projections
     return {
         "up": (lambda b: kernels.up_projection(x, o.w1, o.v1, layout.row_to_token, *layout.offsets(),
-                                               layout.h_numel, cfg.activation, o.row_weights, blocks=b),
+                                               layout.h_numel, cfg.activation, o.expert_weights,
+                                               row_weight_index=layout.row_to_flat, blocks=b),
                gated_products),
         "down": (lambda b: kernels.down_projection(o.h_act, o.w2, *layout.offsets(), layout.num_rows, blocks=b),
                  one_product),
         "down bwd dH": (lambda b: kernels.down_projection_backward(
-            o.grad_out, o.w2, o.h_pre, o.h_up, layout.row_to_token, *layout.offsets(), o.row_weights,
-            cfg.activation, blocks=b), one_product),
+            o.grad_out, o.w2, o.h_pre, o.h_up, layout.row_to_token, *layout.offsets(), o.expert_weights,
+            cfg.activation, row_weight_index=layout.row_to_flat, blocks=b), one_product),
         "dW2": (lambda b: kernels.weight_grad(o.h_act, None, o.grad_out, layout.row_to_token, *layout.offsets(),
                                               blocks=b), one_product),
         "dX rows": (lambda b: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, *layout.offsets(),

@@ -44,7 +44,9 @@ class SortedRouting:
     expert_widths: list[int]
     row_to_token: torch.Tensor  # (R,) int32
     flat_to_row: torch.Tensor  # (N * k,) int64
-    row_weights: torch.Tensor  # (R,) fp32
+    row_to_flat: torch.Tensor  # (R,) int64, the inverse of flat_to_row
+    flat_weights: torch.Tensor  # (N * k,) fp32, the routing weights in (token, slot) order
+    row_weights: torch.Tensor  # (R,) fp32, the same sorted by row: flat_weights[row_to_flat]
     expert_row_offsets: torch.Tensor  # (E + 1,) int32
     expert_width_offsets: torch.Tensor  # (E + 1,) int32
     expert_h_offsets: torch.Tensor  # (E + 1,) int64
@@ -91,11 +93,14 @@ def make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator):
         return F.pad(sizes.cumsum(0), (1, 0)).to(dtype)
 
     expert_h_offsets = offsets(tokens_per_expert * widths, torch.int64)  # (E + 1,)
+    flat_weights = torch.softmax(top_scores, dim=1).reshape(-1)  # (N * k,)
     return SortedRouting(
         expert_widths=list(expert_widths),
         row_to_token=(row_to_flat // top_k).to(torch.int32).to(DEVICE),
         flat_to_row=torch.argsort(row_to_flat).to(DEVICE),
-        row_weights=torch.softmax(top_scores, dim=1).reshape(-1)[row_to_flat].to(DEVICE),
+        row_to_flat=row_to_flat.to(DEVICE),
+        flat_weights=flat_weights.to(DEVICE),
+        row_weights=flat_weights[row_to_flat].to(DEVICE),
         expert_row_offsets=offsets(tokens_per_expert, torch.int32).to(DEVICE),
         expert_width_offsets=offsets(widths, torch.int32).to(DEVICE),
         expert_h_offsets=expert_h_offsets.to(DEVICE),
@@ -294,6 +299,29 @@ def test_down_projection_backward_row_pass_in_column_steps(activation, monkeypat
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", ["mixed_widths", "expert_without_tokens"])
+def test_row_weights_through_an_index(case, activation):
+    """Weights in (token, slot) order read through row_to_flat, as MoEMLP passes them, give bit for bit the h_act
+    of the weights sorted by row, and the same routing-weight gradients, written back in (token, slot) order."""
+    routing, hidden, num_tokens, generator = setup_case(case)
+    x = random((num_tokens, hidden), torch.float32, generator)
+    w1 = random_weight(routing, hidden, torch.float32, generator)
+    v1 = random_weight(routing, hidden, torch.float32, generator) if is_gated(activation) else None
+    w2 = random_weight(routing, hidden, torch.float32, generator)
+    grad_out = random((num_tokens, hidden), torch.float32, generator)
+    up_args = (x, w1, v1, routing.row_to_token, *routing.layout, routing.h_numel, activation)
+    h_pre, h_up, h_act_sorted = up_projection(*up_args, routing.row_weights)
+    _, _, h_act_indexed = up_projection(*up_args, routing.flat_weights, row_weight_index=routing.row_to_flat)
+    assert torch.equal(h_act_indexed, h_act_sorted)
+    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout)
+    dh_pre_sorted, _, d_sorted = down_projection_backward(*down_args, routing.row_weights, activation)
+    dh_pre_indexed, _, d_indexed = down_projection_backward(*down_args, routing.flat_weights, activation,
+                                                            row_weight_index=routing.row_to_flat)
+    assert torch.equal(dh_pre_indexed, dh_pre_sorted)
+    assert torch.equal(d_indexed, d_sorted[routing.flat_to_row])  # d_sorted is by row; d_indexed by (token, slot)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_down_projection_backward_without_row_weights(activation):
     routing, h_pre, h_up, w2, grad_out = random_down_inputs("mixed_widths", activation, torch.float32)
     dh_pre, dh_up, d_row_weights = down_projection_backward(
@@ -463,6 +491,11 @@ def test_invalid_arguments_raise_value_error():
         up_projection(x, w1, None, row_to_token, *layout[:3], layout[3].int(), h_numel, "gelu")
     with pytest.raises(ValueError, match="row_weights"):
         up_projection(x, w1, None, row_to_token, *layout, h_numel, "gelu", routing.row_weights.half())
+    with pytest.raises(ValueError, match="row_weight_index needs row_weights"):
+        up_projection(x, w1, None, row_to_token, *layout, h_numel, "gelu", row_weight_index=routing.row_to_flat)
+    with pytest.raises(ValueError, match="row_weight_index"):
+        up_projection(x, w1, None, row_to_token, *layout, h_numel, "gelu", routing.flat_weights,
+                      row_weight_index=routing.row_to_flat[1:])
     h_buffer = random((h_numel,), torch.float32, generator)
     with pytest.raises(ValueError, match="dh_up and v1"):
         input_grad_rows(h_buffer, w1, None, w1, *layout, routing.num_rows)

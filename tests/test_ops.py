@@ -28,7 +28,7 @@ def op_arguments(config, activation, num_tokens=24):
     layout = ExpertLayout.from_sort(sort_by_expert(routing.expert_indices, config.num_experts), config.expert_widths,
                                     layer.expert_width_offsets, layer.expert_widths_tensor, config.num_active_experts)
     v1 = layer.v1.detach().clone().requires_grad_() if config.is_glu else None
-    tensors = [x.requires_grad_(), layout.sorted_row_weights(routing.expert_weights).detach().requires_grad_(),
+    tensors = [x.requires_grad_(), routing.expert_weights.flatten().detach().requires_grad_(),
                layer.w1.detach().clone().requires_grad_(), v1, layer.w2.detach().clone().requires_grad_()]
     return (*tensors, *layout.op_arguments(), activation)
 

@@ -37,10 +37,9 @@ class MoEMLP(MoELayer):
         sort = fused_sort_by_expert(routing.expert_indices, cfg.num_experts, routing.block_counts)
         layout = ExpertLayout.from_sort(sort, cfg.expert_widths, self.expert_width_offsets,
                                         self.expert_widths_tensor, cfg.num_active_experts)
-        row_weights = layout.sorted_row_weights(routing.expert_weights)  # [R] fp32
         x, w1, w2 = x.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
         v1 = self.v1.to(dtype) if cfg.is_glu else None
-        output = expert_mlp(x, row_weights, w1, v1, w2, layout, cfg.activation)  # [N, H]
+        output = expert_mlp(x, routing.expert_weights.flatten(), w1, v1, w2, layout, cfg.activation)  # [N, H]
         if intermediates is not None:
             intermediates.update(self._debug_intermediates(x, w1, v1, w2, sort, layout))
         return output

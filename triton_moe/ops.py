@@ -3,13 +3,14 @@ Triton kernels, registered as torch.library custom ops with their autograd (see 
 
 Forward (R = N * k expert-sorted rows, hidden activations ragged: expert e's rows are a [count_e, W_e] block):
     up_projection      x [N, H] gathered by row_to_token, @ w1_eᵀ (and v1_eᵀ); the epilogue applies the
-                       activation and the row's routing weight w_r
+                       activation and the row's routing weight w_r = expert_weights[row_to_flat[r]]
                        -> h_pre, (h_up), h_act_weighted = act(h_pre[, h_up]) * w_r     ragged [Σ_e count_e * W_e]
     down_projection    h_act_weighted @ w2_e -> y_rows [R, H]
     combine_rows       sum of each token's k rows, in slot order -> out [N, H]
 Backward:
     down_projection_backward   dA = grad_out gathered by row_to_token, @ w2_eᵀ; then a row pass recomputes the
-                               activation from h_pre: routing-weight grads, dh_pre, (dh_up)
+                               activation from h_pre: dh_pre, (dh_up), and the routing-weight gradients, written
+                               back through row_to_flat in (token, slot) order
     weight_grad                dw2_e = Σ_r h_act_weighted[r] ⊗ grad_out[token(r)]
     input_grad_rows + combine  dx = Σ_slots dh_pre @ w1_e (+ dh_up @ v1_e)
     weight_grad                dw1_e = Σ_r dh_pre[r] ⊗ x[token(r)] (and dv1 in the same launch)
@@ -62,40 +63,21 @@ class ExpertLayout:
     def num_rows(self) -> int:
         return self.row_to_token.numel()
 
-    def sorted_row_weights(self, expert_weights: torch.Tensor) -> torch.Tensor:
-        """The routing weight of each expert-sorted row: expert_weights [N, k] -> [R], differentiable."""
-        return _PermuteRows.apply(expert_weights.flatten(), self.row_to_flat, self.flat_to_row)
-
     def offsets(self) -> tuple:
         """The layout arguments every grouped-GEMM launcher takes, in their order."""
         return self.expert_row_offsets, self.expert_width_offsets, self.expert_widths, self.expert_h_offsets
 
     def op_arguments(self) -> tuple:
         """The layout as the custom ops below take it: tensors, then host ints (a custom op takes no dataclass)."""
-        return (self.row_to_token, self.flat_to_row, self.expert_row_offsets, self.expert_width_offsets,
-                self.expert_h_offsets, self.expert_widths, self.h_numel, self.top_k)
+        return (self.row_to_token, self.row_to_flat, self.flat_to_row, self.expert_row_offsets,
+                self.expert_width_offsets, self.expert_h_offsets, self.expert_widths, self.h_numel, self.top_k)
 
     @classmethod
-    def from_op_arguments(cls, row_to_token, flat_to_row, expert_row_offsets, expert_width_offsets, expert_h_offsets,
-                          expert_widths, h_numel, top_k) -> "ExpertLayout":
-        """Inverse of op_arguments (row_to_flat is not needed inside the ops and is left None)."""
-        return cls(row_to_token, None, flat_to_row, expert_row_offsets, expert_width_offsets, list(expert_widths),
-                   expert_h_offsets, h_numel, top_k)
-
-
-class _PermuteRows(torch.autograd.Function):
-    """values[permutation] [R], whose backward gathers by the inverse permutation. (Indexing's own backward
-    scatters with accumulation, which sorts the indices again: six launches and a radix sort per step.)"""
-
-    @staticmethod
-    def forward(ctx, values, permutation, inverse):
-        ctx.save_for_backward(inverse)
-        return values[permutation]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+    def from_op_arguments(cls, row_to_token, row_to_flat, flat_to_row, expert_row_offsets, expert_width_offsets,
+                          expert_h_offsets, expert_widths, h_numel, top_k) -> "ExpertLayout":
+        """Inverse of op_arguments."""
+        return cls(row_to_token, row_to_flat, flat_to_row, expert_row_offsets, expert_width_offsets,
+                   list(expert_widths), expert_h_offsets, h_numel, top_k)
 
 
 # The forward and backward run as torch.library custom ops under torch.compile, which then sees each as one opaque
@@ -105,36 +87,39 @@ class _PermuteRows(torch.autograd.Function):
 # and backward on the lent H100's host, up to a quarter of a seed-config step. A custom op returns no None: the
 # unused h_up of a non-gated activation, and its gradient dv1, are empty tensors.
 def _expert_mlp_forward(
-    x: Tensor, row_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
-    row_to_token: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor,
-    expert_h_offsets: Tensor, expert_widths: list[int], h_numel: int, top_k: int, activation: str,
+    x: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
+    row_to_token: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor,
+    expert_width_offsets: Tensor, expert_h_offsets: Tensor, expert_widths: list[int], h_numel: int, top_k: int,
+    activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out [N, H], h_pre [h_numel], h_up [h_numel] or [0] unless gated, h_act_weighted [h_numel])."""
-    layout = ExpertLayout.from_op_arguments(row_to_token, flat_to_row, expert_row_offsets, expert_width_offsets,
-                                            expert_h_offsets, expert_widths, h_numel, top_k)
-    h_pre, h_up, h_act_weighted = up_projection(x, w1, v1, layout.row_to_token, *layout.offsets(), layout.h_numel,
-                                                activation, row_weights)  # ragged [h_numel] each
+    layout = ExpertLayout.from_op_arguments(row_to_token, row_to_flat, flat_to_row, expert_row_offsets,
+                                            expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k)
+    h_pre, h_up, h_act_weighted = up_projection(
+        x, w1, v1, layout.row_to_token, *layout.offsets(), layout.h_numel, activation, expert_weights,
+        row_weight_index=layout.row_to_flat)  # ragged [h_numel] each
     y_rows = down_projection(h_act_weighted, w2, *layout.offsets(), layout.num_rows)  # [R, H]
     out = combine_rows(y_rows, layout.flat_to_row, layout.top_k)  # [N, H]
     return out, h_pre, x.new_empty(0) if h_up is None else h_up, h_act_weighted
 
 
 def _expert_mlp_backward(
-    grad_out: Tensor, x: Tensor, row_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, h_pre: Tensor,
-    h_up: Tensor | None, h_act_weighted: Tensor, row_to_token: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor,
-    expert_width_offsets: Tensor, expert_h_offsets: Tensor, expert_widths: list[int], h_numel: int, top_k: int,
-    activation: str,
+    grad_out: Tensor, x: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, h_pre: Tensor,
+    h_up: Tensor | None, h_act_weighted: Tensor, row_to_token: Tensor, row_to_flat: Tensor, flat_to_row: Tensor,
+    expert_row_offsets: Tensor, expert_width_offsets: Tensor, expert_h_offsets: Tensor, expert_widths: list[int],
+    h_numel: int, top_k: int, activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx [N, H], d_row_weights [R] fp32, dw1, dv1 ([0] unless gated), dw2 [TW, H])."""
-    layout = ExpertLayout.from_op_arguments(row_to_token, flat_to_row, expert_row_offsets, expert_width_offsets,
-                                            expert_h_offsets, expert_widths, h_numel, top_k)
-    dh_pre, dh_up, d_row_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, layout.row_to_token, *layout.offsets(), row_weights, activation)
+    """(dx [N, H], d_expert_weights [N*k] fp32, dw1, dv1 ([0] unless gated), dw2 [TW, H])."""
+    layout = ExpertLayout.from_op_arguments(row_to_token, row_to_flat, flat_to_row, expert_row_offsets,
+                                            expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k)
+    dh_pre, dh_up, d_expert_weights = down_projection_backward(
+        grad_out, w2, h_pre, h_up, layout.row_to_token, *layout.offsets(), expert_weights, activation,
+        row_weight_index=layout.row_to_flat)
     dw2, _ = weight_grad(h_act_weighted, None, grad_out, layout.row_to_token, *layout.offsets())  # [TW, H]
     dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(), layout.num_rows)  # [R, H]
     dx = combine_rows(dx_rows, layout.flat_to_row, layout.top_k)  # [N, H]
     dw1, dv1 = weight_grad(dh_pre, dh_up, x, layout.row_to_token, *layout.offsets())  # [TW, H] each
-    return dx, d_row_weights, dw1, w1.new_empty(0) if dv1 is None else dv1, dw2
+    return dx, d_expert_weights, dw1, w1.new_empty(0) if dv1 is None else dv1, dw2
 
 
 _forward_op = torch.library.custom_op("triton_moe::expert_mlp", _expert_mlp_forward, mutates_args=())
@@ -142,24 +127,24 @@ _backward_op = torch.library.custom_op("triton_moe::expert_mlp_backward", _exper
 
 
 @_forward_op.register_fake
-def _(x, row_weights, w1, v1, w2, row_to_token, flat_to_row, expert_row_offsets, expert_width_offsets,
+def _(x, expert_weights, w1, v1, w2, row_to_token, row_to_flat, flat_to_row, expert_row_offsets, expert_width_offsets,
       expert_h_offsets, expert_widths, h_numel, top_k, activation):
     return torch.empty_like(x), x.new_empty(h_numel), x.new_empty(0 if v1 is None else h_numel), x.new_empty(h_numel)
 
 
 @_backward_op.register_fake
-def _(grad_out, x, row_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, row_to_token, flat_to_row, expert_row_offsets,
-      expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k, activation):
+def _(grad_out, x, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, row_to_token, row_to_flat, flat_to_row,
+      expert_row_offsets, expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k, activation):
     dv1 = w1.new_empty(0) if v1 is None else torch.empty_like(v1)
-    return torch.empty_like(x), torch.empty_like(row_weights), torch.empty_like(w1), dv1, torch.empty_like(w2)
+    return torch.empty_like(x), torch.empty_like(expert_weights), torch.empty_like(w1), dv1, torch.empty_like(w2)
 
 
 def _setup_context(ctx, inputs, output):
-    x, row_weights, w1, v1, w2, *layout_tensors = inputs[:10]
+    x, expert_weights, w1, v1, w2, *layout_tensors = inputs[:11]
     _, h_pre, h_up, h_act_weighted = output
-    ctx.save_for_backward(x, row_weights, w1, v1, w2, h_pre, None if v1 is None else h_up, h_act_weighted,
+    ctx.save_for_backward(x, expert_weights, w1, v1, w2, h_pre, None if v1 is None else h_up, h_act_weighted,
                           *layout_tensors)
-    ctx.host_arguments = inputs[10:]  # expert_widths, h_numel, top_k, activation
+    ctx.host_arguments = inputs[11:]  # expert_widths, h_numel, top_k, activation
     ctx.mark_non_differentiable(h_pre, h_up, h_act_weighted)
     # Autograd would otherwise hand the backward zero gradients for the ragged outputs: a ragged buffer each.
     ctx.set_materialize_grads(False)
@@ -169,11 +154,11 @@ def _autograd_backward(backward):
     """The autograd backward of the forward above, computed by `backward` (the custom op or the plain function)."""
 
     def run(ctx, grad_out, _grad_h_pre, _grad_h_up, _grad_h_act_weighted):
-        x, row_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors = ctx.saved_tensors
-        dx, d_row_weights, dw1, dv1, dw2 = backward(
-            grad_out.contiguous(), x, row_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors,
+        x, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors = ctx.saved_tensors
+        dx, d_expert_weights, dw1, dv1, dw2 = backward(
+            grad_out.contiguous(), x, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors,
             *ctx.host_arguments)
-        return (dx, d_row_weights, dw1, None if v1 is None else dv1, dw2) + (None,) * 9
+        return (dx, d_expert_weights, dw1, None if v1 is None else dv1, dw2) + (None,) * 10
 
     return run
 
@@ -193,14 +178,14 @@ class _EagerExpertMLP(torch.autograd.Function):
     backward = staticmethod(_autograd_backward(_expert_mlp_backward))
 
 
-def expert_mlp(x, row_weights, w1, v1, w2, layout: ExpertLayout, activation: str) -> torch.Tensor:
+def expert_mlp(x, expert_weights, w1, v1, w2, layout: ExpertLayout, activation: str) -> torch.Tensor:
     """The experts' MLPs on their routed rows and the weighted sum per token.
 
-    x [N, H], w1/v1/w2 [TW, H] in one dtype (fp32, fp16, bf16; v1 None unless swiglu), row_weights [R] fp32
-    (routing weight of each expert-sorted row). Returns [N, H] in x's dtype; differentiable in x, row_weights
-    and the weights.
+    x [N, H], w1/v1/w2 [TW, H] in one dtype (fp32, fp16, bf16; v1 None unless swiglu), expert_weights [N*k] fp32
+    (the routing weight of each (token, slot) assignment: Routing.expert_weights flattened; the kernels read it
+    through layout.row_to_flat). Returns [N, H] in x's dtype; differentiable in x, expert_weights and the weights.
     """
-    inputs = (x, row_weights, w1, v1, w2, *layout.op_arguments(), activation)
+    inputs = (x, expert_weights, w1, v1, w2, *layout.op_arguments(), activation)
     if torch.compiler.is_compiling():
         return _forward_op(*inputs)[0]
     return _EagerExpertMLP.apply(*inputs)[0]

@@ -76,7 +76,7 @@ def _expert_extent(expert, expert_row_offsets_ptr, expert_width_offsets_ptr, exp
 def _expert_rows_gemm(
     a_ptr, a2_ptr, b_ptr, b2_ptr,
     out_ptr, out2_ptr, out3_ptr,
-    row_weights_ptr,
+    row_weights_ptr, row_weight_index_ptr,
     row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
     num_experts, hidden,
     RAGGED_OUT: tl.constexpr,
@@ -85,6 +85,7 @@ def _expert_rows_gemm(
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     HAS_ROW_WEIGHTS: tl.constexpr,
+    INDEXED_ROW_WEIGHTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -97,8 +98,9 @@ def _expert_rows_gemm(
     SECOND_PRODUCT: "none"; "shared_a": acc2 = A @ B2_e from the same A tiles (swiglu gate and up);
         "summed": acc += A2 @ B2_e (dX of swiglu: dh_gate @ w1_e + dh_up @ v1_e).
     EPILOGUE:
-        "act_forward": out = h_pre = acc, out2 = h_up = acc2 (GATED), out3 = act(h_pre[, h_up]), times
-            row_weights[r] if HAS_ROW_WEIGHTS.
+        "act_forward": out = h_pre = acc, out2 = h_up = acc2 (GATED), out3 = act(h_pre[, h_up]), times row r's
+            routing weight if HAS_ROW_WEIGHTS: row_weights[row_weight_index[r]] if INDEXED_ROW_WEIGHTS, else
+            row_weights[r].
         "store": out = acc.
     """
     tile_id = tl.program_id(0)
@@ -189,7 +191,10 @@ def _expert_rows_gemm(
         if HAS_ROW_WEIGHTS:
             # Scaled here, the routing weight costs the down projection nothing, and the down projection's
             # weight gradient reads these same values as a plain operand.
-            h_act = h_act * tl.load(row_weights_ptr + rows, mask=row_mask, other=0.0)[:, None]
+            weight_slots = rows
+            if INDEXED_ROW_WEIGHTS:
+                weight_slots = tl.load(row_weight_index_ptr + rows, mask=row_mask, other=0)
+            h_act = h_act * tl.load(row_weights_ptr + weight_slots, mask=row_mask, other=0.0)[:, None]
         tl.store(out3_ptr + out_offsets, h_act.to(out_dtype), mask=out_mask)
     else:
         tl.static_assert(EPILOGUE == "store", "unknown epilogue")
@@ -265,13 +270,14 @@ def _weight_grad_gemm(
 
 @triton.jit
 def _activation_backward_rows(
-    d_act_ptr, h_pre_ptr, h_up_ptr, row_weights_ptr,
+    d_act_ptr, h_pre_ptr, h_up_ptr, row_weights_ptr, row_weight_index_ptr,
     dh_up_ptr, d_row_weights_ptr,
     expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
     num_rows, num_experts,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     HAS_ROW_WEIGHTS: tl.constexpr,
+    INDEXED_ROW_WEIGHTS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_W: tl.constexpr,
     EXPERTS_POW2: tl.constexpr,
@@ -282,6 +288,8 @@ def _activation_backward_rows(
     With act = act(h_pre[, h_up]) recomputed in fp32: d_row_weights[r] = sum_n dA * act (if HAS_ROW_WEIGHTS),
     then dA becomes dh_pre = row_weights[r] * dA * d act / d h_pre, and dh_up = row_weights[r] * dA * d act / d h_up
     (GATED). Each row has its expert's width and place in the buffer; the rows are walked BLOCK_W columns a step.
+    Row r's weight, and its gradient, sit at row_weight_index[r] of row_weights and d_row_weights if
+    INDEXED_ROW_WEIGHTS, else at r.
     """
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,)
     row_mask = rows < num_rows
@@ -296,7 +304,10 @@ def _activation_backward_rows(
     width = tl.where(row_mask, width, 0)
     cols = tl.arange(0, BLOCK_W)  # (BLOCK_W,)
     if HAS_ROW_WEIGHTS:
-        row_weights = tl.load(row_weights_ptr + rows, mask=row_mask, other=0.0)[:, None]  # (BLOCK_ROWS, 1)
+        weight_slots = rows
+        if INDEXED_ROW_WEIGHTS:
+            weight_slots = tl.load(row_weight_index_ptr + rows, mask=row_mask, other=0)
+        row_weights = tl.load(row_weights_ptr + weight_slots, mask=row_mask, other=0.0)[:, None]  # (BLOCK_ROWS, 1)
         row_weight_grads = tl.zeros((BLOCK_ROWS, BLOCK_W), dtype=tl.float32)
     for col_start in range(0, tl.max(width, 0), BLOCK_W):
         mask = cols[None, :] < width[:, None] - col_start  # (BLOCK_ROWS, BLOCK_W)
@@ -314,7 +325,7 @@ def _activation_backward_rows(
         if GATED:
             tl.store(dh_up_ptr + offsets, (d_act * d_act_d_up).to(dh_up_ptr.dtype.element_ty), mask=mask)
     if HAS_ROW_WEIGHTS:
-        tl.store(d_row_weights_ptr + rows, tl.sum(row_weight_grads, 1), mask=row_mask)
+        tl.store(d_row_weights_ptr + weight_slots, tl.sum(row_weight_grads, 1), mask=row_mask)
 
 
 @functools.lru_cache(maxsize=64)
@@ -348,10 +359,15 @@ def _check_token_rows(name, tensor, dtypes):
     check_tensor_shape(name, tensor, tensor.shape, dtypes)
 
 
-def _check_row_weights(row_weights, num_rows):
-    """`row_weights` is None or the [R] fp32 routing weight of each expert-sorted row."""
+def _check_row_weights(row_weights, row_weight_index, num_rows):
+    """`row_weights` is None or R fp32 routing weights, of the expert-sorted rows in order, or in any order with
+    `row_weight_index` [R] giving each row's place among them."""
     if row_weights is not None:
         check_tensor_shape("row_weights", row_weights, (num_rows,), (torch.float32,))
+    if row_weight_index is not None:
+        if row_weights is None:
+            raise ValueError("row_weight_index needs row_weights")
+        check_tensor_shape("row_weight_index", row_weight_index, (num_rows,), INDEX_DTYPES)
 
 
 def _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width):
@@ -401,7 +417,7 @@ def _launch_options(dtype, blocks, expert_widths):
 def _expert_rows_gemm_launch(
     *, a, b, out, num_rows, ragged_out, epilogue, expert_row_offsets, expert_width_offsets, expert_widths,
     expert_h_offsets, blocks, role, a2=None, b2=None, second_product="none", out2=None, out3=None,
-    row_weights=None, row_to_token=None, activation=None,
+    row_weights=None, row_weight_index=None, row_to_token=None, activation=None,
 ):
     """Launch `_expert_rows_gemm` over a grid bounding the (unknown on the host) tiles of all experts."""
     hidden = b.shape[1]
@@ -417,7 +433,7 @@ def _expert_rows_gemm_launch(
     _expert_rows_gemm[grid](
         a, a2, b, b2,
         out, out2, out3,
-        row_weights,
+        row_weights, row_weight_index,
         row_to_token, expert_row_offsets, expert_width_offsets, expert_h_offsets,
         len(expert_widths), hidden,
         RAGGED_OUT=ragged_out,
@@ -426,6 +442,7 @@ def _expert_rows_gemm_launch(
         ACTIVATION=activation,
         GATED=activation is not None and is_gated(activation),
         HAS_ROW_WEIGHTS=row_weights is not None,
+        INDEXED_ROW_WEIGHTS=row_weight_index is not None,
         **_launch_options(a.dtype, blocks, expert_widths),
     )
 
@@ -443,6 +460,7 @@ def up_projection(
     activation: str,
     row_weights: torch.Tensor | None = None,
     *,
+    row_weight_index: torch.Tensor | None = None,
     blocks: GemmBlocks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Up projection of every expert-sorted row, and the expert activation, into ragged buffers.
@@ -458,6 +476,8 @@ def up_projection(
         activation: a name in activation.ACTIVATIONS.
         row_weights: [R] fp32 routing weight of each row; None leaves h_act unscaled. The activation is computed
             in fp32 from h_pre (and h_up) as stored, scaled, then rounded once to x.dtype.
+        row_weight_index: [R] int32/int64, row r's weight is row_weights[row_weight_index[r]] (the sort's
+            row_to_flat, for weights in (token, slot) order); None: row_weights[r].
         (layout arguments and blocks: see the module docstring)
     Returns:
         h_pre, h_up (None unless gated), h_act: ragged [h_numel] buffers of x.dtype.
@@ -467,7 +487,7 @@ def up_projection(
     check_tensor_shape("w1", w1, (_total_width(expert_widths), x.shape[1]), (x.dtype,))
     _check_gated_pair("v1", v1, activation, w1.shape, x.dtype)
     check_tensor_shape("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
-    _check_row_weights(row_weights, row_to_token.numel())
+    _check_row_weights(row_weights, row_weight_index, row_to_token.numel())
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w1.shape[0])
     h_pre = torch.empty(h_numel, dtype=x.dtype, device=x.device)  # (h_numel,) ragged
     h_up = torch.empty_like(h_pre) if is_gated(activation) else None  # (h_numel,) ragged
@@ -477,7 +497,8 @@ def up_projection(
             role="up",
             a=x, b=w1, b2=v1, second_product="shared_a" if is_gated(activation) else "none",
             out=h_pre, out2=h_up, out3=h_act, num_rows=row_to_token.numel(), ragged_out=True,
-            epilogue="act_forward", activation=activation, row_weights=row_weights, row_to_token=row_to_token,
+            epilogue="act_forward", activation=activation, row_weights=row_weights,
+            row_weight_index=row_weight_index, row_to_token=row_to_token,
             expert_row_offsets=expert_row_offsets, expert_width_offsets=expert_width_offsets,
             expert_widths=expert_widths, expert_h_offsets=expert_h_offsets, blocks=blocks,
         )
@@ -536,6 +557,7 @@ def down_projection_backward(
     row_weights: torch.Tensor | None,
     activation: str,
     *,
+    row_weight_index: torch.Tensor | None = None,
     blocks: GemmBlocks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients through the down projection and the activation, back to the ragged pre-activations.
@@ -553,7 +575,8 @@ def down_projection_backward(
             so each row's gradient is its token's).
         w2: [TW, H] like grad_out.
         h_pre, h_up: ragged [sum_e count_e * W_e] like grad_out, from up_projection; h_up None unless gated.
-        row_weights: [R] fp32 as given to up_projection, or None if it was.
+        row_weights, row_weight_index: as given to up_projection (None if they were); d_row_weights comes out in
+            row_weights' order.
         activation: the name given to up_projection.
         (layout arguments and blocks: see the module docstring)
     Returns:
@@ -566,7 +589,7 @@ def down_projection_backward(
     _check_gated_pair("h_up", h_up, activation, h_pre.shape, grad_out.dtype)
     num_rows = row_to_token.numel()
     check_tensor_shape("row_to_token", row_to_token, (num_rows,), INDEX_DTYPES)
-    _check_row_weights(row_weights, num_rows)
+    _check_row_weights(row_weights, row_weight_index, num_rows)
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
     dh_pre = torch.empty_like(h_pre)  # (h_numel,) ragged: dA, then dh_pre in place
     dh_up = None if h_up is None else torch.empty_like(h_up)  # (h_numel,) ragged
@@ -583,13 +606,14 @@ def down_projection_backward(
         block_w = permute_block_h(max(expert_widths))
         block_rows = ROW_PASS_ELEMENTS // block_w if ROW_PASS_ELEMENTS > block_w else 1
         _activation_backward_rows[(ceil_div(num_rows, block_rows),)](
-            dh_pre, h_pre, h_up, row_weights,
+            dh_pre, h_pre, h_up, row_weights, row_weight_index,
             dh_up, d_row_weights,
             expert_row_offsets, expert_width_offsets, expert_h_offsets,
             num_rows, len(expert_widths),
             ACTIVATION=activation,
             GATED=is_gated(activation),
             HAS_ROW_WEIGHTS=row_weights is not None,
+            INDEXED_ROW_WEIGHTS=row_weight_index is not None,
             BLOCK_ROWS=block_rows,
             BLOCK_W=block_w,
             **_layout_constants(expert_widths),
