@@ -476,8 +476,9 @@ def up_projection(
         activation: a name in activation.ACTIVATIONS.
         row_weights: [R] fp32 routing weight of each row; None leaves h_act unscaled. The activation is computed
             in fp32 from h_pre (and h_up) as stored, scaled, then rounded once to x.dtype.
-        row_weight_index: [R] int32/int64, row r's weight is row_weights[row_weight_index[r]] (the sort's
-            row_to_flat, for weights in (token, slot) order); None: row_weights[r].
+        row_weight_index: [R] int32/int64, a permutation of the rows: row r's weight is
+            row_weights[row_weight_index[r]] (the sort's row_to_flat, for weights in (token, slot) order); None:
+            row_weights[r].
         (layout arguments and blocks: see the module docstring)
     Returns:
         h_pre, h_up (None unless gated), h_act: ragged [h_numel] buffers of x.dtype.
@@ -576,7 +577,7 @@ def down_projection_backward(
         w2: [TW, H] like grad_out.
         h_pre, h_up: ragged [sum_e count_e * W_e] like grad_out, from up_projection; h_up None unless gated.
         row_weights, row_weight_index: as given to up_projection (None if they were); d_row_weights comes out in
-            row_weights' order.
+            row_weights' order (each row writes its own slot, hence the permutation).
         activation: the name given to up_projection.
         (layout arguments and blocks: see the module docstring)
     Returns:
