@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from triton_moe.eager_ops import with_eager_path
 from triton_moe.kernels import (combine_rows, down_projection, down_projection_backward, input_grad_rows,
                                 up_projection, weight_grad)
 from triton_moe.routing import ExpertSort
@@ -81,10 +82,8 @@ class ExpertLayout:
 
 
 # The forward and backward run as torch.library custom ops under torch.compile, which then sees each as one opaque
-# node (with the shapes from the fake implementations) instead of tracing into the Triton launchers. Eager calls
-# go through _EagerExpertMLP, an autograd.Function over the same two functions: the custom op's dispatch (its
-# schema conversions, the autograd and backend layers, the alias check) cost 0.4-0.8 ms of host time per forward
-# and backward on the lent H100's host, up to a quarter of a seed-config step. A custom op returns no None: the
+# node (with the shapes from the fake implementations) instead of tracing into the Triton launchers; eager calls
+# run the same two functions without the custom ops' dispatch (eager_ops.py). A custom op returns no None: the
 # unused h_up of a non-gated activation, and its gradient dv1, are empty tensors.
 def _expert_mlp_forward(
     x: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
@@ -163,19 +162,8 @@ def _autograd_backward(backward):
     return run
 
 
-_forward_op.register_autograd(_autograd_backward(_backward_op), setup_context=_setup_context)
-
-
-class _EagerExpertMLP(torch.autograd.Function):
-    """The custom op's forward and backward, called directly (see above)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _expert_mlp_forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_autograd_backward(_expert_mlp_backward))
+_expert_mlp = with_eager_path("ExpertMLP", _forward_op, _expert_mlp_forward, _setup_context, _autograd_backward,
+                              _backward_op, _expert_mlp_backward)
 
 
 def expert_mlp(x, expert_weights, w1, v1, w2, layout: ExpertLayout, activation: str) -> torch.Tensor:
@@ -185,7 +173,4 @@ def expert_mlp(x, expert_weights, w1, v1, w2, layout: ExpertLayout, activation: 
     (the routing weight of each (token, slot) assignment: Routing.expert_weights flattened; the kernels read it
     through layout.row_to_flat). Returns [N, H] in x's dtype; differentiable in x, expert_weights and the weights.
     """
-    inputs = (x, expert_weights, w1, v1, w2, *layout.op_arguments(), activation)
-    if torch.compiler.is_compiling():
-        return _forward_op(*inputs)[0]
-    return _EagerExpertMLP.apply(*inputs)[0]
+    return _expert_mlp(x, expert_weights, w1, v1, w2, *layout.op_arguments(), activation)[0]

@@ -1,7 +1,7 @@
 """Routing and the expert sort over the Triton kernels of kernels/router.py: torch.library custom ops with their
 autograd, which torch.compile sees as opaque nodes, and the two functions the layer calls. Eager calls skip the
-custom ops' dispatch (as ops.expert_mlp does, for the same reason: host time) and call the launchers directly, through
-an autograd.Function for the route.
+custom ops' dispatch (eager_ops.py, as ops.expert_mlp does) and call the launchers directly, through an
+autograd.Function for the route.
 
     fused_route(x, router_weight, config)        -> FusedRouting: routing.route's Routing, plus the per-block
                                                     counts that spare the sort its counting pass
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from triton_moe.config import MoEConfig
+from triton_moe.eager_ops import with_eager_path
 from triton_moe.kernels.router import (ROUTE_BLOCK_TOKENS, SORT_BLOCK_ASSIGNMENTS, count_expert_blocks,
                                        row_expert_dtype, sort_by_expert_blocks, topk_softmax, topk_softmax_backward)
 from triton_moe.routing import ExpertSort, Routing
@@ -100,19 +101,8 @@ def _autograd_backward(backward):
     return run
 
 
-_topk_softmax.register_autograd(_autograd_backward(_topk_softmax_backward), setup_context=_setup_context)
-
-
-class _EagerTopkSoftmax(torch.autograd.Function):
-    """The custom op's forward and backward, called directly (see the module docstring)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = topk_softmax(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_autograd_backward(topk_softmax_backward))
+_route_topk = with_eager_path("TopkSoftmax", _topk_softmax, topk_softmax, _setup_context, _autograd_backward,
+                              _topk_softmax_backward, topk_softmax_backward)
 
 
 @torch.library.custom_op("triton_moe::count_expert_blocks", mutates_args=())
@@ -156,8 +146,7 @@ def fused_route(x: Tensor, router_weight: Tensor, config: MoEConfig) -> FusedRou
     with torch.autocast(device_type=x.device.type, enabled=False):
         router_logits = F.linear(x.float(), router_weight.float())  # [N, E]
     # expert_weights, expert_indices [N, k]; aux_loss []; block_expert_counts [blocks, E]; ranks_in_block [N, k]
-    topk = _topk_softmax if torch.compiler.is_compiling() else _EagerTopkSoftmax.apply
-    expert_weights, expert_indices, aux_loss, block_expert_counts, ranks_in_block, _ = topk(
+    expert_weights, expert_indices, aux_loss, block_expert_counts, ranks_in_block, _ = _route_topk(
         router_logits, top_k, config.normalize_weights, float(config.load_balance_coef), float(config.z_loss_coef))
     block_counts = ExpertBlockCounts(ROUTE_BLOCK_TOKENS * top_k, block_expert_counts, ranks_in_block)
     return FusedRouting(router_logits, expert_weights, expert_indices, aux_loss, block_counts)
