@@ -119,6 +119,7 @@ def test_every_loop_takes_several_steps(monkeypatch):
     """Tiles small enough that the route kernel walks several tiles a block and the single-program reductions
     several row and expert chunks; blocks of the sort that do not hold a whole number of tokens."""
     monkeypatch.setattr(router, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile, 4 tiles a block
+    monkeypatch.setattr(router, "ROUTE_MIN_BLOCKS", 1)  # blocks of ROUTE_BLOCK_TOKENS however few
     monkeypatch.setattr(router, "TABLE_TILE_ELEMENTS", 8)  # 2 blocks by 4 experts a step
     monkeypatch.setattr(router, "TABLE_MAX_EXPERTS", 4)
     monkeypatch.setattr(router, "ZERO_CHUNK", 4)
@@ -133,6 +134,27 @@ def test_every_loop_takes_several_steps(monkeypatch):
     assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.block_counts), want_sort)
     block_counts = ExpertBlockCounts(7, *router.count_expert_blocks(got.expert_indices, num_experts, 7))
     assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, block_counts), want_sort)
+
+
+@pytest.mark.parametrize("num_tokens, block_tokens", [(150, 16), (1000, 32), (5000, 64)])
+def test_small_batches_take_smaller_blocks(monkeypatch, num_tokens, block_tokens):
+    """Fewer than ROUTE_MIN_BLOCKS blocks of ROUTE_BLOCK_TOKENS: the route halves its blocks, down to one tile, and
+    the sort takes the route's counts with the matching block size."""
+    monkeypatch.setattr(router, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile, as above
+    monkeypatch.setattr(router, "ROUTE_TILE_ELEMENTS", 256)  # the same on a GPU
+    monkeypatch.setattr(router, "ROUTE_MIN_BLOCKS", 32)
+    num_experts, top_k = 11, 3
+    assert router.route_block_tokens(num_tokens, num_experts) == block_tokens
+    config = make_config(num_experts, top_k)
+    x, router_weight = make_router_inputs(num_tokens, num_experts)
+    got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
+    assert got.block_counts.block_assignments == block_tokens * top_k
+    assert got.block_counts.block_expert_counts.shape == (-(-num_tokens // block_tokens), num_experts)
+    assert torch.equal(got.expert_indices, want.expert_indices)
+    assert_close("expert_weights", got.expert_weights, want.expert_weights)
+    assert_close("aux_loss", got.aux_loss, want.aux_loss)
+    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.block_counts),
+                       sort_by_expert(want.expert_indices, num_experts))
 
 
 def test_ties_do_not_change_the_weights():
@@ -241,3 +263,14 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.triton_moe.sort_by_expert.default,
                           (routing.expert_indices, block_counts.block_expert_counts, block_counts.ranks_in_block,
                            block_counts.block_assignments))
+
+
+def test_route_blocks_stop_where_the_tables_outgrow_one_reduction_step(monkeypatch):
+    """Smaller blocks make taller [blocks, E] tables: the halving stops before they need a second step of the
+    single-program reductions."""
+    monkeypatch.setattr(router, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile with 11 experts
+    monkeypatch.setattr(router, "ROUTE_TILE_ELEMENTS", 256)  # the same on a GPU
+    monkeypatch.setattr(router, "ROUTE_MIN_BLOCKS", 32)
+    monkeypatch.setattr(router, "TABLE_TILE_ELEMENTS", 80)  # 5 rows of 16 experts a step
+    assert router.route_block_tokens(150, 11) == 32  # 5 blocks; 16 tokens would make 10
+    assert router.route_block_tokens(300, 11) == 64  # 5 blocks already

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from triton_moe.config import MoEConfig
 from triton_moe.eager_ops import with_eager_path
-from triton_moe.kernels.router import (ROUTE_BLOCK_TOKENS, SORT_BLOCK_ASSIGNMENTS, count_expert_blocks,
+from triton_moe.kernels.router import (SORT_BLOCK_ASSIGNMENTS, count_expert_blocks, route_block_tokens,
                                        row_expert_dtype, sort_by_expert_blocks, topk_softmax, topk_softmax_backward)
 from triton_moe.routing import ExpertSort, Routing
 
@@ -51,7 +51,8 @@ def _topk_softmax(
 @_topk_softmax.register_fake
 def _(router_logits, top_k, normalize_weights, load_balance_coef, z_loss_coef):
     num_tokens, num_experts = router_logits.shape
-    num_blocks = (num_tokens + ROUTE_BLOCK_TOKENS - 1) // ROUTE_BLOCK_TOKENS
+    block_tokens = route_block_tokens(num_tokens, num_experts)
+    num_blocks = (num_tokens + block_tokens - 1) // block_tokens
     return (router_logits.new_empty((num_tokens, top_k)),
             router_logits.new_empty((num_tokens, top_k), dtype=torch.int64),
             router_logits.new_empty(()),
@@ -148,7 +149,8 @@ def fused_route(x: Tensor, router_weight: Tensor, config: MoEConfig) -> FusedRou
     # expert_weights, expert_indices [N, k]; aux_loss []; block_expert_counts [blocks, E]; ranks_in_block [N, k]
     expert_weights, expert_indices, aux_loss, block_expert_counts, ranks_in_block, _ = _route_topk(
         router_logits, top_k, config.normalize_weights, float(config.load_balance_coef), float(config.z_loss_coef))
-    block_counts = ExpertBlockCounts(ROUTE_BLOCK_TOKENS * top_k, block_expert_counts, ranks_in_block)
+    block_tokens = route_block_tokens(router_logits.shape[0], router_logits.shape[1])
+    block_counts = ExpertBlockCounts(block_tokens * top_k, block_expert_counts, ranks_in_block)
     return FusedRouting(router_logits, expert_weights, expert_indices, aux_loss, block_counts)
 
 

@@ -1,7 +1,7 @@
 """Routing and the expert sort in a few launches: top-k softmax over router logits, its backward, and a stable
 counting sort of the (token, slot) assignments by expert.
 
-Forward (N tokens, E experts, k slots; the tokens are cut into blocks of ROUTE_BLOCK_TOKENS):
+Forward (N tokens, E experts, k slots; the tokens are cut into blocks of route_block_tokens(N, E)):
     _topk_softmax_kernel       per block: softmax, top-k, (renormalised) weights, expert indices, and per block
                                the partials of the aux loss (sums of probabilities, assignment counts, sums of
                                lse²) and of the sort (assignment counts, each assignment's rank in its block)
@@ -17,17 +17,15 @@ Nothing uses atomics and the reductions run in a fixed order, so every result is
 follows from the input shapes, so nothing synchronises with the host.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from triton_moe.kernels.host import INDEX_DTYPES, ceil_div, check_tensor_dim, next_power_of_2
 from triton_moe.kernels.tuning import (INTERPRETER_ROUTE_TILE_ELEMENTS, RANK_CHUNK, ROUTE_BLOCK_TOKENS,
-                                       ROUTE_NUM_WARPS, ROUTE_TILE_ELEMENTS, SCATTER_BLOCK, SORT_BLOCK_ASSIGNMENTS,
-                                       SORT_NUM_WARPS, TABLE_MAX_EXPERTS, TABLE_NUM_WARPS, TABLE_TILE_ELEMENTS,
-                                       ZERO_CHUNK, running_in_interpreter)
+                                       ROUTE_MIN_BLOCKS, ROUTE_NUM_WARPS, ROUTE_TILE_ELEMENTS, SCATTER_BLOCK,
+                                       SORT_BLOCK_ASSIGNMENTS, SORT_NUM_WARPS, TABLE_MAX_EXPERTS, TABLE_NUM_WARPS,
+                                       TABLE_TILE_ELEMENTS, ZERO_CHUNK, running_in_interpreter)
 
 # The largest finite fp32: real experts whose logit is -inf still rank above padding and taken experts (-inf).
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
@@ -316,11 +314,26 @@ def _scatter_sorted_rows_kernel(
     tl.store(flat_to_row_ptr + flat, row, mask=mask)
 
 
-@functools.cache
 def route_tile_tokens(num_experts: int) -> int:
     """Tokens per tile of the route kernels for E experts: a power of two that divides ROUTE_BLOCK_TOKENS."""
     tile_elements = INTERPRETER_ROUTE_TILE_ELEMENTS if running_in_interpreter() else ROUTE_TILE_ELEMENTS
     return max(min(tile_elements // next_power_of_2(num_experts), ROUTE_BLOCK_TOKENS), 1)
+
+
+def route_block_tokens(num_tokens: int, num_experts: int) -> int:
+    """Tokens per program of the route's forward: ROUTE_BLOCK_TOKENS, halved while fewer than ROUTE_MIN_BLOCKS
+    programs would run, down to one tile, and as long as the single-program reductions over the [blocks, E]
+    tables still take them in one step. A power of two, a multiple of route_tile_tokens(num_experts).
+
+    Under torch.compile the sizes may be symbolic: the comparisons then guard on N, and the result is a plain int.
+    """
+    num_experts = int(num_experts)
+    block_tokens, tile_tokens = ROUTE_BLOCK_TOKENS, route_tile_tokens(num_experts)
+    table_rows_per_step = _table_tiles(num_experts)[0]
+    while (block_tokens > tile_tokens and ceil_div(num_tokens, block_tokens) < ROUTE_MIN_BLOCKS
+           and ceil_div(num_tokens, block_tokens // 2) <= table_rows_per_step):
+        block_tokens //= 2
+    return block_tokens
 
 
 def row_expert_dtype(num_experts: int) -> torch.dtype:
@@ -328,7 +341,6 @@ def row_expert_dtype(num_experts: int) -> torch.dtype:
     return torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
 
 
-@functools.cache
 def _table_tiles(num_experts: int) -> tuple[int, int]:
     """(BLOCK_ROWS, EXPERT_CHUNK) of the single-program reductions over a [blocks, E] table."""
     expert_chunk = min(next_power_of_2(num_experts), TABLE_MAX_EXPERTS)
@@ -371,10 +383,10 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
         expert_weights [N, k] fp32 and expert_indices [N, k] int64, in descending probability (ties: lowest
             expert first);
         aux_loss [] fp32;
-        block_expert_counts [cdiv(N, ROUTE_BLOCK_TOKENS), E] int32, the assignments of each block of
-            ROUTE_BLOCK_TOKENS tokens to each expert, and ranks_in_block [N, k] int32, each assignment's rank
-            among the earlier ones of its block with the same expert (what sort_by_expert_blocks takes, with
-            block_assignments = ROUTE_BLOCK_TOKENS * k);
+        block_expert_counts [cdiv(N, B), E] int32, the assignments of each block of B = route_block_tokens(N, E)
+            tokens to each expert, and ranks_in_block [N, k] int32, each assignment's rank among the earlier
+            ones of its block with the same expert (what sort_by_expert_blocks takes, with block_assignments =
+            B * k);
         assignments_per_expert [E] int64 (what topk_softmax_backward takes).
     """
     check_tensor_dim("router_logits", router_logits, 2, (torch.float32,))
@@ -389,7 +401,8 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
     if num_tokens * top_k >= 2**31:
         raise ValueError(f"router_logits: N * top_k must be below 2**31 (int32 counts), got {num_tokens * top_k}")
     device = router_logits.device
-    num_blocks = ceil_div(num_tokens, ROUTE_BLOCK_TOKENS)
+    block_tokens = route_block_tokens(num_tokens, num_experts)
+    num_blocks = ceil_div(num_tokens, block_tokens)
     expert_weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=device)  # (N, k)
     expert_indices = torch.empty((num_tokens, top_k), dtype=torch.int64, device=device)  # (N, k)
     ranks_in_block = torch.empty((num_tokens, top_k), dtype=torch.int32, device=device)  # (N, k)
@@ -404,7 +417,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
         router_logits, expert_weights, expert_indices, ranks_in_block,
         block_prob_sums, block_expert_counts, block_lse_sq_sums,
         num_tokens, num_experts,
-        TOP_K=top_k, NORMALIZE=bool(normalize_weights), BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
+        TOP_K=top_k, NORMALIZE=bool(normalize_weights), BLOCK_TOKENS=block_tokens,
         TILE_TOKENS=route_tile_tokens(num_experts), EXPERTS_POW2=next_power_of_2(num_experts),
         TOP_K_POW2=next_power_of_2(top_k),
         num_warps=ROUTE_NUM_WARPS,

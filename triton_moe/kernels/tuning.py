@@ -45,7 +45,9 @@ INTERPRETER_BLOCKS = GemmBlocks(block_m=128, block_n=128, block_k=128, num_warps
 # h100-2026-11-25/dh_tiles.md, where 128x128x128 gives 323). The weight gradients (dW1 and dW2 are the same GEMM
 # shape), which reduce over the ragged rows, prefer 128x128 tiles.
 GPU_16BIT_ROLE_BLOCKS = {
-    "up": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 465/526
+    # up: 465/526. 4 stages (with the routing weight loaded before the K loop) measured 0.84 vs 0.97 ms at 128x768
+    # and 1.06 vs 1.08 at 64x1024, but 11.3 vs 7.3 ms at hidden 4096, 8x14336 top-2 (up_epilogue.md): kept at 3.
+    "up": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),
     "down": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 472/565
     "down_backward": GemmBlocks(128, 256, 64, num_warps=8, num_stages=4),  # dA + row pass: 392 vs 358 (3 stages)
     "input_grad": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 489/568
@@ -100,10 +102,15 @@ ROUTE_NUM_WARPS = 8
 # Triton's interpreter pays per program and per operation rather than per element: 4x larger tiles there keep the
 # CPU tests quick, and still take several tiles a block from 129 experts on.
 INTERPRETER_ROUTE_TILE_ELEMENTS = 8192
-# The forward covers 64 tokens a program, a tile at a time: 4096 tokens (the launch-bound size) make 64 programs,
-# and the per-block tables ([blocks, E] counts and probability sums), which one program reduces afterwards, have
-# N / 64 rows whatever the tile.
+# The forward covers up to 64 tokens a program, a tile at a time; the per-block tables ([blocks, E] counts and
+# probability sums), which one program reduces afterwards, have N / block rows. A small batch takes smaller blocks,
+# down to one tile, until ROUTE_MIN_BLOCKS programs run, but only while the tables fit one step of those
+# reductions (TABLE_TILE_ELEMENTS below). Measured on the H100 at 4096 tokens (route_blocks.md):
+# 64 experts, blocks of 64 -> 32 tokens: the route kernel 13.9 -> 7.6 µs, the reductions unchanged; 128 experts,
+# 64 -> 16 tokens: 28.3 -> 13.8 µs, but the two reductions 7.2 -> 23 µs each (4 steps instead of 1), so 128
+# experts keep blocks of 64.
 ROUTE_BLOCK_TOKENS = 64
+ROUTE_MIN_BLOCKS = 256
 # The single-program reductions over [blocks, E] tables are bound by the latency of their loads: each step loads
 # a tile of 8192 elements (at most 1024 experts wide), 16 per thread with 16 warps (no spills), so that the
 # 256 x 128 tables of 16384 tokens and 128 experts take 4 steps.
