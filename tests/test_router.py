@@ -8,7 +8,8 @@ from triton_moe.config import MoEConfig
 from triton_moe.kernels import router
 from triton_moe.router_ops import ExpertBlockCounts, fused_route, fused_sort_by_expert
 from triton_moe.routing import ExpertSort, route, sort_by_expert
-from conftest import DEVICE, RefuseLaunch
+from triton_moe import router_ops
+from conftest import DEVICE, HALF_DTYPES, RefuseLaunch, gpu_only
 
 HIDDEN = 32
 # Everything runs in fp32: the kernels' exponentials and summation orders differ from torch's by a few ulps of the
@@ -89,6 +90,83 @@ def test_fused_route_matches_route(num_experts, top_k, normalize_weights, num_to
                                      (x, router_weight))
     for name, got_grad, want_grad in zip(("x", "router_weight"), got_grads, want_grads):
         assert_close(f"grad of {name}", got_grad, want_grad)
+
+
+def test_gradient_reaching_the_logits_directly():
+    """A loss that also uses router_logits (a z-loss of the user's, say): that gradient joins the route's."""
+    config = make_config(64, 8)
+    x, router_weight = make_router_inputs(300, 64)
+    upstream = torch.randn((300, 64), generator=torch.Generator().manual_seed(2)).to(DEVICE)  # (N, E)
+    grads = []
+    for routing in (fused_route(x, router_weight, config), route(x, router_weight, config)):
+        loss = routing.expert_weights.sum() + routing.aux_loss + (routing.router_logits * upstream).sum()
+        grads.append(torch.autograd.grad(loss, (x, router_weight)))
+    for name, got_grad, want_grad in zip(("x", "router_weight"), *grads):
+        assert_close(f"grad of {name}", got_grad, want_grad)
+    # Only the logits reach the loss: the route's own gradients are zero.
+    routing = fused_route(x, router_weight, config)
+    got = torch.autograd.grad((routing.router_logits * upstream).sum(), (x, router_weight))
+    assert_close("grad of x, logits only", got[0], upstream @ router_weight.detach())
+
+
+@pytest.mark.parametrize("split_dtype", HALF_DTYPES)
+def test_split_gradient_keeps_twice_the_precision(split_dtype):
+    """The backward's [hi | lo] halves: hi is the fp32 gradient rounded, and hi + lo is within about eps² of it (one
+    half alone would be off by up to eps/2)."""
+    num_tokens, num_experts, top_k = 300, 64, 8
+    x, router_weight = make_router_inputs(num_tokens, num_experts)
+    logits = (x @ router_weight.T).detach()  # (N, E)
+    _, expert_indices, _, _, _, assignments_per_expert = router.topk_softmax(logits, top_k, True, 0.5, 0.1)
+    grad_weights = torch.randn((num_tokens, top_k), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grad_aux = torch.tensor(3.0, device=DEVICE)
+    arguments = (grad_weights, grad_aux, logits, expert_indices, assignments_per_expert, True, 0.5, 0.1)
+    want = router.topk_softmax_backward(*arguments)  # (N, E) fp32
+    halves = router.topk_softmax_backward(*arguments, split_dtype=split_dtype)  # (N, 2E)
+    assert halves.shape == (num_tokens, 2 * num_experts) and halves.dtype == split_dtype
+    hi, lo = halves[:, :num_experts], halves[:, num_experts:]
+    assert torch.equal(hi, want.to(split_dtype))
+    finfo = torch.finfo(split_dtype)
+    # lo of an fp16 split can fall below fp16's normal range, where its spacing is finfo.smallest_normal * eps.
+    bound = finfo.eps**2 * want.abs() + finfo.smallest_normal * finfo.eps
+    assert ((hi.float() + lo.float() - want).abs() <= bound).all()
+    assert ((hi.float() - want).abs() > bound).any(), "lo is needed somewhere, or the test shows nothing"
+
+
+@gpu_only
+def test_bf16_router_gemms_run_on_the_tensor_cores(monkeypatch):
+    """bf16 x and router weight: the logits within fp32 rounding of the fp32 GEMM's, the same experts, and the
+    gradients the fp32 path rounds to bf16, bit for bit but for rare roundings on the other side of a tie."""
+    splits = []
+    backward = router_ops.topk_softmax_backward
+
+    def spy(*args, split_dtype=None):
+        splits.append(split_dtype)
+        return backward(*args, split_dtype=split_dtype)
+
+    monkeypatch.setattr(router_ops, "topk_softmax_backward", spy)
+    num_tokens, num_experts, top_k, hidden = 2048, 64, 8, 256
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((num_tokens, hidden), generator=generator).to(DEVICE, torch.bfloat16).requires_grad_()
+    router_weight = (torch.randn((num_experts, hidden), generator=generator) * hidden**-0.5).to(
+        DEVICE, torch.bfloat16).requires_grad_()
+    config = MoEConfig(expert_sizes=[(num_experts, 16)], num_active_experts=top_k, hidden_size=hidden,
+                       load_balance_coef=0.5, z_loss_coef=0.1)
+    got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
+    largest = want.router_logits.abs().max().item()
+    torch.testing.assert_close(got.router_logits, want.router_logits, rtol=0, atol=1e-5 * largest)
+    # Experts whose logits lie closer than the GEMMs' difference may swap; none do at this seed.
+    assert torch.equal(got.expert_indices, want.expert_indices)
+    upstream = torch.randn((num_tokens, top_k), generator=generator).to(DEVICE)  # (N, k)
+    grads = [torch.autograd.grad((r.expert_weights * upstream).sum() + num_tokens * r.aux_loss, (x, router_weight))
+             for r in (got, want)]
+    assert splits == [torch.bfloat16]
+    for name, got_grad, want_grad in zip(("x", "router_weight"), *grads):
+        assert got_grad.dtype == torch.bfloat16
+        # One bf16 rounding of an fp32-accurate value each: they differ only where the value lies within the two
+        # GEMMs' fp32 difference of a rounding boundary. Without lo that would be about half of the elements.
+        equal = (got_grad == want_grad).float().mean().item()
+        assert equal >= 0.95, f"grad of {name}: only {equal:.3f} of the elements equal"
+        torch.testing.assert_close(got_grad, want_grad, rtol=2**-7, atol=2**-7 * want_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
@@ -253,10 +331,9 @@ def test_launchers_name_the_bad_argument():
 
 def test_custom_ops_pass_opcheck():
     """Schema, fake-tensor shapes, autograd registration and AOT dispatch of each op (the backward op also through
-    triton_moe::topk_softmax's autograd)."""
+    triton_moe::route's autograd)."""
     x, router_weight = make_router_inputs(8, 8)
-    logits = (x @ router_weight.T).detach().requires_grad_()  # (N, E)
-    torch.library.opcheck(torch.ops.triton_moe.topk_softmax.default, (logits, 2, True, 0.5, 0.1))
+    torch.library.opcheck(torch.ops.triton_moe.route.default, (x, router_weight, 2, True, 0.5, 0.1))
     routing = fused_route(x, router_weight, make_config(8, 2))
     torch.library.opcheck(torch.ops.triton_moe.count_expert_blocks.default, (routing.expert_indices, 8, 16))
     block_counts = routing.block_counts

@@ -6,8 +6,9 @@ autograd.Function for the route.
     fused_route(x, router_weight, config)        -> FusedRouting: routing.route's Routing, plus the per-block
                                                     counts that spare the sort its counting pass
     fused_sort_by_expert(expert_indices, E, block_counts)   -> routing.sort_by_expert's ExpertSort
-Launches: the route's forward is F.linear and 2 kernels (top-k softmax, aux loss), its backward 1 kernel (and
-F.linear's); the sort 2 kernels given the route's counts, 3 without.
+Launches: the route's forward is the router GEMM and 2 kernels (top-k softmax, aux loss); its backward 1 kernel
+and the GEMM's two products (bf16 on a GPU: 4 launches in all; elsewhere, fp32); the sort 2 kernels given the
+route's counts, 3 without.
 """
 
 from dataclasses import dataclass
@@ -39,71 +40,131 @@ class FusedRouting(Routing):
     block_counts: ExpertBlockCounts  # the route's counts, for fused_sort_by_expert
 
 
-@torch.library.custom_op("triton_moe::topk_softmax", mutates_args=())
-def _topk_softmax(
-    router_logits: Tensor, top_k: int, normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(expert_weights [N, k] fp32, expert_indices [N, k] int64, aux_loss [] fp32, block_expert_counts
-    [blocks, E] int32, ranks_in_block [N, k] int32, assignments_per_expert [E] int64); see kernels.router."""
-    return topk_softmax(router_logits, top_k, normalize_weights, load_balance_coef, z_loss_coef)
+def _tensor_core_router(x: Tensor, router_weight: Tensor) -> bool:
+    """Whether the router GEMMs run on the tensor cores: bf16 x and router weight on a GPU.
+
+    A product of two bf16 values is exact in fp32, so a bf16 GEMM accumulating in fp32 gives the fp32 GEMM's logits
+    up to summation order (measured: largest error 2e-6 of the largest logit, fp32's own 8e-7). The backward's
+    fp32 gradient is split into bf16 hi + lo, exact to about 2^-17, finer than the bf16 gradients it makes.
+    Elsewhere (fp32 or fp16 inputs, an fp32 router weight, the CPU) the GEMMs run in fp32.
+    """
+    return x.is_cuda and x.dtype == torch.bfloat16 and router_weight.dtype == torch.bfloat16
 
 
-@_topk_softmax.register_fake
-def _(router_logits, top_k, normalize_weights, load_balance_coef, z_loss_coef):
-    num_tokens, num_experts = router_logits.shape
+def router_logits(x: Tensor, router_weight: Tensor) -> Tensor:
+    """x [N, H] @ router_weight [E, H]^T -> logits [N, E] fp32, whatever autocast says."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if _tensor_core_router(x, router_weight):
+            return torch.mm(x, router_weight.t(), out_dtype=torch.float32)
+        return F.linear(x.float(), router_weight.float())
+
+
+def route_forward(x: Tensor, router_weight: Tensor, top_k: int, normalize_weights: bool, load_balance_coef: float,
+                  z_loss_coef: float) -> tuple[Tensor, ...]:
+    """(router_logits [N, E] fp32, then topk_softmax's six results) of tokens x [N, H] and router_weight [E, H]."""
+    logits = router_logits(x, router_weight)  # (N, E)
+    return (logits, *topk_softmax(logits, top_k, normalize_weights, load_balance_coef, z_loss_coef))
+
+
+def route_backward(
+    grad_expert_weights: Tensor, grad_aux_loss: Tensor, grad_router_logits: Tensor | None, x: Tensor,
+    router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, assignments_per_expert: Tensor,
+    normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
+) -> tuple[Tensor, Tensor]:
+    """(grad_x [N, H], grad_router_weight [E, H]) in their inputs' dtypes: the top-k softmax's backward kernel,
+    then the router GEMM's two products."""
+    tensor_cores = _tensor_core_router(x, router_weight)
+    grad_logits = topk_softmax_backward(  # (N, E) fp32, or (N, 2E) bf16: hi | lo
+        grad_expert_weights, grad_aux_loss, router_logits, expert_indices, assignments_per_expert,
+        normalize_weights, load_balance_coef, z_loss_coef, grad_router_logits,
+        split_dtype=torch.bfloat16 if tensor_cores else None)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if not tensor_cores:
+            grad_x = (grad_logits @ router_weight.float()).to(x.dtype)  # (N, H)
+            grad_router_weight = (grad_logits.t() @ x.float()).to(router_weight.dtype)  # (E, H)
+            return grad_x, grad_router_weight
+        # [hi | lo] @ [W; W] = (hi + lo) @ W, accumulated in fp32 and rounded once to bf16.
+        grad_x = torch.mm(grad_logits, router_weight.repeat(2, 1))  # (N, H)
+        grad_weight_halves = torch.mm(grad_logits.t(), x, out_dtype=torch.float32)  # (2E, H): hiᵀ x over loᵀ x
+        num_experts = router_weight.shape[0]
+        grad_router_weight = torch.empty_like(router_weight)  # (E, H)
+        torch.add(grad_weight_halves[:num_experts], grad_weight_halves[num_experts:], out=grad_router_weight)
+        return grad_x, grad_router_weight
+
+
+@torch.library.custom_op("triton_moe::route", mutates_args=())
+def _route(
+    x: Tensor, router_weight: Tensor, top_k: int, normalize_weights: bool, load_balance_coef: float,
+    z_loss_coef: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(router_logits [N, E] fp32, expert_weights [N, k] fp32, expert_indices [N, k] int64, aux_loss [] fp32,
+    block_expert_counts [blocks, E] int32, ranks_in_block [N, k] int32, assignments_per_expert [E] int64); see
+    route_forward and kernels.router.topk_softmax."""
+    return route_forward(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef)
+
+
+@_route.register_fake
+def _(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef):
+    num_tokens, num_experts = x.shape[0], router_weight.shape[0]
     block_tokens = route_block_tokens(num_tokens, num_experts)
     num_blocks = (num_tokens + block_tokens - 1) // block_tokens
-    return (router_logits.new_empty((num_tokens, top_k)),
-            router_logits.new_empty((num_tokens, top_k), dtype=torch.int64),
-            router_logits.new_empty(()),
-            router_logits.new_empty((num_blocks, num_experts), dtype=torch.int32),
-            router_logits.new_empty((num_tokens, top_k), dtype=torch.int32),
-            router_logits.new_empty((num_experts,), dtype=torch.int64))
+    return (x.new_empty((num_tokens, num_experts), dtype=torch.float32),
+            x.new_empty((num_tokens, top_k), dtype=torch.float32),
+            x.new_empty((num_tokens, top_k), dtype=torch.int64),
+            x.new_empty((), dtype=torch.float32),
+            x.new_empty((num_blocks, num_experts), dtype=torch.int32),
+            x.new_empty((num_tokens, top_k), dtype=torch.int32),
+            x.new_empty((num_experts,), dtype=torch.int64))
 
 
-@torch.library.custom_op("triton_moe::topk_softmax_backward", mutates_args=())
-def _topk_softmax_backward(
-    grad_expert_weights: Tensor, grad_aux_loss: Tensor, router_logits: Tensor, expert_indices: Tensor,
-    assignments_per_expert: Tensor, normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
-) -> Tensor:
-    """grad_logits [N, E] fp32 from the gradients of expert_weights [N, k] and aux_loss []."""
-    return topk_softmax_backward(grad_expert_weights, grad_aux_loss, router_logits, expert_indices,
-                                 assignments_per_expert, normalize_weights, load_balance_coef, z_loss_coef)
+@torch.library.custom_op("triton_moe::route_backward", mutates_args=())
+def _route_backward(
+    grad_expert_weights: Tensor, grad_aux_loss: Tensor, grad_router_logits: Tensor | None, x: Tensor,
+    router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, assignments_per_expert: Tensor,
+    normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
+) -> tuple[Tensor, Tensor]:
+    """(grad_x [N, H], grad_router_weight [E, H]); see route_backward."""
+    return route_backward(grad_expert_weights, grad_aux_loss, grad_router_logits, x, router_weight, router_logits,
+                          expert_indices, assignments_per_expert, normalize_weights, load_balance_coef, z_loss_coef)
 
 
-@_topk_softmax_backward.register_fake
-def _(grad_expert_weights, grad_aux_loss, router_logits, expert_indices, assignments_per_expert, normalize_weights,
-      load_balance_coef, z_loss_coef):
-    return torch.empty_like(router_logits)
+@_route_backward.register_fake
+def _(grad_expert_weights, grad_aux_loss, grad_router_logits, x, router_weight, router_logits, expert_indices,
+      assignments_per_expert, normalize_weights, load_balance_coef, z_loss_coef):
+    return torch.empty_like(x), torch.empty_like(router_weight)
 
 
 def _setup_context(ctx, inputs, output):
-    router_logits, _, normalize_weights, load_balance_coef, z_loss_coef = inputs
-    _, expert_indices, _, _, _, assignments_per_expert = output
-    ctx.save_for_backward(router_logits, expert_indices, assignments_per_expert)
+    x, router_weight, _, normalize_weights, load_balance_coef, z_loss_coef = inputs
+    router_logits, _, expert_indices, _, _, _, assignments_per_expert = output
+    ctx.save_for_backward(x, router_weight, router_logits, expert_indices, assignments_per_expert)
     ctx.loss_arguments = (normalize_weights, load_balance_coef, z_loss_coef)
     # Autograd would otherwise hand the backward zero gradients for the four index and count outputs: a launch each.
     ctx.set_materialize_grads(False)
 
 
 def _autograd_backward(backward):
-    """The autograd backward of the top-k softmax, computed by `backward` (the custom op or the plain function)."""
+    """The autograd backward of the route, computed by `backward` (the custom op or the plain function)."""
 
-    def run(ctx, grad_expert_weights, _grad_indices, grad_aux_loss, _grad_counts, _grad_ranks, _grad_assignments):
-        router_logits, expert_indices, assignments_per_expert = ctx.saved_tensors
-        if grad_expert_weights is None:  # only the aux loss reached the loss
+    def run(ctx, grad_router_logits, grad_expert_weights, _grad_indices, grad_aux_loss, _grad_counts, _grad_ranks,
+            _grad_assignments):
+        x, router_weight, router_logits, expert_indices, assignments_per_expert = ctx.saved_tensors
+        if grad_expert_weights is None:  # only the aux loss (or the logits) reached the loss
             grad_expert_weights = router_logits.new_zeros(expert_indices.shape)
         if grad_aux_loss is None:  # the aux loss was left out of the loss
             grad_aux_loss = router_logits.new_zeros(())
-        grad_logits = backward(grad_expert_weights.contiguous(), grad_aux_loss.contiguous(), router_logits,
-                               expert_indices, assignments_per_expert, *ctx.loss_arguments)
-        return grad_logits, None, None, None, None
+        if grad_router_logits is not None:
+            grad_router_logits = grad_router_logits.contiguous()
+        grad_x, grad_router_weight = backward(
+            grad_expert_weights.contiguous(), grad_aux_loss.contiguous(), grad_router_logits, x, router_weight,
+            router_logits, expert_indices, assignments_per_expert, *ctx.loss_arguments)
+        return grad_x, grad_router_weight, None, None, None, None
 
     return run
 
 
-_route_topk = with_eager_path("TopkSoftmax", _topk_softmax, topk_softmax, _setup_context, _autograd_backward,
-                              _topk_softmax_backward, topk_softmax_backward)
+_route_with_autograd = with_eager_path("Route", _route, route_forward, _setup_context, _autograd_backward,
+                                       _route_backward, route_backward)
 
 
 @torch.library.custom_op("triton_moe::count_expert_blocks", mutates_args=())
@@ -140,16 +201,16 @@ def fused_route(x: Tensor, router_weight: Tensor, config: MoEConfig) -> FusedRou
     """Route tokens `x` [N, hidden] with `router_weight` [E, hidden], as routing.route does, in fp32.
 
     The fields of Routing have route's dtypes and values: the same expert_indices, the weights, logits and aux loss
-    up to fp32 rounding. Gradients reach x and router_weight through the logits, from expert_weights and aux_loss.
+    up to fp32 rounding. Gradients reach x and router_weight from expert_weights, aux_loss and router_logits.
     block_counts hands fused_sort_by_expert the route's per-block expert counts.
     """
     top_k = config.num_active_experts
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        router_logits = F.linear(x.float(), router_weight.float())  # [N, E]
-    # expert_weights, expert_indices [N, k]; aux_loss []; block_expert_counts [blocks, E]; ranks_in_block [N, k]
-    expert_weights, expert_indices, aux_loss, block_expert_counts, ranks_in_block, _ = _route_topk(
-        router_logits, top_k, config.normalize_weights, float(config.load_balance_coef), float(config.z_loss_coef))
-    block_tokens = route_block_tokens(router_logits.shape[0], router_logits.shape[1])
+    # router_logits [N, E]; expert_weights, expert_indices [N, k]; aux_loss []; block_expert_counts [blocks, E];
+    # ranks_in_block [N, k]
+    router_logits, expert_weights, expert_indices, aux_loss, block_expert_counts, ranks_in_block, _ = \
+        _route_with_autograd(x, router_weight, top_k, config.normalize_weights, float(config.load_balance_coef),
+                             float(config.z_loss_coef))
+    block_tokens = route_block_tokens(x.shape[0], router_weight.shape[0])
     block_counts = ExpertBlockCounts(block_tokens * top_k, block_expert_counts, ranks_in_block)
     return FusedRouting(router_logits, expert_weights, expert_indices, aux_loss, block_counts)
 

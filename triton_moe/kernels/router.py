@@ -8,6 +8,7 @@ Forward (N tokens, E experts, k slots; the tokens are cut into blocks of route_b
     _aux_loss_kernel           one program: reduces the partials in a fixed order -> aux loss, counts per expert
 Backward:
     _topk_softmax_backward_kernel   per tile of tokens: recomputes the softmax from the logits -> grad of the logits
+                                    (fp32, or split into two 16-bit halves for the router's tensor-core GEMMs)
 Sort (a stable counting sort, R = N * k assignments cut into blocks of B assignments):
     _count_expert_blocks_kernel     per block: assignments per expert, and the rank of each assignment among the
                                     earlier ones of its block with the same expert (the route gives both already)
@@ -21,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_moe.kernels.host import INDEX_DTYPES, ceil_div, check_tensor_dim, next_power_of_2
+from triton_moe.kernels.host import (INDEX_DTYPES, ceil_div, check_tensor_dim, check_tensor_shape,
+                                     next_power_of_2)
 from triton_moe.kernels.tuning import (INTERPRETER_ROUTE_TILE_ELEMENTS, RANK_CHUNK, ROUTE_BLOCK_TOKENS,
                                        ROUTE_MIN_BLOCKS, ROUTE_NUM_WARPS, ROUTE_TILE_ELEMENTS, SCATTER_BLOCK,
                                        SORT_BLOCK_ASSIGNMENTS, SORT_NUM_WARPS, TABLE_MAX_EXPERTS, TABLE_NUM_WARPS,
@@ -165,14 +167,21 @@ def _aux_loss_kernel(
 @triton.jit
 def _topk_softmax_backward_kernel(
     grad_weights_ptr, grad_aux_loss_ptr, logits_ptr, expert_indices_ptr, assignments_per_expert_ptr,
-    grad_logits_ptr,
+    grad_logits_in_ptr, grad_logits_ptr,
     num_tokens, num_experts, prob_sum_grad_scale, lse_sq_grad_scale,
     TOP_K: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    HAS_GRAD_LOGITS_IN: tl.constexpr,
+    SPLIT: tl.constexpr,
     TILE_TOKENS: tl.constexpr,
     EXPERTS_POW2: tl.constexpr,
 ):
-    """grad_logits of one tile of TILE_TOKENS tokens, from the weights' gradient and the aux loss's.
+    """grad_logits of one tile of TILE_TOKENS tokens, from the weights' gradient and the aux loss's, plus the
+    logits' own gradient at grad_logits_in_ptr when HAS_GRAD_LOGITS_IN.
+
+    Stored as fp32 [N, E], or with SPLIT as [N, 2E] of grad_logits_ptr's 16-bit dtype: hi = the gradient rounded,
+    in columns [0, E), and lo = the gradient minus hi, rounded, in columns [E, 2E), so that hi + lo keeps about
+    twice the dtype's mantissa.
 
     With s_j = p[idx_j] and, when normalising, w_j = s_j / S (S = sum_j s_j):
         dL/ds_j = (g_j - sum_m g_m w_m) / S, or g_j without normalising;
@@ -213,8 +222,19 @@ def _topk_softmax_backward_kernel(
     grad_probs_dot = tl.sum(probs * grad_probs, axis=1)  # (TILE_TOKENS,)
     grad_logits = probs * (grad_probs - grad_probs_dot[:, None]) \
         + (2.0 * grad_aux * lse_sq_grad_scale) * lse[:, None] * probs
-    tl.store(grad_logits_ptr + tokens[:, None] * num_experts + experts[None, :], grad_logits,
-             mask=token_mask[:, None] & expert_mask[None, :])
+    mask = token_mask[:, None] & expert_mask[None, :]
+    offsets = tokens[:, None] * num_experts + experts[None, :]  # (TILE_TOKENS, EXPERTS_POW2) into [N, E]
+    if HAS_GRAD_LOGITS_IN:
+        grad_logits += tl.load(grad_logits_in_ptr + offsets, mask=mask, other=0.0)
+    if SPLIT:
+        split_dtype = grad_logits_ptr.dtype.element_ty
+        hi = grad_logits.to(split_dtype)
+        lo = (grad_logits - hi.to(tl.float32)).to(split_dtype)
+        offsets = tokens[:, None] * (2 * num_experts) + experts[None, :]  # into [N, 2E]
+        tl.store(grad_logits_ptr + offsets, hi, mask=mask)
+        tl.store(grad_logits_ptr + offsets + num_experts, lo, mask=mask)
+    else:
+        tl.store(grad_logits_ptr + offsets, grad_logits, mask=mask)
 
 
 @triton.jit
@@ -437,7 +457,8 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
 def topk_softmax_backward(grad_expert_weights: torch.Tensor, grad_aux_loss: torch.Tensor,
                           router_logits: torch.Tensor, expert_indices: torch.Tensor,
                           assignments_per_expert: torch.Tensor, normalize_weights: bool, load_balance_coef: float,
-                          z_loss_coef: float) -> torch.Tensor:
+                          z_loss_coef: float, grad_router_logits: torch.Tensor | None = None,
+                          split_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Gradient of topk_softmax's expert_weights and aux_loss with respect to the logits, in one launch.
 
     Args:
@@ -445,8 +466,12 @@ def topk_softmax_backward(grad_expert_weights: torch.Tensor, grad_aux_loss: torc
         grad_aux_loss: [] fp32, read on the device.
         router_logits: [N, E] fp32, expert_indices [N, k] int64 and assignments_per_expert [E] int64 as given
             to and returned by topk_softmax; normalize_weights and the coefficients as given to it.
+        grad_router_logits: None, or [N, E] fp32, a gradient the logits received directly, added to the result.
+        split_dtype: None, or torch.bfloat16 / torch.float16: return the gradient g as two 16-bit halves side by
+            side, hi = g rounded to split_dtype and lo = (g - hi) rounded, so that a 16-bit GEMM of [hi | lo]
+            with an operand stacked twice computes g's product to about twice split_dtype's precision.
     Returns:
-        grad_logits: [N, E] fp32.
+        grad_logits: [N, E] fp32, or [N, 2E] of split_dtype (hi | lo) when split_dtype is given.
     """
     check_tensor_dim("router_logits", router_logits, 2, (torch.float32,))
     num_tokens, num_experts = router_logits.shape
@@ -460,18 +485,27 @@ def topk_softmax_backward(grad_expert_weights: torch.Tensor, grad_aux_loss: torc
     check_tensor_dim("grad_aux_loss", grad_aux_loss, 0, (torch.float32,))
     check_tensor_dim("assignments_per_expert", assignments_per_expert, 1, (torch.int64,))
     _check_shape("assignments_per_expert", assignments_per_expert, (num_experts,))
+    if grad_router_logits is not None:
+        check_tensor_shape("grad_router_logits", grad_router_logits, router_logits.shape, (torch.float32,))
+    if split_dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"split_dtype must be None, torch.bfloat16 or torch.float16, got {split_dtype}")
     _check_coef("load_balance_coef", load_balance_coef)
     _check_coef("z_loss_coef", z_loss_coef)
-    grad_logits = torch.empty_like(router_logits)  # (N, E)
+    if split_dtype is None:
+        grad_logits = torch.empty_like(router_logits)  # (N, E)
+    else:
+        grad_logits = router_logits.new_empty((num_tokens, 2 * num_experts), dtype=split_dtype)  # (N, 2E): hi | lo
     if num_tokens == 0:
         return grad_logits
     tile_tokens = route_tile_tokens(num_experts)
     # aux_loss = load_balance_coef * E * sum_e (count_e / (N k)) (prob_sum_e / N) + z_loss_coef * lse_sq_sum / N.
     prob_sum_grad_scale = load_balance_coef * num_experts / (num_tokens * top_k * num_tokens)
     _topk_softmax_backward_kernel[(ceil_div(num_tokens, tile_tokens),)](
-        grad_expert_weights, grad_aux_loss, router_logits, expert_indices, assignments_per_expert, grad_logits,
+        grad_expert_weights, grad_aux_loss, router_logits, expert_indices, assignments_per_expert,
+        grad_router_logits, grad_logits,
         num_tokens, num_experts, prob_sum_grad_scale, z_loss_coef / num_tokens,
-        TOP_K=top_k, NORMALIZE=bool(normalize_weights), TILE_TOKENS=tile_tokens,
+        TOP_K=top_k, NORMALIZE=bool(normalize_weights), HAS_GRAD_LOGITS_IN=grad_router_logits is not None,
+        SPLIT=split_dtype is not None, TILE_TOKENS=tile_tokens,
         EXPERTS_POW2=next_power_of_2(num_experts), num_warps=ROUTE_NUM_WARPS,
     )
     return grad_logits
