@@ -33,6 +33,19 @@ def op_arguments(config, activation, num_tokens=24):
     return (*tensors, *layout.op_arguments(), activation)
 
 
+def test_layout_of_one_width_takes_the_row_offsets_times_the_width():
+    """With one width the layout skips the general prefix sum: the same offsets, some experts left empty."""
+    num_experts, width = 6, 40
+    expert_indices = torch.tensor([[0, 2], [2, 5], [0, 5], [5, 2]], device=DEVICE)  # (N, k): experts 1, 3, 4 empty
+    sort = sort_by_expert(expert_indices, num_experts)
+    widths = torch.full((num_experts,), width, device=DEVICE)
+    layout = ExpertLayout.from_sort(sort, [width] * num_experts, torch.arange(num_experts + 1, device=DEVICE) * width,
+                                    widths, 2)
+    want = torch.nn.functional.pad((sort.tokens_per_expert * widths).cumsum(0), (1, 0))  # (E + 1,)
+    assert layout.expert_h_offsets.dtype == torch.int64 and torch.equal(layout.expert_h_offsets, want)
+    assert layout.h_numel == int(want[-1]) == 8 * width
+
+
 @pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_forward_op_passes_opcheck(name, activation):

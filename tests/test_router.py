@@ -111,8 +111,8 @@ def test_gradient_reaching_the_logits_directly():
 
 @pytest.mark.parametrize("split_dtype", HALF_DTYPES)
 def test_split_gradient_keeps_twice_the_precision(split_dtype):
-    """The backward's [hi | lo] halves: hi is the fp32 gradient rounded, and hi + lo is within about eps² of it (one
-    half alone would be off by up to eps/2)."""
+    """The backward's [hi | lo] halves: lo is what rounding the fp32 gradient to hi left over, and hi + lo is within
+    about eps² of the fp32 gradient (hi alone is off by up to eps/2)."""
     num_tokens, num_experts, top_k = 300, 64, 8
     x, router_weight = make_router_inputs(num_tokens, num_experts)
     logits = (x @ router_weight.T).detach()  # (N, E)
@@ -124,10 +124,12 @@ def test_split_gradient_keeps_twice_the_precision(split_dtype):
     halves = router.topk_softmax_backward(*arguments, split_dtype=split_dtype)  # (N, 2E)
     assert halves.shape == (num_tokens, 2 * num_experts) and halves.dtype == split_dtype
     hi, lo = halves[:, :num_experts], halves[:, num_experts:]
-    assert torch.equal(hi, want.to(split_dtype))
     finfo = torch.finfo(split_dtype)
     # lo of an fp16 split can fall below fp16's normal range, where its spacing is finfo.smallest_normal * eps.
-    bound = finfo.eps**2 * want.abs() + finfo.smallest_normal * finfo.eps
+    subnormal_spacing = finfo.smallest_normal * finfo.eps
+    assert (lo.float().abs() <= finfo.eps / 2 * hi.float().abs() + subnormal_spacing).all()
+    # The two launches are compiled apart: on a GPU their fp32 gradients may differ by fp32 rounding.
+    bound = finfo.eps**2 * want.abs() + subnormal_spacing + ATOL_PER_LARGEST * want.abs().max()
     assert ((hi.float() + lo.float() - want).abs() <= bound).all()
     assert ((hi.float() - want).abs() > bound).any(), "lo is needed somewhere, or the test shows nothing"
 

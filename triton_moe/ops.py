@@ -48,12 +48,14 @@ class ExpertLayout:
     @classmethod
     def from_sort(cls, sort: ExpertSort, expert_widths: list[int], expert_width_offsets: torch.Tensor,
                   expert_widths_tensor: torch.Tensor, top_k: int) -> "ExpertLayout":
-        hidden_per_expert = sort.tokens_per_expert * expert_widths_tensor  # [E]
-        expert_h_offsets = F.pad(hidden_per_expert.cumsum(0), (1, 0))  # [E+1] int64
         num_rows = sort.row_to_token.numel()
         if len(set(expert_widths)) == 1:
+            # One width W: expert e's block starts W times its first row, one launch instead of the five below.
+            expert_h_offsets = sort.expert_row_offsets * expert_widths[0]  # [E+1] int64
             h_numel = num_rows * expert_widths[0]
         else:
+            hidden_per_expert = sort.tokens_per_expert * expert_widths_tensor  # [E]
+            expert_h_offsets = F.pad(hidden_per_expert.cumsum(0), (1, 0))  # [E+1] int64
             # Variable widths: the ragged buffer's size depends on the routing, so it is read back to size the
             # allocation. This is the one host-device synchronisation of the layer.
             h_numel = int(expert_h_offsets[-1])
