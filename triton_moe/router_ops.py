@@ -7,8 +7,8 @@ autograd.Function for the route.
                                                     counts that spare the sort its counting pass
     fused_sort_by_expert(expert_indices, E, block_counts)   -> routing.sort_by_expert's ExpertSort
 Launches: the route's forward is the router GEMM and 2 kernels (top-k softmax, aux loss); its backward 1 kernel
-and the GEMM's two products (bf16 on a GPU: 4 launches in all; elsewhere, fp32); the sort 2 kernels given the
-route's counts, 3 without.
+and the GEMM's two products (fp32; with bf16 on a GPU, also the stacked [W; W] and the sum of dW's two halves);
+the sort 2 kernels given the route's counts, 3 without.
 """
 
 from dataclasses import dataclass
