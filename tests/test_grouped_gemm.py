@@ -501,3 +501,16 @@ def test_invalid_arguments_raise_value_error():
         input_grad_rows(h_buffer, w1, None, w1, *layout, routing.num_rows)
     with pytest.raises(ValueError, match="block_n"):
         GemmBlocks(block_m=32, block_n=8, block_k=32, num_warps=1, num_stages=1)
+
+
+def test_gpu_tiles_by_shape_class(monkeypatch):
+    """The GPU tile table (read here with the interpreter switched off): small problems, the ragged-output GEMMs
+    past hidden 2048, and the rest."""
+    monkeypatch.setattr(tuning, "_INTERPRETER", False)
+    bf16 = torch.bfloat16
+    assert tuning.gemm_blocks(bf16, "up", rows_x_hidden=2**23, hidden=256) == tuning.GPU_16BIT_SMALL_BLOCKS["up"]
+    assert tuning.gemm_blocks(bf16, "down_backward", rows_x_hidden=2**28, hidden=2048).num_stages == 4
+    assert tuning.gemm_blocks(bf16, "down_backward", rows_x_hidden=2**27, hidden=4096).num_stages == 3
+    for role in ("up", "down", "input_grad", "weight_grad"):
+        assert tuning.gemm_blocks(bf16, role, rows_x_hidden=2**27, hidden=4096) == tuning.GPU_16BIT_ROLE_BLOCKS[role]
+    assert tuning.gemm_blocks(torch.float32, "up", hidden=4096) == tuning.GPU_FP32_BLOCKS

@@ -426,7 +426,8 @@ def _expert_rows_gemm_launch(
 ):
     """Launch `_expert_rows_gemm` over a grid bounding the (unknown on the host) tiles of all experts."""
     hidden = b.shape[1]
-    blocks = blocks or gemm_blocks(a.dtype, role, gated=b2 is not None, rows_x_hidden=num_rows * hidden)
+    blocks = blocks or gemm_blocks(a.dtype, role, gated=b2 is not None, rows_x_hidden=num_rows * hidden,
+                                   hidden=hidden)
     if ragged_out:
         most_col_tiles, col_tiles_sum = _tiles_per_row_block(tuple(expert_widths), blocks.block_n)
     else:
@@ -712,7 +713,7 @@ def weight_grad(
     dw_2 = None if ragged2 is None else torch.empty_like(dw)  # (TW, H)
     hidden = token_rows.shape[1]
     blocks = blocks or gemm_blocks(ragged.dtype, "weight_grad", gated=ragged2 is not None,
-                                   rows_x_hidden=row_to_token.numel() * hidden)
+                                   rows_x_hidden=row_to_token.numel() * hidden, hidden=hidden)
     # The grid is exact: the tiles depend only on the widths and H, sum_e cdiv(W_e, BLOCK_M) * cdiv(H, BLOCK_N).
     grid = (_tiles_per_row_block(tuple(expert_widths), blocks.block_m)[1] * ceil_div(hidden, blocks.block_n),)
     _weight_grad_gemm[grid](

@@ -45,11 +45,14 @@ INTERPRETER_BLOCKS = GemmBlocks(block_m=128, block_n=128, block_k=128, num_warps
 # h100-2026-11-25/dh_tiles.md, where 128x128x128 gives 323). The weight gradients (dW1 and dW2 are the same GEMM
 # shape), which reduce over the ragged rows, prefer 128x128 tiles.
 GPU_16BIT_ROLE_BLOCKS = {
-    # up: 465/526. 4 stages (with the routing weight loaded before the K loop) measured 0.84 vs 0.97 ms at 128x768
-    # and 1.06 vs 1.08 at 64x1024, but 11.3 vs 7.3 ms at hidden 4096, 8x14336 top-2 (up_epilogue.md): kept at 3.
+    # up: 465/526. 4 stages (with the routing weight loaded before the K loop): 0.84 vs 0.87 ms per launch at
+    # 128x768, the same at 64x1024 and with variable widths, 11.2 vs 7.4 ms at hidden 4096 (session6/stages.md);
+    # a whole 128x768 step with them was 0.11 ms slower from a CUDA graph, on another H100 than the baseline: kept
+    # at 3 until an A/B on one machine says otherwise.
     "up": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),
     "down": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 472/565
-    "down_backward": GemmBlocks(128, 256, 64, num_warps=8, num_stages=4),  # dA + row pass: 392 vs 358 (3 stages)
+    # dA + row pass: 392 vs 358 (3 stages); with variable widths 1.16 vs 1.36 ms, at 64x1024 1.24 vs 1.19 ms
+    "down_backward": GemmBlocks(128, 256, 64, num_warps=8, num_stages=4),
     "input_grad": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 489/568
     "weight_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # dW2 348/409, dW1 349/411
 }
@@ -63,6 +66,14 @@ GPU_16BIT_GATED_BLOCKS = {
     "weight_grad": GemmBlocks(64, 128, 64, num_warps=4, num_stages=4),  # dW1 + dV1: 342 vs 318
 }
 GEMM_ROLES = tuple(GPU_16BIT_ROLE_BLOCKS)
+# The GEMMs that write the ragged buffer (up, and dA of the down projection's backward) reduce over the hidden
+# size. Past hidden 2048 their 4-stage pipeline collapses: at hidden 4096 (8x14336 top-2) up takes 11.2 ms and dA
+# 10.9 ms with 4 stages, 7.4 and 7.8 with 3 (session6/stages.md; the only shape measured past 2048). Up has 3
+# stages anyway; dA takes 3 there.
+LONG_HIDDEN = 2048
+GPU_16BIT_LONG_HIDDEN_BLOCKS = {
+    "down_backward": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),
+}
 
 # Small problems (the seed configs: hidden 256, 8192 to 32768 rows) make too few 128x256 tiles to fill the GPU:
 # 64-row tiles with 4 warps run every role but the weight gradients faster there, and the weight gradients do as
@@ -137,10 +148,12 @@ def running_in_interpreter() -> bool:
     return _INTERPRETER
 
 
-def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden: int | None = None) -> GemmBlocks:
+def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden: int | None = None,
+                hidden: int | None = None) -> GemmBlocks:
     """Default grouped-GEMM tiles for operands of `dtype` in `role` (one of GEMM_ROLES) on the current backend.
 
-    rows_x_hidden: the launch's expert-sorted rows times the hidden size, which picks the shape class (None: large).
+    rows_x_hidden: the launch's expert-sorted rows times the hidden size, and hidden: the hidden size; they pick the
+    shape class (None: large, and at most LONG_HIDDEN).
     """
     if role not in GEMM_ROLES:
         raise ValueError(f"role must be one of {GEMM_ROLES}, got {role!r}")
@@ -152,6 +165,8 @@ def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidde
         return GPU_16BIT_GATED_BLOCKS.get(role, GPU_16BIT_ROLE_BLOCKS[role])
     if rows_x_hidden is not None and rows_x_hidden < SMALL_PROBLEM_ROWS_X_HIDDEN:
         return GPU_16BIT_SMALL_BLOCKS[role]
+    if hidden is not None and hidden > LONG_HIDDEN:
+        return GPU_16BIT_LONG_HIDDEN_BLOCKS.get(role, GPU_16BIT_ROLE_BLOCKS[role])
     return GPU_16BIT_ROLE_BLOCKS[role]
 
 
