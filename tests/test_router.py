@@ -316,6 +316,12 @@ def test_launchers_name_the_bad_argument():
         ("assignments_per_expert", lambda: router.topk_softmax_backward(
             torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
             torch.zeros(7, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
+        ("grad_router_logits", lambda: router.topk_softmax_backward(
+            torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
+            torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0, grad_router_logits=logits[:, :7])),
+        ("split_dtype", lambda: router.topk_softmax_backward(
+            torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
+            torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0, split_dtype=torch.float32)),
         ("expert_indices", lambda: router.count_expert_blocks(indices.float(), 8)),
         ("expert_indices", lambda: router.count_expert_blocks(indices.T, 8)),
         ("num_experts", lambda: router.count_expert_blocks(indices, 0)),
