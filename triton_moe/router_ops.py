@@ -19,6 +19,7 @@ from torch import Tensor
 
 from triton_moe.config import MoEConfig
 from triton_moe.eager_ops import with_eager_path
+from triton_moe.kernels.host import ceil_div
 from triton_moe.kernels.router import (SORT_BLOCK_ASSIGNMENTS, count_expert_blocks, route_block_tokens,
                                        row_expert_dtype, sort_by_expert_blocks, topk_softmax, topk_softmax_backward)
 from triton_moe.routing import ExpertSort, Routing
@@ -51,7 +52,7 @@ def _tensor_core_router(x: Tensor, router_weight: Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and router_weight.dtype == torch.bfloat16
 
 
-def router_logits(x: Tensor, router_weight: Tensor) -> Tensor:
+def router_gemm(x: Tensor, router_weight: Tensor) -> Tensor:
     """x [N, H] @ router_weight [E, H]^T -> logits [N, E] fp32, whatever autocast says."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         if _tensor_core_router(x, router_weight):
@@ -62,7 +63,7 @@ def router_logits(x: Tensor, router_weight: Tensor) -> Tensor:
 def route_forward(x: Tensor, router_weight: Tensor, top_k: int, normalize_weights: bool, load_balance_coef: float,
                   z_loss_coef: float) -> tuple[Tensor, ...]:
     """(router_logits [N, E] fp32, then topk_softmax's six results) of tokens x [N, H] and router_weight [E, H]."""
-    logits = router_logits(x, router_weight)  # (N, E)
+    logits = router_gemm(x, router_weight)  # (N, E)
     return (logits, *topk_softmax(logits, top_k, normalize_weights, load_balance_coef, z_loss_coef))
 
 
@@ -106,8 +107,7 @@ def _route(
 @_route.register_fake
 def _(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef):
     num_tokens, num_experts = x.shape[0], router_weight.shape[0]
-    block_tokens = route_block_tokens(num_tokens, num_experts)
-    num_blocks = (num_tokens + block_tokens - 1) // block_tokens
+    num_blocks = ceil_div(num_tokens, route_block_tokens(num_tokens, num_experts))
     return (x.new_empty((num_tokens, num_experts), dtype=torch.float32),
             x.new_empty((num_tokens, top_k), dtype=torch.float32),
             x.new_empty((num_tokens, top_k), dtype=torch.int64),
