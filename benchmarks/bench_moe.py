@@ -32,7 +32,7 @@ def triton_steps(layer, x):
     return {
         "routing (router GEMM, softmax, top-k, aux loss)": lambda: layer._route(x),
         "sort by expert + layout": lambda: ExpertLayout.from_sort(
-            fused_sort_by_expert(o.routing.expert_indices, cfg.num_experts, o.routing.block_counts), cfg.expert_widths,
+            fused_sort_by_expert(o.routing.expert_indices, cfg.num_experts, o.routing.block_offsets), cfg.expert_widths,
             layer.expert_width_offsets, layer.expert_widths_tensor, cfg.num_active_experts),
         "up GEMM (gather, activation and routing weight fused)": lambda: kernels.up_projection(
             x, o.w1, o.v1, layout.row_to_token, *layout.offsets(), layout.h_numel, cfg.activation, o.expert_weights,

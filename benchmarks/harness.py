@@ -151,7 +151,7 @@ def triton_operands(layer, x) -> SimpleNamespace:
     ops = SimpleNamespace(cfg=cfg, x=x, w1=layer.w1.detach(), w2=layer.w2.detach(),
                           v1=None if layer.v1 is None else layer.v1.detach())
     ops.routing = layer._route(x)
-    ops.sort = fused_sort_by_expert(ops.routing.expert_indices, cfg.num_experts, ops.routing.block_counts)
+    ops.sort = fused_sort_by_expert(ops.routing.expert_indices, cfg.num_experts, ops.routing.block_offsets)
     ops.layout = ExpertLayout.from_sort(ops.sort, cfg.expert_widths, layer.expert_width_offsets,
                                         layer.expert_widths_tensor, cfg.num_active_experts)
     ops.expert_weights = ops.routing.expert_weights.detach().flatten()  # [N*k]

@@ -6,7 +6,7 @@ import torch
 
 from triton_moe.config import MoEConfig
 from triton_moe.kernels import router
-from triton_moe.router_ops import ExpertBlockCounts, fused_route, fused_sort_by_expert
+from triton_moe.router_ops import ExpertBlockOffsets, fused_route, fused_sort_by_expert
 from triton_moe.routing import ExpertSort, route, sort_by_expert
 from triton_moe import router_ops
 from conftest import DEVICE, HALF_DTYPES, RefuseLaunch, gpu_only
@@ -116,10 +116,10 @@ def test_split_gradient_keeps_twice_the_precision(split_dtype):
     num_tokens, num_experts, top_k = 300, 64, 8
     x, router_weight = make_router_inputs(num_tokens, num_experts)
     logits = (x @ router_weight.T).detach()  # (N, E)
-    _, expert_indices, _, _, _, assignments_per_expert = router.topk_softmax(logits, top_k, True, 0.5, 0.1)
+    _, expert_indices, _, _, _, tokens_per_expert, _ = router.topk_softmax(logits, top_k, True, 0.5, 0.1)
     grad_weights = torch.randn((num_tokens, top_k), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     grad_aux = torch.tensor(3.0, device=DEVICE)
-    arguments = (grad_weights, grad_aux, logits, expert_indices, assignments_per_expert, True, 0.5, 0.1)
+    arguments = (grad_weights, grad_aux, logits, expert_indices, tokens_per_expert, True, 0.5, 0.1)
     want = router.topk_softmax_backward(*arguments)  # (N, E) fp32
     halves = router.topk_softmax_backward(*arguments, split_dtype=split_dtype)  # (N, 2E)
     assert halves.shape == (num_tokens, 2 * num_experts) and halves.dtype == split_dtype
@@ -179,7 +179,7 @@ def test_fused_sort_matches_sort_by_expert(num_experts, top_k, num_tokens):
     with torch.no_grad():
         routing = fused_route(x, router_weight, make_config(num_experts, top_k))
     want = sort_by_expert(routing.expert_indices, num_experts)
-    assert_sorts_equal(fused_sort_by_expert(routing.expert_indices, num_experts, routing.block_counts), want)
+    assert_sorts_equal(fused_sort_by_expert(routing.expert_indices, num_experts, routing.block_offsets), want)
     assert_sorts_equal(fused_sort_by_expert(routing.expert_indices, num_experts), want)
 
 
@@ -196,12 +196,14 @@ def test_sort_of_any_indices(num_tokens, top_k, num_experts, index_dtype):
 
 
 def test_every_loop_takes_several_steps(monkeypatch):
-    """Tiles small enough that the route kernel walks several tiles a block and the single-program reductions
-    several row and expert chunks; blocks of the sort that do not hold a whole number of tokens."""
+    """Tiles small enough that the route kernel walks several tiles a block, the table kernel several blocks a
+    program and its last program several steps of each final sum; blocks of the sort that do not hold a whole
+    number of tokens."""
     monkeypatch.setattr(router, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile, 4 tiles a block
     monkeypatch.setattr(router, "ROUTE_MIN_BLOCKS", 1)  # blocks of ROUTE_BLOCK_TOKENS however few
+    monkeypatch.setattr(router, "TABLE_EXPERT_CHUNK", 4)  # 3 programs for 11 experts
     monkeypatch.setattr(router, "TABLE_TILE_ELEMENTS", 8)  # 2 blocks by 4 experts a step
-    monkeypatch.setattr(router, "TABLE_MAX_EXPERTS", 4)
+    monkeypatch.setattr(router, "TABLE_SCAN_CHUNK", 2)  # 6 steps over the experts, 2 over chunks and blocks
     monkeypatch.setattr(router, "ZERO_CHUNK", 4)
     num_experts, top_k = 11, 3
     config = make_config(num_experts, top_k)
@@ -211,9 +213,9 @@ def test_every_loop_takes_several_steps(monkeypatch):
     assert_close("expert_weights", got.expert_weights, want.expert_weights)
     assert_close("aux_loss", got.aux_loss, want.aux_loss)
     want_sort = sort_by_expert(want.expert_indices, num_experts)
-    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.block_counts), want_sort)
-    block_counts = ExpertBlockCounts(7, *router.count_expert_blocks(got.expert_indices, num_experts, 7))
-    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, block_counts), want_sort)
+    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.block_offsets), want_sort)
+    block_offsets = ExpertBlockOffsets(7, *router.count_expert_blocks(got.expert_indices, num_experts, 7))
+    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, block_offsets), want_sort)
 
 
 @pytest.mark.parametrize("num_tokens, block_tokens", [(150, 16), (1000, 32), (5000, 64)])
@@ -228,12 +230,12 @@ def test_small_batches_take_smaller_blocks(monkeypatch, num_tokens, block_tokens
     config = make_config(num_experts, top_k)
     x, router_weight = make_router_inputs(num_tokens, num_experts)
     got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
-    assert got.block_counts.block_assignments == block_tokens * top_k
-    assert got.block_counts.block_expert_counts.shape == (-(-num_tokens // block_tokens), num_experts)
+    assert got.block_offsets.block_assignments == block_tokens * top_k
+    assert got.block_offsets.block_expert_starts.shape == (-(-num_tokens // block_tokens), num_experts)
     assert torch.equal(got.expert_indices, want.expert_indices)
     assert_close("expert_weights", got.expert_weights, want.expert_weights)
     assert_close("aux_loss", got.aux_loss, want.aux_loss)
-    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.block_counts),
+    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.block_offsets),
                        sort_by_expert(want.expert_indices, num_experts))
 
 
@@ -280,8 +282,8 @@ def test_results_are_reproducible():
 
 
 def test_no_tokens_launches_nothing(monkeypatch):
-    for name in ("_topk_softmax_kernel", "_aux_loss_kernel", "_topk_softmax_backward_kernel",
-                 "_count_expert_blocks_kernel", "_expert_offsets_kernel", "_scatter_sorted_rows_kernel"):
+    for name in ("_topk_softmax_kernel", "_block_table_kernel", "_topk_softmax_backward_kernel",
+                 "_count_expert_blocks_kernel", "_scatter_sorted_rows_kernel"):
         monkeypatch.setattr(router, name, RefuseLaunch())
     x, router_weight = make_router_inputs(0, 8)
     routing = fused_route(x, router_weight, make_config(8, 2))
@@ -289,8 +291,8 @@ def test_no_tokens_launches_nothing(monkeypatch):
     assert routing.aux_loss.item() == 0
     grads = torch.autograd.grad(routing.expert_weights.sum() + routing.aux_loss, (x, router_weight))
     assert grads[0].shape == (0, HIDDEN) and not grads[1].any()
-    for block_counts in (routing.block_counts, None):
-        sort = fused_sort_by_expert(routing.expert_indices, 8, block_counts)
+    for block_offsets in (routing.block_offsets, None):
+        sort = fused_sort_by_expert(routing.expert_indices, 8, block_offsets)
         assert sort.row_to_flat.shape == (0,) and sort.row_expert.dtype == torch.int16
         assert not sort.tokens_per_expert.any() and sort.expert_row_offsets.shape == (9,)
         assert not sort.expert_row_offsets.any()
@@ -299,7 +301,7 @@ def test_no_tokens_launches_nothing(monkeypatch):
 def test_launchers_name_the_bad_argument():
     logits = torch.randn((4, 8), device=DEVICE)  # (N, E)
     indices = torch.zeros((4, 2), dtype=torch.int64, device=DEVICE)  # (N, k)
-    counts, ranks = router.count_expert_blocks(indices, 8)
+    starts, ranks, tokens_per_expert, row_offsets = router.count_expert_blocks(indices, 8)
     cases = [
         ("router_logits", lambda: router.topk_softmax(logits.double(), 2, True, 0.0, 0.0)),
         ("router_logits", lambda: router.topk_softmax(logits.T, 2, True, 0.0, 0.0)),
@@ -313,7 +315,7 @@ def test_launchers_name_the_bad_argument():
         ("grad_aux_loss", lambda: router.topk_softmax_backward(
             torch.zeros((4, 2), device=DEVICE), torch.zeros(1, device=DEVICE), logits, indices,
             torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
-        ("assignments_per_expert", lambda: router.topk_softmax_backward(
+        ("tokens_per_expert", lambda: router.topk_softmax_backward(
             torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
             torch.zeros(7, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
         ("grad_router_logits", lambda: router.topk_softmax_backward(
@@ -326,11 +328,15 @@ def test_launchers_name_the_bad_argument():
         ("expert_indices", lambda: router.count_expert_blocks(indices.T, 8)),
         ("num_experts", lambda: router.count_expert_blocks(indices, 0)),
         ("block_assignments", lambda: router.count_expert_blocks(indices, 8, 0)),
-        ("block_expert_counts", lambda: router.sort_by_expert_blocks(indices, counts[:, :0], ranks, 256)),
-        ("block_expert_counts", lambda: router.sort_by_expert_blocks(indices, counts, ranks, 4)),
-        ("block_expert_counts", lambda: router.sort_by_expert_blocks(indices, counts.long(), ranks, 256)),
-        ("ranks_in_block", lambda: router.sort_by_expert_blocks(indices, counts, ranks[:2], 256)),
-        ("block_counts", lambda: fused_sort_by_expert(indices, 9, ExpertBlockCounts(256, counts, ranks))),
+        ("block_expert_starts", lambda: router.sort_by_expert_blocks(indices, starts[:, :0], ranks, row_offsets, 256)),
+        ("block_expert_starts", lambda: router.sort_by_expert_blocks(indices, starts, ranks, row_offsets, 4)),
+        ("block_expert_starts", lambda: router.sort_by_expert_blocks(indices, starts.long(), ranks, row_offsets,
+                                                                      256)),
+        ("ranks_in_block", lambda: router.sort_by_expert_blocks(indices, starts, ranks[:2], row_offsets, 256)),
+        ("expert_row_offsets", lambda: router.sort_by_expert_blocks(indices, starts, ranks, row_offsets[:8], 256)),
+        ("expert_row_offsets", lambda: router.sort_by_expert_blocks(indices, starts, ranks, row_offsets.int(), 256)),
+        ("block_offsets", lambda: fused_sort_by_expert(
+            indices, 9, ExpertBlockOffsets(256, starts, ranks, tokens_per_expert, row_offsets))),
     ]
     for name, call in cases:
         with pytest.raises(ValueError, match=name):
@@ -344,18 +350,17 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.triton_moe.route.default, (x, router_weight, 2, True, 0.5, 0.1))
     routing = fused_route(x, router_weight, make_config(8, 2))
     torch.library.opcheck(torch.ops.triton_moe.count_expert_blocks.default, (routing.expert_indices, 8, 16))
-    block_counts = routing.block_counts
+    block_offsets = routing.block_offsets
     torch.library.opcheck(torch.ops.triton_moe.sort_by_expert.default,
-                          (routing.expert_indices, block_counts.block_expert_counts, block_counts.ranks_in_block,
-                           block_counts.block_assignments))
+                          (routing.expert_indices, block_offsets.block_expert_starts, block_offsets.ranks_in_block,
+                           block_offsets.expert_row_offsets, block_offsets.block_assignments))
 
 
-def test_route_blocks_stop_where_the_tables_outgrow_one_reduction_step(monkeypatch):
-    """Smaller blocks make taller [blocks, E] tables: the halving stops before they need a second step of the
-    single-program reductions."""
-    monkeypatch.setattr(router, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile with 11 experts
-    monkeypatch.setattr(router, "ROUTE_TILE_ELEMENTS", 256)  # the same on a GPU
-    monkeypatch.setattr(router, "ROUTE_MIN_BLOCKS", 32)
-    monkeypatch.setattr(router, "TABLE_TILE_ELEMENTS", 80)  # 5 rows of 16 experts a step
-    assert router.route_block_tokens(150, 11) == 32  # 5 blocks; 16 tokens would make 10
-    assert router.route_block_tokens(300, 11) == 64  # 5 blocks already
+def test_route_blocks_shrink_to_one_tile_for_small_batches(monkeypatch):
+    """The seed configs' 4096 tokens: 128 experts take blocks of one 16-token tile (256 programs), 64 experts one
+    32-token tile (128 programs: no smaller block exists); 16384 tokens keep blocks of 64."""
+    monkeypatch.setattr(router, "INTERPRETER_ROUTE_TILE_ELEMENTS", router.ROUTE_TILE_ELEMENTS)  # the GPU's tiles
+    assert router.ROUTE_TILE_ELEMENTS == 2048 and router.ROUTE_MIN_BLOCKS == 256
+    assert router.route_block_tokens(4096, 128) == 16
+    assert router.route_block_tokens(4096, 64) == 32
+    assert router.route_block_tokens(16384, 128) == 64

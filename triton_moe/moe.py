@@ -34,7 +34,7 @@ class MoEMLP(MoELayer):
         cfg = self.config
         dtype = self.compute_dtype(x)
         # rows by expert, then token, then slot: routing.sort_by_expert's result, from the route's counts
-        sort = fused_sort_by_expert(routing.expert_indices, cfg.num_experts, routing.block_counts)
+        sort = fused_sort_by_expert(routing.expert_indices, cfg.num_experts, routing.block_offsets)
         layout = ExpertLayout.from_sort(sort, cfg.expert_widths, self.expert_width_offsets,
                                         self.expert_widths_tensor, cfg.num_active_experts)
         x, w1, w2 = x.to(dtype), self.w1.to(dtype), self.w2.to(dtype)

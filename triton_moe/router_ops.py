@@ -4,11 +4,11 @@ custom ops' dispatch (eager_ops.py, as ops.expert_mlp does) and call the launche
 autograd.Function for the route.
 
     fused_route(x, router_weight, config)        -> FusedRouting: routing.route's Routing, plus the per-block
-                                                    counts that spare the sort its counting pass
-    fused_sort_by_expert(expert_indices, E, block_counts)   -> routing.sort_by_expert's ExpertSort
-Launches: the route's forward is the router GEMM and 2 kernels (top-k softmax, aux loss); its backward 1 kernel
-and the GEMM's two products (fp32; with bf16 on a GPU, also the stacked [W; W] and the sum of dW's two halves);
-the sort 2 kernels given the route's counts, 3 without.
+                                                    counts, scanned, that spare the sort its counting passes
+    fused_sort_by_expert(expert_indices, E, block_offsets) -> routing.sort_by_expert's ExpertSort
+Launches: the route's forward is the router GEMM and 2 kernels (top-k softmax; the scans of its per-block tables
+and the aux loss); its backward 1 kernel and the GEMM's two products (fp32; with bf16 on a GPU, also the stacked
+[W; W] and the sum of dW's two halves); the sort 1 kernel given the route's scans, 3 without.
 """
 
 from dataclasses import dataclass
@@ -26,19 +26,23 @@ from triton_moe.routing import ExpertSort, Routing
 
 
 @dataclass
-class ExpertBlockCounts:
-    """What the counting sort needs besides the indices, per block of flat assignments f = token * k + slot."""
+class ExpertBlockOffsets:
+    """What the counting sort's scatter needs besides the indices, per block of flat assignments
+    f = token * k + slot: where each assignment's row goes is expert_row_offsets[e] + block_expert_starts[b, e] +
+    its rank in the block."""
 
     block_assignments: int  # flat assignments per block
-    block_expert_counts: Tensor  # [cdiv(N*k, block_assignments), E] int32: assignments of each block to each expert
+    block_expert_starts: Tensor  # [cdiv(N*k, block_assignments), E] int32: assignments to e in the earlier blocks
     ranks_in_block: Tensor  # [N, k] int32: rank of each assignment among its block's earlier ones to its expert
+    tokens_per_expert: Tensor  # [E] int64
+    expert_row_offsets: Tensor  # [E + 1] int64: exclusive scan of tokens_per_expert, the total at the end
 
 
 @dataclass
 class FusedRouting(Routing):
     """A Routing, and what the route counted on the way for the sort."""
 
-    block_counts: ExpertBlockCounts  # the route's counts, for fused_sort_by_expert
+    block_offsets: ExpertBlockOffsets  # the route's counts and their scans, for fused_sort_by_expert
 
 
 def _tensor_core_router(x: Tensor, router_weight: Tensor) -> bool:
@@ -69,14 +73,14 @@ def route_forward(x: Tensor, router_weight: Tensor, top_k: int, normalize_weight
 
 def route_backward(
     grad_expert_weights: Tensor, grad_aux_loss: Tensor, grad_router_logits: Tensor | None, x: Tensor,
-    router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, assignments_per_expert: Tensor,
+    router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, tokens_per_expert: Tensor,
     normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
 ) -> tuple[Tensor, Tensor]:
     """(grad_x [N, H], grad_router_weight [E, H]) in their inputs' dtypes: the top-k softmax's backward kernel,
     then the router GEMM's two products."""
     tensor_cores = _tensor_core_router(x, router_weight)
     grad_logits = topk_softmax_backward(  # (N, E) fp32, or (N, 2E) bf16: hi | lo
-        grad_expert_weights, grad_aux_loss, router_logits, expert_indices, assignments_per_expert,
+        grad_expert_weights, grad_aux_loss, router_logits, expert_indices, tokens_per_expert,
         normalize_weights, load_balance_coef, z_loss_coef, grad_router_logits,
         split_dtype=torch.bfloat16 if tensor_cores else None)
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -97,10 +101,10 @@ def route_backward(
 def _route(
     x: Tensor, router_weight: Tensor, top_k: int, normalize_weights: bool, load_balance_coef: float,
     z_loss_coef: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(router_logits [N, E] fp32, expert_weights [N, k] fp32, expert_indices [N, k] int64, aux_loss [] fp32,
-    block_expert_counts [blocks, E] int32, ranks_in_block [N, k] int32, assignments_per_expert [E] int64); see
-    route_forward and kernels.router.topk_softmax."""
+    block_expert_starts [blocks, E] int32, ranks_in_block [N, k] int32, tokens_per_expert [E] int64,
+    expert_row_offsets [E + 1] int64); see route_forward and kernels.router.topk_softmax."""
     return route_forward(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef)
 
 
@@ -114,41 +118,42 @@ def _(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef
             x.new_empty((), dtype=torch.float32),
             x.new_empty((num_blocks, num_experts), dtype=torch.int32),
             x.new_empty((num_tokens, top_k), dtype=torch.int32),
-            x.new_empty((num_experts,), dtype=torch.int64))
+            x.new_empty((num_experts,), dtype=torch.int64),
+            x.new_empty((num_experts + 1,), dtype=torch.int64))
 
 
 @torch.library.custom_op("triton_moe::route_backward", mutates_args=())
 def _route_backward(
     grad_expert_weights: Tensor, grad_aux_loss: Tensor, grad_router_logits: Tensor | None, x: Tensor,
-    router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, assignments_per_expert: Tensor,
+    router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, tokens_per_expert: Tensor,
     normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
 ) -> tuple[Tensor, Tensor]:
     """(grad_x [N, H], grad_router_weight [E, H]); see route_backward."""
     return route_backward(grad_expert_weights, grad_aux_loss, grad_router_logits, x, router_weight, router_logits,
-                          expert_indices, assignments_per_expert, normalize_weights, load_balance_coef, z_loss_coef)
+                          expert_indices, tokens_per_expert, normalize_weights, load_balance_coef, z_loss_coef)
 
 
 @_route_backward.register_fake
 def _(grad_expert_weights, grad_aux_loss, grad_router_logits, x, router_weight, router_logits, expert_indices,
-      assignments_per_expert, normalize_weights, load_balance_coef, z_loss_coef):
+      tokens_per_expert, normalize_weights, load_balance_coef, z_loss_coef):
     return torch.empty_like(x), torch.empty_like(router_weight)
 
 
 def _setup_context(ctx, inputs, output):
     x, router_weight, _, normalize_weights, load_balance_coef, z_loss_coef = inputs
-    router_logits, _, expert_indices, _, _, _, assignments_per_expert = output
-    ctx.save_for_backward(x, router_weight, router_logits, expert_indices, assignments_per_expert)
+    router_logits, _, expert_indices, _, _, _, tokens_per_expert, _ = output
+    ctx.save_for_backward(x, router_weight, router_logits, expert_indices, tokens_per_expert)
     ctx.loss_arguments = (normalize_weights, load_balance_coef, z_loss_coef)
-    # Autograd would otherwise hand the backward zero gradients for the four index and count outputs: a launch each.
+    # Autograd would otherwise hand the backward zero gradients for the five index and count outputs: a launch each.
     ctx.set_materialize_grads(False)
 
 
 def _autograd_backward(backward):
     """The autograd backward of the route, computed by `backward` (the custom op or the plain function)."""
 
-    def run(ctx, grad_router_logits, grad_expert_weights, _grad_indices, grad_aux_loss, _grad_counts, _grad_ranks,
-            _grad_assignments):
-        x, router_weight, router_logits, expert_indices, assignments_per_expert = ctx.saved_tensors
+    def run(ctx, grad_router_logits, grad_expert_weights, _grad_indices, grad_aux_loss, _grad_starts, _grad_ranks,
+            _grad_tokens_per_expert, _grad_row_offsets):
+        x, router_weight, router_logits, expert_indices, tokens_per_expert = ctx.saved_tensors
         if grad_expert_weights is None:  # only the aux loss (or the logits) reached the loss
             grad_expert_weights = router_logits.new_zeros(expert_indices.shape)
         if grad_aux_loss is None:  # the aux loss was left out of the loss
@@ -157,7 +162,7 @@ def _autograd_backward(backward):
             grad_router_logits = grad_router_logits.contiguous()
         grad_x, grad_router_weight = backward(
             grad_expert_weights.contiguous(), grad_aux_loss.contiguous(), grad_router_logits, x, router_weight,
-            router_logits, expert_indices, assignments_per_expert, *ctx.loss_arguments)
+            router_logits, expert_indices, tokens_per_expert, *ctx.loss_arguments)
         return grad_x, grad_router_weight, None, None, None, None
 
     return run
@@ -168,33 +173,39 @@ _route_with_autograd = with_eager_path("Route", _route, route_forward, _setup_co
 
 
 @torch.library.custom_op("triton_moe::count_expert_blocks", mutates_args=())
-def _count_expert_blocks(expert_indices: Tensor, num_experts: int, block_assignments: int) -> tuple[Tensor, Tensor]:
-    """(block_expert_counts [blocks, E] int32, ranks_in_block [N, k] int32); see kernels.router."""
+def _count_expert_blocks(expert_indices: Tensor, num_experts: int,
+                         block_assignments: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(block_expert_starts [blocks, E] int32, ranks_in_block [N, k] int32, tokens_per_expert [E] int64,
+    expert_row_offsets [E + 1] int64); see kernels.router."""
     return count_expert_blocks(expert_indices, num_experts, block_assignments)
 
 
 @_count_expert_blocks.register_fake
 def _(expert_indices, num_experts, block_assignments):
-    num_blocks = (expert_indices.numel() + block_assignments - 1) // block_assignments
+    num_blocks = ceil_div(expert_indices.numel(), block_assignments)
     return (expert_indices.new_empty((num_blocks, num_experts), dtype=torch.int32),
-            expert_indices.new_empty(expert_indices.shape, dtype=torch.int32))
+            expert_indices.new_empty(expert_indices.shape, dtype=torch.int32),
+            expert_indices.new_empty((num_experts,), dtype=torch.int64),
+            expert_indices.new_empty((num_experts + 1,), dtype=torch.int64))
 
 
 @torch.library.custom_op("triton_moe::sort_by_expert", mutates_args=())
 def _sort_by_expert(
-    expert_indices: Tensor, block_expert_counts: Tensor, ranks_in_block: Tensor, block_assignments: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The fields of ExpertSort, in its order; see kernels.router.sort_by_expert_blocks."""
-    return sort_by_expert_blocks(expert_indices, block_expert_counts, ranks_in_block, block_assignments)
+    expert_indices: Tensor, block_expert_starts: Tensor, ranks_in_block: Tensor, expert_row_offsets: Tensor,
+    block_assignments: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row_to_flat, row_to_token, row_expert, flat_to_row), fields of ExpertSort; see
+    kernels.router.sort_by_expert_blocks."""
+    return sort_by_expert_blocks(expert_indices, block_expert_starts, ranks_in_block, expert_row_offsets,
+                                 block_assignments)
 
 
 @_sort_by_expert.register_fake
-def _(expert_indices, block_expert_counts, ranks_in_block, block_assignments):
+def _(expert_indices, block_expert_starts, ranks_in_block, expert_row_offsets, block_assignments):
     num_assignments = expert_indices.numel()
-    num_experts = block_expert_counts.shape[1]
     rows = expert_indices.new_empty((num_assignments,), dtype=torch.int64)
-    return (rows, torch.empty_like(rows), rows.new_empty((num_assignments,), dtype=row_expert_dtype(num_experts)),
-            torch.empty_like(rows), rows.new_empty((num_experts,)), rows.new_empty((num_experts + 1,)))
+    row_expert_rows = rows.new_empty((num_assignments,), dtype=row_expert_dtype(block_expert_starts.shape[1]))
+    return rows, torch.empty_like(rows), row_expert_rows, torch.empty_like(rows)
 
 
 def fused_route(x: Tensor, router_weight: Tensor, config: MoEConfig) -> FusedRouting:
@@ -202,37 +213,38 @@ def fused_route(x: Tensor, router_weight: Tensor, config: MoEConfig) -> FusedRou
 
     The fields of Routing have route's dtypes and values: the same expert_indices, the weights, logits and aux loss
     up to fp32 rounding. Gradients reach x and router_weight from expert_weights, aux_loss and router_logits.
-    block_counts hands fused_sort_by_expert the route's per-block expert counts.
+    block_offsets hands fused_sort_by_expert the route's per-block expert counts, scanned.
     """
     top_k = config.num_active_experts
-    # router_logits [N, E]; expert_weights, expert_indices [N, k]; aux_loss []; block_expert_counts [blocks, E];
-    # ranks_in_block [N, k]
-    router_logits, expert_weights, expert_indices, aux_loss, block_expert_counts, ranks_in_block, _ = \
-        _route_with_autograd(x, router_weight, top_k, config.normalize_weights, float(config.load_balance_coef),
-                             float(config.z_loss_coef))
+    # router_logits [N, E]; expert_weights, expert_indices [N, k]; aux_loss []; block_expert_starts [blocks, E];
+    # ranks_in_block [N, k]; tokens_per_expert [E]; expert_row_offsets [E + 1]
+    router_logits, expert_weights, expert_indices, aux_loss, *sort_tables = _route_with_autograd(
+        x, router_weight, top_k, config.normalize_weights, float(config.load_balance_coef),
+        float(config.z_loss_coef))
     block_tokens = route_block_tokens(x.shape[0], router_weight.shape[0])
-    block_counts = ExpertBlockCounts(block_tokens * top_k, block_expert_counts, ranks_in_block)
-    return FusedRouting(router_logits, expert_weights, expert_indices, aux_loss, block_counts)
+    block_offsets = ExpertBlockOffsets(block_tokens * top_k, *sort_tables)
+    return FusedRouting(router_logits, expert_weights, expert_indices, aux_loss, block_offsets)
 
 
 def fused_sort_by_expert(expert_indices: Tensor, num_experts: int,
-                         block_counts: ExpertBlockCounts | None = None) -> ExpertSort:
+                         block_offsets: ExpertBlockOffsets | None = None) -> ExpertSort:
     """Sort the assignments of `expert_indices` [N, k] (int32/int64 in [0, num_experts)) by expert, stably: the
     ExpertSort of routing.sort_by_expert, field for field, dtype for dtype.
 
-    block_counts: FusedRouting.block_counts of the route that gave these indices, which spares the counting
-    launch; None counts here (any indices, a token may even list an expert twice).
+    block_offsets: FusedRouting.block_offsets of the route that gave these indices, which spares the counting
+    launches; None counts here (any indices, a token may even list an expert twice).
     """
     compiling = torch.compiler.is_compiling()
-    if block_counts is None:
-        block_assignments = SORT_BLOCK_ASSIGNMENTS
+    if block_offsets is None:
         count = _count_expert_blocks if compiling else count_expert_blocks
-        block_expert_counts, ranks_in_block = count(expert_indices, num_experts, block_assignments)
-    else:
-        block_assignments = block_counts.block_assignments
-        block_expert_counts, ranks_in_block = block_counts.block_expert_counts, block_counts.ranks_in_block
-        if block_expert_counts.dim() != 2 or block_expert_counts.shape[1] != num_experts:
-            raise ValueError(f"block_counts must count num_experts = {num_experts} experts, got block_expert_counts "
-                             f"of shape {tuple(block_expert_counts.shape)}")
+        block_offsets = ExpertBlockOffsets(SORT_BLOCK_ASSIGNMENTS,
+                                           *count(expert_indices, num_experts, SORT_BLOCK_ASSIGNMENTS))
+    elif block_offsets.tokens_per_expert.shape != (num_experts,):
+        raise ValueError(f"block_offsets must count num_experts = {num_experts} experts, got tokens_per_expert "
+                         f"of shape {tuple(block_offsets.tokens_per_expert.shape)}")
     sort = _sort_by_expert if compiling else sort_by_expert_blocks
-    return ExpertSort(*sort(expert_indices, block_expert_counts, ranks_in_block, block_assignments))
+    row_to_flat, row_to_token, row_expert, flat_to_row = sort(
+        expert_indices, block_offsets.block_expert_starts, block_offsets.ranks_in_block,
+        block_offsets.expert_row_offsets, block_offsets.block_assignments)
+    return ExpertSort(row_to_flat, row_to_token, row_expert, flat_to_row, block_offsets.tokens_per_expert,
+                      block_offsets.expert_row_offsets)

@@ -285,6 +285,7 @@ def _activation_backward_rows(
     INDEXED_ROW_WEIGHTS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    UNIFORM_WIDTH: tl.constexpr,
     EXPERTS_POW2: tl.constexpr,
     WIDTH_MULTIPLE: tl.constexpr,
 ):
@@ -294,19 +295,24 @@ def _activation_backward_rows(
     then dA becomes dh_pre = row_weights[r] * dA * d act / d h_pre, and dh_up = row_weights[r] * dA * d act / d h_up
     (GATED). Each row has its expert's width and place in the buffer; the rows are walked BLOCK_W columns a step.
     Row r's weight, and its gradient, sit at row_weight_index[r] of row_weights and d_row_weights if
-    INDEXED_ROW_WEIGHTS, else at r.
+    INDEXED_ROW_WEIGHTS, else at r. UNIFORM_WIDTH > 0: every expert has that width, so row r starts at r * W in
+    the ragged buffers, without looking up its expert (which compares the row with every expert's end).
     """
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,)
     row_mask = rows < num_rows
-    experts = tl.arange(0, EXPERTS_POW2)
-    is_expert = experts < num_experts
-    expert_row_ends = tl.load(expert_row_offsets_ptr + experts + 1, mask=is_expert, other=0)  # (EXPERTS_POW2,)
-    expert = tl.sum(((expert_row_ends[None, :] <= rows[:, None]) & is_expert[None, :]).to(tl.int32), 1)
-    expert = tl.where(row_mask, expert, 0)  # (BLOCK_ROWS,); rows past the end read expert 0's extent, unused
-    row_start, _, _, width, h_start = _expert_extent(
-        expert, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr, WIDTH_MULTIPLE)
-    row_offsets = h_start + (rows - row_start).to(tl.int64) * width  # (BLOCK_ROWS,)
-    width = tl.where(row_mask, width, 0)
+    if UNIFORM_WIDTH > 0:
+        row_offsets = rows.to(tl.int64) * UNIFORM_WIDTH  # (BLOCK_ROWS,)
+        width = tl.where(row_mask, UNIFORM_WIDTH, 0)
+    else:
+        experts = tl.arange(0, EXPERTS_POW2)
+        is_expert = experts < num_experts
+        expert_row_ends = tl.load(expert_row_offsets_ptr + experts + 1, mask=is_expert, other=0)  # (EXPERTS_POW2,)
+        expert = tl.sum(((expert_row_ends[None, :] <= rows[:, None]) & is_expert[None, :]).to(tl.int32), 1)
+        expert = tl.where(row_mask, expert, 0)  # (BLOCK_ROWS,); rows past the end read expert 0's extent, unused
+        row_start, _, _, width, h_start = _expert_extent(
+            expert, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr, WIDTH_MULTIPLE)
+        row_offsets = h_start + (rows - row_start).to(tl.int64) * width  # (BLOCK_ROWS,)
+        width = tl.where(row_mask, width, 0)
     cols = tl.arange(0, BLOCK_W)  # (BLOCK_W,)
     if HAS_ROW_WEIGHTS:
         weight_slots = rows
@@ -347,6 +353,12 @@ def _width_facts(expert_widths: tuple[int, ...]) -> tuple[int, int, dict]:
 
 def _total_width(expert_widths) -> int:
     return _width_facts(tuple(expert_widths))[0]
+
+
+def _uniform_width(expert_widths) -> int:
+    """The experts' one width, or 0 when they differ (then expert_h_offsets are not simply rows times a width)."""
+    total, smallest, _ = _width_facts(tuple(expert_widths))
+    return smallest if smallest * len(expert_widths) == total else 0
 
 
 @functools.lru_cache(maxsize=256)
@@ -623,6 +635,7 @@ def down_projection_backward(
             INDEXED_ROW_WEIGHTS=row_weight_index is not None,
             BLOCK_ROWS=block_rows,
             BLOCK_W=block_w,
+            UNIFORM_WIDTH=_uniform_width(expert_widths),
             **_layout_constants(expert_widths),
             num_warps=PERMUTE_NUM_WARPS,
         )

@@ -113,21 +113,20 @@ ROUTE_NUM_WARPS = 8
 # Triton's interpreter pays per program and per operation rather than per element: 4x larger tiles there keep the
 # CPU tests quick, and still take several tiles a block from 129 experts on.
 INTERPRETER_ROUTE_TILE_ELEMENTS = 8192
-# The forward covers up to 64 tokens a program, a tile at a time; the per-block tables ([blocks, E] counts and
-# probability sums), which one program reduces afterwards, have N / block rows. A small batch takes smaller blocks,
-# down to one tile, until ROUTE_MIN_BLOCKS programs run, but only while the tables fit one step of those
-# reductions (TABLE_TILE_ELEMENTS below). Measured on the H100 at 4096 tokens (route_blocks.md):
-# 64 experts, blocks of 64 -> 32 tokens: the route kernel 13.9 -> 7.6 µs, the reductions unchanged; 128 experts,
-# 64 -> 16 tokens: 28.3 -> 13.8 µs, but the two reductions 7.2 -> 23 µs each (4 steps instead of 1), so 128
-# experts keep blocks of 64.
+# The forward covers up to 64 tokens a program, a tile at a time. A small batch takes smaller blocks, down to one
+# tile, until ROUTE_MIN_BLOCKS programs run: at 4096 tokens the route kernel took 13.9 -> 7.6 µs with 64 experts
+# (blocks of 64 -> 32 tokens) and 28.3 -> 13.8 µs with 128 (64 -> 16 tokens) on the H100 (route_blocks.md).
 ROUTE_BLOCK_TOKENS = 64
 ROUTE_MIN_BLOCKS = 256
-# The single-program reductions over [blocks, E] tables are bound by the latency of their loads: each step loads
-# a tile of 8192 elements (at most 1024 experts wide), 16 per thread with 16 warps (no spills), so that the
-# 256 x 128 tables of 16384 tokens and 128 experts take 4 steps.
-TABLE_TILE_ELEMENTS = 8192
-TABLE_MAX_EXPERTS = 1024
-TABLE_NUM_WARPS = 16
+# The [blocks, E] tables of the route (one row per block) are scanned over the blocks by one program per
+# TABLE_EXPERT_CHUNK experts, TABLE_TILE_ELEMENTS at a time (the 256 x 128 tables of 16384 tokens and 128 experts:
+# 8 programs of one step each). Those loads were the latency of one program per table, 7 µs a step, when a single
+# program walked the whole table (route_blocks.md). The last program scans the experts' totals TABLE_SCAN_CHUNK at
+# a time.
+TABLE_EXPERT_CHUNK = 16
+TABLE_TILE_ELEMENTS = 4096
+TABLE_SCAN_CHUNK = 1024
+TABLE_NUM_WARPS = 4
 # Without the route's counts, the sort counts blocks of 256 assignments itself. The rank of an assignment compares
 # it with every other of its block, 32 at a time: the work of a block grows with the square of its size.
 SORT_BLOCK_ASSIGNMENTS = 256
