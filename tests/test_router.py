@@ -109,6 +109,24 @@ def test_gradient_reaching_the_logits_directly():
     assert_close("grad of x, logits only", got[0], upstream @ router_weight.detach())
 
 
+def test_aux_loss_left_out_of_the_loss():
+    """Without the aux loss in the loss the backward gets no gradient for it and skips its term (no zero tensor
+    launched): the gradients are route's, and the launcher's with a zero aux gradient, bit for bit."""
+    config = make_config(64, 8)
+    x, router_weight = make_router_inputs(300, 64)
+    upstream = torch.randn((300, 8), generator=torch.Generator().manual_seed(2)).to(DEVICE)  # (N, k)
+    grads = [torch.autograd.grad((routing.expert_weights * upstream).sum(), (x, router_weight))
+             for routing in (fused_route(x, router_weight, config), route(x, router_weight, config))]
+    for name, got_grad, want_grad in zip(("x", "router_weight"), *grads):
+        assert_close(f"grad of {name}", got_grad, want_grad)
+    logits = (x @ router_weight.T).detach()  # (N, E)
+    _, expert_indices, _, _, _, tokens_per_expert, _ = router.topk_softmax(logits, 8, True, 0.5, 0.1)
+    arguments = (logits, expert_indices, tokens_per_expert, True, 0.5, 0.1)
+    without = router.topk_softmax_backward(upstream, None, *arguments)
+    with_zero = router.topk_softmax_backward(upstream, torch.zeros((), device=DEVICE), *arguments)
+    assert torch.equal(without, with_zero)
+
+
 @pytest.mark.parametrize("split_dtype", HALF_DTYPES)
 def test_split_gradient_keeps_twice_the_precision(split_dtype):
     """The backward's [hi | lo] halves: lo is what rounding the fp32 gradient to hi left over, and hi + lo is within

@@ -72,7 +72,7 @@ def route_forward(x: Tensor, router_weight: Tensor, top_k: int, normalize_weight
 
 
 def route_backward(
-    grad_expert_weights: Tensor, grad_aux_loss: Tensor, grad_router_logits: Tensor | None, x: Tensor,
+    grad_expert_weights: Tensor, grad_aux_loss: Tensor | None, grad_router_logits: Tensor | None, x: Tensor,
     router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, tokens_per_expert: Tensor,
     normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
 ) -> tuple[Tensor, Tensor]:
@@ -124,7 +124,7 @@ def _(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef
 
 @torch.library.custom_op("triton_moe::route_backward", mutates_args=())
 def _route_backward(
-    grad_expert_weights: Tensor, grad_aux_loss: Tensor, grad_router_logits: Tensor | None, x: Tensor,
+    grad_expert_weights: Tensor, grad_aux_loss: Tensor | None, grad_router_logits: Tensor | None, x: Tensor,
     router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, tokens_per_expert: Tensor,
     normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
 ) -> tuple[Tensor, Tensor]:
@@ -156,13 +156,11 @@ def _autograd_backward(backward):
         x, router_weight, router_logits, expert_indices, tokens_per_expert = ctx.saved_tensors
         if grad_expert_weights is None:  # only the aux loss (or the logits) reached the loss
             grad_expert_weights = router_logits.new_zeros(expert_indices.shape)
-        if grad_aux_loss is None:  # the aux loss was left out of the loss
-            grad_aux_loss = router_logits.new_zeros(())
-        if grad_router_logits is not None:
-            grad_router_logits = grad_router_logits.contiguous()
+        # None for the aux loss (left out of the loss) or the logits: the kernel skips that term.
+        contiguous = lambda grad: None if grad is None else grad.contiguous()
         grad_x, grad_router_weight = backward(
-            grad_expert_weights.contiguous(), grad_aux_loss.contiguous(), grad_router_logits, x, router_weight,
-            router_logits, expert_indices, tokens_per_expert, *ctx.loss_arguments)
+            grad_expert_weights.contiguous(), contiguous(grad_aux_loss), contiguous(grad_router_logits), x,
+            router_weight, router_logits, expert_indices, tokens_per_expert, *ctx.loss_arguments)
         return grad_x, grad_router_weight, None, None, None, None
 
     return run

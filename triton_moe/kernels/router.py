@@ -28,7 +28,9 @@ import triton.language as tl
 from triton_moe.kernels.host import (INDEX_DTYPES, ceil_div, check_tensor_dim, check_tensor_shape,
                                      next_power_of_2)
 from triton_moe.kernels.tuning import (INTERPRETER_ROUTE_TILE_ELEMENTS, RANK_CHUNK, ROUTE_BLOCK_TOKENS,
-                                       ROUTE_MIN_BLOCKS, ROUTE_NUM_WARPS, ROUTE_TILE_ELEMENTS, SCATTER_BLOCK,
+                                       ROUTE_MIN_BLOCKS, ROUTE_BACKWARD_ELEMENTS_PER_THREAD,
+                                       ROUTE_BACKWARD_TILE_ELEMENTS, ROUTE_FORWARD_NUM_WARPS, ROUTE_TILE_ELEMENTS,
+                                       SCATTER_BLOCK,
                                        SORT_BLOCK_ASSIGNMENTS, SORT_NUM_WARPS, TABLE_EXPERT_CHUNK, TABLE_NUM_WARPS,
                                        TABLE_SCAN_CHUNK, TABLE_TILE_ELEMENTS, ZERO_CHUNK, running_in_interpreter)
 
@@ -212,13 +214,14 @@ def _topk_softmax_backward_kernel(
     num_tokens, num_experts, prob_sum_grad_scale, lse_sq_grad_scale,
     TOP_K: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    HAS_GRAD_AUX: tl.constexpr,
     HAS_GRAD_LOGITS_IN: tl.constexpr,
     SPLIT: tl.constexpr,
     TILE_TOKENS: tl.constexpr,
     EXPERTS_POW2: tl.constexpr,
 ):
-    """grad_logits of one tile of TILE_TOKENS tokens, from the weights' gradient and the aux loss's, plus the
-    logits' own gradient at grad_logits_in_ptr when HAS_GRAD_LOGITS_IN.
+    """grad_logits of one tile of TILE_TOKENS tokens, from the weights' gradient and (if HAS_GRAD_AUX) the aux
+    loss's, plus the logits' own gradient at grad_logits_in_ptr when HAS_GRAD_LOGITS_IN.
 
     Stored as fp32 [N, E], or with SPLIT as [N, 2E] of grad_logits_ptr's 16-bit dtype: hi = the gradient rounded,
     in columns [0, E), and lo = the gradient minus hi, rounded, in columns [E, 2E), so that hi + lo keeps about
@@ -256,13 +259,15 @@ def _topk_softmax_backward_kernel(
             / selected_sum[:, None]
     else:
         grad_probs = grad_selected
-    grad_aux = tl.load(grad_aux_loss_ptr)
-    # d aux / d(sum over tokens of p_e) is proportional to the (constant) count of expert e.
-    counts = tl.load(tokens_per_expert_ptr + experts, mask=expert_mask, other=0).to(tl.float32)
-    grad_probs += (grad_aux * prob_sum_grad_scale) * counts[None, :]
+    if HAS_GRAD_AUX:
+        grad_aux = tl.load(grad_aux_loss_ptr)
+        # d aux / d(sum over tokens of p_e) is proportional to the (constant) count of expert e.
+        counts = tl.load(tokens_per_expert_ptr + experts, mask=expert_mask, other=0).to(tl.float32)
+        grad_probs += (grad_aux * prob_sum_grad_scale) * counts[None, :]
     grad_probs_dot = tl.sum(probs * grad_probs, axis=1)  # (TILE_TOKENS,)
-    grad_logits = probs * (grad_probs - grad_probs_dot[:, None]) \
-        + (2.0 * grad_aux * lse_sq_grad_scale) * lse[:, None] * probs
+    grad_logits = probs * (grad_probs - grad_probs_dot[:, None])
+    if HAS_GRAD_AUX:
+        grad_logits += (2.0 * grad_aux * lse_sq_grad_scale) * lse[:, None] * probs
     mask = token_mask[:, None] & expert_mask[None, :]
     offsets = tokens[:, None] * num_experts + experts[None, :]  # (TILE_TOKENS, EXPERTS_POW2) into [N, E]
     if HAS_GRAD_LOGITS_IN:
@@ -348,6 +353,17 @@ def route_tile_tokens(num_experts: int) -> int:
     """Tokens per tile of the route kernels for E experts: a power of two that divides ROUTE_BLOCK_TOKENS."""
     tile_elements = INTERPRETER_ROUTE_TILE_ELEMENTS if running_in_interpreter() else ROUTE_TILE_ELEMENTS
     return max(min(tile_elements // next_power_of_2(num_experts), ROUTE_BLOCK_TOKENS), 1)
+
+
+def _backward_tiles(num_experts: int) -> tuple[int, int]:
+    """(tokens per tile, warps) of the route's backward kernel: ROUTE_BACKWARD_TILE_ELEMENTS a tile (at least a
+    token), ROUTE_BACKWARD_ELEMENTS_PER_THREAD a thread, between 2 and 8 warps."""
+    experts_pow2 = next_power_of_2(num_experts)
+    if running_in_interpreter():
+        return route_tile_tokens(num_experts), 1
+    tile_tokens = max(min(ROUTE_BACKWARD_TILE_ELEMENTS // experts_pow2, ROUTE_BLOCK_TOKENS), 1)
+    threads = tile_tokens * experts_pow2 // ROUTE_BACKWARD_ELEMENTS_PER_THREAD
+    return tile_tokens, min(max(threads // 32, 2), 8)
 
 
 def route_block_tokens(num_tokens: int, num_experts: int) -> int:
@@ -470,7 +486,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
         TOP_K=top_k, NORMALIZE=bool(normalize_weights), BLOCK_TOKENS=block_tokens,
         TILE_TOKENS=route_tile_tokens(num_experts), EXPERTS_POW2=next_power_of_2(num_experts),
         TOP_K_POW2=next_power_of_2(top_k),
-        num_warps=ROUTE_NUM_WARPS,
+        num_warps=ROUTE_FORWARD_NUM_WARPS,
     )
     aux_loss = torch.empty((), dtype=torch.float32, device=device)
     block_expert_starts, tokens_per_expert, expert_row_offsets = _launch_block_table(
@@ -489,7 +505,7 @@ def topk_softmax_backward(grad_expert_weights: torch.Tensor, grad_aux_loss: torc
 
     Args:
         grad_expert_weights: [N, k] fp32.
-        grad_aux_loss: [] fp32, read on the device.
+        grad_aux_loss: [] fp32, read on the device; None when the aux loss had no gradient (it is left out).
         router_logits: [N, E] fp32, expert_indices [N, k] int64 and tokens_per_expert [E] int64 as given
             to and returned by topk_softmax; normalize_weights and the coefficients as given to it.
         grad_router_logits: None, or [N, E] fp32, a gradient the logits received directly, added to the result.
@@ -508,7 +524,8 @@ def topk_softmax_backward(grad_expert_weights: torch.Tensor, grad_aux_loss: torc
     top_k = expert_indices.shape[1]
     check_tensor_dim("grad_expert_weights", grad_expert_weights, 2, (torch.float32,))
     _check_shape("grad_expert_weights", grad_expert_weights, expert_indices.shape)
-    check_tensor_dim("grad_aux_loss", grad_aux_loss, 0, (torch.float32,))
+    if grad_aux_loss is not None:
+        check_tensor_dim("grad_aux_loss", grad_aux_loss, 0, (torch.float32,))
     check_tensor_dim("tokens_per_expert", tokens_per_expert, 1, (torch.int64,))
     _check_shape("tokens_per_expert", tokens_per_expert, (num_experts,))
     if grad_router_logits is not None:
@@ -523,16 +540,16 @@ def topk_softmax_backward(grad_expert_weights: torch.Tensor, grad_aux_loss: torc
         grad_logits = router_logits.new_empty((num_tokens, 2 * num_experts), dtype=split_dtype)  # (N, 2E): hi | lo
     if num_tokens == 0:
         return grad_logits
-    tile_tokens = route_tile_tokens(num_experts)
+    tile_tokens, num_warps = _backward_tiles(num_experts)
     # aux_loss = load_balance_coef * E * sum_e (count_e / (N k)) (prob_sum_e / N) + z_loss_coef * lse_sq_sum / N.
     prob_sum_grad_scale = load_balance_coef * num_experts / (num_tokens * top_k * num_tokens)
     _topk_softmax_backward_kernel[(ceil_div(num_tokens, tile_tokens),)](
         grad_expert_weights, grad_aux_loss, router_logits, expert_indices, tokens_per_expert,
         grad_router_logits, grad_logits,
         num_tokens, num_experts, prob_sum_grad_scale, z_loss_coef / num_tokens,
-        TOP_K=top_k, NORMALIZE=bool(normalize_weights), HAS_GRAD_LOGITS_IN=grad_router_logits is not None,
-        SPLIT=split_dtype is not None, TILE_TOKENS=tile_tokens,
-        EXPERTS_POW2=next_power_of_2(num_experts), num_warps=ROUTE_NUM_WARPS,
+        TOP_K=top_k, NORMALIZE=bool(normalize_weights), HAS_GRAD_AUX=grad_aux_loss is not None,
+        HAS_GRAD_LOGITS_IN=grad_router_logits is not None, SPLIT=split_dtype is not None, TILE_TOKENS=tile_tokens,
+        EXPERTS_POW2=next_power_of_2(num_experts), num_warps=num_warps,
     )
     return grad_logits
 

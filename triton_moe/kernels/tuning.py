@@ -105,11 +105,16 @@ ROW_PASS_ELEMENTS = 2048
 
 
 # Routing and the counting sort (kernels/router.py).
-# The route kernels work on [tile tokens, EXPERTS_POW2] fp32 tiles (logits, probabilities, scores, slots): 2048
-# elements with 8 warps is 8 per thread, which ptxas (Triton 3.6, sm_90) compiles without spilling for E from 1
-# to 2048 and k = 8; 4096 elements, or 4 warps, spill in the backward.
+# The route's forward works on [tile tokens, EXPERTS_POW2] fp32 tiles (logits, probabilities, scores, slots) of
+# 2048 elements with 4 warps: against 8 warps, 13.6 -> 10.0 µs at 4096 tokens and 128 experts, 48.8 -> 43.9 µs
+# at 16384 tokens, 21.9 -> 18.4 µs at 16384 tokens and 64 experts (H100, session7/route_sweep.md).
+# Its backward takes tiles of 512 elements, 8 a thread (2 warps up to 512 experts; past that a tile is one token
+# and up to 8 warps): against 2048 elements and 8 warps, 9.1 -> 7.4 µs at 4096 tokens and 128 experts, 24.0 ->
+# 20.7 at 16384 tokens (same run). (Tiles of 4096 elements, or 16 a thread, spilled in the backward.)
 ROUTE_TILE_ELEMENTS = 2048
-ROUTE_NUM_WARPS = 8
+ROUTE_FORWARD_NUM_WARPS = 4
+ROUTE_BACKWARD_TILE_ELEMENTS = 512
+ROUTE_BACKWARD_ELEMENTS_PER_THREAD = 8
 # Triton's interpreter pays per program and per operation rather than per element: 4x larger tiles there keep the
 # CPU tests quick, and still take several tiles a block from 129 experts on.
 INTERPRETER_ROUTE_TILE_ELEMENTS = 8192
