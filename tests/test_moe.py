@@ -169,6 +169,39 @@ def test_uniform_widths_capture_in_cuda_graphs():
         assert torch.equal(eager, replayed)
 
 
+class OutputAndAuxLoss(torch.nn.Module):
+    """A layer's output and its aux loss, both returned: what make_graphed_callables needs to graph the aux loss."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x), self.layer.aux_loss
+
+
+@gpu_only
+def test_graphed_layer_with_its_aux_loss_in_the_loss():
+    """The README's advice for make_graphed_callables with the aux loss in the loss: graph a module that returns
+    both; the replay then gives eager's output, aux loss and gradients, bit for bit."""
+    layer = make_layer(triton_moe.MoEMLP, seed_config("64exp_uniform"), torch.bfloat16)
+    x = make_input((NUM_TOKENS, 256), torch.bfloat16).requires_grad_()
+    grad_out = make_input((NUM_TOKENS, 256), torch.bfloat16)
+    graphed = torch.cuda.make_graphed_callables(OutputAndAuxLoss(layer), (x,))
+    results = []
+    for forward in (OutputAndAuxLoss(layer), graphed):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        out, aux = forward(x)
+        ((out.float() * grad_out.float()).sum() + 100.0 * aux).backward()
+        results.append(dict(out=out.detach().clone(), aux=aux.detach().clone(), x=x.grad.clone(),
+                            **{name: p.grad.clone() for name, p in layer.named_parameters()}))
+    eager, replayed = results
+    assert eager["router.weight"].abs().sum() > 0  # the gradient the aux loss reaches
+    for name in eager:
+        assert torch.equal(eager[name], replayed[name]), name
+
+
 @gpu_only
 def test_uniform_widths_never_synchronise():
     """Forward and backward with equal widths run without a host-device synchronisation."""
