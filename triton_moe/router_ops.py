@@ -202,8 +202,8 @@ def _sort_by_expert(
 def _(expert_indices, block_expert_starts, ranks_in_block, expert_row_offsets, block_assignments):
     num_assignments = expert_indices.numel()
     rows = expert_indices.new_empty((num_assignments,), dtype=torch.int64)
-    row_expert_rows = rows.new_empty((num_assignments,), dtype=row_expert_dtype(block_expert_starts.shape[1]))
-    return rows, torch.empty_like(rows), row_expert_rows, torch.empty_like(rows)
+    row_expert = rows.new_empty((num_assignments,), dtype=row_expert_dtype(block_expert_starts.shape[1]))
+    return rows, torch.empty_like(rows), row_expert, torch.empty_like(rows)
 
 
 def fused_route(x: Tensor, router_weight: Tensor, config: MoEConfig) -> FusedRouting:

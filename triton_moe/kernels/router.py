@@ -383,6 +383,16 @@ def row_expert_dtype(num_experts: int) -> torch.dtype:
     return torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
 
 
+def _no_block_offsets(num_experts, ranks_in_block):
+    """What topk_softmax and count_expert_blocks return for the sort when there are no assignments: an empty table,
+    the (empty) ranks, zero tokens per expert and zero row offsets."""
+    device = ranks_in_block.device
+    block_expert_starts = torch.empty((0, num_experts), dtype=torch.int32, device=device)  # (0, E)
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=device)  # (E,)
+    expert_row_offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)  # (E + 1,)
+    return block_expert_starts, ranks_in_block, tokens_per_expert, expert_row_offsets
+
+
 def _launch_block_table(block_expert_counts, block_prob_sums, block_lse_sq_sums, table_ticket, aux_loss,
                         num_assignments, num_tokens, load_balance_coef, z_loss_coef):
     """_block_table_kernel over block_expert_counts [blocks, E] (with the aux loss's partials unless they are
@@ -470,11 +480,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
     ranks_in_block = torch.empty((num_tokens, top_k), dtype=torch.int32, device=device)  # (N, k)
     if num_tokens == 0:
         aux_loss = torch.zeros((), dtype=torch.float32, device=device)
-        block_expert_starts = torch.empty((0, num_experts), dtype=torch.int32, device=device)  # (0, E)
-        tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=device)  # (E,)
-        expert_row_offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)  # (E + 1,)
-        return (expert_weights, expert_indices, aux_loss, block_expert_starts, ranks_in_block, tokens_per_expert,
-                expert_row_offsets)
+        return (expert_weights, expert_indices, aux_loss, *_no_block_offsets(num_experts, ranks_in_block))
     block_expert_counts = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)  # (blocks, E)
     block_prob_sums = torch.empty((num_blocks, num_experts), dtype=torch.float32, device=device)  # (blocks, E)
     block_lse_sq_sums = torch.empty(num_blocks, dtype=torch.float32, device=device)  # (blocks,)
@@ -577,10 +583,7 @@ def count_expert_blocks(expert_indices: torch.Tensor, num_experts: int,
     device = expert_indices.device
     ranks_in_block = torch.empty(expert_indices.shape, dtype=torch.int32, device=device)  # (N, k)
     if num_blocks == 0:
-        block_expert_starts = torch.empty((0, num_experts), dtype=torch.int32, device=device)  # (0, E)
-        tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=device)  # (E,)
-        expert_row_offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)  # (E + 1,)
-        return block_expert_starts, ranks_in_block, tokens_per_expert, expert_row_offsets
+        return _no_block_offsets(num_experts, ranks_in_block)
     block_expert_counts = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)  # (blocks, E)
     table_ticket = torch.empty((), dtype=torch.int32, device=device)  # zeroed by the counting kernel
     _count_expert_blocks_kernel[(num_blocks,)](
