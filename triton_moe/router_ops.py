@@ -66,7 +66,7 @@ def router_gemm(x: Tensor, router_weight: Tensor) -> Tensor:
 
 def route_forward(x: Tensor, router_weight: Tensor, top_k: int, normalize_weights: bool, load_balance_coef: float,
                   z_loss_coef: float) -> tuple[Tensor, ...]:
-    """(router_logits [N, E] fp32, then topk_softmax's six results) of tokens x [N, H] and router_weight [E, H]."""
+    """(router_logits [N, E] fp32, then topk_softmax's seven results) of tokens x [N, H] and router_weight [E, H]."""
     logits = router_gemm(x, router_weight)  # (N, E)
     return (logits, *topk_softmax(logits, top_k, normalize_weights, load_balance_coef, z_loss_coef))
 
