@@ -34,19 +34,21 @@ def triton_steps(layer, x):
         "sort by expert + layout": lambda: ExpertLayout.from_sort(
             fused_sort_by_expert(o.routing.expert_indices, cfg.num_experts, o.routing.block_offsets), cfg.expert_widths,
             layer.expert_width_offsets, layer.expert_widths_tensor, cfg.num_active_experts),
-        "up GEMM (gather, activation and routing weight fused)": lambda: kernels.up_projection(
+        "up GEMM (gather, activation and routing weight fused; x's rows copied where kept)":
+            lambda: kernels.up_projection(
             x, o.w1, o.v1, layout.row_to_token, *layout.offsets(), layout.h_numel, cfg.activation, o.expert_weights,
-            row_weight_index=layout.row_to_flat),
+            row_weight_index=layout.row_to_flat, x_rows=o.x_rows),
         "down GEMM": lambda: kernels.down_projection(o.h_act, o.w2, *layout.offsets(), layout.num_rows),
         "combine": lambda: kernels.combine_rows(o.y_rows, layout.flat_to_row, layout.top_k),
-        "bwd: down dH (+ activation grad, routing-weight grads)": lambda: kernels.down_projection_backward(
-            o.grad_out, o.w2, o.h_pre, o.h_up, layout.row_to_token, *layout.offsets(), o.expert_weights,
-            cfg.activation, row_weight_index=layout.row_to_flat),
-        "bwd: dW2": lambda: kernels.weight_grad(o.h_act, None, o.grad_out, layout.row_to_token, *layout.offsets()),
+        "bwd: down dH (+ activation grad, routing-weight grads; grad_out's rows copied where it pays off)":
+            lambda: kernels.down_projection_backward(
+                o.grad_out, o.w2, o.h_pre, o.h_up, layout.row_to_token, *layout.offsets(), o.expert_weights,
+                cfg.activation, row_weight_index=layout.row_to_flat, grad_out_rows=o.grad_out_rows),
+        "bwd: dW2": lambda: kernels.weight_grad(o.h_act, None, *o.dw2_rows, *layout.offsets()),
         "bwd: dX rows": lambda: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, *layout.offsets(),
                                                         layout.num_rows),
         "bwd: dX combine": lambda: kernels.combine_rows(o.dx_rows, layout.flat_to_row, layout.top_k),
-        "bwd: dW1 (+dV1)": lambda: kernels.weight_grad(o.dh_pre, o.dh_up, x, layout.row_to_token, *layout.offsets()),
+        "bwd: dW1 (+dV1)": lambda: kernels.weight_grad(o.dh_pre, o.dh_up, *o.dw1_rows, *layout.offsets()),
     }
 
 

@@ -145,8 +145,10 @@ def model_flops(config: MoEConfig, x: torch.Tensor, router_weight: torch.Tensor)
 
 def triton_operands(layer, x) -> SimpleNamespace:
     """Every operand of every kernel of one Triton forward and backward on x, for timing kernels one by one:
-    routing, sort, layout, expert_weights ([N*k], read through layout.row_to_flat), the weights, h_pre/h_up/h_act (weighted), y_rows, grad_out, dh_pre/dh_up,
-    dx_rows."""
+    routing, sort, layout, expert_weights ([N*k], read through layout.row_to_flat), the weights, h_pre/h_up/h_act
+    (weighted), x_rows, y_rows, grad_out, grad_out_rows, dh_pre/dh_up, dx_rows, and dw1_rows / dw2_rows, the token
+    rows each weight gradient reads: (the sorted copy, None) or (x or grad_out, row_to_token), as the layer does.
+    (x_rows and grad_out_rows are None where the layer keeps no copy: tuning.sorted_rows_pay_off.)"""
     cfg = layer.config
     ops = SimpleNamespace(cfg=cfg, x=x, w1=layer.w1.detach(), w2=layer.w2.detach(),
                           v1=None if layer.v1 is None else layer.v1.detach())
@@ -155,14 +157,20 @@ def triton_operands(layer, x) -> SimpleNamespace:
     ops.layout = ExpertLayout.from_sort(ops.sort, cfg.expert_widths, layer.expert_width_offsets,
                                         layer.expert_widths_tensor, cfg.num_active_experts)
     ops.expert_weights = ops.routing.expert_weights.detach().flatten()  # [N*k]
+    num_rows = ops.layout.num_rows
+    keep_x_rows = cfg.keep_sorted_x and kernels.sorted_rows_pay_off(x, num_rows)
+    ops.x_rows = x.new_empty(num_rows, x.shape[1]) if keep_x_rows else None  # [R, H]
+    ops.dw1_rows = (x, ops.layout.row_to_token) if ops.x_rows is None else (ops.x_rows, None)
     ops.h_pre, ops.h_up, ops.h_act = kernels.up_projection(
         x, ops.w1, ops.v1, ops.layout.row_to_token, *ops.layout.offsets(), ops.layout.h_numel, cfg.activation,
-        ops.expert_weights, row_weight_index=ops.layout.row_to_flat)
+        ops.expert_weights, row_weight_index=ops.layout.row_to_flat, x_rows=ops.x_rows)
     ops.y_rows = kernels.down_projection(ops.h_act, ops.w2, *ops.layout.offsets(), ops.layout.num_rows)
     ops.grad_out = torch.randn_like(x)
+    ops.grad_out_rows = x.new_empty(num_rows, x.shape[1]) if kernels.sorted_rows_pay_off(x, num_rows) else None
+    ops.dw2_rows = (ops.grad_out, ops.layout.row_to_token) if ops.grad_out_rows is None else (ops.grad_out_rows, None)
     ops.dh_pre, ops.dh_up, _ = kernels.down_projection_backward(
         ops.grad_out, ops.w2, ops.h_pre, ops.h_up, ops.layout.row_to_token, *ops.layout.offsets(),
-        ops.expert_weights, cfg.activation, row_weight_index=ops.layout.row_to_flat)
+        ops.expert_weights, cfg.activation, row_weight_index=ops.layout.row_to_flat, grad_out_rows=ops.grad_out_rows)
     ops.dx_rows = kernels.input_grad_rows(ops.dh_pre, ops.w1, ops.dh_up, ops.v1, *ops.layout.offsets(),
                                           ops.layout.num_rows)
     return ops

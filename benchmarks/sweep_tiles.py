@@ -3,6 +3,7 @@ choosing tuning.py's tiles (and later an autotuner's candidates).
 
     python3 benchmarks/sweep_tiles.py --configs h2048_128x768_top8
     python3 benchmarks/sweep_tiles.py --configs 64exp_uniform 8exp_uniform --graph    # small problems: device µs
+    python3 benchmarks/sweep_tiles.py --configs h2048_128x768_top8 --roles dW2 dW1     # some roles only
 """
 
 import torch
@@ -40,6 +41,7 @@ def extra_arguments(parser):
     parser.add_argument("--graph", action="store_true",
                         help="report device µs per launch, from CUDA-graph replays of 20 launches, instead of TFLOP/s "
                              "from timed calls (which include ~0.1 ms of host time per launch), and add small tiles")
+    parser.add_argument("--roles", nargs="+", default=None, choices=ROLES, help="time these roles only")
 
 
 def graph_us(fn, launches=20, replays=5) -> float:
@@ -58,6 +60,9 @@ def graph_us(fn, launches=20, replays=5) -> float:
     return time_ms(graph.replay, warmup=1, repeats=replays) * 1e3 / launches
 
 
+ROLES = ("up", "down", "down bwd dH", "dW2", "dX rows", "dW1")
+
+
 def roles(layer, x):
     """role -> (function of blocks, FLOPs of that GEMM)."""
     o = triton_operands(layer, x)
@@ -67,19 +72,20 @@ def roles(layer, x):
     return {
         "up": (lambda b: kernels.up_projection(x, o.w1, o.v1, layout.row_to_token, *layout.offsets(),
                                                layout.h_numel, cfg.activation, o.expert_weights,
-                                               row_weight_index=layout.row_to_flat, blocks=b),
+                                               row_weight_index=layout.row_to_flat, x_rows=o.x_rows, blocks=b),
                gated_products),
         "down": (lambda b: kernels.down_projection(o.h_act, o.w2, *layout.offsets(), layout.num_rows, blocks=b),
                  one_product),
         "down bwd dH": (lambda b: kernels.down_projection_backward(
             o.grad_out, o.w2, o.h_pre, o.h_up, layout.row_to_token, *layout.offsets(), o.expert_weights,
-            cfg.activation, row_weight_index=layout.row_to_flat, blocks=b), one_product),
-        "dW2": (lambda b: kernels.weight_grad(o.h_act, None, o.grad_out, layout.row_to_token, *layout.offsets(),
-                                              blocks=b), one_product),
+            cfg.activation, row_weight_index=layout.row_to_flat, grad_out_rows=o.grad_out_rows, blocks=b),
+            one_product),
+        "dW2": (lambda b: kernels.weight_grad(o.h_act, None, *o.dw2_rows, *layout.offsets(), blocks=b),
+                one_product),
         "dX rows": (lambda b: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, *layout.offsets(),
                                                       layout.num_rows, blocks=b), gated_products),
-        "dW1": (lambda b: kernels.weight_grad(o.dh_pre, o.dh_up, x, layout.row_to_token, *layout.offsets(),
-                                              blocks=b), gated_products),
+        "dW1": (lambda b: kernels.weight_grad(o.dh_pre, o.dh_up, *o.dw1_rows, *layout.offsets(), blocks=b),
+                gated_products),
     }
 
 
@@ -96,7 +102,7 @@ def main():
         x = torch.randn(args.tokens or tokens, config.hidden_size, device=device(), dtype=dtype)
         layer, _ = build_layer("triton", config, dtype)
         with torch.no_grad():
-            role_fns = roles(layer, x)
+            role_fns = {role: timed for role, timed in roles(layer, x).items() if role in (args.roles or ROLES)}
             print(f"\n## {name} ({args.activation})\n| tiles (M,N,K,warps,stages) | "
                   + " | ".join(role_fns) + " |\n|---|" + "---:|" * len(role_fns))
             for blocks in candidates:  # None: the launchers' defaults (tuning.gemm_blocks)

@@ -28,6 +28,8 @@ def test_derived_fields():
     (dict(load_balance_coef=-1.0), "load_balance_coef"),
     (dict(z_loss_coef=-1.0), "z_loss_coef"),
     (dict(init_std=0.0), "init_std"),
+    (dict(normalize_weights=1), "normalize_weights"),
+    (dict(keep_sorted_x="yes"), "keep_sorted_x"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
     args = dict(expert_sizes=[(4, 64)], num_active_experts=2, hidden_size=32) | kwargs

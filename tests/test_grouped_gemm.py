@@ -108,6 +108,11 @@ def make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator):
     )
 
 
+def sorted_rows(token_rows, routing):
+    """[R, H]: each expert-sorted row's token row, as the gathering GEMMs copy them for weight_grad."""
+    return token_rows[routing.row_to_token.long()]
+
+
 def random(shape, dtype, generator, scale=1.0):
     return (torch.randn(shape, generator=generator) * scale).to(device=DEVICE, dtype=dtype)
 
@@ -346,12 +351,17 @@ def test_input_grad_rows(case, gated, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("token_rows", ["gathered", "sorted"])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_weight_grad(case, gated, dtype):
-    """dW1 (and dV1 from the second ragged buffer when gated); dW2 is the same call on other operands."""
+def test_weight_grad(case, gated, token_rows, dtype):
+    """dW1 (and dV1 from the second ragged buffer when gated), from x gathered through row_to_token or from x's
+    rows already sorted; dW2 is the same call on other operands."""
     routing, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs(case, gated, dtype)
-    dw1, dv1 = weight_grad(dh_pre, dh_up, x, routing.row_to_token, *routing.layout)
+    if token_rows == "gathered":
+        dw1, dv1 = weight_grad(dh_pre, dh_up, x, routing.row_to_token, *routing.layout)
+    else:
+        dw1, dv1 = weight_grad(dh_pre, dh_up, sorted_rows(x, routing), None, *routing.layout)
     _, expected_dw1, expected_dv1 = reference_up_backward(dh_pre, dh_up, x, w1, v1, routing)
     assert_close(dw1, expected_dw1, dtype)
     if gated:
@@ -376,6 +386,47 @@ def test_down_weight_grad_from_weighted_activations(activation, dtype):
     dw2, _ = weight_grad(h_act_weighted, None, grad_out, routing.row_to_token, *routing.layout)
     expected_dw2 = reference_down_backward(h_pre, h_up, w2, grad_out, routing, routing.row_weights, activation)[3]
     assert_close(dw2, expected_dw2, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
+@pytest.mark.parametrize("case", CASES)
+def test_gathering_gemms_copy_their_rows(case, activation, dtype):
+    """up_projection's x_rows and down_projection_backward's grad_out_rows are exactly the token rows they gather,
+    in expert-sorted order, and asking for them leaves every other output as it was, bit for bit."""
+    routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
+    _, _, _, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
+    up_args = (x, w1, v1, routing.row_to_token, *routing.layout, routing.h_numel, activation, routing.row_weights)
+    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout, routing.row_weights, activation)
+    for launcher, args, token_rows, copy_name in ((up_projection, up_args, x, "x_rows"),
+                                                  (down_projection_backward, down_args, grad_out, "grad_out_rows")):
+        rows = torch.full((routing.num_rows, token_rows.shape[1]), float("nan"), dtype=dtype, device=DEVICE)
+        with_copy = launcher(*args, **{copy_name: rows})
+        assert torch.equal(rows, sorted_rows(token_rows, routing))
+        for got, want in zip(with_copy, launcher(*args), strict=True):
+            assert (got is None and want is None) or torch.equal(got, want)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("case", ["mixed_widths", "expert_without_tokens", "single_token"])
+def test_weight_grad_token_rows_three_ways(case, gated, monkeypatch):
+    """The same gradients, bit for bit, from the token rows gathered through row_to_token, sorted and read through
+    a TMA descriptor (an expert's last step reads the next expert's rows, which the ragged operand's zeros cancel),
+    and sorted and read by masked pointer loads (sorted rows without TMA: before Hopper, or rows whose length is no
+    multiple of 16 bytes)."""
+    if not tuning.has_tma(torch.device(DEVICE)):
+        pytest.skip("this GPU has no TMA")
+    routing, dh_pre, dh_up, x, _, _ = random_up_grad_inputs(case, gated, torch.float32)
+    rows = sorted_rows(x, routing)
+    assert grouped_gemm._tma_readable(rows)
+    assert not grouped_gemm._tma_readable(torch.zeros(4, 36, dtype=torch.float16, device=DEVICE))  # rows of 72 bytes
+    gathered = weight_grad(dh_pre, dh_up, x, routing.row_to_token, *routing.layout)
+    by_tma = weight_grad(dh_pre, dh_up, rows, None, *routing.layout)
+    monkeypatch.setattr(grouped_gemm, "_tma_readable", lambda matrix: False)
+    by_pointers = weight_grad(dh_pre, dh_up, rows, None, *routing.layout)
+    for way in (by_tma, by_pointers):
+        for got, want in zip(way, gathered, strict=True):
+            assert (got is None and want is None) or torch.equal(got, want)
 
 
 @pytest.mark.parametrize(
@@ -415,9 +466,10 @@ def test_launchers_with_other_blocks(blocks):
     expected_dx_rows, expected_dw1, expected_dv1 = reference_up_backward(dh_pre, dh_up, x, w1, v1, routing)
     dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout, routing.num_rows, blocks=blocks)
     assert_close(dx_rows, expected_dx_rows, dtype)
-    dw1, dv1 = weight_grad(dh_pre, dh_up, x, row_to_token, *layout, blocks=blocks)
-    assert_close(dw1, expected_dw1, dtype)
-    assert_close(dv1, expected_dv1, dtype)
+    for token_rows, row_to_token_or_none in ((x, row_to_token), (sorted_rows(x, routing), None)):
+        dw1, dv1 = weight_grad(dh_pre, dh_up, token_rows, row_to_token_or_none, *layout, blocks=blocks)
+        assert_close(dw1, expected_dw1, dtype)
+        assert_close(dv1, expected_dv1, dtype)
 
 
 def run_all_launchers(case, activation, dtype):
@@ -425,13 +477,17 @@ def run_all_launchers(case, activation, dtype):
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
     _, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
     layout, row_to_token, row_weights = routing.layout, routing.row_to_token, routing.row_weights
-    forward = up_projection(x, w1, v1, row_to_token, *layout, routing.h_numel, activation, row_weights)
+    x_rows = x.new_empty(routing.num_rows, x.shape[1])
+    forward = up_projection(x, w1, v1, row_to_token, *layout, routing.h_numel, activation, row_weights,
+                            x_rows=x_rows)
     y = down_projection(forward[2], w2, *layout, routing.num_rows)
-    backward = down_projection_backward(grad_out, w2, h_pre, h_up, row_to_token, *layout, row_weights, activation)
-    dw2, _ = weight_grad(forward[2], None, grad_out, row_to_token, *layout)
+    grad_out_rows = grad_out.new_empty(routing.num_rows, grad_out.shape[1])
+    backward = down_projection_backward(grad_out, w2, h_pre, h_up, row_to_token, *layout, row_weights, activation,
+                                        grad_out_rows=grad_out_rows)
+    dw2, _ = weight_grad(forward[2], None, grad_out_rows, None, *layout)
     dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout, routing.num_rows)
     dw1, dv1 = weight_grad(dh_pre, dh_up, x, row_to_token, *layout)
-    return [*forward, y, *backward, dw2, dx_rows, dw1, dv1]
+    return [*forward, x_rows, y, *backward, grad_out_rows, dw2, dx_rows, dw1, dv1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -465,7 +521,7 @@ def test_no_rows_launches_nothing(activation, monkeypatch):
     assert dh_pre.shape == d_row_weights.shape == (0,) and (dh_up is not None) == gated
     assert input_grad_rows(dh_pre, w1, dh_up, v1, *layout, 0).shape == (0, hidden)
     dw1, dv1 = weight_grad(dh_pre, dh_up, x, row_to_token, *layout)
-    dw2, _ = weight_grad(h_act, None, grad_out, row_to_token, *layout)
+    dw2, _ = weight_grad(h_act, None, grad_out, None, *layout)  # x and grad_out are [0, H], as sorted rows too
     for grad in (dw1, dw2, *([dv1] if gated else [])):
         assert torch.equal(grad, torch.zeros_like(w1))
 
@@ -491,6 +547,8 @@ def test_invalid_arguments_raise_value_error():
         up_projection(x, w1, None, row_to_token, *layout[:3], layout[3].int(), h_numel, "gelu")
     with pytest.raises(ValueError, match="row_weights"):
         up_projection(x, w1, None, row_to_token, *layout, h_numel, "gelu", routing.row_weights.half())
+    with pytest.raises(ValueError, match="x_rows"):
+        up_projection(x, w1, None, row_to_token, *layout, h_numel, "gelu", x_rows=x[:1])
     with pytest.raises(ValueError, match="row_weight_index needs row_weights"):
         up_projection(x, w1, None, row_to_token, *layout, h_numel, "gelu", row_weight_index=routing.row_to_flat)
     with pytest.raises(ValueError, match="row_weight_index"):
@@ -499,6 +557,8 @@ def test_invalid_arguments_raise_value_error():
     h_buffer = random((h_numel,), torch.float32, generator)
     with pytest.raises(ValueError, match="dh_up and v1"):
         input_grad_rows(h_buffer, w1, None, w1, *layout, routing.num_rows)
+    with pytest.raises(ValueError, match="token_rows"):
+        weight_grad(h_buffer, None, sorted_rows(x, routing).half(), None, *layout)
     with pytest.raises(ValueError, match="block_n"):
         GemmBlocks(block_m=32, block_n=8, block_k=32, num_warps=1, num_stages=1)
 

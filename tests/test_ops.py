@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import triton_moe
-from conftest import DEVICE, ON_GPU, make_input, make_layer
+from conftest import DEVICE, DTYPES, ON_GPU, make_input, make_layer
 from triton_moe import MoEConfig
 from triton_moe.ground_truth import rel_l2_error
 from triton_moe.ops import ExpertLayout
@@ -30,7 +30,7 @@ def op_arguments(config, activation, num_tokens=24):
     v1 = layer.v1.detach().clone().requires_grad_() if config.is_glu else None
     tensors = [x.requires_grad_(), routing.expert_weights.flatten().detach().requires_grad_(),
                layer.w1.detach().clone().requires_grad_(), v1, layer.w2.detach().clone().requires_grad_()]
-    return (*tensors, *layout.op_arguments(), activation)
+    return (*tensors, *layout.op_arguments(), activation, True)
 
 
 def test_layout_of_one_width_takes_the_row_offsets_times_the_width():
@@ -81,3 +81,40 @@ def test_compiled_layer_matches_eager(name):
             assert rel_l2_error(compiled_result, eager) < 1e-5
         else:
             assert torch.equal(compiled_result, eager)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sorted_token_rows_leave_every_gradient_as_it_was(name, activation, dtype, monkeypatch):
+    """With the copies of x's and grad_out's rows in expert-sorted order (which tuning.sorted_rows_pay_off allows for
+    large problems only, forced here) the layer's output and every gradient are those of the gathered path, bit for
+    bit; keep_sorted_x=False leaves dW1 on gathered rows. The weight gradients' reads are recorded to show which
+    path ran."""
+    if not triton_moe.kernels.tuning.has_tma(torch.device(DEVICE)):
+        pytest.skip("this GPU has no TMA: the weight gradients always gather")
+    config = dataclasses.replace(CONFIGS[name], activation=activation)
+    x = make_input((3, 8, config.hidden_size), dtype)
+    reads = []
+
+    def recording_weight_grad(ragged, ragged2, token_rows, row_to_token, *rest):
+        reads.append("gathered" if row_to_token is not None else "sorted")
+        return weight_grad(ragged, ragged2, token_rows, row_to_token, *rest)
+
+    weight_grad = triton_moe.ops.weight_grad
+    monkeypatch.setattr(triton_moe.ops, "weight_grad", recording_weight_grad)
+    results = {}
+    for label, min_rows_x_hidden, keep_sorted_x in (("gathered", 2**62, True), ("sorted", 0, True),
+                                                    ("dW2 sorted", 0, False)):
+        monkeypatch.setattr(triton_moe.kernels.tuning, "SORTED_ROWS_MIN_ROWS_X_HIDDEN", min_rows_x_hidden)
+        layer = make_layer(triton_moe.MoEMLP, dataclasses.replace(config, keep_sorted_x=keep_sorted_x), dtype)
+        x_leaf = x.clone().requires_grad_()
+        reads.clear()
+        out = layer(x_leaf)
+        (out.square().sum() + layer.aux_loss).backward()
+        results[label] = [out.detach(), x_leaf.grad] + [param.grad for param in layer.parameters()]
+        assert reads == {"gathered": ["gathered", "gathered"], "sorted": ["sorted", "sorted"],
+                         "dW2 sorted": ["sorted", "gathered"]}[label]  # dW2, then dW1
+    for label in ("sorted", "dW2 sorted"):
+        for got, want in zip(results[label], results["gathered"], strict=True):
+            assert torch.equal(got, want)

@@ -44,6 +44,10 @@ class MoEConfig:
     load_balance_coef: float = 0.01
     z_loss_coef: float = 0.001
     init_std: float = 0.02  # std of the normal init of router, w1, v1 and w2 (nanoGPT's 0.02)
+    # The Triton MoEMLP's forward keeps x's rows in expert-sorted order (top-k times x's size) for the backward's
+    # dW1, which reads them by TMA: faster for large batches on Hopper (it skips this elsewhere). False trades that
+    # speed for the memory: dW1 gathers x's rows again.
+    keep_sorted_x: bool = True
 
     num_experts: int = field(init=False)
     expert_widths: list[int] = field(init=False)  # one per expert
@@ -86,6 +90,9 @@ class MoEConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.init_std <= 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
+        for name in ("normalize_weights", "keep_sorted_x"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def uniform_width(self) -> bool:

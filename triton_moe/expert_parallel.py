@@ -161,7 +161,8 @@ class ExpertParallelMoEMLP(MoELayer):
         unit_weights = torch.ones(received.shape[0], device=received.device, dtype=torch.float32)
         w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
         v1 = self.v1.to(dtype) if self.config.is_glu else None
-        return expert_mlp(received, unit_weights, w1, v1, w2, layout, self.config.activation)
+        return expert_mlp(received, unit_weights, w1, v1, w2, layout, self.config.activation,
+                          self.config.keep_sorted_x)
 
     def load_global_state_dict(self, state_dict: dict) -> None:
         """Load a single-process layer's state_dict: the router and this rank's experts' rows."""

@@ -39,7 +39,8 @@ class MoEMLP(MoELayer):
                                         self.expert_widths_tensor, cfg.num_active_experts)
         x, w1, w2 = x.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
         v1 = self.v1.to(dtype) if cfg.is_glu else None
-        output = expert_mlp(x, routing.expert_weights.flatten(), w1, v1, w2, layout, cfg.activation)  # [N, H]
+        output = expert_mlp(x, routing.expert_weights.flatten(), w1, v1, w2, layout, cfg.activation,
+                            cfg.keep_sorted_x)  # [N, H]
         if intermediates is not None:
             intermediates.update(self._debug_intermediates(x, w1, v1, w2, sort, layout))
         return output

@@ -5,18 +5,24 @@ Forward (R = N * k expert-sorted rows, hidden activations ragged: expert e's row
     up_projection      x [N, H] gathered by row_to_token, @ w1_eᵀ (and v1_eᵀ); the epilogue applies the
                        activation and the row's routing weight w_r = expert_weights[row_to_flat[r]]
                        -> h_pre, (h_up), h_act_weighted = act(h_pre[, h_up]) * w_r     ragged [Σ_e count_e * W_e]
+                       and, for the backward, the rows it gathered: x_rows [R, H] = x[row_to_token] (when
+                       tuning.sorted_rows_pay_off: large problems on Hopper; and MoEConfig.keep_sorted_x)
     down_projection    h_act_weighted @ w2_e -> y_rows [R, H]
     combine_rows       sum of each token's k rows, in slot order -> out [N, H]
 Backward:
-    down_projection_backward   dA = grad_out gathered by row_to_token, @ w2_eᵀ; then a row pass recomputes the
+    down_projection_backward   dA = grad_out gathered by row_to_token, @ w2_eᵀ (where it pays off, the rows it
+                               gathers are written to grad_out_rows [R, H]); then a row pass recomputes the
                                activation from h_pre: dh_pre, (dh_up), and the routing-weight gradients, written
                                back through row_to_flat in (token, slot) order
-    weight_grad                dw2_e = Σ_r h_act_weighted[r] ⊗ grad_out[token(r)]
+    weight_grad                dw2_e = Σ_r h_act_weighted[r] ⊗ grad_out_rows[r] (or grad_out[token(r)], gathered)
     input_grad_rows + combine  dx = Σ_slots dh_pre @ w1_e (+ dh_up @ v1_e)
-    weight_grad                dw1_e = Σ_r dh_pre[r] ⊗ x[token(r)] (and dv1 in the same launch)
-Saved for backward: x, the weights, h_pre (and h_up), h_act_weighted, the routing weights and the small index
-tensors. Keeping h_act_weighted costs one ragged buffer; in exchange dW2 is the same plain GEMM as dW1, where
-recomputing the activation and the weight on its operand tiles made it the slowest GEMM of the step.
+    weight_grad                dw1_e = Σ_r dh_pre[r] ⊗ x_rows[r] (or x[token(r)]; dv1 in the same launch)
+Saved for backward: x (and x_rows when kept), the weights, h_pre (and h_up), h_act_weighted, the routing weights
+and the small index tensors. Keeping h_act_weighted costs one ragged buffer; in exchange dW2 is the same plain GEMM
+as dW1, where recomputing the activation and the weight on its operand tiles made it the slowest GEMM of the step.
+Keeping x_rows costs R·H (k times x); in exchange dW1 reads its token rows in order, by TMA, where gathered rows
+held it to ~350-410 TFLOP/s (each copy costs its GEMM ~0.25 ms at hidden 2048, and gains the weight gradient
+~0.35-0.4).
 """
 
 from dataclasses import dataclass
@@ -27,7 +33,7 @@ from torch import Tensor
 
 from triton_moe.eager_ops import with_eager_path
 from triton_moe.kernels import (combine_rows, down_projection, down_projection_backward, input_grad_rows,
-                                up_projection, weight_grad)
+                                sorted_rows_pay_off, up_projection, weight_grad)
 from triton_moe.routing import ExpertSort
 
 
@@ -91,35 +97,47 @@ def _expert_mlp_forward(
     x: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
     row_to_token: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor,
     expert_width_offsets: Tensor, expert_h_offsets: Tensor, expert_widths: list[int], h_numel: int, top_k: int,
-    activation: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out [N, H], h_pre [h_numel], h_up [h_numel] or [0] unless gated, h_act_weighted [h_numel])."""
+    activation: str, keep_x_rows: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out [N, H], h_pre [h_numel], h_up [h_numel] or [0] unless gated, h_act_weighted [h_numel], x_rows [R, H]
+    (x's rows in expert-sorted order, which dW1 then reads instead of gathering x) or [0, H] without keep_x_rows)."""
     layout = ExpertLayout.from_op_arguments(row_to_token, row_to_flat, flat_to_row, expert_row_offsets,
                                             expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k)
+    x_rows = x.new_empty((layout.num_rows if keep_x_rows else 0, x.shape[1]))  # (R, H), written by the up GEMM
     h_pre, h_up, h_act_weighted = up_projection(
         x, w1, v1, layout.row_to_token, *layout.offsets(), layout.h_numel, activation, expert_weights,
-        row_weight_index=layout.row_to_flat)  # ragged [h_numel] each
+        row_weight_index=layout.row_to_flat, x_rows=x_rows if keep_x_rows else None)  # ragged [h_numel] each
     y_rows = down_projection(h_act_weighted, w2, *layout.offsets(), layout.num_rows)  # [R, H]
     out = combine_rows(y_rows, layout.flat_to_row, layout.top_k)  # [N, H]
-    return out, h_pre, x.new_empty(0) if h_up is None else h_up, h_act_weighted
+    return out, h_pre, x.new_empty(0) if h_up is None else h_up, h_act_weighted, x_rows
 
 
 def _expert_mlp_backward(
-    grad_out: Tensor, x: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, h_pre: Tensor,
-    h_up: Tensor | None, h_act_weighted: Tensor, row_to_token: Tensor, row_to_flat: Tensor, flat_to_row: Tensor,
-    expert_row_offsets: Tensor, expert_width_offsets: Tensor, expert_h_offsets: Tensor, expert_widths: list[int],
-    h_numel: int, top_k: int, activation: str,
+    grad_out: Tensor, x: Tensor, x_rows: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
+    h_pre: Tensor, h_up: Tensor | None, h_act_weighted: Tensor, row_to_token: Tensor, row_to_flat: Tensor,
+    flat_to_row: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor, expert_h_offsets: Tensor,
+    expert_widths: list[int], h_numel: int, top_k: int, activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx [N, H], d_expert_weights [N*k] fp32, dw1, dv1 ([0] unless gated), dw2 [TW, H])."""
+    """(dx [N, H], d_expert_weights [N*k] fp32, dw1, dv1 ([0] unless gated), dw2 [TW, H]). x_rows: the forward's,
+    [R, H] or [0, H] (then dW1 gathers x's rows)."""
     layout = ExpertLayout.from_op_arguments(row_to_token, row_to_flat, flat_to_row, expert_row_offsets,
                                             expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k)
+    # dW2 reads grad_out's rows sorted, written by the dA GEMM on the way, where that pays off (large problems)
+    grad_out_rows = None
+    if sorted_rows_pay_off(grad_out, layout.num_rows):
+        grad_out_rows = grad_out.new_empty((layout.num_rows, grad_out.shape[1]))  # (R, H)
     dh_pre, dh_up, d_expert_weights = down_projection_backward(
         grad_out, w2, h_pre, h_up, layout.row_to_token, *layout.offsets(), expert_weights, activation,
-        row_weight_index=layout.row_to_flat)
-    dw2, _ = weight_grad(h_act_weighted, None, grad_out, layout.row_to_token, *layout.offsets())  # [TW, H]
+        row_weight_index=layout.row_to_flat, grad_out_rows=grad_out_rows)
+    dw2, _ = (weight_grad(h_act_weighted, None, grad_out, layout.row_to_token, *layout.offsets())
+              if grad_out_rows is None else
+              weight_grad(h_act_weighted, None, grad_out_rows, None, *layout.offsets()))  # [TW, H]
+    del grad_out_rows
     dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(), layout.num_rows)  # [R, H]
     dx = combine_rows(dx_rows, layout.flat_to_row, layout.top_k)  # [N, H]
-    dw1, dv1 = weight_grad(dh_pre, dh_up, x, layout.row_to_token, *layout.offsets())  # [TW, H] each
+    dw1, dv1 = (weight_grad(dh_pre, dh_up, x, layout.row_to_token, *layout.offsets())
+                if x_rows.shape[0] == 0 else
+                weight_grad(dh_pre, dh_up, x_rows, None, *layout.offsets()))  # [TW, H] each
     return dx, d_expert_weights, dw1, w1.new_empty(0) if dv1 is None else dv1, dw2
 
 
@@ -129,24 +147,28 @@ _backward_op = torch.library.custom_op("triton_moe::expert_mlp_backward", _exper
 
 @_forward_op.register_fake
 def _(x, expert_weights, w1, v1, w2, row_to_token, row_to_flat, flat_to_row, expert_row_offsets, expert_width_offsets,
-      expert_h_offsets, expert_widths, h_numel, top_k, activation):
-    return torch.empty_like(x), x.new_empty(h_numel), x.new_empty(0 if v1 is None else h_numel), x.new_empty(h_numel)
+      expert_h_offsets, expert_widths, h_numel, top_k, activation, keep_x_rows):
+    x_rows = x.new_empty((row_to_token.shape[0] if keep_x_rows else 0, x.shape[1]))
+    return (torch.empty_like(x), x.new_empty(h_numel), x.new_empty(0 if v1 is None else h_numel),
+            x.new_empty(h_numel), x_rows)
 
 
 @_backward_op.register_fake
-def _(grad_out, x, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, row_to_token, row_to_flat, flat_to_row,
-      expert_row_offsets, expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k, activation):
+def _(grad_out, x, x_rows, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, row_to_token, row_to_flat,
+      flat_to_row, expert_row_offsets, expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k,
+      activation):
     dv1 = w1.new_empty(0) if v1 is None else torch.empty_like(v1)
-    return torch.empty_like(x), torch.empty_like(expert_weights), torch.empty_like(w1), dv1, torch.empty_like(w2)
+    return (torch.empty_like(grad_out), torch.empty_like(expert_weights), torch.empty_like(w1), dv1,
+            torch.empty_like(w2))
 
 
 def _setup_context(ctx, inputs, output):
     x, expert_weights, w1, v1, w2, *layout_tensors = inputs[:11]
-    _, h_pre, h_up, h_act_weighted = output
-    ctx.save_for_backward(x, expert_weights, w1, v1, w2, h_pre, None if v1 is None else h_up, h_act_weighted,
+    _, h_pre, h_up, h_act_weighted, x_rows = output
+    ctx.save_for_backward(x, x_rows, expert_weights, w1, v1, w2, h_pre, None if v1 is None else h_up, h_act_weighted,
                           *layout_tensors)
-    ctx.host_arguments = inputs[11:]  # expert_widths, h_numel, top_k, activation
-    ctx.mark_non_differentiable(h_pre, h_up, h_act_weighted)
+    ctx.host_arguments = inputs[11:15]  # expert_widths, h_numel, top_k, activation
+    ctx.mark_non_differentiable(h_pre, h_up, h_act_weighted, x_rows)
     # Autograd would otherwise hand the backward zero gradients for the ragged outputs: a ragged buffer each.
     ctx.set_materialize_grads(False)
 
@@ -154,12 +176,12 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(backward):
     """The autograd backward of the forward above, computed by `backward` (the custom op or the plain function)."""
 
-    def run(ctx, grad_out, _grad_h_pre, _grad_h_up, _grad_h_act_weighted):
-        x, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors = ctx.saved_tensors
+    def run(ctx, grad_out, _grad_h_pre, _grad_h_up, _grad_h_act_weighted, _grad_x_rows):
+        x, x_rows, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors = ctx.saved_tensors
         dx, d_expert_weights, dw1, dv1, dw2 = backward(
-            grad_out.contiguous(), x, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors,
-            *ctx.host_arguments)
-        return (dx, d_expert_weights, dw1, None if v1 is None else dv1, dw2) + (None,) * 10
+            grad_out.contiguous(), x, x_rows, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted,
+            *layout_tensors, *ctx.host_arguments)
+        return (dx, d_expert_weights, dw1, None if v1 is None else dv1, dw2) + (None,) * 11
 
     return run
 
@@ -168,11 +190,18 @@ _expert_mlp = with_eager_path("ExpertMLP", _forward_op, _expert_mlp_forward, _se
                               _backward_op, _expert_mlp_backward)
 
 
-def expert_mlp(x, expert_weights, w1, v1, w2, layout: ExpertLayout, activation: str) -> torch.Tensor:
+def expert_mlp(x, expert_weights, w1, v1, w2, layout: ExpertLayout, activation: str,
+               keep_sorted_x: bool = True) -> torch.Tensor:
     """The experts' MLPs on their routed rows and the weighted sum per token.
 
     x [N, H], w1/v1/w2 [TW, H] in one dtype (fp32, fp16, bf16; v1 None unless swiglu), expert_weights [N*k] fp32
     (the routing weight of each (token, slot) assignment: Routing.expert_weights flattened; the kernels read it
     through layout.row_to_flat). Returns [N, H] in x's dtype; differentiable in x, expert_weights and the weights.
+    keep_sorted_x: let the forward keep x's rows in expert-sorted order for dW1 where that pays off (MoEConfig's
+    field of that name).
     """
-    return _expert_mlp(x, expert_weights, w1, v1, w2, *layout.op_arguments(), activation)[0]
+    # Kept only when a backward will follow: not under no_grad, nor with nothing to differentiate.
+    keep_x_rows = (keep_sorted_x and torch.is_grad_enabled()
+                   and any(tensor is not None and tensor.requires_grad for tensor in (x, expert_weights, w1, v1, w2))
+                   and sorted_rows_pay_off(x, layout.num_rows))
+    return _expert_mlp(x, expert_weights, w1, v1, w2, *layout.op_arguments(), activation, keep_x_rows)[0]

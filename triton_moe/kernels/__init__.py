@@ -9,7 +9,7 @@ from triton_moe.kernels.grouped_gemm import (
     weight_grad,
 )
 from triton_moe.kernels.permute import combine_rows, gather_rows
-from triton_moe.kernels.tuning import GemmBlocks, gemm_blocks
+from triton_moe.kernels.tuning import GemmBlocks, gemm_blocks, sorted_rows_pay_off
 
 __all__ = [
     "ACTIVATIONS",
@@ -22,6 +22,7 @@ __all__ = [
     "gemm_blocks",
     "input_grad_rows",
     "is_gated",
+    "sorted_rows_pay_off",
     "up_projection",
     "weight_grad",
 ]

@@ -3,14 +3,16 @@
 Two kernels, each called in several roles by the launchers below:
 - `_expert_rows_gemm`: per expert e, out[rows of e] = A[rows of e] @ B_e, in one of two layouts:
   RAGGED_OUT (hidden -> expert width): A rows gathered from a [N, H] source by row_to_token,
-      B_e[k, n] = weight[width_off_e + n, k], out = expert e's [count_e, W_e] block of a ragged buffer.
+      B_e[k, n] = weight[width_off_e + n, k], out = expert e's [count_e, W_e] block of a ragged buffer; on request
+      it also writes the rows it gathers, in expert-sorted order, for the weight gradient.
       Roles: up projection (+ activation and routing weight), down projection backward (dA = dL/d act).
   not RAGGED_OUT (expert width -> hidden): A = expert e's block of a ragged buffer,
       B_e[k, n] = weight[width_off_e + k, n], out = rows [R, H].
       Roles: down projection, input grad rows (dX before combine).
 - `_weight_grad_gemm`: per expert e, dW[width_off_e + m, n] = sum over rows r of e of A[r, m] * B[token(r), n],
-  A ragged, B gathered from a [N, H] source. Roles: dW2 (A = the weighted activations the forward kept), dW1
-  (+ dV1 in the same launch).
+  A ragged, B gathered from a [N, H] source, or the [R, H] token rows already in expert-sorted order (the copies
+  above), which load by TMA from Hopper on. Roles: dW2 (A = the weighted activations the forward kept, B =
+  grad_out's rows), dW1 (B = x's rows; + dV1 in the same launch).
 Both accumulate in fp32 and never use atomics, so every result is bitwise reproducible. A third, row-wise kernel,
 `_activation_backward_rows`, finishes the down projection's backward on the ragged dA: the activation's derivative,
 the routing weight and the routing weight's gradient (a whole row's dot product, so no partial sums).
@@ -34,11 +36,12 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
 from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, next_power_of_2
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, ROW_PASS_ELEMENTS, GemmBlocks, gemm_blocks,
-                                       permute_block_h)
+                                       permute_block_h, tma_reads_rows)
 
 # The largest common factor of the expert widths worth telling the compiler (WIDTH_MULTIPLE): 16 elements hold
 # a whole 16-byte vector in every dtype, and Triton marks integer arguments divisible by 16 the same way.
@@ -75,7 +78,7 @@ def _expert_extent(expert, expert_row_offsets_ptr, expert_width_offsets_ptr, exp
 @triton.jit
 def _expert_rows_gemm(
     a_ptr, a2_ptr, b_ptr, b2_ptr,
-    out_ptr, out2_ptr, out3_ptr,
+    out_ptr, out2_ptr, out3_ptr, a_rows_ptr,
     row_weights_ptr, row_weight_index_ptr,
     row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
     num_experts, hidden,
@@ -86,6 +89,7 @@ def _expert_rows_gemm(
     GATED: tl.constexpr,
     HAS_ROW_WEIGHTS: tl.constexpr,
     INDEXED_ROW_WEIGHTS: tl.constexpr,
+    COPY_A_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -94,6 +98,9 @@ def _expert_rows_gemm(
     WIDTH_MULTIPLE: tl.constexpr,
 ):
     """One (expert, row tile, column tile) of out = A @ B_e; see the module docstring for the two layouts.
+
+    COPY_A_ROWS (RAGGED_OUT only): the program of column tile 0 of each row tile also stores the A rows it gathers,
+    a_rows[r] = A[row_to_token[r]] ([R, H], rows in expert-sorted order), for the weight gradient to read.
 
     SECOND_PRODUCT: "none"; "shared_a": acc2 = A @ B2_e from the same A tiles (swiglu gate and up);
         "summed": acc += A2 @ B2_e (dX of swiglu: dh_gate @ w1_e + dh_up @ v1_e).
@@ -150,6 +157,9 @@ def _expert_rows_gemm(
         b_offsets = (width_start + cols[None, :]).to(tl.int64) * hidden + ks[:, None]  # (BLOCK_K, BLOCK_N)
         b_step = BLOCK_K
         out_offsets = h_start + expert_rows[:, None].to(tl.int64) * width + cols[None, :]
+        a_rows_offsets = rows[:, None].to(tl.int64) * hidden + ks[None, :]  # (BLOCK_M, BLOCK_K)
+        # One program per row tile copies: column tile 0, as a mask (a branch in the loop costs the pipeline).
+        copies_rows = (ks[None, :] * 0 + col_tile) == 0  # (1, BLOCK_K)
     else:
         a_offsets = h_start + expert_rows[:, None].to(tl.int64) * width + ks[None, :]  # (BLOCK_M, BLOCK_K)
         b_offsets = (width_start + ks[:, None]).to(tl.int64) * hidden + cols[None, :]  # (BLOCK_K, BLOCK_N)
@@ -174,6 +184,13 @@ def _expert_rows_gemm(
         a = tl.load(a_ptr + a_offsets, mask=a_mask, other=0.0)
         b = tl.load(b_ptr + b_offsets, mask=b_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if COPY_A_ROWS:
+            tl.static_assert(RAGGED_OUT, "only the gathered A rows are copied")
+            # A load of its own (from L2, and none in the other column tiles, whose mask is empty): storing the
+            # dot's own `a` tile as well made the H100's dot results wrong (triton 3.6).
+            copy_mask = a_mask & copies_rows
+            tl.store(a_rows_ptr + a_rows_offsets, tl.load(a_ptr + a_offsets, mask=copy_mask), mask=copy_mask)
+            a_rows_offsets += BLOCK_K
         if SECOND_PRODUCT == "shared_a":
             b2 = tl.load(b2_ptr + b_offsets, mask=b_mask, other=0.0)
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
@@ -208,11 +225,12 @@ def _expert_rows_gemm(
 
 @triton.jit
 def _weight_grad_gemm(
-    a_ptr, a2_ptr, b_ptr,
+    a_ptr, a2_ptr, b_ptr, b_desc,
     out_ptr, out2_ptr,
     row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
     num_experts, hidden,
     SECOND_OUTPUT: tl.constexpr,
+    B_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -223,7 +241,13 @@ def _weight_grad_gemm(
     """One (expert, width tile, hidden tile) of out[width_off_e + m, n] = sum_r A[r, m] * B[token(r), n].
 
     A is ragged. With SECOND_OUTPUT, out2 = A2^T @ B with A2 ragged at a2_ptr, sharing the B loads. The reduction
-    runs over the expert's rows, BLOCK_K at a time; an expert without rows stores 0.
+    runs over the expert's rows, BLOCK_K at a time; an expert without rows stores 0. B_ROWS says where row r's
+    token row is:
+        "gathered": row row_to_token[r] of B [N, H], by masked pointer loads;
+        "sorted": row r of B [R, H] (the token rows already in expert-sorted order), by masked pointer loads;
+        "sorted_tma": the same through b_desc, a TMA descriptor of B with [BLOCK_K, BLOCK_N] boxes, unmasked: an
+            expert's last step reads the next expert's first rows (zeros past R), which A's masked zeros cancel.
+            (Only a non-finite value there would leak in, as 0 * inf.)
     """
     tile_id = tl.program_id(0)
     # The tiles depend only on the widths and H: the grid is exact and every program owns a tile.
@@ -249,15 +273,26 @@ def _weight_grad_gemm(
     m_mask = ms < width
     n_mask = ns < hidden
     a_offsets = h_start + ks[None, :].to(tl.int64) * width + ms[:, None]  # (BLOCK_M, BLOCK_K): A transposed
+    # TMA coordinates are int32: R < 2^31 rows (the launcher checks), so are the expert's first row and H.
+    b_row = row_start.to(tl.int32)
+    b_col = (hidden_tile * BLOCK_N).to(tl.int32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SECOND_OUTPUT:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, num_rows, BLOCK_K):
         k_mask = ks < num_rows - k_start
-        rows = row_start + k_start + ks  # (BLOCK_K,) expert-sorted row ids
-        tokens = tl.load(row_to_token_ptr + rows, mask=k_mask, other=0).to(tl.int64)
-        b = tl.load(b_ptr + tokens[:, None] * hidden + ns[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if B_ROWS == "sorted_tma":
+            b = b_desc.load([b_row, b_col])
+            b_row += BLOCK_K
+        else:
+            b_rows = row_start + k_start + ks  # (BLOCK_K,) expert-sorted row ids
+            if B_ROWS == "gathered":
+                b_rows = tl.load(row_to_token_ptr + b_rows, mask=k_mask, other=0)
+            else:
+                tl.static_assert(B_ROWS == "sorted", "unknown B_ROWS")
+            b_offsets = b_rows[:, None].to(tl.int64) * hidden + ns[None, :]  # (BLOCK_K, BLOCK_N)
+            b = tl.load(b_ptr + b_offsets, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         a_mask = m_mask[:, None] & k_mask[None, :]
         a = tl.load(a_ptr + a_offsets, mask=a_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -400,6 +435,12 @@ def _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, exper
     check_tensor_shape("expert_h_offsets", expert_h_offsets, (num_experts + 1,), (torch.int64,))
 
 
+def _check_row_copy(name, rows, token_rows, num_rows):
+    """`rows` is None or the [R, H] destination of the expert-sorted copy of `token_rows` [N, H]."""
+    if rows is not None:
+        check_tensor_shape(name, rows, (num_rows, token_rows.shape[1]), (token_rows.dtype,))
+
+
 def _check_gated_pair(name, tensor, activation, shape, dtype):
     """`tensor` (the second projection or its grad) is given exactly when `activation` is gated."""
     if tensor is None:
@@ -434,7 +475,7 @@ def _launch_options(dtype, blocks, expert_widths):
 def _expert_rows_gemm_launch(
     *, a, b, out, num_rows, ragged_out, epilogue, expert_row_offsets, expert_width_offsets, expert_widths,
     expert_h_offsets, blocks, role, a2=None, b2=None, second_product="none", out2=None, out3=None,
-    row_weights=None, row_weight_index=None, row_to_token=None, activation=None,
+    row_weights=None, row_weight_index=None, row_to_token=None, activation=None, a_rows=None,
 ):
     """Launch `_expert_rows_gemm` over a grid bounding the (unknown on the host) tiles of all experts."""
     hidden = b.shape[1]
@@ -450,7 +491,7 @@ def _expert_rows_gemm_launch(
     grid = (ceil_div(num_rows, blocks.block_m) * most_col_tiles + col_tiles_sum,)
     _expert_rows_gemm[grid](
         a, a2, b, b2,
-        out, out2, out3,
+        out, out2, out3, a_rows,
         row_weights, row_weight_index,
         row_to_token, expert_row_offsets, expert_width_offsets, expert_h_offsets,
         len(expert_widths), hidden,
@@ -461,6 +502,7 @@ def _expert_rows_gemm_launch(
         GATED=activation is not None and is_gated(activation),
         HAS_ROW_WEIGHTS=row_weights is not None,
         INDEXED_ROW_WEIGHTS=row_weight_index is not None,
+        COPY_A_ROWS=a_rows is not None,
         **_launch_options(a.dtype, blocks, expert_widths),
     )
 
@@ -479,6 +521,7 @@ def up_projection(
     row_weights: torch.Tensor | None = None,
     *,
     row_weight_index: torch.Tensor | None = None,
+    x_rows: torch.Tensor | None = None,
     blocks: GemmBlocks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Up projection of every expert-sorted row, and the expert activation, into ragged buffers.
@@ -497,6 +540,8 @@ def up_projection(
         row_weight_index: [R] int32/int64, a permutation of the rows: row r's weight is
             row_weights[row_weight_index[r]] (the sort's row_to_flat, for weights in (token, slot) order); None:
             row_weights[r].
+        x_rows: [R, H] like x, or None. Given, the GEMM also writes into it the rows it gathers, x_rows[r] = x[t]
+            (the token rows in expert-sorted order, which weight_grad reads).
         (layout arguments and blocks: see the module docstring)
     Returns:
         h_pre, h_up (None unless gated), h_act: ragged [h_numel] buffers of x.dtype.
@@ -507,6 +552,7 @@ def up_projection(
     _check_gated_pair("v1", v1, activation, w1.shape, x.dtype)
     check_tensor_shape("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
     _check_row_weights(row_weights, row_weight_index, row_to_token.numel())
+    _check_row_copy("x_rows", x_rows, x, row_to_token.numel())
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w1.shape[0])
     h_pre = torch.empty(h_numel, dtype=x.dtype, device=x.device)  # (h_numel,) ragged
     h_up = torch.empty_like(h_pre) if is_gated(activation) else None  # (h_numel,) ragged
@@ -517,7 +563,7 @@ def up_projection(
             a=x, b=w1, b2=v1, second_product="shared_a" if is_gated(activation) else "none",
             out=h_pre, out2=h_up, out3=h_act, num_rows=row_to_token.numel(), ragged_out=True,
             epilogue="act_forward", activation=activation, row_weights=row_weights,
-            row_weight_index=row_weight_index, row_to_token=row_to_token,
+            row_weight_index=row_weight_index, row_to_token=row_to_token, a_rows=x_rows,
             expert_row_offsets=expert_row_offsets, expert_width_offsets=expert_width_offsets,
             expert_widths=expert_widths, expert_h_offsets=expert_h_offsets, blocks=blocks,
         )
@@ -577,6 +623,7 @@ def down_projection_backward(
     activation: str,
     *,
     row_weight_index: torch.Tensor | None = None,
+    grad_out_rows: torch.Tensor | None = None,
     blocks: GemmBlocks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients through the down projection and the activation, back to the ragged pre-activations.
@@ -597,6 +644,8 @@ def down_projection_backward(
         row_weights, row_weight_index: as given to up_projection (None if they were); d_row_weights comes out in
             row_weights' order (each row writes its own slot, hence the permutation).
         activation: the name given to up_projection.
+        grad_out_rows: [R, H] like grad_out, or None. Given, the dA GEMM also writes into it the rows it gathers,
+            grad_out_rows[r] = grad_out[row_to_token[r]] (what weight_grad reads for dW2).
         (layout arguments and blocks: see the module docstring)
     Returns:
         dh_pre, dh_up (None unless gated): ragged like h_pre; d_row_weights: [R] fp32, None without row_weights.
@@ -609,6 +658,7 @@ def down_projection_backward(
     num_rows = row_to_token.numel()
     check_tensor_shape("row_to_token", row_to_token, (num_rows,), INDEX_DTYPES)
     _check_row_weights(row_weights, row_weight_index, num_rows)
+    _check_row_copy("grad_out_rows", grad_out_rows, grad_out, num_rows)
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
     dh_pre = torch.empty_like(h_pre)  # (h_numel,) ragged: dA, then dh_pre in place
     dh_up = None if h_up is None else torch.empty_like(h_up)  # (h_numel,) ragged
@@ -618,7 +668,7 @@ def down_projection_backward(
         _expert_rows_gemm_launch(
             role="down_backward",
             a=grad_out, b=w2, out=dh_pre, num_rows=num_rows, ragged_out=True, epilogue="store",
-            row_to_token=row_to_token, expert_row_offsets=expert_row_offsets,
+            row_to_token=row_to_token, a_rows=grad_out_rows, expert_row_offsets=expert_row_offsets,
             expert_width_offsets=expert_width_offsets, expert_widths=expert_widths,
             expert_h_offsets=expert_h_offsets, blocks=blocks,
         )
@@ -690,7 +740,7 @@ def weight_grad(
     ragged: torch.Tensor,
     ragged2: torch.Tensor | None,
     token_rows: torch.Tensor,
-    row_to_token: torch.Tensor,
+    row_to_token: torch.Tensor | None,
     expert_row_offsets: torch.Tensor,
     expert_width_offsets: torch.Tensor,
     expert_widths: Sequence[int],
@@ -702,11 +752,17 @@ def weight_grad(
 
     t = row_to_token[r]. This is the gradient of both projections: dw2 from the weighted activations and grad_out,
     dw1 from dh_pre and x (and dv1 from dh_up, as `ragged2`, in the same launch: the token-row loads are shared).
+    The token rows come gathered through row_to_token, or already in expert-sorted order (row_to_token None: the
+    copies up_projection and down_projection_backward write on request), which from Hopper on load by TMA: a gather
+    cannot, and holds the GEMM to ~350-410 TFLOP/s at hidden 2048 where sorted rows reach 510-640 on the H100
+    (session8/dw_sorted_rows.md). tuning.sorted_rows_pay_off says when the copies are worth their cost.
 
     Args:
         ragged: ragged [sum_e count_e * W_e] fp32/fp16/bf16, expert e's rows a [count_e, W_e] block.
         ragged2: ragged like `ragged` for a second gradient over the same token rows, or None.
-        token_rows: [N, H] like ragged, gathered per row by row_to_token.
+        token_rows: [N, H] like ragged, gathered per row by row_to_token; or, with row_to_token None, [R, H]: row r
+            is the token row of expert-sorted row r.
+        row_to_token: [R] int32/int64, or None (token_rows are sorted).
         (layout arguments and blocks: see the module docstring)
     Returns:
         dw, dw_2 (None without ragged2): [TW, H] of ragged.dtype; experts without rows get zeros.
@@ -715,26 +771,44 @@ def weight_grad(
     if ragged2 is not None:
         check_tensor_shape("ragged2", ragged2, ragged.shape, (ragged.dtype,))
     _check_token_rows("token_rows", token_rows, (ragged.dtype,))
-    check_tensor_shape("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
+    if row_to_token is not None:
+        check_tensor_shape("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
     total_width = _total_width(expert_widths)
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width)
-    shape = (total_width, token_rows.shape[1])
-    if row_to_token.numel() == 0:
+    num_rows = token_rows.shape[0] if row_to_token is None else row_to_token.numel()
+    hidden = token_rows.shape[1]
+    shape = (total_width, hidden)
+    if num_rows == 0:
         dw = ragged.new_zeros(shape)  # (TW, H)
         return dw, None if ragged2 is None else torch.zeros_like(dw)
     dw = ragged.new_empty(shape)  # (TW, H)
     dw_2 = None if ragged2 is None else torch.empty_like(dw)  # (TW, H)
-    hidden = token_rows.shape[1]
-    blocks = blocks or gemm_blocks(ragged.dtype, "weight_grad", gated=ragged2 is not None,
-                                   rows_x_hidden=row_to_token.numel() * hidden, hidden=hidden)
+    if row_to_token is not None:
+        b_rows, role = "gathered", "weight_grad"
+    elif _tma_readable(token_rows):
+        b_rows, role = "sorted_tma", "weight_grad_sorted"
+    else:
+        b_rows, role = "sorted", "weight_grad"
+    blocks = blocks or gemm_blocks(ragged.dtype, role, gated=ragged2 is not None, rows_x_hidden=num_rows * hidden,
+                                   hidden=hidden)
+    rows_desc = None  # a TMA descriptor of the sorted rows, in boxes of BLOCK_K rows x BLOCK_N columns
+    if b_rows == "sorted_tma":
+        rows_desc = TensorDescriptor(token_rows, list(token_rows.shape), [hidden, 1], [blocks.block_k, blocks.block_n])
     # The grid is exact: the tiles depend only on the widths and H, sum_e cdiv(W_e, BLOCK_M) * cdiv(H, BLOCK_N).
     grid = (_tiles_per_row_block(tuple(expert_widths), blocks.block_m)[1] * ceil_div(hidden, blocks.block_n),)
     _weight_grad_gemm[grid](
-        ragged, ragged2, token_rows,
+        ragged, ragged2, token_rows, rows_desc,
         dw, dw_2,
         row_to_token, expert_row_offsets, expert_width_offsets, expert_h_offsets,
         len(expert_widths), hidden,
         SECOND_OUTPUT=ragged2 is not None,
+        B_ROWS=b_rows,
         **_launch_options(ragged.dtype, blocks, expert_widths),
     )
     return dw, dw_2
+
+
+def _tma_readable(matrix: torch.Tensor) -> bool:
+    """Whether contiguous [rows, cols] `matrix` can be read through a TMA descriptor (its start 16-byte aligned)."""
+    return matrix.data_ptr() % 16 == 0 and tma_reads_rows(matrix.shape[0], matrix.shape[1] * matrix.element_size(),
+                                                         matrix.device)

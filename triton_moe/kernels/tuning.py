@@ -5,6 +5,7 @@ No autotuning yet: every launcher takes `blocks: GemmBlocks | None` and falls ba
 so an autotuner can later pass its own choice without touching the kernels.
 """
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -55,6 +56,9 @@ GPU_16BIT_ROLE_BLOCKS = {
     "down_backward": GemmBlocks(128, 256, 64, num_warps=8, num_stages=4),
     "input_grad": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 489/568
     "weight_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # dW2 348/409, dW1 349/411
+    # The same GEMM reading the token rows already sorted, by TMA (session8/sweep_dw.md, dW2/dW1 TFLOP/s): 529/532
+    # and 637/610, against 533/533 and 596/582 with 4 stages; with variable widths 513/511 (519/513).
+    "weight_grad_sorted": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),
 }
 # A gated (swiglu) activation doubles the operand tiles of the up projection and of the input gradient (two
 # weights, two accumulators or two A operands), and the outputs of the weight gradient (dW1 with dV1): 128x256 runs
@@ -64,6 +68,9 @@ GPU_16BIT_GATED_BLOCKS = {
     "up": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # 445 (454 with 3 stages; 430 vs 387 the day before)
     "input_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=3),  # 423, the only 8-warp tile that fits
     "weight_grad": GemmBlocks(64, 128, 64, num_warps=4, num_stages=4),  # dW1 + dV1: 342 vs 318
+    # From sorted rows by TMA: 500 at 128x768, 528 with variable widths (4 stages: 494, 489; 64x128 tiles: 484,
+    # 487; session8/sweep_dw_swiglu.md).
+    "weight_grad_sorted": GemmBlocks(128, 128, 64, num_warps=8, num_stages=3),
 }
 GEMM_ROLES = tuple(GPU_16BIT_ROLE_BLOCKS)
 # The GEMMs that write the ragged buffer (up, and dA of the down projection's backward) reduce over the hidden
@@ -89,6 +96,9 @@ GPU_16BIT_SMALL_BLOCKS = {
     "down_backward": GemmBlocks(64, 128, 64, num_warps=4, num_stages=3),
     "input_grad": GemmBlocks(64, 128, 64, num_warps=4, num_stages=3),
     "weight_grad": GemmBlocks(128, 64, 64, num_warps=4, num_stages=3),
+    # sorted_rows_pay_off keeps small problems on gathered rows; a caller handing sorted rows anyway gets the tile
+    # that measured best for them (session8/sweep_dw_seed.md: 9.9 / 13.1 / 24.2 µs per dW at 8 / 64 / 128 experts).
+    "weight_grad_sorted": GemmBlocks(128, 128, 64, num_warps=4, num_stages=3),
 }
 
 # H100, fp32 operands with input_precision="ieee" (TF32 would miss the 1e-4 accuracy target): the dot runs
@@ -146,10 +156,41 @@ SORT_NUM_WARPS = 4
 # Triton reads TRITON_INTERPRET once, when it decorates the kernels at import; this module reads it once too.
 _INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
+# The weight gradients read the token rows in expert-sorted order, copied by the GEMMs that gather them, from this
+# many rows * hidden on (and only on a device with TMA). At hidden 2048 on the H100 a copy costs its GEMM ~0.25 ms
+# and its weight gradient gains ~0.35-0.4 ms: the step took 6.59-6.95 -> 6.34-6.38 ms at 128x768 and 7.63-7.97 ->
+# 7.19-7.27 ms at 64x1024 (session8/ab_sorted.md). In the seed configs (at most 2**23) the copies cost more than
+# they save: from a CUDA graph 0.217 -> 0.235 ms at 64 experts, 0.244 -> 0.264 ms at 128.
+SORTED_ROWS_MIN_ROWS_X_HIDDEN = SMALL_PROBLEM_ROWS_X_HIDDEN
+
 
 def running_in_interpreter() -> bool:
     """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return _INTERPRETER
+
+
+@functools.lru_cache(maxsize=16)
+def has_tma(device: torch.device) -> bool:
+    """Whether kernels on `device` can load through TMA descriptors: Hopper (sm_90) and later NVIDIA GPUs, and
+    Triton's interpreter, which runs the same descriptor loads on the CPU (so the CPU tests cover that path)."""
+    if running_in_interpreter():
+        return True
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def tma_reads_rows(num_rows: int, row_bytes: int, device: torch.device) -> bool:
+    """Whether TMA can read a row-major matrix of `num_rows` rows of `row_bytes` (16-byte aligned) on `device`:
+    a device with TMA, rows a multiple of 16 bytes (TMA's rule for strides), and int32 coordinates."""
+    return has_tma(device) and row_bytes % 16 == 0 and num_rows < 2**31
+
+
+def sorted_rows_pay_off(token_rows: torch.Tensor, num_rows: int) -> bool:
+    """Whether the weight gradient should read the [num_rows, H] expert-sorted copy of the [N, H] `token_rows`
+    (which the GEMM gathering them writes on the way) rather than gather them itself: a large problem, with rows
+    TMA can read."""
+    hidden = token_rows.shape[1]
+    return (num_rows * hidden >= SORTED_ROWS_MIN_ROWS_X_HIDDEN
+            and tma_reads_rows(num_rows, hidden * token_rows.element_size(), token_rows.device))
 
 
 def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden: int | None = None,
