@@ -118,3 +118,24 @@ def test_sorted_token_rows_leave_every_gradient_as_it_was(name, activation, dtyp
     for label in ("sorted", "dW2 sorted"):
         for got, want in zip(results[label], results["gathered"], strict=True):
             assert torch.equal(got, want)
+
+
+def test_frozen_up_projection_keeps_no_sorted_rows(monkeypatch):
+    """With w1 frozen the forward keeps no copy of x's rows (dW1 is not needed), while dW2 still reads grad_out's
+    sorted rows; the sorted path is forced at this size."""
+    if not triton_moe.kernels.tuning.has_tma(torch.device(DEVICE)):
+        pytest.skip("this GPU has no TMA: the weight gradients always gather")
+    monkeypatch.setattr(triton_moe.kernels.tuning, "SORTED_ROWS_MIN_ROWS_X_HIDDEN", 0)
+    reads = []
+
+    def recording_weight_grad(ragged, ragged2, token_rows, row_to_token, *rest):
+        reads.append("gathered" if row_to_token is not None else "sorted")
+        return weight_grad(ragged, ragged2, token_rows, row_to_token, *rest)
+
+    weight_grad = triton_moe.ops.weight_grad
+    monkeypatch.setattr(triton_moe.ops, "weight_grad", recording_weight_grad)
+    layer = make_layer(triton_moe.MoEMLP, CONFIGS["variable"], torch.float32)
+    layer.w1.requires_grad_(False)
+    layer(make_input((3, 8, 32), torch.float32)).square().sum().backward()
+    assert reads == ["sorted", "gathered"]  # dW2, then dW1 (computed, unused)
+    assert layer.w1.grad is None and layer.w2.grad is not None

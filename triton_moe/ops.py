@@ -200,8 +200,8 @@ def expert_mlp(x, expert_weights, w1, v1, w2, layout: ExpertLayout, activation: 
     keep_sorted_x: let the forward keep x's rows in expert-sorted order for dW1 where that pays off (MoEConfig's
     field of that name).
     """
-    # Kept only when a backward will follow: not under no_grad, nor with nothing to differentiate.
+    # Kept only for a backward that computes dW1: not under no_grad, nor with w1 (and v1) frozen.
     keep_x_rows = (keep_sorted_x and torch.is_grad_enabled()
-                   and any(tensor is not None and tensor.requires_grad for tensor in (x, expert_weights, w1, v1, w2))
+                   and any(weight is not None and weight.requires_grad for weight in (w1, v1))
                    and sorted_rows_pay_off(x, layout.num_rows))
     return _expert_mlp(x, expert_weights, w1, v1, w2, *layout.op_arguments(), activation, keep_x_rows)[0]
