@@ -83,59 +83,57 @@ def test_compiled_layer_matches_eager(name):
             assert torch.equal(compiled_result, eager)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_sorted_token_rows_leave_every_gradient_as_it_was(name, activation, dtype, monkeypatch):
-    """With the copies of x's and grad_out's rows in expert-sorted order (which tuning.sorted_rows_pay_off allows for
-    large problems only, forced here) the layer's output and every gradient are those of the gathered path, bit for
-    bit; keep_sorted_x=False leaves dW1 on gathered rows. The weight gradients' reads are recorded to show which
-    path ran."""
+@pytest.fixture
+def weight_grad_reads(monkeypatch):
+    """The token rows of each weight_grad call the expert MLP makes, in order: "gathered" or "sorted". Skips where
+    the weight gradients always gather (a GPU without TMA)."""
     if not triton_moe.kernels.tuning.has_tma(torch.device(DEVICE)):
         pytest.skip("this GPU has no TMA: the weight gradients always gather")
-    config = dataclasses.replace(CONFIGS[name], activation=activation)
-    x = make_input((3, 8, config.hidden_size), dtype)
     reads = []
+    weight_grad = triton_moe.ops.weight_grad
 
     def recording_weight_grad(ragged, ragged2, token_rows, row_to_token, *rest):
         reads.append("gathered" if row_to_token is not None else "sorted")
         return weight_grad(ragged, ragged2, token_rows, row_to_token, *rest)
 
-    weight_grad = triton_moe.ops.weight_grad
     monkeypatch.setattr(triton_moe.ops, "weight_grad", recording_weight_grad)
+    return reads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sorted_token_rows_leave_every_gradient_as_it_was(name, activation, dtype, weight_grad_reads,
+                                                          monkeypatch):
+    """With the copies of x's and grad_out's rows in expert-sorted order (which tuning.sorted_rows_pay_off allows for
+    large problems only, forced here) the layer's output and every gradient are those of the gathered path, bit for
+    bit; keep_sorted_x=False leaves dW1 on gathered rows. The weight gradients' reads are recorded to show which
+    path ran."""
+    config = dataclasses.replace(CONFIGS[name], activation=activation)
+    x = make_input((3, 8, config.hidden_size), dtype)
     results = {}
     for label, min_rows_x_hidden, keep_sorted_x in (("gathered", 2**62, True), ("sorted", 0, True),
                                                     ("dW2 sorted", 0, False)):
         monkeypatch.setattr(triton_moe.kernels.tuning, "SORTED_ROWS_MIN_ROWS_X_HIDDEN", min_rows_x_hidden)
         layer = make_layer(triton_moe.MoEMLP, dataclasses.replace(config, keep_sorted_x=keep_sorted_x), dtype)
         x_leaf = x.clone().requires_grad_()
-        reads.clear()
+        weight_grad_reads.clear()
         out = layer(x_leaf)
         (out.square().sum() + layer.aux_loss).backward()
         results[label] = [out.detach(), x_leaf.grad] + [param.grad for param in layer.parameters()]
-        assert reads == {"gathered": ["gathered", "gathered"], "sorted": ["sorted", "sorted"],
-                         "dW2 sorted": ["sorted", "gathered"]}[label]  # dW2, then dW1
+        assert weight_grad_reads == {"gathered": ["gathered", "gathered"], "sorted": ["sorted", "sorted"],
+                                     "dW2 sorted": ["sorted", "gathered"]}[label]  # dW2, then dW1
     for label in ("sorted", "dW2 sorted"):
         for got, want in zip(results[label], results["gathered"], strict=True):
             assert torch.equal(got, want)
 
 
-def test_frozen_up_projection_keeps_no_sorted_rows(monkeypatch):
+def test_frozen_up_projection_keeps_no_sorted_rows(weight_grad_reads, monkeypatch):
     """With w1 frozen the forward keeps no copy of x's rows (dW1 is not needed), while dW2 still reads grad_out's
     sorted rows; the sorted path is forced at this size."""
-    if not triton_moe.kernels.tuning.has_tma(torch.device(DEVICE)):
-        pytest.skip("this GPU has no TMA: the weight gradients always gather")
     monkeypatch.setattr(triton_moe.kernels.tuning, "SORTED_ROWS_MIN_ROWS_X_HIDDEN", 0)
-    reads = []
-
-    def recording_weight_grad(ragged, ragged2, token_rows, row_to_token, *rest):
-        reads.append("gathered" if row_to_token is not None else "sorted")
-        return weight_grad(ragged, ragged2, token_rows, row_to_token, *rest)
-
-    weight_grad = triton_moe.ops.weight_grad
-    monkeypatch.setattr(triton_moe.ops, "weight_grad", recording_weight_grad)
     layer = make_layer(triton_moe.MoEMLP, CONFIGS["variable"], torch.float32)
     layer.w1.requires_grad_(False)
     layer(make_input((3, 8, 32), torch.float32)).square().sum().backward()
-    assert reads == ["sorted", "gathered"]  # dW2, then dW1 (computed, unused)
+    assert weight_grad_reads == ["sorted", "gathered"]  # dW2, then dW1 (computed, unused)
     assert layer.w1.grad is None and layer.w2.grad is not None
