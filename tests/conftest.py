@@ -42,7 +42,7 @@ class RefuseLaunch:
     """Stands in for a kernel: indexing it with a grid (a launch) fails the test."""
 
     def __getitem__(self, grid):
-        raise AssertionError(f"a kernel was launched with grid {grid} for zero rows")
+        raise AssertionError(f"a kernel was launched with grid {grid} where none should run")
 
 
 def seed_config(name, **overrides) -> MoEConfig:

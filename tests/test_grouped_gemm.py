@@ -17,13 +17,18 @@ from triton_moe.kernels import (
     weight_grad,
 )
 from triton_moe.kernels import grouped_gemm, tuning
-from conftest import DEVICE, DTYPES, RefuseLaunch
+from conftest import DEVICE, DTYPES, HALF_DTYPES, RefuseLaunch
 
 pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
 
 # Largest error allowed, relative to the largest magnitude of the fp64 reference.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 ACTIVATIONS = ["relu_squared", "gelu", "swiglu"]
+# The ways down_projection_backward finishes dh_pre, per activation: the dA GEMM's epilogue (large problems, one
+# projection) or the row pass after it (small problems, gated activations). The test cases are small: "fused" is
+# forced (take_dh_path).
+DH_PATHS = [("relu_squared", "fused"), ("relu_squared", "row pass"), ("gelu", "fused"), ("gelu", "row pass"),
+            ("swiglu", "row pass")]
 
 # (expert widths, hidden size, tokens, top_k, experts the tokens may pick (None: all))
 CASES = {
@@ -35,6 +40,16 @@ CASES = {
     "single_token": ([32, 48, 16, 200, 64], 96, 1, 2, None),
 }
 
+
+
+def take_dh_path(dh_path, monkeypatch):
+    """Make down_projection_backward finish dh_pre the `dh_path` way whatever the problem's size; "fused" also
+    refuses the row pass, so that a test of it fails if the epilogue does not run."""
+    if dh_path == "fused":
+        monkeypatch.setattr(tuning, "FUSED_DH_MIN_ROWS_X_HIDDEN", 0)
+        monkeypatch.setattr(grouped_gemm, "_activation_backward_rows", RefuseLaunch())
+    else:
+        monkeypatch.setattr(tuning, "FUSED_DH_MIN_ROWS_X_HIDDEN", 2**62)
 
 
 @dataclass
@@ -267,9 +282,10 @@ def test_down_projection(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation, dh_path", DH_PATHS)
 @pytest.mark.parametrize("case", CASES)
-def test_down_projection_backward(case, activation, dtype):
+def test_down_projection_backward(case, activation, dh_path, dtype, monkeypatch):
+    take_dh_path(dh_path, monkeypatch)
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
     dh_pre, dh_up, d_row_weights = down_projection_backward(
         grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout, routing.row_weights, activation
@@ -303,11 +319,12 @@ def test_down_projection_backward_row_pass_in_column_steps(activation, monkeypat
         assert_close(dh_up, expected_dh_up, torch.float32)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation, dh_path", DH_PATHS)
 @pytest.mark.parametrize("case", ["mixed_widths", "expert_without_tokens"])
-def test_row_weights_through_an_index(case, activation):
+def test_row_weights_through_an_index(case, activation, dh_path, monkeypatch):
     """Weights in (token, slot) order read through row_to_flat, as MoEMLP passes them, give bit for bit the h_act
     of the weights sorted by row, and the same routing-weight gradients, written back in (token, slot) order."""
+    take_dh_path(dh_path, monkeypatch)
     routing, hidden, num_tokens, generator = setup_case(case)
     x = random((num_tokens, hidden), torch.float32, generator)
     w1 = random_weight(routing, hidden, torch.float32, generator)
@@ -326,8 +343,9 @@ def test_row_weights_through_an_index(case, activation):
     assert torch.equal(d_indexed, d_sorted[routing.flat_to_row])  # d_sorted is by row; d_indexed by (token, slot)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_down_projection_backward_without_row_weights(activation):
+@pytest.mark.parametrize("activation, dh_path", DH_PATHS)
+def test_down_projection_backward_without_row_weights(activation, dh_path, monkeypatch):
+    take_dh_path(dh_path, monkeypatch)
     routing, h_pre, h_up, w2, grad_out = random_down_inputs("mixed_widths", activation, torch.float32)
     dh_pre, dh_up, d_row_weights = down_projection_backward(
         grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout, None, activation
@@ -429,6 +447,44 @@ def test_weight_grad_token_rows_three_ways(case, gated, monkeypatch):
             assert (got is None and want is None) or torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", ["mixed_widths", "expert_without_tokens", "single_token"])
+def test_weights_by_tma_same_results(case, activation, dtype, monkeypatch):
+    """The two GEMMs that gather token rows (up; dA with its activation epilogue) give bit for bit the same outputs,
+    copies and routing-weight gradients with the weights read by TMA (as for large 16-bit problems on Hopper) as
+    with pointer loads, dA's epilogue fused as for large problems. Widths that are no multiple of the tile put the
+    next expert's weight rows (or TMA's zeros past the last one) in a tile's last columns, which the stores and the
+    partial sums must mask."""
+    if not tuning.has_tma(torch.device(DEVICE)):
+        pytest.skip("this GPU has no TMA")
+    routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
+    _, _, _, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
+    up_args = (x, w1, v1, routing.row_to_token, *routing.layout, routing.h_numel, activation, routing.row_weights)
+    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout, routing.row_weights, activation)
+
+    def run():
+        x_rows = x.new_empty(routing.num_rows, x.shape[1])
+        grad_out_rows = grad_out.new_empty(routing.num_rows, grad_out.shape[1])
+        return [*up_projection(*up_args, x_rows=x_rows), x_rows,
+                *down_projection_backward(*down_args, grad_out_rows=grad_out_rows), grad_out_rows]
+
+    monkeypatch.setattr(tuning, "FUSED_DH_MIN_ROWS_X_HIDDEN", 0)  # relu² and gelu: TMA's tiles into the epilogue
+    by_pointers = run()
+    answers = []
+
+    def recorded_weights_by_tma(weight, num_rows):
+        answers.append(tuning.weights_by_tma(weight, num_rows))
+        return answers[-1]
+
+    monkeypatch.setattr(tuning, "TMA_WEIGHTS_MIN_ROWS_X_HIDDEN", 0)
+    monkeypatch.setattr(grouped_gemm, "weights_by_tma", recorded_weights_by_tma)
+    by_tma = run()
+    assert answers and all(answers)  # every launch read its weights by TMA
+    for got, want in zip(by_tma, by_pointers, strict=True):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
 @pytest.mark.parametrize(
     "blocks",
     [
@@ -437,11 +493,14 @@ def test_weight_grad_token_rows_three_ways(case, gated, monkeypatch):
         pytest.param(GemmBlocks(block_m=16, block_n=64, block_k=32, num_warps=1, num_stages=1), id="16x64x32"),
     ],
 )
-def test_launchers_with_other_blocks(blocks):
-    """Every launcher with tiles other than the default: partial tiles and partial-sum columns move around."""
-    dtype, activation = torch.float32, "swiglu"
+@pytest.mark.parametrize("activation, dh_path", [("relu_squared", "fused"), ("swiglu", "row pass")])
+def test_launchers_with_other_blocks(blocks, activation, dh_path, monkeypatch):
+    """Every launcher with tiles other than the default: partial tiles and partial-sum columns move around (the
+    fused dA epilogue sums the routing-weight gradient over up to 13 column tiles of a row)."""
+    take_dh_path(dh_path, monkeypatch)
+    dtype, gated = torch.float32, is_gated(activation)
     routing, h_pre, h_up, w2, grad_out = random_down_inputs("mixed_widths", activation, dtype)
-    _, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs("mixed_widths", True, dtype)
+    _, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs("mixed_widths", gated, dtype)
     layout, row_to_token, row_weights = routing.layout, routing.row_to_token, routing.row_weights
 
     h_pre_out, _, h_act = up_projection(
@@ -460,8 +519,11 @@ def test_launchers_with_other_blocks(blocks):
         grad_out, w2, h_pre, h_up, row_to_token, *layout, row_weights, activation, blocks=blocks
     )
     assert_close(got_dh_pre, expected_dh_pre, dtype)
-    assert_close(got_dh_up, expected_dh_up, dtype)
     assert_close(d_row_weights, expected_d_row_weights, dtype)
+    if gated:
+        assert_close(got_dh_up, expected_dh_up, dtype)
+    else:
+        assert got_dh_up is None
 
     expected_dx_rows, expected_dw1, expected_dv1 = reference_up_backward(dh_pre, dh_up, x, w1, v1, routing)
     dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout, routing.num_rows, blocks=blocks)
@@ -469,7 +531,10 @@ def test_launchers_with_other_blocks(blocks):
     for token_rows, row_to_token_or_none in ((x, row_to_token), (sorted_rows(x, routing), None)):
         dw1, dv1 = weight_grad(dh_pre, dh_up, token_rows, row_to_token_or_none, *layout, blocks=blocks)
         assert_close(dw1, expected_dw1, dtype)
-        assert_close(dv1, expected_dv1, dtype)
+        if gated:
+            assert_close(dv1, expected_dv1, dtype)
+        else:
+            assert dv1 is None
 
 
 def run_all_launchers(case, activation, dtype):

@@ -152,13 +152,16 @@ def test_bf16_error_not_larger_than_reference(name):
 
 
 @gpu_only
-@pytest.mark.parametrize("token_rows", ["gathered", "sorted"])
-def test_uniform_widths_capture_in_cuda_graphs(token_rows, monkeypatch):
+@pytest.mark.parametrize("kernels", ["small-problem", "large-problem"])
+def test_uniform_widths_capture_in_cuda_graphs(kernels, monkeypatch):
     """With equal widths, forward and backward replay from CUDA graphs and give the eager results bit for bit; also
-    with the weight gradients reading sorted token rows by TMA (forced at this size), whose descriptors the graph
-    captures."""
-    if token_rows == "sorted":
-        monkeypatch.setattr(triton_moe.kernels.tuning, "SORTED_ROWS_MIN_ROWS_X_HIDDEN", 0)
+    with the kernels of large problems forced at this size (the weight gradients reading sorted token rows by TMA,
+    the row GEMMs reading the weights by TMA, whose descriptors the graph captures; dA's fused epilogue and the sum
+    of its partials)."""
+    if kernels == "large-problem":
+        for constant in ("SORTED_ROWS_MIN_ROWS_X_HIDDEN", "TMA_WEIGHTS_MIN_ROWS_X_HIDDEN",
+                         "FUSED_DH_MIN_ROWS_X_HIDDEN"):
+            monkeypatch.setattr(triton_moe.kernels.tuning, constant, 0)
     layer = make_layer(triton_moe.MoEMLP, seed_config("64exp_uniform"), torch.bfloat16)
     x = make_input((NUM_TOKENS, 256), torch.bfloat16).requires_grad_()
     grad_out = make_input((NUM_TOKENS, 256), torch.bfloat16)

@@ -128,6 +128,40 @@ def test_sorted_token_rows_leave_every_gradient_as_it_was(name, activation, dtyp
             assert torch.equal(got, want)
 
 
+LARGE_PROBLEM_THRESHOLDS = ("SORTED_ROWS_MIN_ROWS_X_HIDDEN", "TMA_WEIGHTS_MIN_ROWS_X_HIDDEN",
+                            "FUSED_DH_MIN_ROWS_X_HIDDEN")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu_squared", "gelu", "swiglu"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_large_problem_kernels_leave_the_layer_as_it_was(name, activation, dtype, monkeypatch):
+    """The layer with the kernels of large problems forced at this size (tuning's thresholds at 0: token rows
+    sorted for the weight gradients, weights read by TMA (16-bit), relu²'s and gelu's dA GEMM finishing dh_pre in
+    its epilogue) against the small-problem kernels: the output and the experts' weight gradients bit for bit (dA
+    is rounded the same way before either finishes it); the routing weights' gradient is summed per column tile
+    first, so the router's gradient and x's (which it reaches through the router) only to rounding."""
+    config = dataclasses.replace(CONFIGS[name], activation=activation)
+    x = make_input((3, 8, config.hidden_size), dtype)
+    results = []
+    for threshold in (2**62, 0):
+        for constant in LARGE_PROBLEM_THRESHOLDS:
+            monkeypatch.setattr(triton_moe.kernels.tuning, constant, threshold)
+        layer = make_layer(triton_moe.MoEMLP, config, dtype)
+        x_leaf = x.clone().requires_grad_()
+        out = layer(x_leaf)
+        (out.square().sum() + layer.aux_loss).backward()
+        results.append(dict(output=out.detach(), x=x_leaf.grad,
+                            **{param_name: param.grad for param_name, param in layer.named_parameters()}))
+    small, large = results
+    for key in small:
+        if key in ("x", "router.weight"):
+            tolerance = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+            assert rel_l2_error(large[key], small[key]) < tolerance, key
+        else:
+            assert torch.equal(large[key], small[key]), key
+
+
 def test_frozen_up_projection_keeps_no_sorted_rows(weight_grad_reads, monkeypatch):
     """With w1 frozen the forward keeps no copy of x's rows (dW1 is not needed), while dW2 still reads grad_out's
     sorted rows; the sorted path is forced at this size."""

@@ -11,9 +11,10 @@ Forward (R = N * k expert-sorted rows, hidden activations ragged: expert e's row
     combine_rows       sum of each token's k rows, in slot order -> out [N, H]
 Backward:
     down_projection_backward   dA = grad_out gathered by row_to_token, @ w2_eᵀ (where it pays off, the rows it
-                               gathers are written to grad_out_rows [R, H]); then a row pass recomputes the
-                               activation from h_pre: dh_pre, (dh_up), and the routing-weight gradients, written
-                               back through row_to_flat in (token, slot) order
+                               gathers are written to grad_out_rows [R, H]); the activation recomputed from h_pre
+                               (in dA's epilogue for large relu²/gelu problems, else a row pass after it) gives
+                               dh_pre, (dh_up), and the routing-weight gradients, written back through row_to_flat
+                               in (token, slot) order
     weight_grad                dw2_e = Σ_r h_act_weighted[r] ⊗ grad_out_rows[r] (or grad_out[token(r)], gathered)
     input_grad_rows + combine  dx = Σ_slots dh_pre @ w1_e (+ dh_up @ v1_e)
     weight_grad                dw1_e = Σ_r dh_pre[r] ⊗ x_rows[r] (or x[token(r)]; dv1 in the same launch)

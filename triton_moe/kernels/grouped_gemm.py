@@ -4,8 +4,11 @@ Two kernels, each called in several roles by the launchers below:
 - `_expert_rows_gemm`: per expert e, out[rows of e] = A[rows of e] @ B_e, in one of two layouts:
   RAGGED_OUT (hidden -> expert width): A rows gathered from a [N, H] source by row_to_token,
       B_e[k, n] = weight[width_off_e + n, k], out = expert e's [count_e, W_e] block of a ragged buffer; on request
-      it also writes the rows it gathers, in expert-sorted order, for the weight gradient.
-      Roles: up projection (+ activation and routing weight), down projection backward (dA = dL/d act).
+      it also writes the rows it gathers, in expert-sorted order, for the weight gradient. For large 16-bit problems
+      from Hopper on, B loads by TMA.
+      Roles: up projection (+ activation and routing weight), down projection backward (dA = dL/d act; for large
+      problems and one-projection activations + the activation's backward and the routing weight's gradient, in
+      partial sums per column tile).
   not RAGGED_OUT (expert width -> hidden): A = expert e's block of a ragged buffer,
       B_e[k, n] = weight[width_off_e + k, n], out = rows [R, H].
       Roles: down projection, input grad rows (dX before combine).
@@ -14,8 +17,9 @@ Two kernels, each called in several roles by the launchers below:
   above), which load by TMA from Hopper on. Roles: dW2 (A = the weighted activations the forward kept, B =
   grad_out's rows), dW1 (B = x's rows; + dV1 in the same launch).
 Both accumulate in fp32 and never use atomics, so every result is bitwise reproducible. A third, row-wise kernel,
-`_activation_backward_rows`, finishes the down projection's backward on the ragged dA: the activation's derivative,
-the routing weight and the routing weight's gradient (a whole row's dot product, so no partial sums).
+`_activation_backward_rows`, finishes the down projection's backward on the ragged dA where the dA GEMM does not
+(gated activations, small problems): the activation's derivative, the routing weight and the routing weight's
+gradient (a whole row's dot product, so no partial sums).
 
 Layout arguments shared by the launchers (R = N * top_k expert-sorted rows, E experts, H hidden):
     row_to_token: [R] int32/int64, token of each row; rows are sorted by expert.
@@ -41,7 +45,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
 from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, next_power_of_2
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, ROW_PASS_ELEMENTS, GemmBlocks, gemm_blocks,
-                                       permute_block_h, tma_reads_rows)
+                                       fused_dh_pays_off, permute_block_h, tma_reads_rows,
+                                       weights_by_tma)
 
 # The largest common factor of the expert widths worth telling the compiler (WIDTH_MULTIPLE): 16 elements hold
 # a whole 16-byte vector in every dtype, and Triton marks integer arguments divisible by 16 the same way.
@@ -77,11 +82,11 @@ def _expert_extent(expert, expert_row_offsets_ptr, expert_width_offsets_ptr, exp
 
 @triton.jit
 def _expert_rows_gemm(
-    a_ptr, a2_ptr, b_ptr, b2_ptr,
-    out_ptr, out2_ptr, out3_ptr, a_rows_ptr,
+    a_ptr, a2_ptr, b_ptr, b2_ptr, b_desc, b2_desc,
+    out_ptr, out2_ptr, out3_ptr, a_rows_ptr, h_pre_ptr, partials_ptr,
     row_weights_ptr, row_weight_index_ptr,
     row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
-    num_experts, hidden,
+    num_experts, hidden, partial_tiles,
     RAGGED_OUT: tl.constexpr,
     SECOND_PRODUCT: tl.constexpr,
     EPILOGUE: tl.constexpr,
@@ -90,6 +95,7 @@ def _expert_rows_gemm(
     HAS_ROW_WEIGHTS: tl.constexpr,
     INDEXED_ROW_WEIGHTS: tl.constexpr,
     COPY_A_ROWS: tl.constexpr,
+    B_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -101,6 +107,9 @@ def _expert_rows_gemm(
 
     COPY_A_ROWS (RAGGED_OUT only): the program of column tile 0 of each row tile also stores the A rows it gathers,
     a_rows[r] = A[row_to_token[r]] ([R, H], rows in expert-sorted order), for the weight gradient to read.
+    B_TMA (RAGGED_OUT only): B_e's tiles (and B2_e's) load through b_desc (b2_desc), TMA descriptors of the [TW, H]
+    weights in boxes of BLOCK_N weight rows x BLOCK_K; past the expert's width they hold the next expert's rows,
+    which only reach output columns the store masks.
 
     SECOND_PRODUCT: "none"; "shared_a": acc2 = A @ B2_e from the same A tiles (swiglu gate and up);
         "summed": acc += A2 @ B2_e (dX of swiglu: dh_gate @ w1_e + dh_up @ v1_e).
@@ -108,6 +117,12 @@ def _expert_rows_gemm(
         "act_forward": out = h_pre = acc, out2 = h_up = acc2 (GATED), out3 = act(h_pre[, h_up]), times row r's
             routing weight if HAS_ROW_WEIGHTS: row_weights[row_weight_index[r]] if INDEXED_ROW_WEIGHTS, else
             row_weights[r].
+        "act_backward" (not GATED): acc is dA, the gradient for the rows' unweighted activations; with
+            a = act(h_pre) recomputed from the ragged h_pre: out = dh_pre = w_r * dA * act'(h_pre), and, if
+            HAS_ROW_WEIGHTS, partials[slot_r, col_tile] = the tile's columns of sum_n dA * a (partials is
+            [R, partial_tiles], rows in row_weights' order; the launcher sums each row, the routing weight's
+            gradient, and an expert with fewer column tiles writes zeros in the rest). dA is rounded to out's
+            dtype first, as the row pass reads it.
         "store": out = acc.
     """
     tile_id = tl.program_id(0)
@@ -160,13 +175,15 @@ def _expert_rows_gemm(
         a_rows_offsets = rows[:, None].to(tl.int64) * hidden + ks[None, :]  # (BLOCK_M, BLOCK_K)
         # One program per row tile copies: column tile 0, as a mask (a branch in the loop costs the pipeline).
         copies_rows = (ks[None, :] * 0 + col_tile) == 0  # (1, BLOCK_K)
+        b_tma_row = (width_start + col_tile * BLOCK_N).to(tl.int32)  # TMA coordinates of B_eᵀ's tile: int32
+        b_tma_col = 0
     else:
         a_offsets = h_start + expert_rows[:, None].to(tl.int64) * width + ks[None, :]  # (BLOCK_M, BLOCK_K)
         b_offsets = (width_start + ks[:, None]).to(tl.int64) * hidden + cols[None, :]  # (BLOCK_K, BLOCK_N)
         b_step = BLOCK_K * hidden
         out_offsets = rows[:, None].to(tl.int64) * hidden + cols[None, :]  # (BLOCK_M, BLOCK_N)
 
-    if EPILOGUE == "act_forward" and HAS_ROW_WEIGHTS:
+    if EPILOGUE != "store" and HAS_ROW_WEIGHTS:
         # Loaded before the K loop, the two dependent loads (slot, then weight) wait alongside the GEMM rather than
         # at its end, where they cost the up projection at hidden 2048 up to 0.04 ms with 3 pipeline stages and
         # 0.07-0.11 ms with 4 (up_epilogue.md).
@@ -182,7 +199,11 @@ def _expert_rows_gemm(
         a_mask = row_mask[:, None] & k_mask[None, :]
         b_mask = k_mask[:, None] & col_mask[None, :]
         a = tl.load(a_ptr + a_offsets, mask=a_mask, other=0.0)
-        b = tl.load(b_ptr + b_offsets, mask=b_mask, other=0.0)
+        if B_TMA:
+            tl.static_assert(RAGGED_OUT, "only the hidden -> width layout reads B by TMA")
+            b = b_desc.load([b_tma_row, b_tma_col]).T
+        else:
+            b = tl.load(b_ptr + b_offsets, mask=b_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if COPY_A_ROWS:
             tl.static_assert(RAGGED_OUT, "only the gathered A rows are copied")
@@ -192,7 +213,10 @@ def _expert_rows_gemm(
             tl.store(a_rows_ptr + a_rows_offsets, tl.load(a_ptr + a_offsets, mask=copy_mask), mask=copy_mask)
             a_rows_offsets += BLOCK_K
         if SECOND_PRODUCT == "shared_a":
-            b2 = tl.load(b2_ptr + b_offsets, mask=b_mask, other=0.0)
+            if B_TMA:
+                b2 = b2_desc.load([b_tma_row, b_tma_col]).T
+            else:
+                b2 = tl.load(b2_ptr + b_offsets, mask=b_mask, other=0.0)
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
         elif SECOND_PRODUCT == "summed":
             a2 = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0)
@@ -200,6 +224,8 @@ def _expert_rows_gemm(
             acc = tl.dot(a2, b2, acc, input_precision=DOT_PRECISION)
         a_offsets += BLOCK_K
         b_offsets += b_step
+        if B_TMA:
+            b_tma_col += BLOCK_K
 
     out_mask = row_mask[:, None] & col_mask[None, :]
     out_dtype = out_ptr.dtype.element_ty
@@ -218,6 +244,21 @@ def _expert_rows_gemm(
             # weight gradient reads these same values as a plain operand.
             h_act = h_act * row_weights[:, None]
         tl.store(out3_ptr + out_offsets, h_act.to(out_dtype), mask=out_mask)
+    elif EPILOGUE == "act_backward":
+        tl.static_assert(RAGGED_OUT and not GATED, "act_backward: the dA GEMM of a one-projection activation")
+        d_act = acc.to(out_dtype).to(tl.float32)
+        h_pre = tl.load(h_pre_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+        if HAS_ROW_WEIGHTS:
+            # Masked: past the width, B's TMA tiles may have put the next expert's products in dA.
+            partial = tl.sum(tl.where(out_mask, d_act * activation_forward(h_pre, None, ACTIVATION), 0.0), 1)
+            partial_offsets = weight_slots.to(tl.int64) * partial_tiles  # (BLOCK_M,)
+            tl.store(partials_ptr + partial_offsets + col_tile, partial, mask=row_mask)
+            if col_tile == col_tiles - 1:
+                for zero_tile in range(col_tiles, partial_tiles):
+                    tl.store(partials_ptr + partial_offsets + zero_tile, tl.zeros_like(partial), mask=row_mask)
+            d_act = d_act * row_weights[:, None]
+        d_act_d_pre, _ = activation_backward(h_pre, None, ACTIVATION)
+        tl.store(out_ptr + out_offsets, (d_act * d_act_d_pre).to(out_dtype), mask=out_mask)
     else:
         tl.static_assert(EPILOGUE == "store", "unknown epilogue")
         tl.store(out_ptr + out_offsets, acc.to(out_dtype), mask=out_mask)
@@ -475,9 +516,12 @@ def _launch_options(dtype, blocks, expert_widths):
 def _expert_rows_gemm_launch(
     *, a, b, out, num_rows, ragged_out, epilogue, expert_row_offsets, expert_width_offsets, expert_widths,
     expert_h_offsets, blocks, role, a2=None, b2=None, second_product="none", out2=None, out3=None,
-    row_weights=None, row_weight_index=None, row_to_token=None, activation=None, a_rows=None,
+    row_weights=None, row_weight_index=None, row_to_token=None, activation=None, a_rows=None, h_pre=None,
+    partials=None,
 ):
-    """Launch `_expert_rows_gemm` over a grid bounding the (unknown on the host) tiles of all experts."""
+    """Launch `_expert_rows_gemm` over a grid bounding the (unknown on the host) tiles of all experts.
+
+    The hidden -> width layout reads the weights by TMA where tuning.weights_by_tma says so."""
     hidden = b.shape[1]
     blocks = blocks or gemm_blocks(a.dtype, role, gated=b2 is not None, rows_x_hidden=num_rows * hidden,
                                    hidden=hidden)
@@ -489,12 +533,17 @@ def _expert_rows_gemm_launch(
     # cdiv(rows_e, M) <= rows_e // M + 1 and sum_e rows_e // M <= cdiv(R, M): an upper bound on the tiles;
     # programs past the last tile exit at once.
     grid = (ceil_div(num_rows, blocks.block_m) * most_col_tiles + col_tiles_sum,)
+    b_desc = b2_desc = None  # TMA descriptors of the weights, in boxes of BLOCK_N weight rows x BLOCK_K
+    if ragged_out and weights_by_tma(b, num_rows) and (b2 is None or weights_by_tma(b2, num_rows)):
+        box = [blocks.block_n, blocks.block_k]
+        b_desc = TensorDescriptor(b, list(b.shape), [hidden, 1], box)
+        b2_desc = None if b2 is None else TensorDescriptor(b2, list(b2.shape), [hidden, 1], box)
     _expert_rows_gemm[grid](
-        a, a2, b, b2,
-        out, out2, out3, a_rows,
+        a, a2, b, b2, b_desc, b2_desc,
+        out, out2, out3, a_rows, h_pre, partials,
         row_weights, row_weight_index,
         row_to_token, expert_row_offsets, expert_width_offsets, expert_h_offsets,
-        len(expert_widths), hidden,
+        len(expert_widths), hidden, 0 if partials is None else partials.shape[1],
         RAGGED_OUT=ragged_out,
         SECOND_PRODUCT=second_product,
         EPILOGUE=epilogue,
@@ -503,6 +552,7 @@ def _expert_rows_gemm_launch(
         HAS_ROW_WEIGHTS=row_weights is not None,
         INDEXED_ROW_WEIGHTS=row_weight_index is not None,
         COPY_A_ROWS=a_rows is not None,
+        B_TMA=b_desc is not None,
         **_launch_options(a.dtype, blocks, expert_widths),
     )
 
@@ -631,10 +681,17 @@ def down_projection_backward(
     With dA[r, n] = grad_out[row_to_token[r]] . w2[width_off_e + n] (r of expert e, n < W_e) and
     a = act(h_pre[, h_up]) recomputed: d_row_weights[r] = sum_n dA[r, n] * a[r, n],
     dh_pre = row_weights[r] * dA * d act / d h_pre, dh_up = row_weights[r] * dA * d act / d h_up.
-    Two launches: the grouped GEMM stores dA (rounded to grad_out.dtype) in dh_pre's buffer, then a row-wise kernel
-    turns it into dh_pre in place. Fused into the GEMM's epilogue, the same elementwise work (two more tiles to load,
-    a sigmoid for swiglu) held each tile's registers while it waited on memory: 1.2 ms (relu²) and 1.9 ms (swiglu)
-    where the plain GEMM takes 0.84 ms and the row pass reads and writes each ragged element once.
+    dA is rounded to grad_out.dtype before the activation's derivative, as stored. Two ways:
+    - Large problems (tuning.fused_dh_pays_off) with a one-projection activation (relu², gelu): the GEMM's epilogue
+      finishes dh_pre and writes per-column-tile partial sums of d_row_weights, which a sum over the [R, column
+      tiles] partials completes (one more small launch, none with a single column tile). Against the two launches
+      below, at hidden 2048 on the H100: 1.27 -> 1.20 ms at 128x768, 1.50 -> 1.36 ms at 64x1024, 1.61 -> 1.45 ms
+      with variable widths (h100-2026-11-26/rows_ab.md, a probe copy of the kernel, medians, the grad_out copy
+      included).
+    - Otherwise: the grouped GEMM stores dA in dh_pre's buffer, then a row-wise kernel turns it into dh_pre (and
+      dh_up) in place. A gated epilogue (two more tiles, a sigmoid) took 3.6 ms with the 128x256 tiles and 1.76 ms
+      with 128x128 ones, against 1.47 for the two launches at 128x768 (h100-2026-11-26/rows_variants.md); in the
+      seed configs the fused epilogue and the partial sums' launch cost more than the row pass (tuning.py).
 
     Args:
         grad_out: [N, H] fp32/fp16/bf16 gradient of the combined output (combine_rows sums rows per token,
@@ -660,35 +717,48 @@ def down_projection_backward(
     _check_row_weights(row_weights, row_weight_index, num_rows)
     _check_row_copy("grad_out_rows", grad_out_rows, grad_out, num_rows)
     _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
-    dh_pre = torch.empty_like(h_pre)  # (h_numel,) ragged: dA, then dh_pre in place
+    dh_pre = torch.empty_like(h_pre)  # (h_numel,) ragged (gated: dA, then dh_pre in place)
     dh_up = None if h_up is None else torch.empty_like(h_up)  # (h_numel,) ragged
     d_row_weights = None if row_weights is None else torch.empty(num_rows, dtype=torch.float32,
                                                                  device=grad_out.device)  # (R,)
-    if num_rows > 0:
-        _expert_rows_gemm_launch(
-            role="down_backward",
-            a=grad_out, b=w2, out=dh_pre, num_rows=num_rows, ragged_out=True, epilogue="store",
-            row_to_token=row_to_token, a_rows=grad_out_rows, expert_row_offsets=expert_row_offsets,
-            expert_width_offsets=expert_width_offsets, expert_widths=expert_widths,
-            expert_h_offsets=expert_h_offsets, blocks=blocks,
-        )
-        block_w = permute_block_h(max(expert_widths))
-        block_rows = ROW_PASS_ELEMENTS // block_w if ROW_PASS_ELEMENTS > block_w else 1
-        _activation_backward_rows[(ceil_div(num_rows, block_rows),)](
-            dh_pre, h_pre, h_up, row_weights, row_weight_index,
-            dh_up, d_row_weights,
-            expert_row_offsets, expert_width_offsets, expert_h_offsets,
-            num_rows, len(expert_widths),
-            ACTIVATION=activation,
-            GATED=is_gated(activation),
-            HAS_ROW_WEIGHTS=row_weights is not None,
-            INDEXED_ROW_WEIGHTS=row_weight_index is not None,
-            BLOCK_ROWS=block_rows,
-            BLOCK_W=block_w,
-            UNIFORM_WIDTH=_uniform_width(expert_widths),
-            **_layout_constants(expert_widths),
-            num_warps=PERMUTE_NUM_WARPS,
-        )
+    if num_rows == 0:
+        return dh_pre, dh_up, d_row_weights
+    gemm_arguments = dict(
+        role="down_backward", a=grad_out, b=w2, out=dh_pre, num_rows=num_rows, ragged_out=True,
+        row_to_token=row_to_token, a_rows=grad_out_rows, expert_row_offsets=expert_row_offsets,
+        expert_width_offsets=expert_width_offsets, expert_widths=expert_widths, expert_h_offsets=expert_h_offsets,
+        blocks=blocks or gemm_blocks(grad_out.dtype, "down_backward", rows_x_hidden=num_rows * grad_out.shape[1],
+                                     hidden=grad_out.shape[1]),
+    )
+    if not is_gated(activation) and fused_dh_pays_off(num_rows, grad_out.shape[1]):
+        partials = None
+        if row_weights is not None:
+            column_tiles = _tiles_per_row_block(tuple(expert_widths), gemm_arguments["blocks"].block_n)[0]
+            partials = (d_row_weights.view(num_rows, 1) if column_tiles == 1 else  # (R, T): rows' tiles' sums
+                        torch.empty(num_rows, column_tiles, dtype=torch.float32, device=grad_out.device))
+        _expert_rows_gemm_launch(**gemm_arguments, epilogue="act_backward", activation=activation, h_pre=h_pre,
+                                 partials=partials, row_weights=row_weights, row_weight_index=row_weight_index)
+        if partials is not None and partials.shape[1] > 1:
+            torch.sum(partials, dim=1, out=d_row_weights)
+        return dh_pre, dh_up, d_row_weights
+    _expert_rows_gemm_launch(**gemm_arguments, epilogue="store")
+    block_w = permute_block_h(max(expert_widths))
+    block_rows = ROW_PASS_ELEMENTS // block_w if ROW_PASS_ELEMENTS > block_w else 1
+    _activation_backward_rows[(ceil_div(num_rows, block_rows),)](
+        dh_pre, h_pre, h_up, row_weights, row_weight_index,
+        dh_up, d_row_weights,
+        expert_row_offsets, expert_width_offsets, expert_h_offsets,
+        num_rows, len(expert_widths),
+        ACTIVATION=activation,
+        GATED=is_gated(activation),
+        HAS_ROW_WEIGHTS=row_weights is not None,
+        INDEXED_ROW_WEIGHTS=row_weight_index is not None,
+        BLOCK_ROWS=block_rows,
+        BLOCK_W=block_w,
+        UNIFORM_WIDTH=_uniform_width(expert_widths),
+        **_layout_constants(expert_widths),
+        num_warps=PERMUTE_NUM_WARPS,
+    )
     return dh_pre, dh_up, d_row_weights
 
 

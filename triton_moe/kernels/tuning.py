@@ -52,7 +52,9 @@ GPU_16BIT_ROLE_BLOCKS = {
     # at 3 until an A/B on one machine says otherwise.
     "up": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),
     "down": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 472/565
-    # dA + row pass: 392 vs 358 (3 stages); with variable widths 1.16 vs 1.36 ms, at 64x1024 1.24 vs 1.19 ms
+    # dA + row pass: 392 vs 358 (3 stages); with variable widths 1.16 vs 1.36 ms, at 64x1024 1.24 vs 1.19 ms.
+    # With the weights by TMA and the fused epilogue (large problems), 4 stages against 3: 1.20 vs 1.25 ms at
+    # 128x768, 1.36 vs 1.39 at 64x1024, 1.45 vs 1.51 with variable widths (h100-2026-11-26/rows_ab.md, medians).
     "down_backward": GemmBlocks(128, 256, 64, num_warps=8, num_stages=4),
     "input_grad": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # 489/568
     "weight_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # dW2 348/409, dW1 349/411
@@ -191,6 +193,39 @@ def sorted_rows_pay_off(token_rows: torch.Tensor, num_rows: int) -> bool:
     hidden = token_rows.shape[1]
     return (num_rows * hidden >= SORTED_ROWS_MIN_ROWS_X_HIDDEN
             and tma_reads_rows(num_rows, hidden * token_rows.element_size(), token_rows.device))
+
+
+# The two row GEMMs that gather token rows (up, and dA of the down backward) read the weights by TMA for problems
+# from this many rows * hidden on, 16-bit, on a device with TMA. At hidden 2048 on the H100, in a probe copy of
+# the kernel (h100-2026-11-26/rows_ab.md, medians of 5 interleaved rounds): up 1.21 -> 1.18 ms at 128x768,
+# 1.50 -> 1.44 at 64x1024, about the same with variable widths, and swiglu's up (two weights) 2.04 -> 1.86 and
+# 2.61 -> 2.45 ms; the dA GEMM with its fused activation epilogue 1.64 -> 1.36 ms at 64x1024 (1.19-1.20 either way
+# at 128x768, 1.41 -> 1.45 with variable widths). In the seed configs the up launch took 67 -> 81 us at 64 experts
+# (host-bound: the descriptors' host time). The GEMMs reading the ragged buffer (down, dX) were no faster with TMA
+# for either operand (h100-2026-11-26/rows_variants.md), and keep pointer loads.
+TMA_WEIGHTS_MIN_ROWS_X_HIDDEN = SMALL_PROBLEM_ROWS_X_HIDDEN
+
+
+# The dA GEMM of a one-projection activation (relu², gelu) finishes dh_pre in its epilogue for problems from this
+# many rows * hidden on (grouped_gemm.down_projection_backward); below, the separate row pass. Device time of a
+# whole step on the H100, two rounds each (h100-2026-11-26/kernels_ab.md): 5.92-5.93 -> 5.71-5.75 ms at
+# 128x768, 6.76-6.80 -> 6.71-6.72 at 64x1024, 6.65-6.76 -> 6.36-6.47 with variable widths (with the weights by TMA
+# below); in the seed configs the fused epilogue and the partial sums' extra launch cost 0.235-0.237 -> 0.240 ms at
+# 128 experts, 0.209-0.210 -> 0.211-0.213 at 64.
+FUSED_DH_MIN_ROWS_X_HIDDEN = SMALL_PROBLEM_ROWS_X_HIDDEN
+
+
+def fused_dh_pays_off(num_rows: int, hidden: int) -> bool:
+    """Whether the dA GEMM over `num_rows` rows of `hidden` finishes dh_pre itself (a one-projection activation)."""
+    return num_rows * hidden >= FUSED_DH_MIN_ROWS_X_HIDDEN
+
+
+def weights_by_tma(weight: torch.Tensor, num_rows: int) -> bool:
+    """Whether a grouped GEMM over `num_rows` expert-sorted rows reads the [TW, H] `weight` through TMA: a large
+    problem, 16-bit operands, on a device with TMA, weight rows TMA can read from a 16-byte aligned start."""
+    rows, hidden = weight.shape
+    return (num_rows * hidden >= TMA_WEIGHTS_MIN_ROWS_X_HIDDEN and weight.element_size() == 2
+            and weight.data_ptr() % 16 == 0 and tma_reads_rows(rows, hidden * weight.element_size(), weight.device))
 
 
 def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden: int | None = None,
