@@ -112,7 +112,7 @@ def _expert_rows_gemm(
     which only reach output columns the store masks.
 
     SECOND_PRODUCT: "none"; "shared_a": acc2 = A @ B2_e from the same A tiles (swiglu gate and up);
-        "summed": acc += A2 @ B2_e (dX of swiglu: dh_gate @ w1_e + dh_up @ v1_e).
+        "summed": acc += A2 @ B2_e (dX of swiglu: dh_gate @ w1_e + dh_up @ v1_e), in a second K loop.
     EPILOGUE:
         "act_forward": out = h_pre = acc, out2 = h_up = acc2 (GATED), out3 = act(h_pre[, h_up]), times row r's
             routing weight if HAS_ROW_WEIGHTS: row_weights[row_weight_index[r]] if INDEXED_ROW_WEIGHTS, else
@@ -218,14 +218,25 @@ def _expert_rows_gemm(
             else:
                 b2 = tl.load(b2_ptr + b_offsets, mask=b_mask, other=0.0)
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
-        elif SECOND_PRODUCT == "summed":
-            a2 = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0)
-            b2 = tl.load(b2_ptr + b_offsets, mask=b_mask, other=0.0)
-            acc = tl.dot(a2, b2, acc, input_precision=DOT_PRECISION)
         a_offsets += BLOCK_K
         b_offsets += b_step
         if B_TMA:
             b_tma_col += BLOCK_K
+    if SECOND_PRODUCT == "summed":
+        # The second product in a K loop of its own, after the first: one operand pair in flight per step, so
+        # this launch takes the wide tiles of the one-product GEMMs, which two pairs a step did not fit. The
+        # offsets are computed afresh: rewound by subtraction, they lost what the compiler knew of their
+        # contiguity, and the GEMM ran at 22-216 TFLOP/s (sweep_dx_swiglu.md).
+        tl.static_assert(not RAGGED_OUT, "summed: the expert width -> hidden layout")
+        a_offsets = h_start + expert_rows[:, None].to(tl.int64) * width + ks[None, :]  # (BLOCK_M, BLOCK_K)
+        b_offsets = (width_start + ks[:, None]).to(tl.int64) * hidden + cols[None, :]  # (BLOCK_K, BLOCK_N)
+        for k_start in range(0, reduce_size, BLOCK_K):
+            k_mask = ks < reduce_size - k_start
+            a2 = tl.load(a2_ptr + a_offsets, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b2 = tl.load(b2_ptr + b_offsets, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(a2, b2, acc, input_precision=DOT_PRECISION)
+            a_offsets += BLOCK_K
+            b_offsets += b_step
 
     out_mask = row_mask[:, None] & col_mask[None, :]
     out_dtype = out_ptr.dtype.element_ty

@@ -62,13 +62,14 @@ GPU_16BIT_ROLE_BLOCKS = {
     # and 637/610, against 533/533 and 596/582 with 4 stages; with variable widths 513/511 (519/513).
     "weight_grad_sorted": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),
 }
-# A gated (swiglu) activation doubles the operand tiles of the up projection and of the input gradient (two
-# weights, two accumulators or two A operands), and the outputs of the weight gradient (dW1 with dV1): 128x256 runs
-# out of shared memory or registers there. Measured in h100-2026-11-25/sweep_swiglu.md (hidden 2048, 128x768
-# top-8, TFLOP/s of the role's GEMMs).
+# A gated (swiglu) activation doubles the operand tiles of the up projection (two weights, two accumulators), and
+# the outputs of the weight gradient (dW1 with dV1): 128x256 runs out of shared memory or registers there.
+# Measured in h100-2026-11-25/sweep_swiglu.md (hidden 2048, 128x768 top-8, TFLOP/s of the role's GEMMs). The input
+# gradient's second product runs in a K loop of its own, so it takes the one-product tiles (none here): 515 TFLOP/s
+# with 128x256 at 128x768, against 426-461 for both products in one loop with 128x128, then the widest tile that
+# fitted (h100-2026-11-26/sweep_dx_swiglu.md).
 GPU_16BIT_GATED_BLOCKS = {
     "up": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # 445 (454 with 3 stages; 430 vs 387 the day before)
-    "input_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=3),  # 423, the only 8-warp tile that fits
     "weight_grad": GemmBlocks(64, 128, 64, num_warps=4, num_stages=4),  # dW1 + dV1: 342 vs 318
     # From sorted rows by TMA: 500 at 128x768, 528 with variable widths (4 stages: 494, 489; 64x128 tiles: 484,
     # 487; session8/sweep_dw_swiglu.md).
@@ -89,8 +90,8 @@ GPU_16BIT_LONG_HIDDEN_BLOCKS = {
 # well with 128x64 as with 128x128 and 8 warps. Device µs per launch from CUDA-graph replays in
 # h100-2026-11-25/sweep_seed.md ("default" there is this table), summed over the six GEMMs of a step, the large
 # tiles (the (128, 256, 64, 8, 3) and (128, 128, 64, 8, 4) rows) -> these: 8 experts 89.9 -> 74.4, 16 experts
-# 61.8 -> 53.2, 64 experts 149.7 -> 142.8, 128 experts 176.5 -> 167.8. The gated launches (two products, or dW1 with
-# dV1) were not swept at these sizes and keep the gated tiles above.
+# 61.8 -> 53.2, 64 experts 149.7 -> 142.8, 128 experts 176.5 -> 167.8. The gated up and dW1 + dV1 were not swept at
+# these sizes and keep the gated tiles above; the gated input gradient (two one-product loops) takes these.
 SMALL_PROBLEM_ROWS_X_HIDDEN = 2**24  # rows * hidden below this is a small problem (seed configs: at most 2**23)
 GPU_16BIT_SMALL_BLOCKS = {
     "up": GemmBlocks(64, 128, 64, num_warps=4, num_stages=3),
@@ -241,8 +242,8 @@ def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidde
         return INTERPRETER_BLOCKS
     if dtype == torch.float32:
         return GPU_FP32_BLOCKS
-    if gated:
-        return GPU_16BIT_GATED_BLOCKS.get(role, GPU_16BIT_ROLE_BLOCKS[role])
+    if gated and role in GPU_16BIT_GATED_BLOCKS:
+        return GPU_16BIT_GATED_BLOCKS[role]
     if rows_x_hidden is not None and rows_x_hidden < SMALL_PROBLEM_ROWS_X_HIDDEN:
         return GPU_16BIT_SMALL_BLOCKS[role]
     if hidden is not None and hidden > LONG_HIDDEN:
