@@ -202,7 +202,7 @@ def sorted_rows_pay_off(token_rows: torch.Tensor, num_rows: int) -> bool:
 # 1.50 -> 1.44 at 64x1024, about the same with variable widths, and swiglu's up (two weights) 2.04 -> 1.86 and
 # 2.61 -> 2.45 ms; the dA GEMM with its fused activation epilogue 1.64 -> 1.36 ms at 64x1024 (1.19-1.20 either way
 # at 128x768, 1.41 -> 1.45 with variable widths). In the seed configs the up launch took 67 -> 81 us at 64 experts
-# (host-bound: the descriptors' host time). The GEMMs reading the ragged buffer (down, dX) were no faster with TMA
+# (host-bound; the descriptors add host time). The GEMMs reading the ragged buffer (down, dX) were no faster with TMA
 # for either operand (h100-2026-11-26/rows_variants.md), and keep pointer loads.
 TMA_WEIGHTS_MIN_ROWS_X_HIDDEN = SMALL_PROBLEM_ROWS_X_HIDDEN
 
