@@ -10,7 +10,7 @@ import torch
 # fp64 loop below need IEEE fp32. (Our own kernels choose their precision explicitly.)
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
-import triton_moe  # noqa: E402,F401  (selects Triton's interpreter on CPU-only machines before any kernel import)
+import triton_moe  # noqa: E402  (selects Triton's interpreter on CPU-only machines before any kernel import)
 from triton_moe.config import SEED_CONFIGS, MoEConfig  # noqa: E402
 from triton_moe.ground_truth import TOLERANCES, cosine, max_rel_error, run_with_loop  # noqa: E402
 
@@ -36,6 +36,15 @@ def nan_filled_outputs(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
     monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+
+
+def use_problem_size_kernels(size, monkeypatch):
+    """Make the launchers take the kernels of `size` ("large" or "small") problems whatever the sizes at hand:
+    tuning's size thresholds (sorted token rows for the weight gradients, weights by TMA, dA's fused epilogue) at
+    0 or out of reach."""
+    threshold = {"large": 0, "small": 2**62}[size]
+    for constant in ("SORTED_ROWS_MIN_ROWS_X_HIDDEN", "TMA_WEIGHTS_MIN_ROWS_X_HIDDEN", "FUSED_DH_MIN_ROWS_X_HIDDEN"):
+        monkeypatch.setattr(triton_moe.kernels.tuning, constant, threshold)
 
 
 class RefuseLaunch:

@@ -8,7 +8,7 @@ import reference
 import triton_moe
 from conftest import (DEVICE, DTYPES, HALF_DTYPES, SEED_CONFIGS, assert_close, assert_grads_match,
                       assert_intermediates_match, gpu_only, make_input, make_layer, run_against_loop,
-                      seed_config)
+                      seed_config, use_problem_size_kernels)
 from triton_moe import MoEConfig
 from triton_moe.ground_truth import cosine, rel_l2_error
 
@@ -159,9 +159,7 @@ def test_uniform_widths_capture_in_cuda_graphs(kernels, monkeypatch):
     the row GEMMs reading the weights by TMA, whose descriptors the graph captures; dA's fused epilogue and the sum
     of its partials)."""
     if kernels == "large-problem":
-        for constant in ("SORTED_ROWS_MIN_ROWS_X_HIDDEN", "TMA_WEIGHTS_MIN_ROWS_X_HIDDEN",
-                         "FUSED_DH_MIN_ROWS_X_HIDDEN"):
-            monkeypatch.setattr(triton_moe.kernels.tuning, constant, 0)
+        use_problem_size_kernels("large", monkeypatch)
     layer = make_layer(triton_moe.MoEMLP, seed_config("64exp_uniform"), torch.bfloat16)
     x = make_input((NUM_TOKENS, 256), torch.bfloat16).requires_grad_()
     grad_out = make_input((NUM_TOKENS, 256), torch.bfloat16)

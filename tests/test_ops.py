@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import triton_moe
-from conftest import DEVICE, DTYPES, ON_GPU, make_input, make_layer
+from conftest import DEVICE, DTYPES, ON_GPU, make_input, make_layer, use_problem_size_kernels
 from triton_moe import MoEConfig
 from triton_moe.ground_truth import rel_l2_error
 from triton_moe.ops import ExpertLayout
@@ -128,10 +128,6 @@ def test_sorted_token_rows_leave_every_gradient_as_it_was(name, activation, dtyp
             assert torch.equal(got, want)
 
 
-LARGE_PROBLEM_THRESHOLDS = ("SORTED_ROWS_MIN_ROWS_X_HIDDEN", "TMA_WEIGHTS_MIN_ROWS_X_HIDDEN",
-                            "FUSED_DH_MIN_ROWS_X_HIDDEN")
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["relu_squared", "gelu", "swiglu"])
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -144,9 +140,8 @@ def test_large_problem_kernels_leave_the_layer_as_it_was(name, activation, dtype
     config = dataclasses.replace(CONFIGS[name], activation=activation)
     x = make_input((3, 8, config.hidden_size), dtype)
     results = []
-    for threshold in (2**62, 0):
-        for constant in LARGE_PROBLEM_THRESHOLDS:
-            monkeypatch.setattr(triton_moe.kernels.tuning, constant, threshold)
+    for size in ("small", "large"):
+        use_problem_size_kernels(size, monkeypatch)
         layer = make_layer(triton_moe.MoEMLP, config, dtype)
         x_leaf = x.clone().requires_grad_()
         out = layer(x_leaf)
