@@ -436,11 +436,11 @@ def test_weight_grad_token_rows_three_ways(case, gated, monkeypatch):
         pytest.skip("this GPU has no TMA")
     routing, dh_pre, dh_up, x, _, _ = random_up_grad_inputs(case, gated, torch.float32)
     rows = sorted_rows(x, routing)
-    assert grouped_gemm._tma_readable(rows)
-    assert not grouped_gemm._tma_readable(torch.zeros(4, 36, dtype=torch.float16, device=DEVICE))  # rows of 72 bytes
+    assert grouped_gemm.tma_readable(rows)
+    assert not grouped_gemm.tma_readable(torch.zeros(4, 36, dtype=torch.float16, device=DEVICE))  # rows of 72 bytes
     gathered = weight_grad(dh_pre, dh_up, x, routing.row_to_token, *routing.layout)
     by_tma = weight_grad(dh_pre, dh_up, rows, None, *routing.layout)
-    monkeypatch.setattr(grouped_gemm, "_tma_readable", lambda matrix: False)
+    monkeypatch.setattr(grouped_gemm, "tma_readable", lambda matrix: False)
     by_pointers = weight_grad(dh_pre, dh_up, rows, None, *routing.layout)
     for way in (by_tma, by_pointers):
         for got, want in zip(way, gathered, strict=True):

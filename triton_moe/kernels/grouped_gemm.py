@@ -45,7 +45,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
 from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, next_power_of_2
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, ROW_PASS_ELEMENTS, GemmBlocks, gemm_blocks,
-                                       fused_dh_pays_off, permute_block_h, tma_reads_rows,
+                                       fused_dh_pays_off, permute_block_h, tma_readable,
                                        weights_by_tma)
 
 # The largest common factor of the expert widths worth telling the compiler (WIDTH_MULTIPLE): 16 elements hold
@@ -866,7 +866,7 @@ def weight_grad(
     dw_2 = None if ragged2 is None else torch.empty_like(dw)  # (TW, H)
     if row_to_token is not None:
         b_rows, role = "gathered", "weight_grad"
-    elif _tma_readable(token_rows):
+    elif tma_readable(token_rows):
         b_rows, role = "sorted_tma", "weight_grad_sorted"
     else:
         b_rows, role = "sorted", "weight_grad"
@@ -887,9 +887,3 @@ def weight_grad(
         **_launch_options(ragged.dtype, blocks, expert_widths),
     )
     return dw, dw_2
-
-
-def _tma_readable(matrix: torch.Tensor) -> bool:
-    """Whether contiguous [rows, cols] `matrix` can be read through a TMA descriptor (its start 16-byte aligned)."""
-    return matrix.data_ptr() % 16 == 0 and tma_reads_rows(matrix.shape[0], matrix.shape[1] * matrix.element_size(),
-                                                         matrix.device)

@@ -187,6 +187,12 @@ def tma_reads_rows(num_rows: int, row_bytes: int, device: torch.device) -> bool:
     return has_tma(device) and row_bytes % 16 == 0 and num_rows < 2**31
 
 
+def tma_readable(matrix: torch.Tensor) -> bool:
+    """Whether contiguous [rows, cols] `matrix` can be read through a TMA descriptor (its start 16-byte aligned)."""
+    return matrix.data_ptr() % 16 == 0 and tma_reads_rows(matrix.shape[0], matrix.shape[1] * matrix.element_size(),
+                                                         matrix.device)
+
+
 def sorted_rows_pay_off(token_rows: torch.Tensor, num_rows: int) -> bool:
     """Whether the weight gradient should read the [num_rows, H] expert-sorted copy of the [N, H] `token_rows`
     (which the GEMM gathering them writes on the way) rather than gather them itself: a large problem, with rows
@@ -224,9 +230,8 @@ def fused_dh_pays_off(num_rows: int, hidden: int) -> bool:
 def weights_by_tma(weight: torch.Tensor, num_rows: int) -> bool:
     """Whether a grouped GEMM over `num_rows` expert-sorted rows reads the [TW, H] `weight` through TMA: a large
     problem, 16-bit operands, on a device with TMA, weight rows TMA can read from a 16-byte aligned start."""
-    rows, hidden = weight.shape
-    return (num_rows * hidden >= TMA_WEIGHTS_MIN_ROWS_X_HIDDEN and weight.element_size() == 2
-            and weight.data_ptr() % 16 == 0 and tma_reads_rows(rows, hidden * weight.element_size(), weight.device))
+    return (num_rows * weight.shape[1] >= TMA_WEIGHTS_MIN_ROWS_X_HIDDEN and weight.element_size() == 2
+            and tma_readable(weight))
 
 
 def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden: int | None = None,
