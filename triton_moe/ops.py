@@ -130,15 +130,14 @@ def _expert_mlp_backward(
     dh_pre, dh_up, d_expert_weights = down_projection_backward(
         grad_out, w2, h_pre, h_up, layout.row_to_token, *layout.offsets(), expert_weights, activation,
         row_weight_index=layout.row_to_flat, grad_out_rows=grad_out_rows)
-    dw2, _ = (weight_grad(h_act_weighted, None, grad_out, layout.row_to_token, *layout.offsets())
-              if grad_out_rows is None else
-              weight_grad(h_act_weighted, None, grad_out_rows, None, *layout.offsets()))  # [TW, H]
-    del grad_out_rows
+    # the token rows each weight gradient reads: (sorted copy, None), or (token rows, row_to_token) to gather them
+    dw2_rows = (grad_out, layout.row_to_token) if grad_out_rows is None else (grad_out_rows, None)
+    dw2, _ = weight_grad(h_act_weighted, None, *dw2_rows, *layout.offsets())  # [TW, H]
+    del grad_out_rows, dw2_rows
     dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(), layout.num_rows)  # [R, H]
     dx = combine_rows(dx_rows, layout.flat_to_row, layout.top_k)  # [N, H]
-    dw1, dv1 = (weight_grad(dh_pre, dh_up, x, layout.row_to_token, *layout.offsets())
-                if x_rows.shape[0] == 0 else
-                weight_grad(dh_pre, dh_up, x_rows, None, *layout.offsets()))  # [TW, H] each
+    dw1_rows = (x, layout.row_to_token) if x_rows.shape[0] == 0 else (x_rows, None)
+    dw1, dv1 = weight_grad(dh_pre, dh_up, *dw1_rows, *layout.offsets())  # [TW, H] each
     return dx, d_expert_weights, dw1, w1.new_empty(0) if dv1 is None else dv1, dw2
 
 
