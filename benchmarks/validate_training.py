@@ -15,6 +15,11 @@ two measures that can:
   ||g_triton - g_ref|| / ||g_ref|| and the cosine;
 - weight distance, at the end: ||θ_ref - θ_triton|| / ||θ_ref - θ_0||, the two trained models' distance relative
   to how far training moved the reference from the shared initial weights θ_0; over the MoE parameters and all.
+`--control` trains the reference a second time, from the same weights on the same batches, and reports its r,
+gap and weight distance against the first reference run: how far two runs of one implementation drift apart by
+non-determinism alone (on a GPU the rest of the GPT and stk are not bitwise reproducible; on the CPU they are, and
+the control matches exactly). It is a yardstick printed beside the triton numbers, not a check: the bounds below
+stay as they are.
 Exits non-zero when the correlation is below --min-correlation (0.999), the gap above --max-gap (1%), a
 gradient's relative error above --max-grad-rel-l2 or a weight distance above --max-weight-distance (defaults
 per dtype: THRESHOLDS). `--inject-fault NAME` runs the Triton model with a deliberate defect
@@ -48,6 +53,7 @@ from triton_moe.ground_truth import cosine, rel_l2_error
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "classics.txt"
 IMPLEMENTATIONS = {"reference": reference.MoEMLP, "triton": triton_moe.MoEMLP}
+CONTROL = "control"  # --control: the reference trained again, as a yardstick of run-to-run drift
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FINAL_WINDOW = 10  # steps averaged for the final loss
 TIMING_SKIP = 3  # first steps left out of tokens/s: Triton compiles its kernels there
@@ -110,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default per dtype, THRESHOLDS)")
     parser.add_argument("--max-weight-distance", type=float, help="largest ||θ_ref - θ_triton|| / "
                         "||θ_ref - θ_0|| after training (default per dtype, THRESHOLDS)")
+    parser.add_argument("--control", action="store_true", help="also train the reference a second time and report "
+                        "how far it drifts from the first (the drift of non-determinism alone); no bound")
     add_fault_argument(parser)
     parser.add_argument("--wandb", action="store_true", help="log both runs to Weights & Biases (offline)")
     parser.add_argument("--wandb-online", action="store_true", help="with --wandb: sync online")
@@ -289,18 +297,23 @@ def plot(path: Path, runs: dict, metrics: dict, title: str):
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[3, 1.4])
-    styles = {"reference": dict(linewidth=2.4, alpha=0.6), "triton": dict(linewidth=1.0, linestyle="--")}
+    styles = {"reference": dict(linewidth=2.4, alpha=0.6), "triton": dict(linewidth=1.0, linestyle="--"),
+              CONTROL: dict(linewidth=1.0, linestyle=":", color="tab:gray", label="reference again (control)")}
     for name, run in runs.items():
-        top.plot(run["losses"], label=name, **styles[name])
+        top.plot(run["losses"], **{"label": name, **styles[name]})
     top.set_ylabel("training loss (CE + aux)")
     top.set_title(f"{title}\nPearson r = {metrics['pearson_r']:.6f}, "
                   f"final-loss gap = {100 * metrics['final_loss_gap']:.3f}%", fontsize=10)
     top.legend()
     top.grid(alpha=0.3)
-    difference = np.asarray(runs["triton"]["losses"]) - np.asarray(runs["reference"]["losses"])
-    bottom.plot(difference, color="tab:red", linewidth=1.0)
+    for name, color in (("triton", "tab:red"), (CONTROL, "tab:gray")):
+        if name in runs:
+            difference = np.asarray(runs[name]["losses"]) - np.asarray(runs["reference"]["losses"])
+            bottom.plot(difference, color=color, linewidth=1.0, label=f"{name} - reference")
     bottom.axhline(0.0, color="black", linewidth=0.6)
-    bottom.set_ylabel("triton - reference")
+    bottom.set_ylabel("minus reference")
+    if CONTROL in runs:
+        bottom.legend(fontsize=8)
     bottom.set_xlabel("step")
     bottom.grid(alpha=0.3)
     fig.tight_layout()
@@ -353,7 +366,8 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     group = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     runs, final_params = {}, {}
-    for name, mlp_cls in IMPLEMENTATIONS.items():
+    trained = dict(IMPLEMENTATIONS, **({CONTROL: reference.MoEMLP} if args.control else {}))
+    for name, mlp_cls in trained.items():
         model = GPT(config, mlp_cls)
         model.load_state_dict(initial_state)
         model.to(args.device)
@@ -372,6 +386,13 @@ def main(argv=None) -> int:
     metrics["max_grad_rel_l2"] = max(entry["rel_l2"] for check in grad_check.results
                                      for entry in check["grads"].values())
     metrics["weight_distance"] = weight_distances(initial_params, final_params["reference"], final_params["triton"])
+    if args.control:
+        control = compare(runs["reference"]["losses"], runs[CONTROL]["losses"])
+        metrics[CONTROL] = dict(pearson_r=control["pearson_r"], final_loss_gap=control["final_loss_gap"],
+                                max_abs_diff=control["max_abs_diff"],
+                                weight_distance=weight_distances(initial_params, final_params["reference"],
+                                                                 final_params[CONTROL]))
+        metrics[f"final_loss_{CONTROL}"] = control["final_loss_triton"]
     checks = dict(correlation=metrics["pearson_r"] >= args.min_correlation,
                   final_loss_gap=metrics["final_loss_gap"] <= args.max_gap,
                   grad_rel_l2=metrics["max_grad_rel_l2"] <= args.max_grad_rel_l2,
@@ -409,6 +430,11 @@ def print_summary(runs: dict, metrics: dict, checks: dict, args):
           f"all {distance['all']:.3e}  (<= {args.max_weight_distance:g})  {verdict[checks['weight_distance']]}")
     print(f"largest gradient rel L2 error {metrics['max_grad_rel_l2']:.3e}  (<= {args.max_grad_rel_l2:g})  "
           f"{verdict[checks['grad_rel_l2']]}")
+    if CONTROL in metrics:
+        control = metrics[CONTROL]
+        print(f"control, the reference against itself (no bound): r {control['pearson_r']:.6f}, final-loss gap "
+              f"{100 * control['final_loss_gap']:.4f}%, weight distance MoE {control['weight_distance']['moe']:.3e}, "
+              f"all {control['weight_distance']['all']:.3e}")
     print_grad_checks(metrics["grad_checks"], args.max_grad_rel_l2)
 
 

@@ -38,12 +38,20 @@ class FakeWandb(types.ModuleType):
 def test_trains_both_and_writes_results(tmp_path, monkeypatch):
     fake_wandb = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
-    assert validate_training.main([*TINY, "--out-dir", str(tmp_path), "--wandb"]) == 0
+    assert validate_training.main([*TINY, "--out-dir", str(tmp_path), "--wandb", "--control"]) == 0
 
     result = json.loads((tmp_path / "validate_training.json").read_text())
     assert (tmp_path / "validate_training.png").stat().st_size > 0
     reference, triton = result["runs"]["reference"]["losses"], result["runs"]["triton"]["losses"]
     assert len(reference) == len(triton) == STEPS
+    # The control is the reference trained again from the same weights on the same batches: on the CPU, bit for bit.
+    control, control_metrics = result["runs"]["control"]["losses"], result["metrics"]["control"]
+    if DEVICE == "cpu":
+        assert control == reference
+        assert control_metrics["final_loss_gap"] == 0.0
+        assert control_metrics["weight_distance"] == {"moe": 0.0, "all": 0.0}
+    else:
+        assert control == pytest.approx(reference, rel=1e-4)
     assert all(math.isfinite(loss) for loss in reference + triton)
     # Same weights and the same first batch in fp32: the same loss up to rounding.
     assert triton[0] == pytest.approx(reference[0], rel=1e-5)
@@ -53,7 +61,7 @@ def test_trains_both_and_writes_results(tmp_path, monkeypatch):
     assert result["metrics"]["grad_checks"][0]["grads"].keys() == {"router", "w1", "w2", "moe_input"}
     assert all(result["checks"].values())
 
-    assert [run.kwargs["name"] for run in fake_wandb.runs] == ["reference", "triton"]
+    assert [run.kwargs["name"] for run in fake_wandb.runs] == ["reference", "triton", "control"]
     assert all(run.kwargs["mode"] == "offline" and run.finished for run in fake_wandb.runs)
     assert [step for step, _ in fake_wandb.runs[1].logged] == list(range(STEPS))
 
