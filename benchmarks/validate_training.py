@@ -435,6 +435,9 @@ def print_summary(runs: dict, metrics: dict, checks: dict, args):
         print(f"control, the reference against itself (no bound): r {control['pearson_r']:.6f}, final-loss gap "
               f"{100 * control['final_loss_gap']:.4f}%, weight distance MoE {control['weight_distance']['moe']:.3e}, "
               f"all {control['weight_distance']['all']:.3e}")
+    elif not (checks["correlation"] and checks["weight_distance"]):
+        print("r or the weight distance is out of bounds: --control measures how far the reference drifts from "
+              "itself on this model (README, 'How far the reference drifts from itself')")
     print_grad_checks(metrics["grad_checks"], args.max_grad_rel_l2)
 
 
