@@ -392,7 +392,7 @@ def main(argv=None) -> int:
                                 max_abs_diff=control["max_abs_diff"],
                                 weight_distance=weight_distances(initial_params, final_params["reference"],
                                                                  final_params[CONTROL]))
-        metrics[f"final_loss_{CONTROL}"] = control["final_loss_triton"]
+        metrics[f"final_loss_{CONTROL}"] = control["final_loss_triton"]  # compare() calls its second curve triton
     checks = dict(correlation=metrics["pearson_r"] >= args.min_correlation,
                   final_loss_gap=metrics["final_loss_gap"] <= args.max_gap,
                   grad_rel_l2=metrics["max_grad_rel_l2"] <= args.max_grad_rel_l2,
