@@ -20,7 +20,6 @@ import stk
 from reference import topology_var
 from reference.moe import ACTIVATIONS as REFERENCE_ACTIVATIONS
 from triton_moe import kernels
-from triton_moe.ops import ExpertLayout
 from triton_moe.router_ops import fused_sort_by_expert
 from triton_moe.routing import route, sort_by_expert
 
@@ -28,27 +27,25 @@ from triton_moe.routing import route, sort_by_expert
 def triton_steps(layer, x):
     """name -> zero-argument callable, for each step of the Triton layer's forward and backward."""
     o = triton_operands(layer, x)
-    cfg, layout = o.cfg, o.layout
+    cfg, layout, sort = o.cfg, o.layout, o.sort
+    top_k = cfg.num_active_experts
     return {
         "routing (router GEMM, softmax, top-k, aux loss)": lambda: layer._route(x),
-        "sort by expert + layout": lambda: ExpertLayout.from_sort(
-            fused_sort_by_expert(o.routing.expert_indices, cfg.num_experts, o.routing.block_offsets), cfg.expert_widths,
-            layer.expert_width_offsets, layer.expert_widths_tensor, cfg.num_active_experts),
+        "sort by expert": lambda: fused_sort_by_expert(o.routing.expert_indices, cfg.num_experts,
+                                                       o.routing.block_offsets),
         "up GEMM (gather, activation and routing weight fused; x's rows copied where kept)":
-            lambda: kernels.up_projection(
-            x, o.w1, o.v1, layout.row_to_token, *layout.offsets(), layout.h_numel, cfg.activation, o.expert_weights,
-            row_weight_index=layout.row_to_flat, x_rows=o.x_rows),
-        "down GEMM": lambda: kernels.down_projection(o.h_act, o.w2, *layout.offsets(), layout.num_rows),
-        "combine": lambda: kernels.combine_rows(o.y_rows, layout.flat_to_row, layout.top_k),
+            lambda: kernels.up_projection(x, o.w1, o.v1, sort.row_to_token, layout, cfg.activation, o.expert_weights,
+                                          row_weight_index=sort.row_to_flat, x_rows=o.x_rows),
+        "down GEMM": lambda: kernels.down_projection(o.h_act, o.w2, layout),
+        "combine": lambda: kernels.combine_rows(o.y_rows, sort.flat_to_row, top_k),
         "bwd: down dH (+ activation grad, routing-weight grads; grad_out's rows copied where it pays off)":
             lambda: kernels.down_projection_backward(
-                o.grad_out, o.w2, o.h_pre, o.h_up, layout.row_to_token, *layout.offsets(), o.expert_weights,
-                cfg.activation, row_weight_index=layout.row_to_flat, grad_out_rows=o.grad_out_rows),
-        "bwd: dW2": lambda: kernels.weight_grad(o.h_act, None, *o.dw2_rows, *layout.offsets()),
-        "bwd: dX rows": lambda: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, *layout.offsets(),
-                                                        layout.num_rows),
-        "bwd: dX combine": lambda: kernels.combine_rows(o.dx_rows, layout.flat_to_row, layout.top_k),
-        "bwd: dW1 (+dV1)": lambda: kernels.weight_grad(o.dh_pre, o.dh_up, *o.dw1_rows, *layout.offsets()),
+                o.grad_out, o.w2, o.h_pre, o.h_up, sort.row_to_token, layout, o.expert_weights,
+                cfg.activation, row_weight_index=sort.row_to_flat, grad_out_rows=o.grad_out_rows),
+        "bwd: dW2": lambda: kernels.weight_grad(o.h_act, None, *o.dw2_rows, layout),
+        "bwd: dX rows": lambda: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, layout),
+        "bwd: dX combine": lambda: kernels.combine_rows(o.dx_rows, sort.flat_to_row, top_k),
+        "bwd: dW1 (+dV1)": lambda: kernels.weight_grad(o.dh_pre, o.dh_up, *o.dw1_rows, layout),
     }
 
 

@@ -1,4 +1,5 @@
-"""A small nanoGPT-style GPT whose Block MLP is a Mixture of Experts: `reference.MoEMLP` or `triton_moe.MoEMLP`.
+"""A small nanoGPT-style GPT whose Block MLP is a Mixture of Experts (`reference.MoEMLP`, `triton_moe.MoEMLP`, the
+baselines) or, for comparison, a dense MLP (`dense_mlp(width)`).
 
 Pre-LN blocks (ln -> causal self-attention, ln -> MoE MLP), learned position embeddings, tied input and output
 embeddings, nanoGPT's init. The loss is the next-token cross-entropy plus `triton_moe.aux_loss(model)`.
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from triton_moe import MoEConfig, MoELayer, aux_loss
+from triton_moe.ground_truth import activation
 
 
 @dataclass
@@ -50,8 +52,32 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
+class DenseMLP(nn.Module):
+    """nanoGPT's MLP without bias, with the MoE config's activation: act(x w1ᵀ [, x v1ᵀ]) w2, w1, v1, w2 [width, H]
+    (the names and layout of one expert, so GPT's init treats them alike)."""
+
+    def __init__(self, config: MoEConfig, width: int):
+        super().__init__()
+        self.config = config
+        self.w1 = nn.Parameter(torch.empty(width, config.hidden_size))
+        self.v1 = nn.Parameter(torch.empty(width, config.hidden_size)) if config.is_glu else None
+        self.w2 = nn.Parameter(torch.empty(width, config.hidden_size))
+        for param in self.parameters():
+            nn.init.normal_(param, mean=0.0, std=config.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h_up = x @ self.v1.to(x.dtype).T if self.v1 is not None else None
+        return activation(self.config, x @ self.w1.to(x.dtype).T, h_up) @ self.w2.to(x.dtype)  # (..., H)
+
+
+def dense_mlp(width: int):
+    """The MLP class argument of GPT for a dense MLP of `width`: e.g. top-k times the mean expert width, the
+    active width of an MoE layer."""
+    return lambda config: DenseMLP(config, width)
+
+
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, mlp_cls: type[MoELayer]):
+    def __init__(self, config: GPTConfig, mlp_cls):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=False)
         self.attn = CausalSelfAttention(config)
@@ -64,7 +90,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, mlp_cls: type[MoELayer]):
+    def __init__(self, config: GPTConfig, mlp_cls):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(

@@ -26,7 +26,6 @@ import triton_moe  # noqa: E402
 from baselines import GroupedMMMoE, LoopMoE, megablocks_dmoe  # noqa: E402
 from triton_moe.config import REALISTIC_CONFIGS, SEED_CONFIGS, MoEConfig  # noqa: E402
 from triton_moe import kernels  # noqa: E402
-from triton_moe.ops import ExpertLayout  # noqa: E402
 from triton_moe.router_ops import fused_sort_by_expert  # noqa: E402
 from triton_moe.routing import route, sort_by_expert  # noqa: E402
 
@@ -59,6 +58,8 @@ def parse_args(description, extra=None):
     parser.add_argument("--tokens", type=int, default=None, help="override every config's token count")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--back-to-back", action="store_true",
+                        help="also time every implementation over --repeats calls back to back (no sync between)")
     parser.add_argument("--out", default=None, help="JSON path (default: runs/<benchmark>.json)")
     if extra:
         extra(parser)
@@ -100,6 +101,19 @@ def time_ms(fn, warmup: int, repeats: int) -> float:
             fn()
             times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
+
+
+def back_to_back_ms(fn, warmup: int, repeats: int) -> float:
+    """Mean time of fn() in ms over `repeats` calls run back to back, as a training loop runs them: the host queues
+    the next call while the device runs the last, so this is the larger of the host's and the device's time."""
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize()
+    return (time.perf_counter() - begin) * 1e3 / repeats
 
 
 def dense_peak_tflops(dtype) -> float | None:
@@ -145,7 +159,8 @@ def model_flops(config: MoEConfig, x: torch.Tensor, router_weight: torch.Tensor)
 
 def triton_operands(layer, x) -> SimpleNamespace:
     """Every operand of every kernel of one Triton forward and backward on x, for timing kernels one by one:
-    routing, sort, layout, expert_weights ([N*k], read through layout.row_to_flat), the weights, h_pre/h_up/h_act
+    routing, sort, layout, routed_width (Σ_e count_e * W_e), expert_weights ([N*k], read through sort.row_to_flat),
+    the weights, h_pre/h_up/h_act
     (weighted), x_rows, y_rows, grad_out, grad_out_rows, dh_pre/dh_up, dx_rows, and dw1_rows / dw2_rows, the token
     rows each weight gradient reads: (the sorted copy, None) or (x or grad_out, row_to_token), as the layer does.
     (x_rows and grad_out_rows are None where the layer keeps no copy: tuning.sorted_rows_pay_off.)"""
@@ -154,25 +169,25 @@ def triton_operands(layer, x) -> SimpleNamespace:
                           v1=None if layer.v1 is None else layer.v1.detach())
     ops.routing = layer._route(x)
     ops.sort = fused_sort_by_expert(ops.routing.expert_indices, cfg.num_experts, ops.routing.block_offsets)
-    ops.layout = ExpertLayout.from_sort(ops.sort, cfg.expert_widths, layer.expert_width_offsets,
-                                        layer.expert_widths_tensor, cfg.num_active_experts)
+    num_rows = ops.sort.row_to_token.shape[0]
+    ops.layout = kernels.ExpertLayout(ops.sort.expert_row_offsets, layer.expert_width_offsets, cfg.expert_widths,
+                                      num_rows)
+    ops.routed_width = int((ops.sort.tokens_per_expert.cpu() * torch.tensor(cfg.expert_widths)).sum())
     ops.expert_weights = ops.routing.expert_weights.detach().flatten()  # [N*k]
-    num_rows = ops.layout.num_rows
     keep_x_rows = cfg.keep_sorted_x and kernels.sorted_rows_pay_off(x, num_rows)
     ops.x_rows = x.new_empty(num_rows, x.shape[1]) if keep_x_rows else None  # [R, H]
-    ops.dw1_rows = (x, ops.layout.row_to_token) if ops.x_rows is None else (ops.x_rows, None)
+    ops.dw1_rows = (x, ops.sort.row_to_token) if ops.x_rows is None else (ops.x_rows, None)
     ops.h_pre, ops.h_up, ops.h_act = kernels.up_projection(
-        x, ops.w1, ops.v1, ops.layout.row_to_token, *ops.layout.offsets(), ops.layout.h_numel, cfg.activation,
-        ops.expert_weights, row_weight_index=ops.layout.row_to_flat, x_rows=ops.x_rows)
-    ops.y_rows = kernels.down_projection(ops.h_act, ops.w2, *ops.layout.offsets(), ops.layout.num_rows)
+        x, ops.w1, ops.v1, ops.sort.row_to_token, ops.layout, cfg.activation, ops.expert_weights,
+        row_weight_index=ops.sort.row_to_flat, x_rows=ops.x_rows)
+    ops.y_rows = kernels.down_projection(ops.h_act, ops.w2, ops.layout)
     ops.grad_out = torch.randn_like(x)
     ops.grad_out_rows = x.new_empty(num_rows, x.shape[1]) if kernels.sorted_rows_pay_off(x, num_rows) else None
-    ops.dw2_rows = (ops.grad_out, ops.layout.row_to_token) if ops.grad_out_rows is None else (ops.grad_out_rows, None)
+    ops.dw2_rows = (ops.grad_out, ops.sort.row_to_token) if ops.grad_out_rows is None else (ops.grad_out_rows, None)
     ops.dh_pre, ops.dh_up, _ = kernels.down_projection_backward(
-        ops.grad_out, ops.w2, ops.h_pre, ops.h_up, ops.layout.row_to_token, *ops.layout.offsets(),
-        ops.expert_weights, cfg.activation, row_weight_index=ops.layout.row_to_flat, grad_out_rows=ops.grad_out_rows)
-    ops.dx_rows = kernels.input_grad_rows(ops.dh_pre, ops.w1, ops.dh_up, ops.v1, *ops.layout.offsets(),
-                                          ops.layout.num_rows)
+        ops.grad_out, ops.w2, ops.h_pre, ops.h_up, ops.sort.row_to_token, ops.layout, ops.expert_weights,
+        cfg.activation, row_weight_index=ops.sort.row_to_flat, grad_out_rows=ops.grad_out_rows)
+    ops.dx_rows = kernels.input_grad_rows(ops.dh_pre, ops.w1, ops.dh_up, ops.v1, ops.layout)
     return ops
 
 
@@ -230,6 +245,7 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_vari
             try:
                 ms = time_ms(step, args.warmup, args.repeats)
                 memory = peak_memory_mb(step)
+                back_to_back = back_to_back_ms(step, args.warmup, args.repeats) if args.back_to_back else None
             except (RuntimeError, NotImplementedError) as error:  # a baseline that cannot run this shape
                 skipped.append((name, impl, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"))
                 continue
@@ -247,7 +263,7 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_vari
                 except Exception as error:  # a compilation or capture that fails: say why, keep the eager figures
                     why = (str(error).splitlines() or [""])[0][:160]
                     skipped.append((name, f"triton ({label})", f"{type(error).__name__}: {why}"))
-            rows.append(dict(config=name, impl=impl, tokens=tokens, ms=ms, tflops=tflops,
+            rows.append(dict(config=name, impl=impl, tokens=tokens, ms=ms, back_to_back_ms=back_to_back, tflops=tflops,
                              pct_peak=100 * tflops / peak if tflops and peak else None, peak_memory_mb=memory,
                              variant_ms=variant_ms))
             del layer, step
@@ -271,12 +287,16 @@ def _fmt(value, spec):
 
 
 def print_table(rows, variant_labels):
-    print("| config | impl | tokens | ms | speedup vs stk | TFLOP/s | % of dense peak | peak mem (MiB) |"
+    back_to_back = any(row["back_to_back_ms"] is not None for row in rows)
+    print("| config | impl | tokens | ms |" + (" back to back ms |" if back_to_back else "")
+          + " speedup vs stk | TFLOP/s | % of dense peak | peak mem (MiB) |"
           + "".join(f" {label} ms |" for label in variant_labels))
-    print("|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(variant_labels))
+    print("|---|---|---:|---:|" + ("---:|" if back_to_back else "") + "---:|---:|---:|---:|"
+          + "---:|" * len(variant_labels))
     for row in rows:
         print(f"| {row['config']} | {row['impl']} | {row['tokens']} | {row['ms']:.3f} | "
-              f"{_fmt(row.get('speedup_vs_reference'), '.2f')} | {_fmt(row['tflops'], '.1f')} | "
+              + (f"{_fmt(row['back_to_back_ms'], '.3f')} | " if back_to_back else "")
+              + f"{_fmt(row.get('speedup_vs_reference'), '.2f')} | {_fmt(row['tflops'], '.1f')} | "
               f"{_fmt(row['pct_peak'], '.1f')} | {_fmt(row['peak_memory_mb'], '.0f')} |"
               + "".join(f" {_fmt(row['variant_ms'].get(label), '.3f')} |" for label in variant_labels))
 
@@ -302,30 +322,15 @@ def forward_backward_step(layer, x):
 def compiled_forward_backward_step(layer, x):
     """forward_backward_step of torch.compile(layer, mode="reduce-overhead"): Inductor around the layer's custom
     ops, and the forward and backward replayed from CUDA graphs, which takes the launch overhead away."""
-    compiled_step = forward_backward_step(torch.compile(layer, mode="reduce-overhead", fullgraph=True), x)
-
-    def step():
-        # Every call under the same config: a change of it would make Dynamo recompile.
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):
-            compiled_step()
-    return step
+    return forward_backward_step(torch.compile(layer, mode="reduce-overhead", fullgraph=True), x)
 
 
 def graphed_forward_backward_step(layer, x):
     """forward_backward_step captured once in a CUDA graph and replayed: the device time of the layer with no
-    host work at all (the upper bound of what any launch-overhead reduction can give). Needs a layer that never
-    synchronises with the host: uniform expert widths."""
-    if not layer.config.uniform_width:
-        # Checked before capturing: a capture that fails on the sync leaves the CUDA RNG unusable in this process.
-        raise ValueError("variable widths read the ragged buffer's size back to the host, which a graph cannot hold")
+    host work at all (the upper bound of what any launch-overhead reduction can give)."""
     # A copy: the layer's parameters went through backward on the default stream, and their gradient accumulators
     # would wait on it from inside the capture, which invalidates it. The copy's are made on the capture stream.
-    # (Without the last forward's aux loss, a tensor of the autograd graph, which deepcopy refuses.)
-    aux_loss, layer.aux_loss = layer.aux_loss, None
-    try:
-        step = forward_backward_step(copy.deepcopy(layer), x)
-    finally:
-        layer.aux_loss = aux_loss
+    step = forward_backward_step(copy.deepcopy(layer), x)
     capture_stream = torch.cuda.Stream()
     capture_stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(capture_stream):

@@ -66,26 +66,23 @@ ROLES = ("up", "down", "down bwd dH", "dW2", "dX rows", "dW1")
 def roles(layer, x):
     """role -> (function of blocks, FLOPs of that GEMM)."""
     o = triton_operands(layer, x)
-    cfg, layout = o.cfg, o.layout
-    one_product = 2 * layout.h_numel * cfg.hidden_size  # FLOPs of one GEMM over all routed rows
+    cfg, layout, sort = o.cfg, o.layout, o.sort
+    one_product = 2 * o.routed_width * cfg.hidden_size  # FLOPs of one GEMM over all routed rows
     gated_products = one_product * (2 if o.v1 is not None else 1)  # the roles that do both swiglu projections
     return {
-        "up": (lambda b: kernels.up_projection(x, o.w1, o.v1, layout.row_to_token, *layout.offsets(),
-                                               layout.h_numel, cfg.activation, o.expert_weights,
-                                               row_weight_index=layout.row_to_flat, x_rows=o.x_rows, blocks=b),
+        "up": (lambda b: kernels.up_projection(x, o.w1, o.v1, sort.row_to_token, layout, cfg.activation,
+                                               o.expert_weights, row_weight_index=sort.row_to_flat, x_rows=o.x_rows,
+                                               blocks=b),
                gated_products),
-        "down": (lambda b: kernels.down_projection(o.h_act, o.w2, *layout.offsets(), layout.num_rows, blocks=b),
-                 one_product),
+        "down": (lambda b: kernels.down_projection(o.h_act, o.w2, layout, blocks=b), one_product),
         "down bwd dH": (lambda b: kernels.down_projection_backward(
-            o.grad_out, o.w2, o.h_pre, o.h_up, layout.row_to_token, *layout.offsets(), o.expert_weights,
-            cfg.activation, row_weight_index=layout.row_to_flat, grad_out_rows=o.grad_out_rows, blocks=b),
+            o.grad_out, o.w2, o.h_pre, o.h_up, sort.row_to_token, layout, o.expert_weights,
+            cfg.activation, row_weight_index=sort.row_to_flat, grad_out_rows=o.grad_out_rows, blocks=b),
             one_product),
-        "dW2": (lambda b: kernels.weight_grad(o.h_act, None, *o.dw2_rows, *layout.offsets(), blocks=b),
-                one_product),
-        "dX rows": (lambda b: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, *layout.offsets(),
-                                                      layout.num_rows, blocks=b), gated_products),
-        "dW1": (lambda b: kernels.weight_grad(o.dh_pre, o.dh_up, *o.dw1_rows, *layout.offsets(), blocks=b),
-                gated_products),
+        "dW2": (lambda b: kernels.weight_grad(o.h_act, None, *o.dw2_rows, layout, blocks=b), one_product),
+        "dX rows": (lambda b: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, layout, blocks=b),
+                    gated_products),
+        "dW1": (lambda b: kernels.weight_grad(o.dh_pre, o.dh_up, *o.dw1_rows, layout, blocks=b), gated_products),
     }
 
 

@@ -55,6 +55,7 @@ DEFAULT_DATA = REPO_ROOT / "data" / "classics.txt"
 IMPLEMENTATIONS = {"reference": reference.MoEMLP, "triton": triton_moe.MoEMLP}
 CONTROL = "control"  # --control: the reference trained again, as a yardstick of run-to-run drift
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 FINAL_WINDOW = 10  # steps averaged for the final loss
 TIMING_SKIP = 3  # first steps left out of tokens/s: Triton compiles its kernels there
 MOE_PARAMETERS = ("router.weight", "w1", "v1", "w2")  # names within a block's mlp
@@ -116,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default per dtype, THRESHOLDS)")
     parser.add_argument("--max-weight-distance", type=float, help="largest ||θ_ref - θ_triton|| / "
                         "||θ_ref - θ_0|| after training (default per dtype, THRESHOLDS)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                        help="train the Triton model under torch.compile: 'default', or 'reduce-overhead' (CUDA "
+                             "graphs); the reference trains eagerly")
     parser.add_argument("--control", action="store_true", help="also train the reference a second time and report "
                         "how far it drifts from the first (the drift of non-determinism alone); no bound")
     add_fault_argument(parser)
@@ -168,12 +172,15 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def train(name: str, model: GPT, data: torch.Tensor, args, log=None, before_step=None) -> dict:
+def train(name: str, model: GPT, data: torch.Tensor, args, log=None, before_step=None, compile_mode="none") -> dict:
     """Train `model` for args.steps steps; return its per-step losses, learning rates and tokens/s.
 
     `before_step(step, model, inputs, targets)`, if given, runs before each step's forward (outside the timing).
+    compile_mode: "none", or the forward through torch.compile(model) in that mode ("default", "reduce-overhead").
     """
     model.train()
+    forward = model if compile_mode == "none" else torch.compile(
+        model, mode=None if compile_mode == "default" else compile_mode)
     optimizer = make_optimizer(model, args.lr)
     generator = torch.Generator().manual_seed(args.seed)  # the same batches for every run
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
@@ -190,7 +197,7 @@ def train(name: str, model: GPT, data: torch.Tensor, args, log=None, before_step
             before_step(step, model, inputs, targets)
             start = time.perf_counter()
         with autocast:
-            _, loss = model(inputs, targets)
+            _, loss = forward(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -358,6 +365,8 @@ def main(argv=None) -> int:
     grad_check = GradientCheck(config, args)
     title = (f"GPT {args.n_layer}L {args.n_embd}d, experts {moe.expert_sizes} top-{args.top_k}, "
              f"{args.dtype} on {device_name(args.device)}")
+    if args.compile != "none":
+        title += f", triton under torch.compile (mode {args.compile})"
     if args.inject_fault:
         title += f", fault {args.inject_fault} injected into triton"
     print(f"{title}; {num_params / 1e6:.2f}M parameters, {len(data) / 1e3:.0f} kB of {args.data.name}, "
@@ -374,7 +383,8 @@ def main(argv=None) -> int:
         initial_params = {key: param.detach().clone() for key, param in model.named_parameters()}
         wandb_run, log = wandb_logger(args, name, group) if args.wandb else (None, None)
         with inject_fault(args.inject_fault if name == "triton" else None):
-            runs[name] = train(name, model, data, args, log, grad_check if name == "reference" else None)
+            runs[name] = train(name, model, data, args, log, grad_check if name == "reference" else None,
+                               args.compile if name == "triton" else "none")
         final_params[name] = {key: param.detach().clone() for key, param in model.named_parameters()}
         if wandb_run is not None:
             wandb_run.summary["tokens_per_s"] = runs[name]["tokens_per_s"]

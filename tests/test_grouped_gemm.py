@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_moe.kernels import (
+    ExpertLayout,
     GemmBlocks,
     down_projection,
     down_projection_backward,
@@ -62,33 +63,18 @@ class SortedRouting:
     row_to_flat: torch.Tensor  # (R,) int64, the inverse of flat_to_row
     flat_weights: torch.Tensor  # (N * k,) fp32, the routing weights in (token, slot) order
     row_weights: torch.Tensor  # (R,) fp32, the same sorted by row: flat_weights[row_to_flat]
-    expert_row_offsets: torch.Tensor  # (E + 1,) int32
-    expert_width_offsets: torch.Tensor  # (E + 1,) int32
-    expert_h_offsets: torch.Tensor  # (E + 1,) int64
-    h_numel: int
+    layout: ExpertLayout
 
     @property
     def num_rows(self):
         return self.row_to_token.numel()
 
-    @property
-    def layout(self):
-        """The layout arguments of every launcher, in their order."""
-        return self.expert_row_offsets, self.expert_width_offsets, self.expert_widths, self.expert_h_offsets
-
     def experts(self):
-        """Per expert: its rows, its weight rows, its ragged block (slices) and the block's shape."""
+        """Per expert: its rows and its weight rows (slices), and its width."""
         for expert, width in enumerate(self.expert_widths):
-            row_start, row_end = self.expert_row_offsets[expert : expert + 2].tolist()
-            width_start, width_end = self.expert_width_offsets[expert : expert + 2].tolist()
-            h_start = int(self.expert_h_offsets[expert])
-            count = row_end - row_start
-            yield (
-                slice(row_start, row_end),
-                slice(width_start, width_end),
-                slice(h_start, h_start + count * width),
-                (count, width),
-            )
+            row_start, row_end = self.layout.expert_row_offsets[expert : expert + 2].tolist()
+            width_start, width_end = self.layout.expert_width_offsets[expert : expert + 2].tolist()
+            yield slice(row_start, row_end), slice(width_start, width_end), width
 
 
 def make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator):
@@ -102,13 +88,13 @@ def make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator):
     flat_experts = expert_indices.reshape(-1)  # (N * k,)
     row_to_flat = torch.sort(flat_experts, stable=True).indices  # (R,)
     tokens_per_expert = torch.bincount(flat_experts, minlength=num_experts)  # (E,)
-    widths = torch.tensor(expert_widths)  # (E,)
 
-    def offsets(sizes, dtype):
-        return F.pad(sizes.cumsum(0), (1, 0)).to(dtype)
+    def offsets(sizes):
+        return F.pad(sizes.cumsum(0), (1, 0)).to(torch.int32).to(DEVICE)
 
-    expert_h_offsets = offsets(tokens_per_expert * widths, torch.int64)  # (E + 1,)
     flat_weights = torch.softmax(top_scores, dim=1).reshape(-1)  # (N * k,)
+    layout = ExpertLayout(offsets(tokens_per_expert), offsets(torch.tensor(expert_widths)), expert_widths,
+                          row_to_flat.numel())
     return SortedRouting(
         expert_widths=list(expert_widths),
         row_to_token=(row_to_flat // top_k).to(torch.int32).to(DEVICE),
@@ -116,10 +102,7 @@ def make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator):
         row_to_flat=row_to_flat.to(DEVICE),
         flat_weights=flat_weights.to(DEVICE),
         row_weights=flat_weights[row_to_flat].to(DEVICE),
-        expert_row_offsets=offsets(tokens_per_expert, torch.int32).to(DEVICE),
-        expert_width_offsets=offsets(widths, torch.int32).to(DEVICE),
-        expert_h_offsets=expert_h_offsets.to(DEVICE),
-        h_numel=int(expert_h_offsets[-1]),
+        layout=layout,
     )
 
 
@@ -138,6 +121,13 @@ def setup_case(case):
     return make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator), hidden, num_tokens, generator
 
 
+def random_hidden(routing, dtype, generator):
+    """[R, max_width] random values where each row's expert has columns, NaN past them: a kernel that reads the
+    padding fails the comparison."""
+    hidden = random(routing.layout.hidden_shape, dtype, generator)
+    return hidden.masked_fill(~routing.layout.valid_columns(), float("nan"))
+
+
 def random_weight(routing, hidden, dtype, generator):
     return random((sum(routing.expert_widths), hidden), dtype, generator, scale=hidden**-0.5)  # (TW, H)
 
@@ -151,6 +141,18 @@ def assert_close(actual, expected, dtype):
     assert error <= TOLERANCE[dtype] * scale, f"max error {error:.3e} vs max reference {scale:.3e}"
 
 
+def same(got, want):
+    """The same values, NaN in the same places (the unwritten columns past each row's width)."""
+    return got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def assert_hidden_close(actual, expected, routing, dtype):
+    """Two [R, max_width] hidden-activation matrices agree where their rows' experts have columns."""
+    assert actual.shape == expected.shape == routing.layout.hidden_shape
+    valid = routing.layout.valid_columns()
+    assert_close(actual[valid], expected[valid], dtype)
+
+
 def reference_activation(h_pre, h_up, activation):
     if activation == "relu_squared":
         return torch.relu(h_pre) ** 2
@@ -160,34 +162,29 @@ def reference_activation(h_pre, h_up, activation):
 
 
 def reference_up_projection(x, w1, v1, routing, activation, row_weights=None):
-    """fp64 h_pre, h_up, h_act (times each row's weight when given); the activation reads h_pre and h_up rounded
-    to x.dtype, as they are stored."""
+    """fp64 h_pre, h_up, h_act [R, max_width] (times each row's weight when given; NaN past each row's width); the
+    activation reads h_pre and h_up rounded to x.dtype, as they are stored."""
     tokens = routing.row_to_token.long()
-    h_pre, h_up = [], []
-    for rows, weight_rows, _, _ in routing.experts():
+    h_pre = torch.full(routing.layout.hidden_shape, float("nan"), dtype=torch.float64, device=DEVICE)
+    h_up = h_pre.clone() if v1 is not None else None
+    for rows, weight_rows, width in routing.experts():
         x_rows = x.double()[tokens[rows]]  # (count_e, H)
-        h_pre.append((x_rows @ w1.double()[weight_rows].T).reshape(-1))
+        h_pre[rows, :width] = x_rows @ w1.double()[weight_rows].T
         if v1 is not None:
-            h_up.append((x_rows @ v1.double()[weight_rows].T).reshape(-1))
-    h_pre = torch.cat(h_pre)  # (h_numel,)
-    h_up = torch.cat(h_up) if v1 is not None else None  # (h_numel,)
+            h_up[rows, :width] = x_rows @ v1.double()[weight_rows].T
 
     def as_stored(tensor):
         return None if tensor is None else tensor.to(x.dtype).double()
 
-    h_act = reference_activation(as_stored(h_pre), as_stored(h_up), activation)  # (h_numel,)
+    h_act = reference_activation(as_stored(h_pre), as_stored(h_up), activation)  # (R, max_width)
     if row_weights is not None:
-        for rows, _, h_block, shape in routing.experts():
-            h_act[h_block] = (h_act[h_block].view(shape) * row_weights.double()[rows, None]).reshape(-1)
+        h_act = h_act * row_weights.double()[:, None]
     return h_pre, h_up, h_act
 
 
 def reference_down_projection(h_act, w2, routing):
     return torch.cat(
-        [
-            h_act.double()[h_block].view(shape) @ w2.double()[weight_rows]
-            for _, weight_rows, h_block, shape in routing.experts()
-        ]
+        [h_act.double()[rows, :width] @ w2.double()[weight_rows] for rows, weight_rows, width in routing.experts()]
     )  # (R, H)
 
 
@@ -199,10 +196,8 @@ def reference_down_backward(h_pre, h_up, w2, grad_out, routing, row_weights, act
     )
     tokens = routing.row_to_token.long()
     loss = 0.0
-    for rows, weight_rows, h_block, shape in routing.experts():
-        h_act = reference_activation(
-            h_pre[h_block].view(shape), None if h_up is None else h_up[h_block].view(shape), activation
-        )
+    for rows, weight_rows, width in routing.experts():
+        h_act = reference_activation(h_pre[rows, :width], None if h_up is None else h_up[rows, :width], activation)
         y_rows = h_act @ w2[weight_rows]  # (count_e, H)
         if row_weights is not None:
             y_rows = y_rows * row_weights[rows, None]
@@ -217,13 +212,13 @@ def reference_up_backward(dh_pre, dh_up, x, w1, v1, routing):
     dx_rows = torch.zeros((routing.num_rows, x.shape[1]), dtype=torch.float64, device=DEVICE)
     dw1 = torch.zeros(w1.shape, dtype=torch.float64, device=DEVICE)
     dv1 = torch.zeros(w1.shape, dtype=torch.float64, device=DEVICE)
-    for rows, weight_rows, h_block, shape in routing.experts():
+    for rows, weight_rows, width in routing.experts():
         x_rows = x.double()[tokens[rows]]  # (count_e, H)
-        dh_pre_e = dh_pre.double()[h_block].view(shape)  # (count_e, W_e)
+        dh_pre_e = dh_pre.double()[rows, :width]  # (count_e, W_e)
         dx_rows[rows] = dh_pre_e @ w1.double()[weight_rows]
         dw1[weight_rows] = dh_pre_e.T @ x_rows
         if dh_up is not None:
-            dh_up_e = dh_up.double()[h_block].view(shape)
+            dh_up_e = dh_up.double()[rows, :width]
             dx_rows[rows] += dh_up_e @ v1.double()[weight_rows]
             dv1[weight_rows] = dh_up_e.T @ x_rows
     return dx_rows, dw1, dv1 if dh_up is not None else None
@@ -232,8 +227,8 @@ def reference_up_backward(dh_pre, dh_up, x, w1, v1, routing):
 def random_down_inputs(case, activation, dtype):
     """Routing, h_pre, h_up (gated only), w2 and grad_out [N, H] for the down projection's backward."""
     routing, hidden, num_tokens, generator = setup_case(case)
-    h_pre = random((routing.h_numel,), dtype, generator)
-    h_up = random((routing.h_numel,), dtype, generator) if is_gated(activation) else None
+    h_pre = random_hidden(routing, dtype, generator)
+    h_up = random_hidden(routing, dtype, generator) if is_gated(activation) else None
     w2 = random_weight(routing, hidden, dtype, generator)
     grad_out = random((num_tokens, hidden), dtype, generator)
     return routing, h_pre, h_up, w2, grad_out
@@ -242,8 +237,8 @@ def random_down_inputs(case, activation, dtype):
 def random_up_grad_inputs(case, gated, dtype):
     """Routing, dh_pre, dh_up (gated only), x, w1 and v1 (gated only) for the up projection's backward."""
     routing, hidden, num_tokens, generator = setup_case(case)
-    dh_pre = random((routing.h_numel,), dtype, generator)
-    dh_up = random((routing.h_numel,), dtype, generator) if gated else None
+    dh_pre = random_hidden(routing, dtype, generator)
+    dh_up = random_hidden(routing, dtype, generator) if gated else None
     x = random((num_tokens, hidden), dtype, generator)
     w1 = random_weight(routing, hidden, dtype, generator)
     v1 = random_weight(routing, hidden, dtype, generator) if gated else None
@@ -260,24 +255,27 @@ def test_up_projection(case, activation, with_row_weights, dtype):
     w1 = random_weight(routing, hidden, dtype, generator)
     v1 = random_weight(routing, hidden, dtype, generator) if is_gated(activation) else None
     row_weights = routing.row_weights if with_row_weights else None
-    h_pre, h_up, h_act = up_projection(x, w1, v1, routing.row_to_token, *routing.layout, routing.h_numel, activation,
+    h_pre, h_up, h_act = up_projection(x, w1, v1, routing.row_to_token, routing.layout, activation,
                                        row_weights)
     expected_pre, expected_up, expected_act = reference_up_projection(x, w1, v1, routing, activation, row_weights)
-    assert_close(h_pre, expected_pre, dtype)
-    assert_close(h_act, expected_act, dtype)
+    assert_hidden_close(h_pre, expected_pre, routing, dtype)
+    assert_hidden_close(h_act, expected_act, routing, dtype)
     if is_gated(activation):
-        assert_close(h_up, expected_up, dtype)
+        assert_hidden_close(h_up, expected_up, routing, dtype)
     else:
         assert h_up is None
+    padding = ~routing.layout.valid_columns()  # zeros past each row's width, whatever the memory held
+    for hidden_rows in (h_pre, h_act, *([h_up] if is_gated(activation) else [])):
+        assert torch.equal(hidden_rows[padding], torch.zeros_like(hidden_rows[padding]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_down_projection(case, dtype):
     routing, hidden, _, generator = setup_case(case)
-    h_act = random((routing.h_numel,), dtype, generator)
+    h_act = random_hidden(routing, dtype, generator)
     w2 = random_weight(routing, hidden, dtype, generator)
-    y = down_projection(h_act, w2, *routing.layout, routing.num_rows)
+    y = down_projection(h_act, w2, routing.layout)
     assert_close(y, reference_down_projection(h_act, w2, routing), dtype)
 
 
@@ -288,15 +286,15 @@ def test_down_projection_backward(case, activation, dh_path, dtype, monkeypatch)
     take_dh_path(dh_path, monkeypatch)
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
     dh_pre, dh_up, d_row_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout, routing.row_weights, activation
+        grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.row_weights, activation
     )
     expected_dh_pre, expected_dh_up, expected_d_row_weights, _ = reference_down_backward(
         h_pre, h_up, w2, grad_out, routing, routing.row_weights, activation
     )
-    assert_close(dh_pre, expected_dh_pre, dtype)
+    assert_hidden_close(dh_pre, expected_dh_pre, routing, dtype)
     assert_close(d_row_weights, expected_d_row_weights, dtype)
     if is_gated(activation):
-        assert_close(dh_up, expected_dh_up, dtype)
+        assert_hidden_close(dh_up, expected_dh_up, routing, dtype)
     else:
         assert dh_up is None
 
@@ -308,15 +306,15 @@ def test_down_projection_backward_row_pass_in_column_steps(activation, monkeypat
     monkeypatch.setattr(tuning, "PERMUTE_MAX_BLOCK_H", 16)
     routing, h_pre, h_up, w2, grad_out = random_down_inputs("mixed_widths", activation, torch.float32)
     dh_pre, dh_up, d_row_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout, routing.row_weights, activation
+        grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.row_weights, activation
     )
     expected_dh_pre, expected_dh_up, expected_d_row_weights, _ = reference_down_backward(
         h_pre, h_up, w2, grad_out, routing, routing.row_weights, activation
     )
-    assert_close(dh_pre, expected_dh_pre, torch.float32)
+    assert_hidden_close(dh_pre, expected_dh_pre, routing, torch.float32)
     assert_close(d_row_weights, expected_d_row_weights, torch.float32)
     if is_gated(activation):
-        assert_close(dh_up, expected_dh_up, torch.float32)
+        assert_hidden_close(dh_up, expected_dh_up, routing, torch.float32)
 
 
 @pytest.mark.parametrize("activation, dh_path", DH_PATHS)
@@ -331,15 +329,15 @@ def test_row_weights_through_an_index(case, activation, dh_path, monkeypatch):
     v1 = random_weight(routing, hidden, torch.float32, generator) if is_gated(activation) else None
     w2 = random_weight(routing, hidden, torch.float32, generator)
     grad_out = random((num_tokens, hidden), torch.float32, generator)
-    up_args = (x, w1, v1, routing.row_to_token, *routing.layout, routing.h_numel, activation)
+    up_args = (x, w1, v1, routing.row_to_token, routing.layout, activation)
     h_pre, h_up, h_act_sorted = up_projection(*up_args, routing.row_weights)
     _, _, h_act_indexed = up_projection(*up_args, routing.flat_weights, row_weight_index=routing.row_to_flat)
-    assert torch.equal(h_act_indexed, h_act_sorted)
-    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout)
+    assert same(h_act_indexed, h_act_sorted)
+    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout)
     dh_pre_sorted, _, d_sorted = down_projection_backward(*down_args, routing.row_weights, activation)
     dh_pre_indexed, _, d_indexed = down_projection_backward(*down_args, routing.flat_weights, activation,
                                                             row_weight_index=routing.row_to_flat)
-    assert torch.equal(dh_pre_indexed, dh_pre_sorted)
+    assert same(dh_pre_indexed, dh_pre_sorted)
     assert torch.equal(d_indexed, d_sorted[routing.flat_to_row])  # d_sorted is by row; d_indexed by (token, slot)
 
 
@@ -348,15 +346,15 @@ def test_down_projection_backward_without_row_weights(activation, dh_path, monke
     take_dh_path(dh_path, monkeypatch)
     routing, h_pre, h_up, w2, grad_out = random_down_inputs("mixed_widths", activation, torch.float32)
     dh_pre, dh_up, d_row_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout, None, activation
+        grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, None, activation
     )
     expected_dh_pre, expected_dh_up, _, _ = reference_down_backward(
         h_pre, h_up, w2, grad_out, routing, None, activation
     )
     assert d_row_weights is None
-    assert_close(dh_pre, expected_dh_pre, torch.float32)
+    assert_hidden_close(dh_pre, expected_dh_pre, routing, torch.float32)
     if is_gated(activation):
-        assert_close(dh_up, expected_dh_up, torch.float32)
+        assert_hidden_close(dh_up, expected_dh_up, routing, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -364,7 +362,7 @@ def test_down_projection_backward_without_row_weights(activation, dh_path, monke
 @pytest.mark.parametrize("case", CASES)
 def test_input_grad_rows(case, gated, dtype):
     routing, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs(case, gated, dtype)
-    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *routing.layout, routing.num_rows)
+    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, routing.layout)
     assert_close(dx_rows, reference_up_backward(dh_pre, dh_up, x, w1, v1, routing)[0], dtype)
 
 
@@ -377,9 +375,9 @@ def test_weight_grad(case, gated, token_rows, dtype):
     rows already sorted; dW2 is the same call on other operands."""
     routing, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs(case, gated, dtype)
     if token_rows == "gathered":
-        dw1, dv1 = weight_grad(dh_pre, dh_up, x, routing.row_to_token, *routing.layout)
+        dw1, dv1 = weight_grad(dh_pre, dh_up, x, routing.row_to_token, routing.layout)
     else:
-        dw1, dv1 = weight_grad(dh_pre, dh_up, sorted_rows(x, routing), None, *routing.layout)
+        dw1, dv1 = weight_grad(dh_pre, dh_up, sorted_rows(x, routing), None, routing.layout)
     _, expected_dw1, expected_dv1 = reference_up_backward(dh_pre, dh_up, x, w1, v1, routing)
     assert_close(dw1, expected_dw1, dtype)
     if gated:
@@ -390,20 +388,26 @@ def test_weight_grad(case, gated, token_rows, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_down_weight_grad_from_weighted_activations(activation, dtype):
-    """dW2 as the layer computes it, from up_projection's weighted activations, against autograd of the down
-    projection of the unweighted activations scaled by the routing weights."""
-    routing, hidden, num_tokens, generator = setup_case("mixed_widths")
+@pytest.mark.parametrize("case", ["mixed_widths", "expert_without_tokens"])
+def test_down_weight_grad_from_weighted_activations(case, activation, dtype):
+    """dW2 as the layer computes it, from up_projection's weighted activations or from its pre-activations with
+    the activation and the routing weights applied on load (the same operand, so the same dW2 bit for bit),
+    against autograd of the down projection of the unweighted activations scaled by the routing weights."""
+    routing, hidden, num_tokens, generator = setup_case(case)
     x = random((num_tokens, hidden), dtype, generator)
     w1 = random_weight(routing, hidden, dtype, generator)
     v1 = random_weight(routing, hidden, dtype, generator) if is_gated(activation) else None
     w2 = random_weight(routing, hidden, dtype, generator)
     grad_out = random((num_tokens, hidden), dtype, generator)
-    h_pre, h_up, h_act_weighted = up_projection(x, w1, v1, routing.row_to_token, *routing.layout, routing.h_numel,
-                                                activation, routing.row_weights)
-    dw2, _ = weight_grad(h_act_weighted, None, grad_out, routing.row_to_token, *routing.layout)
+    h_pre, h_up, h_act_weighted = up_projection(x, w1, v1, routing.row_to_token, routing.layout, activation,
+                                                routing.flat_weights, row_weight_index=routing.row_to_flat)
+    dw2, _ = weight_grad(h_act_weighted, None, grad_out, routing.row_to_token, routing.layout)
+    recomputed_dw2, none = weight_grad(h_pre, h_up, grad_out, routing.row_to_token, routing.layout,
+                                       activation=activation, row_weights=routing.flat_weights,
+                                       row_weight_index=routing.row_to_flat)
     expected_dw2 = reference_down_backward(h_pre, h_up, w2, grad_out, routing, routing.row_weights, activation)[3]
     assert_close(dw2, expected_dw2, dtype)
+    assert torch.equal(recomputed_dw2, dw2) and none is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -414,15 +418,15 @@ def test_gathering_gemms_copy_their_rows(case, activation, dtype):
     in expert-sorted order, and asking for them leaves every other output as it was, bit for bit."""
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
     _, _, _, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
-    up_args = (x, w1, v1, routing.row_to_token, *routing.layout, routing.h_numel, activation, routing.row_weights)
-    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout, routing.row_weights, activation)
+    up_args = (x, w1, v1, routing.row_to_token, routing.layout, activation, routing.row_weights)
+    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.row_weights, activation)
     for launcher, args, token_rows, copy_name in ((up_projection, up_args, x, "x_rows"),
                                                   (down_projection_backward, down_args, grad_out, "grad_out_rows")):
         rows = torch.full((routing.num_rows, token_rows.shape[1]), float("nan"), dtype=dtype, device=DEVICE)
         with_copy = launcher(*args, **{copy_name: rows})
         assert torch.equal(rows, sorted_rows(token_rows, routing))
         for got, want in zip(with_copy, launcher(*args), strict=True):
-            assert (got is None and want is None) or torch.equal(got, want)
+            assert (got is None and want is None) or same(got, want)
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -438,13 +442,13 @@ def test_weight_grad_token_rows_three_ways(case, gated, monkeypatch):
     rows = sorted_rows(x, routing)
     assert grouped_gemm.tma_readable(rows)
     assert not grouped_gemm.tma_readable(torch.zeros(4, 36, dtype=torch.float16, device=DEVICE))  # rows of 72 bytes
-    gathered = weight_grad(dh_pre, dh_up, x, routing.row_to_token, *routing.layout)
-    by_tma = weight_grad(dh_pre, dh_up, rows, None, *routing.layout)
+    gathered = weight_grad(dh_pre, dh_up, x, routing.row_to_token, routing.layout)
+    by_tma = weight_grad(dh_pre, dh_up, rows, None, routing.layout)
     monkeypatch.setattr(grouped_gemm, "tma_readable", lambda matrix: False)
-    by_pointers = weight_grad(dh_pre, dh_up, rows, None, *routing.layout)
+    by_pointers = weight_grad(dh_pre, dh_up, rows, None, routing.layout)
     for way in (by_tma, by_pointers):
         for got, want in zip(way, gathered, strict=True):
-            assert (got is None and want is None) or torch.equal(got, want)
+            assert (got is None and want is None) or same(got, want)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -460,8 +464,8 @@ def test_weights_by_tma_same_results(case, activation, dtype, monkeypatch):
         pytest.skip("this GPU has no TMA")
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
     _, _, _, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
-    up_args = (x, w1, v1, routing.row_to_token, *routing.layout, routing.h_numel, activation, routing.row_weights)
-    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, *routing.layout, routing.row_weights, activation)
+    up_args = (x, w1, v1, routing.row_to_token, routing.layout, activation, routing.row_weights)
+    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.row_weights, activation)
 
     def run():
         x_rows = x.new_empty(routing.num_rows, x.shape[1])
@@ -482,7 +486,7 @@ def test_weights_by_tma_same_results(case, activation, dtype, monkeypatch):
     by_tma = run()
     assert answers and all(answers)  # every launch read its weights by TMA
     for got, want in zip(by_tma, by_pointers, strict=True):
-        assert (got is None and want is None) or torch.equal(got, want)
+        assert (got is None and want is None) or same(got, want)
 
 
 @pytest.mark.parametrize(
@@ -504,32 +508,32 @@ def test_launchers_with_other_blocks(blocks, activation, dh_path, monkeypatch):
     layout, row_to_token, row_weights = routing.layout, routing.row_to_token, routing.row_weights
 
     h_pre_out, _, h_act = up_projection(
-        x, w1, v1, row_to_token, *layout, routing.h_numel, activation, row_weights, blocks=blocks
+        x, w1, v1, row_to_token, layout, activation, row_weights, blocks=blocks
     )
     expected_pre, _, expected_act = reference_up_projection(x, w1, v1, routing, activation, row_weights)
-    assert_close(h_pre_out, expected_pre, dtype)
-    assert_close(h_act, expected_act, dtype)
-    y = down_projection(h_act, w2, *layout, routing.num_rows, blocks=blocks)
+    assert_hidden_close(h_pre_out, expected_pre, routing, dtype)
+    assert_hidden_close(h_act, expected_act, routing, dtype)
+    y = down_projection(h_act, w2, layout, blocks=blocks)
     assert_close(y, reference_down_projection(h_act, w2, routing), dtype)
 
     expected_dh_pre, expected_dh_up, expected_d_row_weights, expected_dw2 = reference_down_backward(
         h_pre, h_up, w2, grad_out, routing, row_weights, activation
     )
     got_dh_pre, got_dh_up, d_row_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, row_to_token, *layout, row_weights, activation, blocks=blocks
+        grad_out, w2, h_pre, h_up, row_to_token, layout, row_weights, activation, blocks=blocks
     )
-    assert_close(got_dh_pre, expected_dh_pre, dtype)
+    assert_hidden_close(got_dh_pre, expected_dh_pre, routing, dtype)
     assert_close(d_row_weights, expected_d_row_weights, dtype)
     if gated:
-        assert_close(got_dh_up, expected_dh_up, dtype)
+        assert_hidden_close(got_dh_up, expected_dh_up, routing, dtype)
     else:
         assert got_dh_up is None
 
     expected_dx_rows, expected_dw1, expected_dv1 = reference_up_backward(dh_pre, dh_up, x, w1, v1, routing)
-    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout, routing.num_rows, blocks=blocks)
+    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, layout, blocks=blocks)
     assert_close(dx_rows, expected_dx_rows, dtype)
     for token_rows, row_to_token_or_none in ((x, row_to_token), (sorted_rows(x, routing), None)):
-        dw1, dv1 = weight_grad(dh_pre, dh_up, token_rows, row_to_token_or_none, *layout, blocks=blocks)
+        dw1, dv1 = weight_grad(dh_pre, dh_up, token_rows, row_to_token_or_none, layout, blocks=blocks)
         assert_close(dw1, expected_dw1, dtype)
         if gated:
             assert_close(dv1, expected_dv1, dtype)
@@ -543,15 +547,15 @@ def run_all_launchers(case, activation, dtype):
     _, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
     layout, row_to_token, row_weights = routing.layout, routing.row_to_token, routing.row_weights
     x_rows = x.new_empty(routing.num_rows, x.shape[1])
-    forward = up_projection(x, w1, v1, row_to_token, *layout, routing.h_numel, activation, row_weights,
+    forward = up_projection(x, w1, v1, row_to_token, layout, activation, row_weights,
                             x_rows=x_rows)
-    y = down_projection(forward[2], w2, *layout, routing.num_rows)
+    y = down_projection(forward[2], w2, layout)
     grad_out_rows = grad_out.new_empty(routing.num_rows, grad_out.shape[1])
-    backward = down_projection_backward(grad_out, w2, h_pre, h_up, row_to_token, *layout, row_weights, activation,
+    backward = down_projection_backward(grad_out, w2, h_pre, h_up, row_to_token, layout, row_weights, activation,
                                         grad_out_rows=grad_out_rows)
-    dw2, _ = weight_grad(forward[2], None, grad_out_rows, None, *layout)
-    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout, routing.num_rows)
-    dw1, dv1 = weight_grad(dh_pre, dh_up, x, row_to_token, *layout)
+    dw2, _ = weight_grad(forward[2], None, grad_out_rows, None, layout)
+    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, layout)
+    dw1, dv1 = weight_grad(dh_pre, dh_up, x, row_to_token, layout)
     return [*forward, x_rows, y, *backward, grad_out_rows, dw2, dx_rows, dw1, dv1]
 
 
@@ -560,7 +564,7 @@ def test_launchers_are_deterministic(dtype):
     first = run_all_launchers("mixed_widths", "swiglu", dtype)
     second = run_all_launchers("mixed_widths", "swiglu", dtype)
     for first_output, second_output in zip(first, second, strict=True):
-        assert torch.equal(first_output, second_output)
+        assert same(first_output, second_output)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -576,17 +580,17 @@ def test_no_rows_launches_nothing(activation, monkeypatch):
     w1, v1, w2 = (random_weight(routing, hidden, dtype, generator) for _ in range(3))
     v1 = v1 if gated else None
 
-    h_pre, h_up, h_act = up_projection(x, w1, v1, row_to_token, *layout, routing.h_numel, activation,
+    h_pre, h_up, h_act = up_projection(x, w1, v1, row_to_token, layout, activation,
                                        routing.row_weights)
-    assert h_pre.shape == h_act.shape == (0,) and (h_up is not None) == gated
-    assert down_projection(h_act, w2, *layout, 0).shape == (0, hidden)
+    assert h_pre.shape == h_act.shape == (0, 64) and (h_up is not None) == gated
+    assert down_projection(h_act, w2, layout).shape == (0, hidden)
     dh_pre, dh_up, d_row_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, row_to_token, *layout, routing.row_weights, activation
+        grad_out, w2, h_pre, h_up, row_to_token, layout, routing.row_weights, activation
     )
-    assert dh_pre.shape == d_row_weights.shape == (0,) and (dh_up is not None) == gated
-    assert input_grad_rows(dh_pre, w1, dh_up, v1, *layout, 0).shape == (0, hidden)
-    dw1, dv1 = weight_grad(dh_pre, dh_up, x, row_to_token, *layout)
-    dw2, _ = weight_grad(h_act, None, grad_out, None, *layout)  # x and grad_out are [0, H], as sorted rows too
+    assert dh_pre.shape == (0, 64) and d_row_weights.shape == (0,) and (dh_up is not None) == gated
+    assert input_grad_rows(dh_pre, w1, dh_up, v1, layout).shape == (0, hidden)
+    dw1, dv1 = weight_grad(dh_pre, dh_up, x, row_to_token, layout)
+    dw2, _ = weight_grad(h_act, None, grad_out, None, layout)  # x and grad_out are [0, H], as sorted rows too
     for grad in (dw1, dw2, *([dv1] if gated else [])):
         assert torch.equal(grad, torch.zeros_like(w1))
 
@@ -595,37 +599,62 @@ def test_invalid_arguments_raise_value_error():
     routing, hidden, num_tokens, generator = setup_case("mixed_widths")
     x = random((num_tokens, hidden), torch.float32, generator)
     w1 = random_weight(routing, hidden, torch.float32, generator)
-    row_to_token, layout, h_numel = routing.row_to_token, routing.layout, routing.h_numel
+    row_to_token, layout = routing.row_to_token, routing.layout
     with pytest.raises(ValueError, match="activation"):
-        up_projection(x, w1, None, row_to_token, *layout, h_numel, "tanh")
+        up_projection(x, w1, None, row_to_token, layout, "tanh")
     with pytest.raises(ValueError, match="v1"):
-        up_projection(x, w1, None, row_to_token, *layout, h_numel, "swiglu")
+        up_projection(x, w1, None, row_to_token, layout, "swiglu")
     with pytest.raises(ValueError, match="v1"):
-        up_projection(x, w1, w1, row_to_token, *layout, h_numel, "gelu")
+        up_projection(x, w1, w1, row_to_token, layout, "gelu")
     with pytest.raises(ValueError, match="w1"):
-        up_projection(x, w1.half(), None, row_to_token, *layout, h_numel, "gelu")
+        up_projection(x, w1.half(), None, row_to_token, layout, "gelu")
+    with pytest.raises(ValueError, match="w1"):
+        up_projection(x, w1[1:], None, row_to_token, layout, "gelu")
     with pytest.raises(ValueError, match="x must be contiguous"):
-        up_projection(x.T.contiguous().T, w1, None, row_to_token, *layout, h_numel, "gelu")
-    with pytest.raises(ValueError, match="expert_widths"):
-        up_projection(x, w1, None, row_to_token, *layout[:2], [64, 16, 0, 248], *layout[3:], h_numel, "gelu")
-    with pytest.raises(ValueError, match="expert_h_offsets"):
-        up_projection(x, w1, None, row_to_token, *layout[:3], layout[3].int(), h_numel, "gelu")
+        up_projection(x.T.contiguous().T, w1, None, row_to_token, layout, "gelu")
+    with pytest.raises(ValueError, match="row_to_token"):
+        up_projection(x, w1, None, row_to_token[1:], layout, "gelu")
     with pytest.raises(ValueError, match="row_weights"):
-        up_projection(x, w1, None, row_to_token, *layout, h_numel, "gelu", routing.row_weights.half())
+        up_projection(x, w1, None, row_to_token, layout, "gelu", routing.row_weights.half())
     with pytest.raises(ValueError, match="x_rows"):
-        up_projection(x, w1, None, row_to_token, *layout, h_numel, "gelu", x_rows=x[:1])
+        up_projection(x, w1, None, row_to_token, layout, "gelu", x_rows=x[:1])
     with pytest.raises(ValueError, match="row_weight_index needs row_weights"):
-        up_projection(x, w1, None, row_to_token, *layout, h_numel, "gelu", row_weight_index=routing.row_to_flat)
+        up_projection(x, w1, None, row_to_token, layout, "gelu", row_weight_index=routing.row_to_flat)
     with pytest.raises(ValueError, match="row_weight_index"):
-        up_projection(x, w1, None, row_to_token, *layout, h_numel, "gelu", routing.flat_weights,
+        up_projection(x, w1, None, row_to_token, layout, "gelu", routing.flat_weights,
                       row_weight_index=routing.row_to_flat[1:])
-    h_buffer = random((h_numel,), torch.float32, generator)
+    hidden_rows = random_hidden(routing, torch.float32, generator)
     with pytest.raises(ValueError, match="dh_up and v1"):
-        input_grad_rows(h_buffer, w1, None, w1, *layout, routing.num_rows)
+        input_grad_rows(hidden_rows, w1, None, w1, layout)
+    with pytest.raises(ValueError, match="dh_pre"):
+        input_grad_rows(hidden_rows[:, 1:].contiguous(), w1, None, None, layout)
     with pytest.raises(ValueError, match="token_rows"):
-        weight_grad(h_buffer, None, sorted_rows(x, routing).half(), None, *layout)
+        weight_grad(hidden_rows, None, sorted_rows(x, routing).half(), None, layout)
+    with pytest.raises(ValueError, match="token_rows"):
+        weight_grad(hidden_rows, None, sorted_rows(x, routing)[1:], None, layout)
+    with pytest.raises(ValueError, match="needs the row_weights"):
+        weight_grad(hidden_rows, None, x, row_to_token, layout, activation="gelu")
+    with pytest.raises(ValueError, match="hidden_rows2"):
+        weight_grad(hidden_rows, None, x, row_to_token, layout, activation="swiglu", row_weights=routing.row_weights)
+    with pytest.raises(ValueError, match="row_weights are for"):
+        weight_grad(hidden_rows, None, x, row_to_token, layout, row_weights=routing.row_weights)
     with pytest.raises(ValueError, match="block_n"):
         GemmBlocks(block_m=32, block_n=8, block_k=32, num_warps=1, num_stages=1)
+
+
+def test_invalid_layout_raises_value_error():
+    routing = setup_case("mixed_widths")[0]
+    row_offsets, width_offsets = routing.layout.expert_row_offsets, routing.layout.expert_width_offsets
+    with pytest.raises(ValueError, match="expert_widths"):
+        ExpertLayout(row_offsets, width_offsets, [64, 16, 0, 48], routing.num_rows)
+    with pytest.raises(ValueError, match="expert_widths"):
+        ExpertLayout(row_offsets, width_offsets, [], routing.num_rows)
+    with pytest.raises(ValueError, match="expert_row_offsets"):
+        ExpertLayout(row_offsets[1:], width_offsets, routing.expert_widths, routing.num_rows)
+    with pytest.raises(ValueError, match="expert_width_offsets"):
+        ExpertLayout(row_offsets, width_offsets.float(), routing.expert_widths, routing.num_rows)
+    with pytest.raises(ValueError, match="num_rows"):
+        ExpertLayout(row_offsets, width_offsets, routing.expert_widths, -1)
 
 
 def test_gpu_tiles_by_shape_class(monkeypatch):

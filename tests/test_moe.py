@@ -151,16 +151,38 @@ def test_bf16_error_not_larger_than_reference(name):
         assert ours_err <= ref_err, f"grad {key}: triton bf16 error {ours_err:.3g} > reference {ref_err:.3g}"
 
 
+GRAPH_CONFIGS = ["64exp_uniform", "64exp_variable"]
+
+
+def step_results(forward, layer, x, grad_out):
+    """Output, aux loss and every gradient of one forward + backward of `forward` (the layer or a compiled or
+    graphed form of it), with the aux loss in the loss."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    out = forward(x)
+    aux = layer.aux_loss
+    ((out.float() * grad_out.float()).sum() + 100.0 * aux).backward()
+    return dict(out=out.detach().clone(), aux=aux.detach().clone(), x=x.grad.clone(),
+                **{name: param.grad.clone() for name, param in layer.named_parameters()})
+
+
+def assert_bitwise_equal(eager, replayed):
+    assert eager["router.weight"].abs().sum() > 0  # the gradient the aux loss reaches
+    for name in eager:
+        assert torch.equal(eager[name], replayed[name]), name
+
+
 @gpu_only
 @pytest.mark.parametrize("kernels", ["small-problem", "large-problem"])
-def test_uniform_widths_capture_in_cuda_graphs(kernels, monkeypatch):
-    """With equal widths, forward and backward replay from CUDA graphs and give the eager results bit for bit; also
-    with the kernels of large problems forced at this size (the weight gradients reading sorted token rows by TMA,
-    the row GEMMs reading the weights by TMA, whose descriptors the graph captures; dA's fused epilogue and the sum
-    of its partials)."""
+@pytest.mark.parametrize("name", GRAPH_CONFIGS)
+def test_capture_in_cuda_graphs(name, kernels, monkeypatch):
+    """Forward and backward replay from CUDA graphs and give the eager results bit for bit, with equal and with
+    variable widths; also with the kernels of large problems forced at this size (the weight gradients reading
+    sorted token rows by TMA, the row GEMMs reading the weights by TMA, whose descriptors the graph captures; dA's
+    fused epilogue and the sum of its partials)."""
     if kernels == "large-problem":
         use_problem_size_kernels("large", monkeypatch)
-    layer = make_layer(triton_moe.MoEMLP, seed_config("64exp_uniform"), torch.bfloat16)
+    layer = make_layer(triton_moe.MoEMLP, seed_config(name), torch.bfloat16)
     x = make_input((NUM_TOKENS, 256), torch.bfloat16).requires_grad_()
     grad_out = make_input((NUM_TOKENS, 256), torch.bfloat16)
     graphed = torch.cuda.make_graphed_callables(layer, (x,))
@@ -187,10 +209,11 @@ class OutputAndAuxLoss(torch.nn.Module):
 
 
 @gpu_only
-def test_graphed_layer_with_its_aux_loss_in_the_loss():
+@pytest.mark.parametrize("name", GRAPH_CONFIGS)
+def test_graphed_layer_with_its_aux_loss_in_the_loss(name):
     """The README's advice for make_graphed_callables with the aux loss in the loss: graph a module that returns
     both; the replay then gives eager's output, aux loss and gradients, bit for bit."""
-    layer = make_layer(triton_moe.MoEMLP, seed_config("64exp_uniform"), torch.bfloat16)
+    layer = make_layer(triton_moe.MoEMLP, seed_config(name), torch.bfloat16)
     x = make_input((NUM_TOKENS, 256), torch.bfloat16).requires_grad_()
     grad_out = make_input((NUM_TOKENS, 256), torch.bfloat16)
     graphed = torch.cuda.make_graphed_callables(OutputAndAuxLoss(layer), (x,))
@@ -201,17 +224,31 @@ def test_graphed_layer_with_its_aux_loss_in_the_loss():
         out, aux = forward(x)
         ((out.float() * grad_out.float()).sum() + 100.0 * aux).backward()
         results.append(dict(out=out.detach().clone(), aux=aux.detach().clone(), x=x.grad.clone(),
-                            **{name: p.grad.clone() for name, p in layer.named_parameters()}))
-    eager, replayed = results
-    assert eager["router.weight"].abs().sum() > 0  # the gradient the aux loss reaches
-    for name in eager:
-        assert torch.equal(eager[name], replayed[name]), name
+                            **{param_name: p.grad.clone() for param_name, p in layer.named_parameters()}))
+    assert_bitwise_equal(*results)
 
 
 @gpu_only
-def test_uniform_widths_never_synchronise():
-    """Forward and backward with equal widths run without a host-device synchronisation."""
-    layer = make_layer(triton_moe.MoEMLP, seed_config("64exp_uniform"), torch.bfloat16)
+@pytest.mark.parametrize("name", GRAPH_CONFIGS)
+def test_reduce_overhead_replays_eager_bit_for_bit(name):
+    """torch.compile(mode="reduce-overhead", fullgraph=True) with Dynamo's default config: after the warm-up and
+    recording calls, the CUDA-graph replays give eager's output, aux loss and every gradient bit for bit, on new
+    inputs each call."""
+    torch._dynamo.reset()
+    layer = make_layer(triton_moe.MoEMLP, seed_config(name), torch.bfloat16)
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for seed in range(4):  # warm-up, recording, then replays
+        x = make_input((NUM_TOKENS, 256), torch.bfloat16, seed=10 + seed).requires_grad_()
+        grad_out = make_input((NUM_TOKENS, 256), torch.bfloat16, seed=20 + seed)
+        eager = step_results(layer, layer, x, grad_out)
+        assert_bitwise_equal(eager, step_results(compiled, layer, x, grad_out))
+
+
+@gpu_only
+@pytest.mark.parametrize("name", GRAPH_CONFIGS)
+def test_never_synchronises(name):
+    """Forward and backward run without a host-device synchronisation, with equal and with variable widths."""
+    layer = make_layer(triton_moe.MoEMLP, seed_config(name), torch.bfloat16)
     x = make_input((NUM_TOKENS, 256), torch.bfloat16).requires_grad_()
     layer(x).sum().backward()  # warm-up: compilation may synchronise
     torch.cuda.synchronize()

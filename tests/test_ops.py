@@ -10,7 +10,6 @@ import triton_moe
 from conftest import DEVICE, DTYPES, ON_GPU, make_input, make_layer, use_problem_size_kernels
 from triton_moe import MoEConfig
 from triton_moe.ground_truth import rel_l2_error
-from triton_moe.ops import ExpertLayout
 from triton_moe.routing import route, sort_by_expert
 
 CONFIGS = {
@@ -25,25 +24,12 @@ def op_arguments(config, activation, num_tokens=24):
     layer = make_layer(triton_moe.MoEMLP, config, torch.float32)
     x = make_input((num_tokens, config.hidden_size), torch.float32)
     routing = route(x, layer.router.weight, config)
-    layout = ExpertLayout.from_sort(sort_by_expert(routing.expert_indices, config.num_experts), config.expert_widths,
-                                    layer.expert_width_offsets, layer.expert_widths_tensor, config.num_active_experts)
+    sort = sort_by_expert(routing.expert_indices, config.num_experts)
     v1 = layer.v1.detach().clone().requires_grad_() if config.is_glu else None
     tensors = [x.requires_grad_(), routing.expert_weights.flatten().detach().requires_grad_(),
                layer.w1.detach().clone().requires_grad_(), v1, layer.w2.detach().clone().requires_grad_()]
-    return (*tensors, *layout.op_arguments(), activation, True)
-
-
-def test_layout_of_one_width_takes_the_row_offsets_times_the_width():
-    """With one width the layout skips the general prefix sum: the same offsets, some experts left empty."""
-    num_experts, width = 6, 40
-    expert_indices = torch.tensor([[0, 2], [2, 5], [0, 5], [5, 2]], device=DEVICE)  # (N, k): experts 1, 3, 4 empty
-    sort = sort_by_expert(expert_indices, num_experts)
-    widths = torch.full((num_experts,), width, device=DEVICE)
-    layout = ExpertLayout.from_sort(sort, [width] * num_experts, torch.arange(num_experts + 1, device=DEVICE) * width,
-                                    widths, 2)
-    want = torch.nn.functional.pad((sort.tokens_per_expert * widths).cumsum(0), (1, 0))  # (E + 1,)
-    assert layout.expert_h_offsets.dtype == torch.int64 and torch.equal(layout.expert_h_offsets, want)
-    assert layout.h_numel == int(want[-1]) == 8 * width
+    return (*tensors, sort.row_to_token, sort.row_to_flat, sort.flat_to_row, sort.expert_row_offsets,
+            layer.expert_width_offsets, config.expert_widths, activation, True)
 
 
 @pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
@@ -54,33 +40,60 @@ def test_forward_op_passes_opcheck(name, activation):
     torch.library.opcheck(torch.ops.triton_moe.expert_mlp.default, op_arguments(CONFIGS[name], activation))
 
 
+def compile_block(config):
+    """(eager block, the MoEMLP in it): a LayerNorm then the layer, fp32."""
+    layer = make_layer(triton_moe.MoEMLP, config, torch.float32)
+    return torch.nn.Sequential(torch.nn.LayerNorm(config.hidden_size), layer).to(DEVICE), layer
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_compiled_layer_matches_eager(name):
-    """torch.compile(fullgraph=True) of a block holding MoEMLP: no graph break, the eager output and gradients.
-
-    Variable widths read the ragged buffer's size back to the host; with capture_scalar_outputs Dynamo keeps it
-    in the graph as a symbolic size instead of breaking the graph there.
-    """
+    """torch.compile(fullgraph=True) of a block holding MoEMLP, with Dynamo's default config: no graph break, the
+    eager output and gradients."""
     torch._dynamo.reset()
     config = CONFIGS[name]
-    dtype = torch.float32
-    layer = make_layer(triton_moe.MoEMLP, config, dtype)
-    block = torch.nn.Sequential(torch.nn.LayerNorm(config.hidden_size), layer).to(DEVICE)
-    x = make_input((3, 8, config.hidden_size), dtype)
+    block, layer = compile_block(config)
+    x = make_input((3, 8, config.hidden_size), torch.float32)
     results = []
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        compiled = torch.compile(block, backend="inductor" if ON_GPU else "aot_eager", fullgraph=True)
-        for run in (block, compiled):
-            block.zero_grad(set_to_none=True)
-            x_leaf = x.clone().requires_grad_()
-            out = run(x_leaf)
-            (out.square().sum() + layer.aux_loss).backward()
-            results.append([out.detach(), x_leaf.grad] + [p.grad for p in block.parameters()])
+    compiled = torch.compile(block, backend="inductor" if ON_GPU else "aot_eager", fullgraph=True)
+    for run in (block, compiled):
+        block.zero_grad(set_to_none=True)
+        x_leaf = x.clone().requires_grad_()
+        out = run(x_leaf)
+        (out.square().sum() + layer.aux_loss).backward()
+        results.append([out.detach(), x_leaf.grad] + [p.grad for p in block.parameters()])
     for eager, compiled_result in zip(*results):
         if ON_GPU:  # Inductor fuses the routing's elementwise ops and rounds them differently
             assert rel_l2_error(compiled_result, eager) < 1e-5
         else:
             assert torch.equal(compiled_result, eager)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compiled_graphs_read_nothing_back_to_the_host(name):
+    """The forward and backward graphs AOT autograd makes of the layer hold the custom ops and no host read of a
+    device value (aten._local_scalar_dense, what .item(), int() or .tolist() of a tensor become): nothing in them
+    waits on the device, so CUDA graphs can hold them."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def keep_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module
+
+    config = CONFIGS[name]
+    block, layer = compile_block(config)
+    compiled = torch.compile(block, backend=aot_autograd(fw_compiler=keep_graph, bw_compiler=keep_graph),
+                             fullgraph=True)
+    (compiled(make_input((3, 8, config.hidden_size), torch.float32)).square().sum() + layer.aux_loss).backward()
+    assert len(graphs) == 2  # forward, backward
+    targets = [{node.target for node in graph.graph.nodes} for graph in graphs]
+    assert torch.ops.triton_moe.expert_mlp.default in targets[0]
+    assert torch.ops.triton_moe.expert_mlp_backward.default in targets[1]
+    for graph_targets in targets:
+        assert torch.ops.aten._local_scalar_dense.default not in graph_targets
 
 
 @pytest.fixture
@@ -92,9 +105,9 @@ def weight_grad_reads(monkeypatch):
     reads = []
     weight_grad = triton_moe.ops.weight_grad
 
-    def recording_weight_grad(ragged, ragged2, token_rows, row_to_token, *rest):
+    def recording_weight_grad(hidden_rows, hidden_rows2, token_rows, row_to_token, *rest, **options):
         reads.append("gathered" if row_to_token is not None else "sorted")
-        return weight_grad(ragged, ragged2, token_rows, row_to_token, *rest)
+        return weight_grad(hidden_rows, hidden_rows2, token_rows, row_to_token, *rest, **options)
 
     monkeypatch.setattr(triton_moe.ops, "weight_grad", recording_weight_grad)
     return reads

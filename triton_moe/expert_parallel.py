@@ -21,11 +21,11 @@ import torch.nn as nn
 
 from triton_moe.config import MoEConfig
 from triton_moe.layer import MoELayer
-from triton_moe.ops import ExpertLayout, expert_mlp
+from triton_moe.ops import expert_mlp
 from triton_moe.routing import Routing, sort_by_expert
 
 EXPERT_PARAMETERS = ("w1", "v1", "w2")
-LOCAL_BUFFERS = ("local_width_offsets", "local_widths_tensor")  # rank-specific, like the expert parameters
+LOCAL_BUFFERS = ("local_width_offsets",)  # rank-specific, like the expert parameters
 
 
 def split_experts(num_experts: int, world_size: int,
@@ -106,7 +106,6 @@ class ExpertParallelMoEMLP(MoELayer):
         self.experts_per_rank = [e - s for s, e in ranges]
         local_offsets = [offset - offsets[start] for offset in offsets[start:end + 1]]
         self.register_buffer("local_width_offsets", torch.tensor(local_offsets), persistent=False)
-        self.register_buffer("local_widths_tensor", torch.tensor(self.local_widths), persistent=False)
 
     def _experts_or_empty(self, x, routing, intermediates):
         return self._experts(x, routing, intermediates)  # a rank without tokens still joins the exchanges
@@ -156,13 +155,11 @@ class ExpertParallelMoEMLP(MoELayer):
         # Each received row is a "token" with one slot: the sort's gather orders them by local expert (stably),
         # and the combine of top_k = 1 with unit weights writes each output back to its row.
         sort = sort_by_expert(expert_of_row[:, None], num_local)
-        layout = ExpertLayout.from_sort(sort, self.local_widths, self.local_width_offsets,
-                                        self.local_widths_tensor, top_k=1)
         unit_weights = torch.ones(received.shape[0], device=received.device, dtype=torch.float32)
         w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
         v1 = self.v1.to(dtype) if self.config.is_glu else None
-        return expert_mlp(received, unit_weights, w1, v1, w2, layout, self.config.activation,
-                          self.config.keep_sorted_x)
+        return expert_mlp(received, unit_weights, w1, v1, w2, sort, self.local_width_offsets, self.local_widths,
+                          self.config.activation, self.config.keep_sorted_x)
 
     def load_global_state_dict(self, state_dict: dict) -> None:
         """Load a single-process layer's state_dict: the router and this rank's experts' rows."""

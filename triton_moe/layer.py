@@ -44,6 +44,12 @@ class MoELayer(nn.Module):
         self.aux_loss = None  # the last forward's weighted auxiliary loss, a tensor in the graph
         self.reset_parameters()
 
+    def __getstate__(self):
+        # The last forward's aux loss belongs to that forward's autograd graph, which copy.deepcopy and pickle
+        # refuse: a copy (an EMA model, a snapshot) starts without one, as a new layer does.
+        state = super().__getstate__()
+        return {**state, "aux_loss": None}
+
     def reset_parameters(self):
         for param in self.parameters():
             nn.init.normal_(param, mean=0.0, std=self.config.init_std)

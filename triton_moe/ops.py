@@ -1,10 +1,10 @@
 """The expert MLP of one MoE layer, from routed tokens to the combined output: its forward and backward over the
 Triton kernels, registered as torch.library custom ops with their autograd (see below), so torch.compile works.
 
-Forward (R = N * k expert-sorted rows, hidden activations ragged: expert e's rows are a [count_e, W_e] block):
+Forward (R = N * k expert-sorted rows; hidden activations are [R, max_width] matrices, kernels/layout.py):
     up_projection      x [N, H] gathered by row_to_token, @ w1_eᵀ (and v1_eᵀ); the epilogue applies the
                        activation and the row's routing weight w_r = expert_weights[row_to_flat[r]]
-                       -> h_pre, (h_up), h_act_weighted = act(h_pre[, h_up]) * w_r     ragged [Σ_e count_e * W_e]
+                       -> h_pre, (h_up), h_act_weighted = act(h_pre[, h_up]) * w_r          [R, max_width] each
                        and, for the backward, the rows it gathered: x_rows [R, H] = x[row_to_token] (when
                        tuning.sorted_rows_pay_off: large problems on Hopper; and MoEConfig.keep_sorted_x)
     down_projection    h_act_weighted @ w2_e -> y_rows [R, H]
@@ -18,76 +18,38 @@ Backward:
     weight_grad                dw2_e = Σ_r h_act_weighted[r] ⊗ grad_out_rows[r] (or grad_out[token(r)], gathered)
     input_grad_rows + combine  dx = Σ_slots dh_pre @ w1_e (+ dh_up @ v1_e)
     weight_grad                dw1_e = Σ_r dh_pre[r] ⊗ x_rows[r] (or x[token(r)]; dv1 in the same launch)
-Saved for backward: x (and x_rows when kept), the weights, h_pre (and h_up), h_act_weighted, the routing weights
-and the small index tensors. Keeping h_act_weighted costs one ragged buffer; in exchange dW2 is the same plain GEMM
-as dW1, where recomputing the activation and the weight on its operand tiles made it the slowest GEMM of the step.
-Keeping x_rows costs R·H (k times x); in exchange dW1 reads its token rows in order, by TMA, where gathered rows
-held it to ~350-410 TFLOP/s (each copy costs its GEMM ~0.25 ms at hidden 2048, and gains the weight gradient
-~0.35-0.4).
+Saved for backward: x (and x_rows when kept), the weights, h_pre (and h_up), the routing weights and the small index
+tensors, and for large problems h_act_weighted. Keeping h_act_weighted costs one hidden-activation matrix; in
+exchange dW2 is the same plain GEMM as dW1, where recomputing the activation and the weight on its operand tiles
+made it the slowest GEMM of a large problem's step. Small problems recompute it there, which costs little, and keep
+the memory. Keeping x_rows costs R·H (k times x); in exchange dW1 reads its token rows in order, by TMA
+(docs/tuning.md). Nothing here reads a device value on the host: every shape follows from N, k and the widths.
 """
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from triton_moe.eager_ops import with_eager_path
-from triton_moe.kernels import (combine_rows, down_projection, down_projection_backward, input_grad_rows,
-                                sorted_rows_pay_off, up_projection, weight_grad)
+from triton_moe.kernels import (ExpertLayout, combine_rows, down_projection, down_projection_backward,
+                                input_grad_rows, sorted_rows_pay_off, up_projection, weight_grad)
 from triton_moe.routing import ExpertSort
 
 
-@dataclass
-class ExpertLayout:
-    """Where each expert's rows and hidden activations lie, for one batch's routing."""
+def _layout(row_to_token: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor,
+            expert_widths: list[int]) -> ExpertLayout:
+    """The kernels' layout from the custom ops' arguments (which take no dataclass)."""
+    return ExpertLayout(expert_row_offsets, expert_width_offsets, expert_widths, row_to_token.shape[0])
 
-    row_to_token: torch.Tensor  # [R] token of each expert-sorted row
-    row_to_flat: torch.Tensor  # [R] (token, slot) assignment token * k + slot of each sorted row
-    flat_to_row: torch.Tensor  # [N*k] sorted row of each (token, slot): the inverse permutation
-    expert_row_offsets: torch.Tensor  # [E+1] rows of expert e: offsets[e]:offsets[e+1]
-    expert_width_offsets: torch.Tensor  # [E+1] static: weight rows of expert e
-    expert_widths: list[int]  # [E] host ints: they size the launch grids
-    expert_h_offsets: torch.Tensor  # [E+1] int64: start of expert e's [count_e, W_e] block in a ragged buffer
-    h_numel: int  # Σ_e count_e * W_e
-    top_k: int
 
-    @classmethod
-    def from_sort(cls, sort: ExpertSort, expert_widths: list[int], expert_width_offsets: torch.Tensor,
-                  expert_widths_tensor: torch.Tensor, top_k: int) -> "ExpertLayout":
-        num_rows = sort.row_to_token.numel()
-        if len(set(expert_widths)) == 1:
-            # One width W: expert e's block starts W times its first row, one launch instead of the five below.
-            expert_h_offsets = sort.expert_row_offsets * expert_widths[0]  # [E+1] int64
-            h_numel = num_rows * expert_widths[0]
-        else:
-            hidden_per_expert = sort.tokens_per_expert * expert_widths_tensor  # [E]
-            expert_h_offsets = F.pad(hidden_per_expert.cumsum(0), (1, 0))  # [E+1] int64
-            # Variable widths: the ragged buffer's size depends on the routing, so it is read back to size the
-            # allocation. This is the one host-device synchronisation of the layer.
-            h_numel = int(expert_h_offsets[-1])
-        return cls(sort.row_to_token, sort.row_to_flat, sort.flat_to_row, sort.expert_row_offsets,
-                   expert_width_offsets, expert_widths, expert_h_offsets, h_numel, top_k)
+def _keeps_weighted_activations(x: Tensor, num_rows: int) -> bool:
+    """Whether the forward keeps h_act_weighted for dW2: where dW2 reads grad_out's rows sorted, by TMA (large
+    problems), a plain operand keeps that GEMM at its rate; elsewhere dW2 recomputes its operand from h_pre as it
+    loads it, and the layer keeps one hidden-activation matrix less."""
+    return sorted_rows_pay_off(x, num_rows)
 
-    @property
-    def num_rows(self) -> int:
-        return self.row_to_token.numel()
 
-    def offsets(self) -> tuple:
-        """The layout arguments every grouped-GEMM launcher takes, in their order."""
-        return self.expert_row_offsets, self.expert_width_offsets, self.expert_widths, self.expert_h_offsets
-
-    def op_arguments(self) -> tuple:
-        """The layout as the custom ops below take it: tensors, then host ints (a custom op takes no dataclass)."""
-        return (self.row_to_token, self.row_to_flat, self.flat_to_row, self.expert_row_offsets,
-                self.expert_width_offsets, self.expert_h_offsets, self.expert_widths, self.h_numel, self.top_k)
-
-    @classmethod
-    def from_op_arguments(cls, row_to_token, row_to_flat, flat_to_row, expert_row_offsets, expert_width_offsets,
-                          expert_h_offsets, expert_widths, h_numel, top_k) -> "ExpertLayout":
-        """Inverse of op_arguments."""
-        return cls(row_to_token, row_to_flat, flat_to_row, expert_row_offsets, expert_width_offsets,
-                   list(expert_widths), expert_h_offsets, h_numel, top_k)
+def _top_k(x: Tensor, flat_to_row: Tensor) -> int:
+    return flat_to_row.shape[0] // x.shape[0] if x.shape[0] else 1
 
 
 # The forward and backward run as torch.library custom ops under torch.compile, which then sees each as one opaque
@@ -97,47 +59,51 @@ class ExpertLayout:
 def _expert_mlp_forward(
     x: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
     row_to_token: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor,
-    expert_width_offsets: Tensor, expert_h_offsets: Tensor, expert_widths: list[int], h_numel: int, top_k: int,
-    activation: str, keep_x_rows: bool,
+    expert_width_offsets: Tensor, expert_widths: list[int], activation: str, keep_x_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out [N, H], h_pre [h_numel], h_up [h_numel] or [0] unless gated, h_act_weighted [h_numel], x_rows [R, H]
-    (x's rows in expert-sorted order, which dW1 then reads instead of gathering x) or [0, H] without keep_x_rows)."""
-    layout = ExpertLayout.from_op_arguments(row_to_token, row_to_flat, flat_to_row, expert_row_offsets,
-                                            expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k)
+    """(out [N, H], h_pre [R, max_width], h_up [R, max_width] or [0] unless gated, h_act_weighted [R, max_width] or
+    [0] where the backward recomputes it (_keeps_weighted_activations), x_rows [R, H] (x's rows in expert-sorted
+    order, which dW1 then reads instead of gathering x) or [0, H] without keep_x_rows)."""
+    layout = _layout(row_to_token, expert_row_offsets, expert_width_offsets, expert_widths)
     x_rows = x.new_empty((layout.num_rows if keep_x_rows else 0, x.shape[1]))  # (R, H), written by the up GEMM
     h_pre, h_up, h_act_weighted = up_projection(
-        x, w1, v1, layout.row_to_token, *layout.offsets(), layout.h_numel, activation, expert_weights,
-        row_weight_index=layout.row_to_flat, x_rows=x_rows if keep_x_rows else None)  # ragged [h_numel] each
-    y_rows = down_projection(h_act_weighted, w2, *layout.offsets(), layout.num_rows)  # [R, H]
-    out = combine_rows(y_rows, layout.flat_to_row, layout.top_k)  # [N, H]
+        x, w1, v1, row_to_token, layout, activation, expert_weights, row_weight_index=row_to_flat,
+        x_rows=x_rows if keep_x_rows else None)  # (R, max_width) each
+    y_rows = down_projection(h_act_weighted, w2, layout)  # (R, H)
+    out = combine_rows(y_rows, flat_to_row, _top_k(x, flat_to_row))  # (N, H)
+    if not _keeps_weighted_activations(x, layout.num_rows):
+        h_act_weighted = x.new_empty(0)
     return out, h_pre, x.new_empty(0) if h_up is None else h_up, h_act_weighted, x_rows
 
 
 def _expert_mlp_backward(
     grad_out: Tensor, x: Tensor, x_rows: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
     h_pre: Tensor, h_up: Tensor | None, h_act_weighted: Tensor, row_to_token: Tensor, row_to_flat: Tensor,
-    flat_to_row: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor, expert_h_offsets: Tensor,
-    expert_widths: list[int], h_numel: int, top_k: int, activation: str,
+    flat_to_row: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor, expert_widths: list[int],
+    activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx [N, H], d_expert_weights [N*k] fp32, dw1, dv1 ([0] unless gated), dw2 [TW, H]). x_rows: the forward's,
     [R, H] or [0, H] (then dW1 gathers x's rows)."""
-    layout = ExpertLayout.from_op_arguments(row_to_token, row_to_flat, flat_to_row, expert_row_offsets,
-                                            expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k)
+    layout = _layout(row_to_token, expert_row_offsets, expert_width_offsets, expert_widths)
     # dW2 reads grad_out's rows sorted, written by the dA GEMM on the way, where that pays off (large problems)
     grad_out_rows = None
     if sorted_rows_pay_off(grad_out, layout.num_rows):
         grad_out_rows = grad_out.new_empty((layout.num_rows, grad_out.shape[1]))  # (R, H)
     dh_pre, dh_up, d_expert_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, layout.row_to_token, *layout.offsets(), expert_weights, activation,
-        row_weight_index=layout.row_to_flat, grad_out_rows=grad_out_rows)
+        grad_out, w2, h_pre, h_up, row_to_token, layout, expert_weights, activation,
+        row_weight_index=row_to_flat, grad_out_rows=grad_out_rows)  # (R, max_width) each; (N*k,)
     # the token rows each weight gradient reads: (sorted copy, None), or (token rows, row_to_token) to gather them
-    dw2_rows = (grad_out, layout.row_to_token) if grad_out_rows is None else (grad_out_rows, None)
-    dw2, _ = weight_grad(h_act_weighted, None, *dw2_rows, *layout.offsets())  # [TW, H]
+    dw2_rows = (grad_out, row_to_token) if grad_out_rows is None else (grad_out_rows, None)
+    if h_act_weighted.shape[0] > 0:
+        dw2, _ = weight_grad(h_act_weighted, None, *dw2_rows, layout)  # (TW, H)
+    else:  # from h_pre, h_act_weighted recomputed as the GEMM loads it
+        dw2, _ = weight_grad(h_pre, h_up, *dw2_rows, layout, activation=activation, row_weights=expert_weights,
+                             row_weight_index=row_to_flat)  # (TW, H)
     del grad_out_rows, dw2_rows
-    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, *layout.offsets(), layout.num_rows)  # [R, H]
-    dx = combine_rows(dx_rows, layout.flat_to_row, layout.top_k)  # [N, H]
-    dw1_rows = (x, layout.row_to_token) if x_rows.shape[0] == 0 else (x_rows, None)
-    dw1, dv1 = weight_grad(dh_pre, dh_up, *dw1_rows, *layout.offsets())  # [TW, H] each
+    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, layout)  # (R, H)
+    dx = combine_rows(dx_rows, flat_to_row, _top_k(x, flat_to_row))  # (N, H)
+    dw1_rows = (x, row_to_token) if x_rows.shape[0] == 0 else (x_rows, None)
+    dw1, dv1 = weight_grad(dh_pre, dh_up, *dw1_rows, layout)  # (TW, H) each
     return dx, d_expert_weights, dw1, w1.new_empty(0) if dv1 is None else dv1, dw2
 
 
@@ -145,31 +111,37 @@ _forward_op = torch.library.custom_op("triton_moe::expert_mlp", _expert_mlp_forw
 _backward_op = torch.library.custom_op("triton_moe::expert_mlp_backward", _expert_mlp_backward, mutates_args=())
 
 
+NUM_TENSOR_INPUTS = 10  # x, expert_weights, w1, v1, w2, then the five layout tensors; then the host arguments
+
+
 @_forward_op.register_fake
-def _(x, expert_weights, w1, v1, w2, row_to_token, row_to_flat, flat_to_row, expert_row_offsets, expert_width_offsets,
-      expert_h_offsets, expert_widths, h_numel, top_k, activation, keep_x_rows):
+def _(x, expert_weights, w1, v1, w2, row_to_token, row_to_flat, flat_to_row, expert_row_offsets,
+      expert_width_offsets, expert_widths, activation, keep_x_rows):
+    hidden_shape = (row_to_token.shape[0], max(expert_widths))  # (R, max_width)
     x_rows = x.new_empty((row_to_token.shape[0] if keep_x_rows else 0, x.shape[1]))
-    return (torch.empty_like(x), x.new_empty(h_numel), x.new_empty(0 if v1 is None else h_numel),
-            x.new_empty(h_numel), x_rows)
+    h_act_weighted = x.new_empty(hidden_shape if _keeps_weighted_activations(x, row_to_token.shape[0]) else 0)
+    return (torch.empty_like(x), x.new_empty(hidden_shape), x.new_empty(0) if v1 is None else x.new_empty(hidden_shape),
+            h_act_weighted, x_rows)
 
 
 @_backward_op.register_fake
 def _(grad_out, x, x_rows, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, row_to_token, row_to_flat,
-      flat_to_row, expert_row_offsets, expert_width_offsets, expert_h_offsets, expert_widths, h_numel, top_k,
-      activation):
+      flat_to_row, expert_row_offsets, expert_width_offsets, expert_widths, activation):
     dv1 = w1.new_empty(0) if v1 is None else torch.empty_like(v1)
     return (torch.empty_like(grad_out), torch.empty_like(expert_weights), torch.empty_like(w1), dv1,
             torch.empty_like(w2))
 
 
 def _setup_context(ctx, inputs, output):
-    x, expert_weights, w1, v1, w2, *layout_tensors = inputs[:11]
+    x, expert_weights, w1, v1, w2, *layout_tensors = inputs[:NUM_TENSOR_INPUTS]
+    expert_widths, activation, _ = inputs[NUM_TENSOR_INPUTS:]
     _, h_pre, h_up, h_act_weighted, x_rows = output
     ctx.save_for_backward(x, x_rows, expert_weights, w1, v1, w2, h_pre, None if v1 is None else h_up, h_act_weighted,
                           *layout_tensors)
-    ctx.host_arguments = inputs[11:15]  # expert_widths, h_numel, top_k, activation
+    ctx.host_arguments = (expert_widths, activation)
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(h_pre, h_up, h_act_weighted, x_rows)
-    # Autograd would otherwise hand the backward zero gradients for the ragged outputs: a ragged buffer each.
+    # Autograd would otherwise hand the backward zero gradients for the hidden activations: a matrix each.
     ctx.set_materialize_grads(False)
 
 
@@ -181,7 +153,8 @@ def _autograd_backward(backward):
         dx, d_expert_weights, dw1, dv1, dw2 = backward(
             grad_out.contiguous(), x, x_rows, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted,
             *layout_tensors, *ctx.host_arguments)
-        return (dx, d_expert_weights, dw1, None if v1 is None else dv1, dw2) + (None,) * 11
+        grads = (dx, d_expert_weights, dw1, None if v1 is None else dv1, dw2)
+        return grads + (None,) * (ctx.num_inputs - len(grads))  # none for the layout and the host arguments
 
     return run
 
@@ -190,18 +163,23 @@ _expert_mlp = with_eager_path("ExpertMLP", _forward_op, _expert_mlp_forward, _se
                               _backward_op, _expert_mlp_backward)
 
 
-def expert_mlp(x, expert_weights, w1, v1, w2, layout: ExpertLayout, activation: str,
-               keep_sorted_x: bool = True) -> torch.Tensor:
+def expert_mlp(x: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, sort: ExpertSort,
+               expert_width_offsets: Tensor, expert_widths: list[int], activation: str,
+               keep_sorted_x: bool = True) -> Tensor:
     """The experts' MLPs on their routed rows and the weighted sum per token.
 
     x [N, H], w1/v1/w2 [TW, H] in one dtype (fp32, fp16, bf16; v1 None unless swiglu), expert_weights [N*k] fp32
     (the routing weight of each (token, slot) assignment: Routing.expert_weights flattened; the kernels read it
-    through layout.row_to_flat). Returns [N, H] in x's dtype; differentiable in x, expert_weights and the weights.
-    keep_sorted_x: let the forward keep x's rows in expert-sorted order for dW1 where that pays off (MoEConfig's
-    field of that name).
+    through sort.row_to_flat). sort: the assignments sorted by expert (routing.ExpertSort); expert_width_offsets
+    [E+1] and expert_widths (host ints): the experts' rows of the weights. Returns [N, H] in x's dtype;
+    differentiable in x, expert_weights and the weights. keep_sorted_x: let the forward keep x's rows in
+    expert-sorted order for dW1 where that pays off (MoEConfig's field of that name).
     """
+    num_rows = sort.row_to_token.shape[0]
     # Kept only for a backward that computes dW1: not under no_grad, nor with w1 (and v1) frozen.
     keep_x_rows = (keep_sorted_x and torch.is_grad_enabled()
                    and any(weight is not None and weight.requires_grad for weight in (w1, v1))
-                   and sorted_rows_pay_off(x, layout.num_rows))
-    return _expert_mlp(x, expert_weights, w1, v1, w2, *layout.op_arguments(), activation, keep_x_rows)[0]
+                   and sorted_rows_pay_off(x, num_rows))
+    return _expert_mlp(x, expert_weights, w1, v1, w2, sort.row_to_token, sort.row_to_flat, sort.flat_to_row,
+                       sort.expert_row_offsets, expert_width_offsets, list(expert_widths), activation,
+                       keep_x_rows)[0]

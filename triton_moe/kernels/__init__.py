@@ -8,11 +8,13 @@ from triton_moe.kernels.grouped_gemm import (
     up_projection,
     weight_grad,
 )
+from triton_moe.kernels.layout import ExpertLayout
 from triton_moe.kernels.permute import combine_rows, gather_rows
 from triton_moe.kernels.tuning import GemmBlocks, gemm_blocks, sorted_rows_pay_off
 
 __all__ = [
     "ACTIVATIONS",
+    "ExpertLayout",
     "GATED_ACTIVATIONS",
     "GemmBlocks",
     "combine_rows",

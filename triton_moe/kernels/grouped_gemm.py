@@ -1,41 +1,31 @@
 """Grouped GEMMs over expert-sorted rows: the one building block of every MoE projection, forward and backward.
 
-Two kernels, each called in several roles by the launchers below:
+Two kernels, each called in several roles by the launchers below (R = N * top_k expert-sorted rows, E experts,
+H hidden; hidden activations are [R, max_width] matrices, see layout.py):
 - `_expert_rows_gemm`: per expert e, out[rows of e] = A[rows of e] @ B_e, in one of two layouts:
   RAGGED_OUT (hidden -> expert width): A rows gathered from a [N, H] source by row_to_token,
-      B_e[k, n] = weight[width_off_e + n, k], out = expert e's [count_e, W_e] block of a ragged buffer; on request
-      it also writes the rows it gathers, in expert-sorted order, for the weight gradient. For large 16-bit problems
-      from Hopper on, B loads by TMA.
+      B_e[k, n] = weight[width_off_e + n, k], out = columns 0:W_e of expert e's rows of a hidden-activation
+      matrix; on request it also writes the rows it gathers, in expert-sorted order, for the weight gradient. For
+      large 16-bit problems from Hopper on, B loads by TMA.
       Roles: up projection (+ activation and routing weight), down projection backward (dA = dL/d act; for large
       problems and one-projection activations + the activation's backward and the routing weight's gradient, in
       partial sums per column tile).
-  not RAGGED_OUT (expert width -> hidden): A = expert e's block of a ragged buffer,
+  not RAGGED_OUT (expert width -> hidden): A = columns 0:W_e of expert e's rows of a hidden-activation matrix,
       B_e[k, n] = weight[width_off_e + k, n], out = rows [R, H].
       Roles: down projection, input grad rows (dX before combine).
 - `_weight_grad_gemm`: per expert e, dW[width_off_e + m, n] = sum over rows r of e of A[r, m] * B[token(r), n],
-  A ragged, B gathered from a [N, H] source, or the [R, H] token rows already in expert-sorted order (the copies
-  above), which load by TMA from Hopper on. Roles: dW2 (A = the weighted activations the forward kept, B =
-  grad_out's rows), dW1 (B = x's rows; + dV1 in the same launch).
+  A a hidden-activation matrix, B gathered from a [N, H] source, or the [R, H] token rows already in expert-sorted
+  order (the copies above), which load by TMA from Hopper on. Roles: dW2 (A = the weighted activations the forward
+  kept, B = grad_out's rows), dW1 (B = x's rows; + dV1 in the same launch).
 Both accumulate in fp32 and never use atomics, so every result is bitwise reproducible. A third, row-wise kernel,
-`_activation_backward_rows`, finishes the down projection's backward on the ragged dA where the dA GEMM does not
-(gated activations, small problems): the activation's derivative, the routing weight and the routing weight's
-gradient (a whole row's dot product, so no partial sums).
+`_activation_backward_rows`, finishes the down projection's backward on dA where the dA GEMM does not (gated
+activations, small problems): the activation's derivative, the routing weight and the routing weight's gradient
+(a whole row's dot product, so no partial sums).
 
-Layout arguments shared by the launchers (R = N * top_k expert-sorted rows, E experts, H hidden):
-    row_to_token: [R] int32/int64, token of each row; rows are sorted by expert.
-    expert_row_offsets: [E+1] int32/int64, rows of expert e are expert_row_offsets[e] : expert_row_offsets[e+1].
-    expert_width_offsets: [E+1] int32/int64, prefix sums of expert_widths; expert e owns weight rows
-        expert_width_offsets[e] : expert_width_offsets[e+1] of each [TW, H] weight.
-    expert_widths: the E widths W_e >= 1 as host ints (they size the launch grid without a device sync).
-    expert_h_offsets: [E+1] int64, prefix sums of count_e * W_e; expert e's hidden activations are the dense
-        row-major [count_e, W_e] block starting there in each ragged 1-D buffer (h_pre, h_up, h_act, ...).
-    blocks: tile sizes; tuning.gemm_blocks(dtype, role, ...) when None (each launcher is one role).
-All tensors are contiguous and on one device; float operands of one call share one dtype (fp32, fp16, bf16).
+Every launcher takes the batch's `layout.ExpertLayout` (row and width offsets, widths, R) and `blocks`, the tile
+sizes (tuning.gemm_blocks(dtype, role, ...) when None: each launcher is one role). All tensors are contiguous and
+on one device; float operands of one call share one dtype (fp32, fp16, bf16).
 """
-
-import functools
-import math
-from collections.abc import Sequence
 
 import torch
 import triton
@@ -43,15 +33,11 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
-from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, next_power_of_2
+from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape
+from triton_moe.kernels.layout import ExpertLayout
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, ROW_PASS_ELEMENTS, GemmBlocks, gemm_blocks,
                                        fused_dh_pays_off, permute_block_h, tma_readable,
                                        weights_by_tma)
-
-# The largest common factor of the expert widths worth telling the compiler (WIDTH_MULTIPLE): 16 elements hold
-# a whole 16-byte vector in every dtype, and Triton marks integer arguments divisible by 16 the same way.
-WIDTH_ALIGNMENT = 16
-
 
 @triton.jit
 def _expert_of_tile(tile_id, tiles_per_expert, experts):
@@ -67,17 +53,28 @@ def _expert_of_tile(tile_id, tiles_per_expert, experts):
 
 
 @triton.jit
-def _expert_extent(expert, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
-                   WIDTH_MULTIPLE: tl.constexpr):
-    """(first row, rows, first weight row, width, start of the ragged block) of one expert."""
+def _expert_extent(expert, expert_row_offsets_ptr, expert_width_offsets_ptr, WIDTH_MULTIPLE: tl.constexpr):
+    """(first row, rows, first weight row, width) of one expert."""
     row_start = tl.load(expert_row_offsets_ptr + expert)
     num_rows = tl.load(expert_row_offsets_ptr + expert + 1) - row_start
     width_start = tl.load(expert_width_offsets_ptr + expert)
-    # Every width, hence every block start in the ragged buffers, is a multiple of WIDTH_MULTIPLE. Loaded from
-    # memory, the compiler cannot know it: without the hint each ragged row access is split into 2-byte ones.
+    # Every width is a multiple of WIDTH_MULTIPLE. Loaded from memory, the compiler cannot know it: without the
+    # hint the masks of each hidden-activation row split its accesses into 2-byte ones.
     width = tl.multiple_of(tl.load(expert_width_offsets_ptr + expert + 1) - width_start, WIDTH_MULTIPLE)
-    h_start = tl.multiple_of(tl.load(expert_h_offsets_ptr + expert).to(tl.int64), WIDTH_MULTIPLE)
-    return row_start, num_rows, width_start, width, h_start
+    return row_start, num_rows, width_start, width
+
+
+@triton.jit
+def _store_zero_padding(out_ptr, rows, row_mask, tile_start, width, max_width, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """Zeros in columns width : max_width of `rows` of a hidden-activation matrix, from the expert's last column
+    tile, which starts at column tile_start, on."""
+    row_offsets = rows[:, None].to(tl.int64) * max_width  # (BLOCK_M, 1)
+    zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+    for col_start in range(tile_start, max_width, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        mask = row_mask[:, None] & (cols[None, :] >= width) & (cols[None, :] < max_width)
+        tl.store(out_ptr + row_offsets + cols[None, :], zeros, mask=mask)
 
 
 @triton.jit
@@ -85,8 +82,8 @@ def _expert_rows_gemm(
     a_ptr, a2_ptr, b_ptr, b2_ptr, b_desc, b2_desc,
     out_ptr, out2_ptr, out3_ptr, a_rows_ptr, h_pre_ptr, partials_ptr,
     row_weights_ptr, row_weight_index_ptr,
-    row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
-    num_experts, hidden, partial_tiles,
+    row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr,
+    num_experts, hidden, max_width, partial_tiles,
     RAGGED_OUT: tl.constexpr,
     SECOND_PRODUCT: tl.constexpr,
     EPILOGUE: tl.constexpr,
@@ -95,6 +92,7 @@ def _expert_rows_gemm(
     HAS_ROW_WEIGHTS: tl.constexpr,
     INDEXED_ROW_WEIGHTS: tl.constexpr,
     COPY_A_ROWS: tl.constexpr,
+    ZERO_PADDING: tl.constexpr,
     B_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -105,6 +103,8 @@ def _expert_rows_gemm(
 ):
     """One (expert, row tile, column tile) of out = A @ B_e; see the module docstring for the two layouts.
 
+    ZERO_PADDING ("act_forward" only): the program of an expert's last column tile also writes zeros past the
+    expert's width up to max_width, so that the forward's outputs are the same whatever the memory held before.
     COPY_A_ROWS (RAGGED_OUT only): the program of column tile 0 of each row tile also stores the A rows it gathers,
     a_rows[r] = A[row_to_token[r]] ([R, H], rows in expert-sorted order), for the weight gradient to read.
     B_TMA (RAGGED_OUT only): B_e's tiles (and B2_e's) load through b_desc (b2_desc), TMA descriptors of the [TW, H]
@@ -118,7 +118,7 @@ def _expert_rows_gemm(
             routing weight if HAS_ROW_WEIGHTS: row_weights[row_weight_index[r]] if INDEXED_ROW_WEIGHTS, else
             row_weights[r].
         "act_backward" (not GATED): acc is dA, the gradient for the rows' unweighted activations; with
-            a = act(h_pre) recomputed from the ragged h_pre: out = dh_pre = w_r * dA * act'(h_pre), and, if
+            a = act(h_pre) recomputed from h_pre: out = dh_pre = w_r * dA * act'(h_pre), and, if
             HAS_ROW_WEIGHTS, partials[slot_r, col_tile] = the tile's columns of sum_n dA * a (partials is
             [R, partial_tiles], rows in row_weights' order; the launcher sums each row, the routing weight's
             gradient, and an expert with fewer column tiles writes zeros in the rest). dA is rounded to out's
@@ -145,8 +145,8 @@ def _expert_rows_gemm(
     if expert >= num_experts:
         return
 
-    row_start, num_rows, width_start, width, h_start = _expert_extent(
-        expert, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr, WIDTH_MULTIPLE)
+    row_start, num_rows, width_start, width = _expert_extent(
+        expert, expert_row_offsets_ptr, expert_width_offsets_ptr, WIDTH_MULTIPLE)
     if RAGGED_OUT:
         num_cols = width
         reduce_size = hidden
@@ -154,7 +154,7 @@ def _expert_rows_gemm(
         num_cols = hidden
         reduce_size = width
     # Column tiles fastest: consecutive programs, which run at the same time, share one tile of A rows (a
-    # gather of token rows, or a slab of the ragged buffer) and sweep the expert's weight slice, which is at
+    # gather of token rows, or a slab of a hidden-activation matrix) and sweep the expert's weight slice, which is at
     # most a few MiB and stays in L2 across the expert's row tiles. Row tiles fastest would instead re-read
     # every A row once per column tile, far apart in time, from DRAM for large experts.
     col_tiles = tl.cdiv(num_cols, BLOCK_N)
@@ -171,14 +171,14 @@ def _expert_rows_gemm(
         a_offsets = tokens[:, None] * hidden + ks[None, :]  # (BLOCK_M, BLOCK_K)
         b_offsets = (width_start + cols[None, :]).to(tl.int64) * hidden + ks[:, None]  # (BLOCK_K, BLOCK_N)
         b_step = BLOCK_K
-        out_offsets = h_start + expert_rows[:, None].to(tl.int64) * width + cols[None, :]
+        out_offsets = rows[:, None].to(tl.int64) * max_width + cols[None, :]  # (BLOCK_M, BLOCK_N)
         a_rows_offsets = rows[:, None].to(tl.int64) * hidden + ks[None, :]  # (BLOCK_M, BLOCK_K)
         # One program per row tile copies: column tile 0, as a mask (a branch in the loop costs the pipeline).
         copies_rows = (ks[None, :] * 0 + col_tile) == 0  # (1, BLOCK_K)
         b_tma_row = (width_start + col_tile * BLOCK_N).to(tl.int32)  # TMA coordinates of B_eᵀ's tile: int32
         b_tma_col = 0
     else:
-        a_offsets = h_start + expert_rows[:, None].to(tl.int64) * width + ks[None, :]  # (BLOCK_M, BLOCK_K)
+        a_offsets = rows[:, None].to(tl.int64) * max_width + ks[None, :]  # (BLOCK_M, BLOCK_K)
         b_offsets = (width_start + ks[:, None]).to(tl.int64) * hidden + cols[None, :]  # (BLOCK_K, BLOCK_N)
         b_step = BLOCK_K * hidden
         out_offsets = rows[:, None].to(tl.int64) * hidden + cols[None, :]  # (BLOCK_M, BLOCK_N)
@@ -228,7 +228,7 @@ def _expert_rows_gemm(
         # offsets are computed afresh: rewound by subtraction, they lost what the compiler knew of their
         # contiguity, and the GEMM ran at 22-216 TFLOP/s (sweep_dx_swiglu.md).
         tl.static_assert(not RAGGED_OUT, "summed: the expert width -> hidden layout")
-        a_offsets = h_start + expert_rows[:, None].to(tl.int64) * width + ks[None, :]  # (BLOCK_M, BLOCK_K)
+        a_offsets = rows[:, None].to(tl.int64) * max_width + ks[None, :]  # (BLOCK_M, BLOCK_K)
         b_offsets = (width_start + ks[:, None]).to(tl.int64) * hidden + cols[None, :]  # (BLOCK_K, BLOCK_N)
         for k_start in range(0, reduce_size, BLOCK_K):
             k_mask = ks < reduce_size - k_start
@@ -255,6 +255,12 @@ def _expert_rows_gemm(
             # weight gradient reads these same values as a plain operand.
             h_act = h_act * row_weights[:, None]
         tl.store(out3_ptr + out_offsets, h_act.to(out_dtype), mask=out_mask)
+        if ZERO_PADDING and col_tile == col_tiles - 1:
+            tile_start = col_tile * BLOCK_N
+            _store_zero_padding(out_ptr, rows, row_mask, tile_start, num_cols, max_width, BLOCK_M, BLOCK_N)
+            if GATED:
+                _store_zero_padding(out2_ptr, rows, row_mask, tile_start, num_cols, max_width, BLOCK_M, BLOCK_N)
+            _store_zero_padding(out3_ptr, rows, row_mask, tile_start, num_cols, max_width, BLOCK_M, BLOCK_N)
     elif EPILOGUE == "act_backward":
         tl.static_assert(RAGGED_OUT and not GATED, "act_backward: the dA GEMM of a one-projection activation")
         d_act = acc.to(out_dtype).to(tl.float32)
@@ -279,9 +285,13 @@ def _expert_rows_gemm(
 def _weight_grad_gemm(
     a_ptr, a2_ptr, b_ptr, b_desc,
     out_ptr, out2_ptr,
-    row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
-    num_experts, hidden,
+    row_weights_ptr, row_weight_index_ptr,
+    row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr,
+    num_experts, hidden, max_width,
     SECOND_OUTPUT: tl.constexpr,
+    A_ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    INDEXED_ROW_WEIGHTS: tl.constexpr,
     B_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -292,9 +302,13 @@ def _weight_grad_gemm(
 ):
     """One (expert, width tile, hidden tile) of out[width_off_e + m, n] = sum_r A[r, m] * B[token(r), n].
 
-    A is ragged. With SECOND_OUTPUT, out2 = A2^T @ B with A2 ragged at a2_ptr, sharing the B loads. The reduction
-    runs over the expert's rows, BLOCK_K at a time; an expert without rows stores 0. B_ROWS says where row r's
-    token row is:
+    A is a hidden-activation matrix. With SECOND_OUTPUT, out2 = A2^T @ B with A2 like A at a2_ptr, sharing the B
+    loads. With A_ACTIVATION (an activation's name; not with SECOND_OUTPUT), A is computed as it loads from the
+    pre-activations at a_ptr (and, GATED, at a2_ptr): A = act(h_pre[, h_up]) * row r's routing weight
+    (row_weights[row_weight_index[r]] if INDEXED_ROW_WEIGHTS, else row_weights[r]), in fp32 and rounded once, as
+    the up projection's epilogue computes it: the down projection's weight gradient without keeping its operand.
+    The reduction runs over the expert's rows, BLOCK_K at a time; an expert without rows stores 0. B_ROWS says where
+    row r's token row is:
         "gathered": row row_to_token[r] of B [N, H], by masked pointer loads;
         "sorted": row r of B [R, H] (the token rows already in expert-sorted order), by masked pointer loads;
         "sorted_tma": the same through b_desc, a TMA descriptor of B with [BLOCK_K, BLOCK_N] boxes, unmasked: an
@@ -312,10 +326,10 @@ def _weight_grad_gemm(
     tiles_per_expert = (tl.cdiv(widths, BLOCK_M) * hidden_tiles).to(tl.int32)
     expert, first_tile = _expert_of_tile(tile_id, tiles_per_expert, experts)
 
-    row_start, num_rows, width_start, width, h_start = _expert_extent(
-        expert, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr, WIDTH_MULTIPLE)
+    row_start, num_rows, width_start, width = _expert_extent(
+        expert, expert_row_offsets_ptr, expert_width_offsets_ptr, WIDTH_MULTIPLE)
     # Width tiles fastest: the programs running together share the B tiles of one hidden tile, the irregular
-    # gather of token rows, while each reads its own contiguous columns of the expert's ragged block.
+    # gather of token rows, while each reads its own contiguous columns of the expert's rows of A.
     width_tiles = tl.cdiv(width, BLOCK_M)
     width_tile = (tile_id - first_tile) % width_tiles
     hidden_tile = (tile_id - first_tile) // width_tiles
@@ -324,7 +338,7 @@ def _weight_grad_gemm(
     ks = tl.arange(0, BLOCK_K)  # (BLOCK_K,) row within a step over the expert's rows
     m_mask = ms < width
     n_mask = ns < hidden
-    a_offsets = h_start + ks[None, :].to(tl.int64) * width + ms[:, None]  # (BLOCK_M, BLOCK_K): A transposed
+    a_offsets = (row_start + ks[None, :]).to(tl.int64) * max_width + ms[:, None]  # (BLOCK_M, BLOCK_K): Aᵀ
     # TMA coordinates are int32: R < 2^31 rows (the launcher checks), so are the expert's first row and H.
     b_row = row_start.to(tl.int32)
     b_col = (hidden_tile * BLOCK_N).to(tl.int32)
@@ -347,11 +361,21 @@ def _weight_grad_gemm(
             b = tl.load(b_ptr + b_offsets, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         a_mask = m_mask[:, None] & k_mask[None, :]
         a = tl.load(a_ptr + a_offsets, mask=a_mask, other=0.0)
+        if A_ACTIVATION is not None:
+            tl.static_assert(not SECOND_OUTPUT, "A_ACTIVATION: one product")
+            h_up = None
+            if GATED:
+                h_up = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0).to(tl.float32)
+            weight_slots = row_start + k_start + ks  # (BLOCK_K,) expert-sorted row ids
+            if INDEXED_ROW_WEIGHTS:
+                weight_slots = tl.load(row_weight_index_ptr + weight_slots, mask=k_mask, other=0)
+            row_weights = tl.load(row_weights_ptr + weight_slots, mask=k_mask, other=0.0)  # (BLOCK_K,)
+            a = (activation_forward(a.to(tl.float32), h_up, A_ACTIVATION) * row_weights[None, :]).to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if SECOND_OUTPUT:
             a2 = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0)
             acc2 = tl.dot(a2, b, acc2, input_precision=DOT_PRECISION)
-        a_offsets += BLOCK_K * width
+        a_offsets += BLOCK_K * max_width
 
     out_offsets = (width_start + ms[:, None]).to(tl.int64) * hidden + ns[None, :]  # (BLOCK_M, BLOCK_N)
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -364,8 +388,8 @@ def _weight_grad_gemm(
 def _activation_backward_rows(
     d_act_ptr, h_pre_ptr, h_up_ptr, row_weights_ptr, row_weight_index_ptr,
     dh_up_ptr, d_row_weights_ptr,
-    expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr,
-    num_rows, num_experts,
+    expert_row_offsets_ptr, expert_width_offsets_ptr,
+    num_rows, num_experts, max_width,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     HAS_ROW_WEIGHTS: tl.constexpr,
@@ -376,19 +400,19 @@ def _activation_backward_rows(
     EXPERTS_POW2: tl.constexpr,
     WIDTH_MULTIPLE: tl.constexpr,
 ):
-    """BLOCK_ROWS expert-sorted rows of the ragged dA (the gradient for the rows' unweighted activations), in place.
+    """BLOCK_ROWS expert-sorted rows of dA [R, max_width] (the gradient for the rows' unweighted activations), in place.
 
     With act = act(h_pre[, h_up]) recomputed in fp32: d_row_weights[r] = sum_n dA * act (if HAS_ROW_WEIGHTS),
     then dA becomes dh_pre = row_weights[r] * dA * d act / d h_pre, and dh_up = row_weights[r] * dA * d act / d h_up
-    (GATED). Each row has its expert's width and place in the buffer; the rows are walked BLOCK_W columns a step.
-    Row r's weight, and its gradient, sit at row_weight_index[r] of row_weights and d_row_weights if
-    INDEXED_ROW_WEIGHTS, else at r. UNIFORM_WIDTH > 0: every expert has that width, so row r starts at r * W in
-    the ragged buffers, without looking up its expert (which compares the row with every expert's end).
+    (GATED). Each row holds its expert's width of values; the rows are walked BLOCK_W columns a step. Row r's
+    weight, and its gradient, sit at row_weight_index[r] of row_weights and d_row_weights if INDEXED_ROW_WEIGHTS,
+    else at r. UNIFORM_WIDTH > 0: every expert has that width, so every row is full, without looking up its expert
+    (which compares the row with every expert's end).
     """
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,)
     row_mask = rows < num_rows
+    row_offsets = rows.to(tl.int64) * max_width  # (BLOCK_ROWS,)
     if UNIFORM_WIDTH > 0:
-        row_offsets = rows.to(tl.int64) * UNIFORM_WIDTH  # (BLOCK_ROWS,)
         width = tl.where(row_mask, UNIFORM_WIDTH, 0)
     else:
         experts = tl.arange(0, EXPERTS_POW2)
@@ -396,9 +420,7 @@ def _activation_backward_rows(
         expert_row_ends = tl.load(expert_row_offsets_ptr + experts + 1, mask=is_expert, other=0)  # (EXPERTS_POW2,)
         expert = tl.sum(((expert_row_ends[None, :] <= rows[:, None]) & is_expert[None, :]).to(tl.int32), 1)
         expert = tl.where(row_mask, expert, 0)  # (BLOCK_ROWS,); rows past the end read expert 0's extent, unused
-        row_start, _, _, width, h_start = _expert_extent(
-            expert, expert_row_offsets_ptr, expert_width_offsets_ptr, expert_h_offsets_ptr, WIDTH_MULTIPLE)
-        row_offsets = h_start + (rows - row_start).to(tl.int64) * width  # (BLOCK_ROWS,)
+        _, _, _, width = _expert_extent(expert, expert_row_offsets_ptr, expert_width_offsets_ptr, WIDTH_MULTIPLE)
         width = tl.where(row_mask, width, 0)
     cols = tl.arange(0, BLOCK_W)  # (BLOCK_W,)
     if HAS_ROW_WEIGHTS:
@@ -426,41 +448,15 @@ def _activation_backward_rows(
         tl.store(d_row_weights_ptr + weight_slots, tl.sum(row_weight_grads, 1), mask=row_mask)
 
 
-@functools.lru_cache(maxsize=64)
-def _width_facts(expert_widths: tuple[int, ...]) -> tuple[int, int, dict]:
-    """(total width, smallest width, the compile-time constants every kernel here takes) of the expert widths.
-
-    Computed once per set of widths rather than per launch: with 64 or 128 experts the Python loops over the widths
-    were a good part of a launcher's host time.
-    """
-    constants = dict(EXPERTS_POW2=next_power_of_2(len(expert_widths)),
-                     WIDTH_MULTIPLE=math.gcd(WIDTH_ALIGNMENT, *expert_widths))
-    return sum(expert_widths), min(expert_widths, default=0), constants
-
-
-def _total_width(expert_widths) -> int:
-    return _width_facts(tuple(expert_widths))[0]
-
-
-def _uniform_width(expert_widths) -> int:
-    """The experts' one width, or 0 when they differ (then expert_h_offsets are not simply rows times a width)."""
-    total, smallest, _ = _width_facts(tuple(expert_widths))
-    return smallest if smallest * len(expert_widths) == total else 0
-
-
-@functools.lru_cache(maxsize=256)
-def _tiles_per_row_block(expert_widths: tuple[int, ...], block: int) -> tuple[int, int]:
-    """(largest, sum) over the experts of cdiv(W_e, block): the tiles of one block of rows (or of one row of
-    blocks) across the experts' widths."""
-    tiles = [ceil_div(width, block) for width in expert_widths]
-    return max(tiles), sum(tiles)
-
-
 def _check_token_rows(name, tensor, dtypes):
     """`tensor` is a contiguous [N, H] matrix of token rows with a dtype in `dtypes`."""
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be [N, H], got shape {tuple(tensor.shape)}")
     check_tensor_shape(name, tensor, tensor.shape, dtypes)
+
+
+def _check_row_to_token(row_to_token, layout: ExpertLayout):
+    check_tensor_shape("row_to_token", row_to_token, (layout.num_rows,), INDEX_DTYPES)
 
 
 def _check_row_weights(row_weights, row_weight_index, num_rows):
@@ -474,42 +470,25 @@ def _check_row_weights(row_weights, row_weight_index, num_rows):
         check_tensor_shape("row_weight_index", row_weight_index, (num_rows,), INDEX_DTYPES)
 
 
-def _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width):
-    """Validate the layout arguments against weights of `total_width` rows."""
-    num_experts = len(expert_widths)
-    widths_total, smallest_width, _ = _width_facts(tuple(expert_widths))
-    if num_experts == 0 or smallest_width < 1:
-        raise ValueError(f"expert_widths must list at least one expert, each >= 1, got {expert_widths}")
-    if widths_total != total_width:
-        raise ValueError(f"expert_widths sum to {widths_total}, but the weights have {total_width} rows")
-    check_tensor_shape("expert_row_offsets", expert_row_offsets, (num_experts + 1,), INDEX_DTYPES)
-    check_tensor_shape("expert_width_offsets", expert_width_offsets, (num_experts + 1,), INDEX_DTYPES)
-    check_tensor_shape("expert_h_offsets", expert_h_offsets, (num_experts + 1,), (torch.int64,))
-
-
 def _check_row_copy(name, rows, token_rows, num_rows):
     """`rows` is None or the [R, H] destination of the expert-sorted copy of `token_rows` [N, H]."""
     if rows is not None:
         check_tensor_shape(name, rows, (num_rows, token_rows.shape[1]), (token_rows.dtype,))
 
 
-def _check_gated_pair(name, tensor, activation, shape, dtype):
-    """`tensor` (the second projection or its grad) is given exactly when `activation` is gated."""
+def _check_gated_pair(name, tensor, activation, check):
+    """`tensor` (the second projection or its grad) is given exactly when `activation` is gated; check(name, tensor)
+    checks its shape and dtype."""
     if tensor is None:
         if is_gated(activation):
             raise ValueError(f"{name} is required for the gated activation {activation!r}")
     elif not is_gated(activation):
         raise ValueError(f"{name} must be None for the activation {activation!r}")
     else:
-        check_tensor_shape(name, tensor, shape, (dtype,))
+        check(name, tensor)
 
 
-def _layout_constants(expert_widths):
-    """The compile-time facts of the layout that every kernel here takes."""
-    return _width_facts(tuple(expert_widths))[2]
-
-
-def _launch_options(dtype, blocks, expert_widths):
+def _launch_options(dtype, blocks, layout: ExpertLayout):
     """The compile-time arguments and launch options both GEMM kernels share."""
     return dict(
         # fp32 must match an fp64 reference to 1e-4, which TF32 products (~1e-3) would miss. For 16-bit operands
@@ -518,29 +497,28 @@ def _launch_options(dtype, blocks, expert_widths):
         BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n,
         BLOCK_K=blocks.block_k,
-        **_layout_constants(expert_widths),
+        **layout.facts.kernel_constants,
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )
 
 
 def _expert_rows_gemm_launch(
-    *, a, b, out, num_rows, ragged_out, epilogue, expert_row_offsets, expert_width_offsets, expert_widths,
-    expert_h_offsets, blocks, role, a2=None, b2=None, second_product="none", out2=None, out3=None,
-    row_weights=None, row_weight_index=None, row_to_token=None, activation=None, a_rows=None, h_pre=None,
-    partials=None,
+    *, a, b, out, layout: ExpertLayout, ragged_out, epilogue, blocks, role, a2=None, b2=None, second_product="none",
+    out2=None, out3=None, row_weights=None, row_weight_index=None, row_to_token=None, activation=None, a_rows=None,
+    h_pre=None, partials=None,
 ):
     """Launch `_expert_rows_gemm` over a grid bounding the (unknown on the host) tiles of all experts.
 
     The hidden -> width layout reads the weights by TMA where tuning.weights_by_tma says so."""
-    hidden = b.shape[1]
+    hidden, num_rows = b.shape[1], layout.num_rows
     blocks = blocks or gemm_blocks(a.dtype, role, gated=b2 is not None, rows_x_hidden=num_rows * hidden,
                                    hidden=hidden)
     if ragged_out:
-        most_col_tiles, col_tiles_sum = _tiles_per_row_block(tuple(expert_widths), blocks.block_n)
+        most_col_tiles, col_tiles_sum = layout.tiles_per_row_tile(blocks.block_n)
     else:
         most_col_tiles = ceil_div(hidden, blocks.block_n)
-        col_tiles_sum = most_col_tiles * len(expert_widths)
+        col_tiles_sum = most_col_tiles * layout.num_experts
     # cdiv(rows_e, M) <= rows_e // M + 1 and sum_e rows_e // M <= cdiv(R, M): an upper bound on the tiles;
     # programs past the last tile exit at once.
     grid = (ceil_div(num_rows, blocks.block_m) * most_col_tiles + col_tiles_sum,)
@@ -553,8 +531,8 @@ def _expert_rows_gemm_launch(
         a, a2, b, b2, b_desc, b2_desc,
         out, out2, out3, a_rows, h_pre, partials,
         row_weights, row_weight_index,
-        row_to_token, expert_row_offsets, expert_width_offsets, expert_h_offsets,
-        len(expert_widths), hidden, 0 if partials is None else partials.shape[1],
+        row_to_token, layout.expert_row_offsets, layout.expert_width_offsets,
+        layout.num_experts, hidden, layout.max_width, 0 if partials is None else partials.shape[1],
         RAGGED_OUT=ragged_out,
         SECOND_PRODUCT=second_product,
         EPILOGUE=epilogue,
@@ -563,8 +541,9 @@ def _expert_rows_gemm_launch(
         HAS_ROW_WEIGHTS=row_weights is not None,
         INDEXED_ROW_WEIGHTS=row_weight_index is not None,
         COPY_A_ROWS=a_rows is not None,
+        ZERO_PADDING=epilogue == "act_forward" and not layout.uniform,
         B_TMA=b_desc is not None,
-        **_launch_options(a.dtype, blocks, expert_widths),
+        **_launch_options(a.dtype, blocks, layout),
     )
 
 
@@ -573,11 +552,7 @@ def up_projection(
     w1: torch.Tensor,
     v1: torch.Tensor | None,
     row_to_token: torch.Tensor,
-    expert_row_offsets: torch.Tensor,
-    expert_width_offsets: torch.Tensor,
-    expert_widths: Sequence[int],
-    expert_h_offsets: torch.Tensor,
-    h_numel: int,
+    layout: ExpertLayout,
     activation: str,
     row_weights: torch.Tensor | None = None,
     *,
@@ -585,7 +560,7 @@ def up_projection(
     x_rows: torch.Tensor | None = None,
     blocks: GemmBlocks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Up projection of every expert-sorted row, and the expert activation, into ragged buffers.
+    """Up projection of every expert-sorted row, and the expert activation, into hidden-activation matrices.
 
     For row r (token t = row_to_token[r]) of expert e: h_pre[r, n] = x[t] . w1[width_off_e + n],
     h_up[r, n] = x[t] . v1[width_off_e + n], h_act = act(h_pre[, h_up]) * row_weights[r], for n < W_e.
@@ -594,7 +569,7 @@ def up_projection(
         x: [N, H] fp32/fp16/bf16 token activations.
         w1: [TW, H] like x: the up projection (the gate for swiglu).
         v1: [TW, H] like x: the up projection of a gated activation; None otherwise.
-        h_numel: sum_e count_e * W_e, the length of the ragged buffers.
+        row_to_token: [R] int32/int64, token of each expert-sorted row.
         activation: a name in activation.ACTIVATIONS.
         row_weights: [R] fp32 routing weight of each row; None leaves h_act unscaled. The activation is computed
             in fp32 from h_pre (and h_up) as stored, scaled, then rounded once to x.dtype.
@@ -603,30 +578,27 @@ def up_projection(
             row_weights[r].
         x_rows: [R, H] like x, or None. Given, the GEMM also writes into it the rows it gathers, x_rows[r] = x[t]
             (the token rows in expert-sorted order, which weight_grad reads).
-        (layout arguments and blocks: see the module docstring)
+        (layout and blocks: see the module docstring)
     Returns:
-        h_pre, h_up (None unless gated), h_act: ragged [h_numel] buffers of x.dtype.
+        h_pre, h_up (None unless gated), h_act: [R, max_width] of x.dtype.
     """
     check_activation(activation)
     _check_token_rows("x", x, FLOAT_DTYPES)
-    check_tensor_shape("w1", w1, (_total_width(expert_widths), x.shape[1]), (x.dtype,))
-    _check_gated_pair("v1", v1, activation, w1.shape, x.dtype)
-    check_tensor_shape("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
-    _check_row_weights(row_weights, row_weight_index, row_to_token.numel())
-    _check_row_copy("x_rows", x_rows, x, row_to_token.numel())
-    _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w1.shape[0])
-    h_pre = torch.empty(h_numel, dtype=x.dtype, device=x.device)  # (h_numel,) ragged
-    h_up = torch.empty_like(h_pre) if is_gated(activation) else None  # (h_numel,) ragged
-    h_act = torch.empty_like(h_pre)  # (h_numel,) ragged
-    if row_to_token.numel() > 0:
+    layout.check_weight("w1", w1, x.shape[1], x.dtype)
+    _check_gated_pair("v1", v1, activation, lambda name, v1: layout.check_weight(name, v1, x.shape[1], x.dtype))
+    _check_row_to_token(row_to_token, layout)
+    _check_row_weights(row_weights, row_weight_index, layout.num_rows)
+    _check_row_copy("x_rows", x_rows, x, layout.num_rows)
+    h_pre = torch.empty(layout.hidden_shape, dtype=x.dtype, device=x.device)  # (R, max_width)
+    h_up = torch.empty_like(h_pre) if is_gated(activation) else None  # (R, max_width)
+    h_act = torch.empty_like(h_pre)  # (R, max_width)
+    if layout.num_rows > 0:
         _expert_rows_gemm_launch(
             role="up",
             a=x, b=w1, b2=v1, second_product="shared_a" if is_gated(activation) else "none",
-            out=h_pre, out2=h_up, out3=h_act, num_rows=row_to_token.numel(), ragged_out=True,
+            out=h_pre, out2=h_up, out3=h_act, layout=layout, ragged_out=True,
             epilogue="act_forward", activation=activation, row_weights=row_weights,
-            row_weight_index=row_weight_index, row_to_token=row_to_token, a_rows=x_rows,
-            expert_row_offsets=expert_row_offsets, expert_width_offsets=expert_width_offsets,
-            expert_widths=expert_widths, expert_h_offsets=expert_h_offsets, blocks=blocks,
+            row_weight_index=row_weight_index, row_to_token=row_to_token, a_rows=x_rows, blocks=blocks,
         )
     return h_pre, h_up, h_act
 
@@ -634,39 +606,28 @@ def up_projection(
 def down_projection(
     h_act: torch.Tensor,
     w2: torch.Tensor,
-    expert_row_offsets: torch.Tensor,
-    expert_width_offsets: torch.Tensor,
-    expert_widths: Sequence[int],
-    expert_h_offsets: torch.Tensor,
-    num_rows: int,
+    layout: ExpertLayout,
     *,
     blocks: GemmBlocks | None = None,
 ) -> torch.Tensor:
     """Down projection of every expert-sorted row.
 
-    For row r of expert e (i = r - expert_row_offsets[e]): y[r] = sum_k h_act_e[i, k] * w2[width_off_e + k],
-    with h_act_e expert e's [count_e, W_e] block.
+    For row r of expert e: y[r] = sum_k h_act[r, k] * w2[width_off_e + k], k < W_e.
 
     Args:
-        h_act: ragged [sum_e count_e * W_e] fp32/fp16/bf16 activations (up_projection's, already scaled by the
-            routing weights when it was given them).
+        h_act: [R, max_width] fp32/fp16/bf16 activations (up_projection's, already scaled by the routing weights
+            when it was given them).
         w2: [TW, H] like h_act: the down projection.
-        num_rows: R, the number of expert-sorted rows.
-        (layout arguments and blocks: see the module docstring)
+        (layout and blocks: see the module docstring)
     Returns:
         y: [R, H] of h_act.dtype, one row per expert-sorted row (combine_rows sums them per token).
     """
-    check_tensor_shape("h_act", h_act, (h_act.numel(),), FLOAT_DTYPES)
-    check_tensor_shape("w2", w2, (_total_width(expert_widths), w2.shape[-1]), (h_act.dtype,))
-    _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
-    y = torch.empty((num_rows, w2.shape[1]), dtype=h_act.dtype, device=h_act.device)  # (R, H)
-    if num_rows > 0:
-        _expert_rows_gemm_launch(
-            role="down",
-            a=h_act, b=w2, out=y, num_rows=num_rows, ragged_out=False, epilogue="store",
-            expert_row_offsets=expert_row_offsets, expert_width_offsets=expert_width_offsets,
-            expert_widths=expert_widths, expert_h_offsets=expert_h_offsets, blocks=blocks,
-        )
+    layout.check_hidden("h_act", h_act, FLOAT_DTYPES)
+    layout.check_weight("w2", w2, w2.shape[-1], h_act.dtype)
+    y = torch.empty((layout.num_rows, w2.shape[1]), dtype=h_act.dtype, device=h_act.device)  # (R, H)
+    if layout.num_rows > 0:
+        _expert_rows_gemm_launch(role="down", a=h_act, b=w2, out=y, layout=layout, ragged_out=False,
+                                 epilogue="store", blocks=blocks)
     return y
 
 
@@ -676,10 +637,7 @@ def down_projection_backward(
     h_pre: torch.Tensor,
     h_up: torch.Tensor | None,
     row_to_token: torch.Tensor,
-    expert_row_offsets: torch.Tensor,
-    expert_width_offsets: torch.Tensor,
-    expert_widths: Sequence[int],
-    expert_h_offsets: torch.Tensor,
+    layout: ExpertLayout,
     row_weights: torch.Tensor | None,
     activation: str,
     *,
@@ -687,7 +645,7 @@ def down_projection_backward(
     grad_out_rows: torch.Tensor | None = None,
     blocks: GemmBlocks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients through the down projection and the activation, back to the ragged pre-activations.
+    """Gradients through the down projection and the activation, back to the pre-activations.
 
     With dA[r, n] = grad_out[row_to_token[r]] . w2[width_off_e + n] (r of expert e, n < W_e) and
     a = act(h_pre[, h_up]) recomputed: d_row_weights[r] = sum_n dA[r, n] * a[r, n],
@@ -695,56 +653,53 @@ def down_projection_backward(
     dA is rounded to grad_out.dtype before the activation's derivative, as stored. Two ways:
     - Large problems (tuning.fused_dh_pays_off) with a one-projection activation (relu², gelu): the GEMM's epilogue
       finishes dh_pre and writes per-column-tile partial sums of d_row_weights, which a sum over the [R, column
-      tiles] partials completes (one more small launch, none with a single column tile). Against the two launches
-      below, at hidden 2048 on the H100: 1.27 -> 1.20 ms at 128x768, 1.50 -> 1.36 ms at 64x1024, 1.61 -> 1.45 ms
-      with variable widths (h100-2026-11-26/rows_ab.md, a probe copy of the kernel, medians, the grad_out copy
-      included).
+      tiles] partials completes (one more small launch, none with a single column tile).
     - Otherwise: the grouped GEMM stores dA in dh_pre's buffer, then a row-wise kernel turns it into dh_pre (and
-      dh_up) in place. A gated epilogue (two more tiles, a sigmoid) took 3.6 ms with the 128x256 tiles and 1.76 ms
-      with 128x128 ones, against 1.47 for the two launches at 128x768 (h100-2026-11-26/rows_variants.md); in the
-      seed configs the fused epilogue and the partial sums' launch cost more than the row pass (tuning.py).
+      dh_up) in place. For gated activations a fused epilogue needs two more tiles and a sigmoid, which cost more
+      than the row pass; in small problems the partial sums' launch costs more than the row pass (docs/tuning.md).
 
     Args:
         grad_out: [N, H] fp32/fp16/bf16 gradient of the combined output (combine_rows sums rows per token,
             so each row's gradient is its token's).
         w2: [TW, H] like grad_out.
-        h_pre, h_up: ragged [sum_e count_e * W_e] like grad_out, from up_projection; h_up None unless gated.
+        h_pre, h_up: [R, max_width] like grad_out, from up_projection; h_up None unless gated.
+        row_to_token: [R] int32/int64, token of each expert-sorted row.
         row_weights, row_weight_index: as given to up_projection (None if they were); d_row_weights comes out in
             row_weights' order (each row writes its own slot, hence the permutation).
         activation: the name given to up_projection.
         grad_out_rows: [R, H] like grad_out, or None. Given, the dA GEMM also writes into it the rows it gathers,
             grad_out_rows[r] = grad_out[row_to_token[r]] (what weight_grad reads for dW2).
-        (layout arguments and blocks: see the module docstring)
+        (layout and blocks: see the module docstring)
     Returns:
-        dh_pre, dh_up (None unless gated): ragged like h_pre; d_row_weights: [R] fp32, None without row_weights.
+        dh_pre, dh_up (None unless gated): [R, max_width] like h_pre; d_row_weights: [R] fp32, None without
+        row_weights.
     """
     check_activation(activation)
     _check_token_rows("grad_out", grad_out, FLOAT_DTYPES)
-    check_tensor_shape("w2", w2, (_total_width(expert_widths), grad_out.shape[1]), (grad_out.dtype,))
-    check_tensor_shape("h_pre", h_pre, (h_pre.numel(),), (grad_out.dtype,))
-    _check_gated_pair("h_up", h_up, activation, h_pre.shape, grad_out.dtype)
-    num_rows = row_to_token.numel()
-    check_tensor_shape("row_to_token", row_to_token, (num_rows,), INDEX_DTYPES)
+    layout.check_weight("w2", w2, grad_out.shape[1], grad_out.dtype)
+    layout.check_hidden("h_pre", h_pre, (grad_out.dtype,))
+    _check_gated_pair("h_up", h_up, activation,
+                      lambda name, h_up: layout.check_hidden(name, h_up, (grad_out.dtype,)))
+    _check_row_to_token(row_to_token, layout)
+    num_rows = layout.num_rows
     _check_row_weights(row_weights, row_weight_index, num_rows)
     _check_row_copy("grad_out_rows", grad_out_rows, grad_out, num_rows)
-    _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w2.shape[0])
-    dh_pre = torch.empty_like(h_pre)  # (h_numel,) ragged (gated: dA, then dh_pre in place)
-    dh_up = None if h_up is None else torch.empty_like(h_up)  # (h_numel,) ragged
+    dh_pre = torch.empty_like(h_pre)  # (R, max_width) (gated: dA, then dh_pre in place)
+    dh_up = None if h_up is None else torch.empty_like(h_up)  # (R, max_width)
     d_row_weights = None if row_weights is None else torch.empty(num_rows, dtype=torch.float32,
                                                                  device=grad_out.device)  # (R,)
     if num_rows == 0:
         return dh_pre, dh_up, d_row_weights
     gemm_arguments = dict(
-        role="down_backward", a=grad_out, b=w2, out=dh_pre, num_rows=num_rows, ragged_out=True,
-        row_to_token=row_to_token, a_rows=grad_out_rows, expert_row_offsets=expert_row_offsets,
-        expert_width_offsets=expert_width_offsets, expert_widths=expert_widths, expert_h_offsets=expert_h_offsets,
+        role="down_backward", a=grad_out, b=w2, out=dh_pre, layout=layout, ragged_out=True,
+        row_to_token=row_to_token, a_rows=grad_out_rows,
         blocks=blocks or gemm_blocks(grad_out.dtype, "down_backward", rows_x_hidden=num_rows * grad_out.shape[1],
                                      hidden=grad_out.shape[1]),
     )
     if not is_gated(activation) and fused_dh_pays_off(num_rows, grad_out.shape[1]):
         partials = None
         if row_weights is not None:
-            column_tiles = _tiles_per_row_block(tuple(expert_widths), gemm_arguments["blocks"].block_n)[0]
+            column_tiles = layout.tiles_per_row_tile(gemm_arguments["blocks"].block_n)[0]
             partials = (d_row_weights.view(num_rows, 1) if column_tiles == 1 else  # (R, T): rows' tiles' sums
                         torch.empty(num_rows, column_tiles, dtype=torch.float32, device=grad_out.device))
         _expert_rows_gemm_launch(**gemm_arguments, epilogue="act_backward", activation=activation, h_pre=h_pre,
@@ -753,21 +708,21 @@ def down_projection_backward(
             torch.sum(partials, dim=1, out=d_row_weights)
         return dh_pre, dh_up, d_row_weights
     _expert_rows_gemm_launch(**gemm_arguments, epilogue="store")
-    block_w = permute_block_h(max(expert_widths))
+    block_w = permute_block_h(layout.max_width)
     block_rows = ROW_PASS_ELEMENTS // block_w if ROW_PASS_ELEMENTS > block_w else 1
     _activation_backward_rows[(ceil_div(num_rows, block_rows),)](
         dh_pre, h_pre, h_up, row_weights, row_weight_index,
         dh_up, d_row_weights,
-        expert_row_offsets, expert_width_offsets, expert_h_offsets,
-        num_rows, len(expert_widths),
+        layout.expert_row_offsets, layout.expert_width_offsets,
+        num_rows, layout.num_experts, layout.max_width,
         ACTIVATION=activation,
         GATED=is_gated(activation),
         HAS_ROW_WEIGHTS=row_weights is not None,
         INDEXED_ROW_WEIGHTS=row_weight_index is not None,
         BLOCK_ROWS=block_rows,
         BLOCK_W=block_w,
-        UNIFORM_WIDTH=_uniform_width(expert_widths),
-        **_layout_constants(expert_widths),
+        UNIFORM_WIDTH=layout.max_width if layout.uniform else 0,
+        **layout.facts.kernel_constants,
         num_warps=PERMUTE_NUM_WARPS,
     )
     return dh_pre, dh_up, d_row_weights
@@ -778,112 +733,124 @@ def input_grad_rows(
     w1: torch.Tensor,
     dh_up: torch.Tensor | None,
     v1: torch.Tensor | None,
-    expert_row_offsets: torch.Tensor,
-    expert_width_offsets: torch.Tensor,
-    expert_widths: Sequence[int],
-    expert_h_offsets: torch.Tensor,
-    num_rows: int,
+    layout: ExpertLayout,
     *,
     blocks: GemmBlocks | None = None,
 ) -> torch.Tensor:
-    """Gradient of each expert-sorted row's input: dx_rows[r] = dh_pre_e[i] @ w1_e (+ dh_up_e[i] @ v1_e).
+    """Gradient of each expert-sorted row's input: dx_rows[r] = dh_pre[r, :W_e] @ w1_e (+ dh_up[r, :W_e] @ v1_e).
 
     Args:
-        dh_pre: ragged [sum_e count_e * W_e] fp32/fp16/bf16, from down_projection_backward.
+        dh_pre: [R, max_width] fp32/fp16/bf16, from down_projection_backward.
         w1: [TW, H] like dh_pre.
-        dh_up, v1: ragged like dh_pre and [TW, H], both given for a gated activation or both None.
-        num_rows: R, the number of expert-sorted rows.
-        (layout arguments and blocks: see the module docstring)
+        dh_up, v1: like dh_pre and w1, both given for a gated activation or both None.
+        (layout and blocks: see the module docstring)
     Returns:
         dx_rows: [R, H] of dh_pre.dtype (combine_rows sums them per token into dx).
     """
-    check_tensor_shape("dh_pre", dh_pre, (dh_pre.numel(),), FLOAT_DTYPES)
-    check_tensor_shape("w1", w1, (_total_width(expert_widths), w1.shape[-1]), (dh_pre.dtype,))
+    layout.check_hidden("dh_pre", dh_pre, FLOAT_DTYPES)
+    layout.check_weight("w1", w1, w1.shape[-1], dh_pre.dtype)
     if (dh_up is None) != (v1 is None):
         raise ValueError("dh_up and v1 must be given together (gated activation) or both be None")
     if dh_up is not None:
-        check_tensor_shape("dh_up", dh_up, dh_pre.shape, (dh_pre.dtype,))
-        check_tensor_shape("v1", v1, w1.shape, (dh_pre.dtype,))
-    _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, w1.shape[0])
-    dx_rows = torch.empty((num_rows, w1.shape[1]), dtype=dh_pre.dtype, device=dh_pre.device)  # (R, H)
-    if num_rows > 0:
+        layout.check_hidden("dh_up", dh_up, (dh_pre.dtype,))
+        layout.check_weight("v1", v1, w1.shape[1], dh_pre.dtype)
+    dx_rows = torch.empty((layout.num_rows, w1.shape[1]), dtype=dh_pre.dtype, device=dh_pre.device)  # (R, H)
+    if layout.num_rows > 0:
         _expert_rows_gemm_launch(
-            role="input_grad",
-            a=dh_pre, b=w1, a2=dh_up, b2=v1, second_product="none" if dh_up is None else "summed", out=dx_rows,
-            num_rows=num_rows, ragged_out=False, epilogue="store", expert_row_offsets=expert_row_offsets,
-            expert_width_offsets=expert_width_offsets, expert_widths=expert_widths,
-            expert_h_offsets=expert_h_offsets, blocks=blocks,
+            role="input_grad", a=dh_pre, b=w1, a2=dh_up, b2=v1,
+            second_product="none" if dh_up is None else "summed", out=dx_rows, layout=layout, ragged_out=False,
+            epilogue="store", blocks=blocks,
         )
     return dx_rows
 
 
 def weight_grad(
-    ragged: torch.Tensor,
-    ragged2: torch.Tensor | None,
+    hidden_rows: torch.Tensor,
+    hidden_rows2: torch.Tensor | None,
     token_rows: torch.Tensor,
     row_to_token: torch.Tensor | None,
-    expert_row_offsets: torch.Tensor,
-    expert_width_offsets: torch.Tensor,
-    expert_widths: Sequence[int],
-    expert_h_offsets: torch.Tensor,
+    layout: ExpertLayout,
     *,
+    activation: str | None = None,
+    row_weights: torch.Tensor | None = None,
+    row_weight_index: torch.Tensor | None = None,
     blocks: GemmBlocks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight gradient of a projection: dw[width_off_e + m] = sum over rows r of e of ragged[r, m] * token_rows[t].
+    """Weight gradient of a projection: dw[width_off_e + m] = sum over rows r of e of hidden_rows[r, m] * token_rows[t],
+    t = row_to_token[r].
 
-    t = row_to_token[r]. This is the gradient of both projections: dw2 from the weighted activations and grad_out,
-    dw1 from dh_pre and x (and dv1 from dh_up, as `ragged2`, in the same launch: the token-row loads are shared).
-    The token rows come gathered through row_to_token, or already in expert-sorted order (row_to_token None: the
-    copies up_projection and down_projection_backward write on request), which from Hopper on load by TMA: a gather
-    cannot, and holds the GEMM to ~350-410 TFLOP/s at hidden 2048 where sorted rows reach 510-640 on the H100
-    (session8/dw_sorted_rows.md). tuning.sorted_rows_pay_off says when the copies are worth their cost.
+    This is the gradient of both projections: dw2 from the weighted activations and grad_out,
+    dw1 from dh_pre and x (and dv1 from dh_up, as `hidden_rows2`, in the same launch: the token-row loads are
+    shared). The token rows come gathered through row_to_token, or already in expert-sorted order (row_to_token
+    None: the copies up_projection and down_projection_backward write on request), which from Hopper on load by TMA:
+    a gather cannot, and holds the GEMM well below the sorted rows' rate at hidden 2048 (docs/tuning.md).
+    tuning.sorted_rows_pay_off says when the copies are worth their cost.
 
     Args:
-        ragged: ragged [sum_e count_e * W_e] fp32/fp16/bf16, expert e's rows a [count_e, W_e] block.
-        ragged2: ragged like `ragged` for a second gradient over the same token rows, or None.
-        token_rows: [N, H] like ragged, gathered per row by row_to_token; or, with row_to_token None, [R, H]: row r
-            is the token row of expert-sorted row r.
+        hidden_rows: [R, max_width] fp32/fp16/bf16, row r holding its expert's W_e values.
+        hidden_rows2: like `hidden_rows` for a second gradient over the same token rows, or None.
+        activation, row_weights, row_weight_index: with an activation's name, dw2 from the pre-activations:
+            hidden_rows is h_pre, hidden_rows2 h_up (gated) or None, and the operand is what up_projection's h_act
+            would hold with these routing weights (given as to up_projection), computed on load. Only one
+            gradient then.
+        token_rows: [N, H] like hidden_rows, gathered per row by row_to_token; or, with row_to_token None, [R, H]:
+            row r is the token row of expert-sorted row r.
         row_to_token: [R] int32/int64, or None (token_rows are sorted).
-        (layout arguments and blocks: see the module docstring)
+        (layout and blocks: see the module docstring)
     Returns:
-        dw, dw_2 (None without ragged2): [TW, H] of ragged.dtype; experts without rows get zeros.
+        dw, dw_2 (None without hidden_rows2, or with an activation): [TW, H] of hidden_rows.dtype; experts without
+        rows get zeros.
     """
-    check_tensor_shape("ragged", ragged, (ragged.numel(),), FLOAT_DTYPES)
-    if ragged2 is not None:
-        check_tensor_shape("ragged2", ragged2, ragged.shape, (ragged.dtype,))
-    _check_token_rows("token_rows", token_rows, (ragged.dtype,))
+    layout.check_hidden("hidden_rows", hidden_rows, FLOAT_DTYPES)
+    if activation is not None:
+        check_activation(activation)
+        _check_gated_pair("hidden_rows2", hidden_rows2, activation,
+                          lambda name, h_up: layout.check_hidden(name, h_up, (hidden_rows.dtype,)))
+        if row_weights is None:
+            raise ValueError("weight_grad with an activation needs the row_weights")
+        _check_row_weights(row_weights, row_weight_index, layout.num_rows)
+    elif row_weights is not None:
+        raise ValueError("row_weights are for weight_grad with an activation")
+    elif hidden_rows2 is not None:
+        layout.check_hidden("hidden_rows2", hidden_rows2, (hidden_rows.dtype,))
+    _check_token_rows("token_rows", token_rows, (hidden_rows.dtype,))
     if row_to_token is not None:
-        check_tensor_shape("row_to_token", row_to_token, (row_to_token.numel(),), INDEX_DTYPES)
-    total_width = _total_width(expert_widths)
-    _check_layout(expert_row_offsets, expert_width_offsets, expert_widths, expert_h_offsets, total_width)
-    num_rows = token_rows.shape[0] if row_to_token is None else row_to_token.numel()
-    hidden = token_rows.shape[1]
-    shape = (total_width, hidden)
+        _check_row_to_token(row_to_token, layout)
+    elif token_rows.shape[0] != layout.num_rows:
+        raise ValueError(f"token_rows must have one row per expert-sorted row ({layout.num_rows}) when row_to_token "
+                         f"is None, got shape {tuple(token_rows.shape)}")
+    num_rows, hidden = layout.num_rows, token_rows.shape[1]
+    shape = (layout.total_width, hidden)
     if num_rows == 0:
-        dw = ragged.new_zeros(shape)  # (TW, H)
-        return dw, None if ragged2 is None else torch.zeros_like(dw)
-    dw = ragged.new_empty(shape)  # (TW, H)
-    dw_2 = None if ragged2 is None else torch.empty_like(dw)  # (TW, H)
+        dw = hidden_rows.new_zeros(shape)  # (TW, H)
+        return dw, None if hidden_rows2 is None or activation is not None else torch.zeros_like(dw)
+    two_gradients = hidden_rows2 is not None and activation is None
+    dw = hidden_rows.new_empty(shape)  # (TW, H)
+    dw_2 = torch.empty_like(dw) if two_gradients else None  # (TW, H)
     if row_to_token is not None:
         b_rows, role = "gathered", "weight_grad"
     elif tma_readable(token_rows):
         b_rows, role = "sorted_tma", "weight_grad_sorted"
     else:
         b_rows, role = "sorted", "weight_grad"
-    blocks = blocks or gemm_blocks(ragged.dtype, role, gated=ragged2 is not None, rows_x_hidden=num_rows * hidden,
+    blocks = blocks or gemm_blocks(hidden_rows.dtype, role, gated=two_gradients, rows_x_hidden=num_rows * hidden,
                                    hidden=hidden)
     rows_desc = None  # a TMA descriptor of the sorted rows, in boxes of BLOCK_K rows x BLOCK_N columns
     if b_rows == "sorted_tma":
         rows_desc = TensorDescriptor(token_rows, list(token_rows.shape), [hidden, 1], [blocks.block_k, blocks.block_n])
     # The grid is exact: the tiles depend only on the widths and H, sum_e cdiv(W_e, BLOCK_M) * cdiv(H, BLOCK_N).
-    grid = (_tiles_per_row_block(tuple(expert_widths), blocks.block_m)[1] * ceil_div(hidden, blocks.block_n),)
+    grid = (layout.tiles_per_row_tile(blocks.block_m)[1] * ceil_div(hidden, blocks.block_n),)
     _weight_grad_gemm[grid](
-        ragged, ragged2, token_rows, rows_desc,
+        hidden_rows, hidden_rows2, token_rows, rows_desc,
         dw, dw_2,
-        row_to_token, expert_row_offsets, expert_width_offsets, expert_h_offsets,
-        len(expert_widths), hidden,
-        SECOND_OUTPUT=ragged2 is not None,
+        row_weights, row_weight_index,
+        row_to_token, layout.expert_row_offsets, layout.expert_width_offsets,
+        layout.num_experts, hidden, layout.max_width,
+        SECOND_OUTPUT=two_gradients,
+        A_ACTIVATION=activation,
+        GATED=activation is not None and is_gated(activation),
+        INDEXED_ROW_WEIGHTS=row_weight_index is not None,
         B_ROWS=b_rows,
-        **_launch_options(ragged.dtype, blocks, expert_widths),
+        **_launch_options(hidden_rows.dtype, blocks, layout),
     )
     return dw, dw_2
