@@ -80,20 +80,9 @@ PRESETS = {
 }
 
 
-def parse_expert_sizes(text: str) -> list[tuple[int, int]]:
-    """'4x512,4x256' -> [(4, 512), (4, 256)]: groups of (count, width)."""
-    try:
-        groups = [tuple(int(v) for v in group.split("x")) for group in text.split(",")]
-    except ValueError:
-        groups = []
-    if not groups or any(len(group) != 2 for group in groups):
-        raise argparse.ArgumentTypeError(f"--experts must look like '4x512,4x256' (count x width), got {text!r}")
-    return groups
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--block-size", type=int, help="context length")
@@ -128,19 +117,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--wandb-project", default="triton-moe-validate-training")
     args = parser.parse_args(argv)
 
-    args.device = torch.device(args.device).type
-    for name, value in PRESETS["cuda" if args.device == "cuda" else "cpu"].items():
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    for name, value in PRESETS[args.device].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.expert_sizes = parse_expert_sizes(args.experts)
+    for name in ("steps", "batch_size", "block_size", "n_layer", "n_head", "n_embd", "top_k"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.n_embd % args.n_head:
+        parser.error(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    try:
+        moe = MoEConfig(expert_sizes=args.experts, num_active_experts=args.top_k, hidden_size=args.n_embd,
+                        activation=args.activation)
+        moe.check_block_aligned()
+    except (TypeError, ValueError) as error:
+        parser.error(f"--experts {args.experts!r} with --top-k {args.top_k} and --n-embd {args.n_embd}: {error}")
+    args.expert_sizes = moe.expert_sizes
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        parser.error(f"--out-dir {args.out_dir} exists and is not a folder")
     if args.max_grad_rel_l2 is None:
         args.max_grad_rel_l2 = THRESHOLDS[args.dtype]["grad_rel_l2"]
     if args.max_weight_distance is None:
         args.max_weight_distance = THRESHOLDS[args.dtype]["weight_distance"]
     if args.warmup_steps is None:
         args.warmup_steps = args.steps // 10
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.warmup_steps < 0:
+        parser.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.grad_check_every < 0:
         parser.error(f"--grad-check-every must be >= 0, got {args.grad_check_every}")
     if args.dtype == "bfloat16" and args.device != "cuda":
@@ -403,7 +408,8 @@ def main(argv=None) -> int:
                                 weight_distance=weight_distances(initial_params, final_params["reference"],
                                                                  final_params[CONTROL]))
         metrics[f"final_loss_{CONTROL}"] = control["final_loss_triton"]  # compare() calls its second curve triton
-    checks = dict(correlation=metrics["pearson_r"] >= args.min_correlation,
+    checks = dict(finite_losses=all(math.isfinite(loss) for run in runs.values() for loss in run["losses"]),
+                  correlation=metrics["pearson_r"] >= args.min_correlation,
                   final_loss_gap=metrics["final_loss_gap"] <= args.max_gap,
                   grad_rel_l2=metrics["max_grad_rel_l2"] <= args.max_grad_rel_l2,
                   weight_distance=max(metrics["weight_distance"].values()) <= args.max_weight_distance)
@@ -445,7 +451,10 @@ def print_summary(runs: dict, metrics: dict, checks: dict, args):
         print(f"control, the reference against itself (no bound): r {control['pearson_r']:.6f}, final-loss gap "
               f"{100 * control['final_loss_gap']:.4f}%, weight distance MoE {control['weight_distance']['moe']:.3e}, "
               f"all {control['weight_distance']['all']:.3e}")
-    elif not (checks["correlation"] and checks["weight_distance"]):
+    if not checks["finite_losses"]:
+        print("a loss is NaN or infinite: the runs diverged (a learning rate too high?), and the comparisons above "
+              "mean nothing")
+    elif CONTROL not in metrics and not (checks["correlation"] and checks["weight_distance"]):
         print("r or the weight distance is out of bounds: --control measures how far the reference drifts from "
               "itself on this model (README, 'How far the reference drifts from itself')")
     print_grad_checks(metrics["grad_checks"], args.max_grad_rel_l2)

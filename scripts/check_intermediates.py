@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from compare import CONFIGS, DEVICE, add_common_arguments, cases, compare, flat
+from compare import (CONFIGS, DEVICE, add_common_arguments, cases, compare, flat, parse_common_arguments,
+                     report)
 from triton_moe.faults import inject_fault
 from triton_moe.ground_truth import run_layer
 
@@ -35,7 +36,7 @@ def forward_backward(layer, x, upstream) -> tuple[dict, dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_common_arguments(parser, argv)
     failures = 0
     for name, dtype_name, dtype, ours, ref, x, upstream in cases(args):
         with inject_fault(args.inject_fault):
@@ -62,8 +63,7 @@ def main(argv=None) -> int:
             failures += not result["ok"]
             print(f"| {key:<18} | {result['max_abs']:>10.3e} | {result['max_rel']:>10.3e} | "
                   f"{result['rel_l2']:>10.3e} | {result['cosine']:>10.7f} | {'ok' if result['ok'] else 'NO':>2} |")
-    print(f"\n{'all intermediates within tolerance' if not failures else f'{failures} beyond tolerance'}")
-    return 1 if failures else 0
+    return report(failures, "intermediates")
 
 
 if __name__ == "__main__":

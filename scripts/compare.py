@@ -34,6 +34,23 @@ def add_common_arguments(parser):
     add_fault_argument(parser)
 
 
+def parse_common_arguments(parser, argv=None):
+    """parser.parse_args(argv), with the common arguments' mistakes as usage errors (exit 2) naming the flag."""
+    args = parser.parse_args(argv)
+    if args.tokens < 1:
+        parser.error(f"--tokens must be >= 1, got {args.tokens}")
+    if "bfloat16" in args.dtypes and not ON_GPU:
+        parser.error("--dtypes bfloat16 needs a GPU: Triton's CPU interpreter cannot compute in bf16 (the layers "
+                     "compute bf16 inputs in fp32 there, so a bf16 comparison would check nothing of bf16)")
+    return args
+
+
+def report(failures: int, what: str) -> int:
+    """Print the verdict line of a comparison; the exit status: 1 when anything was beyond tolerance."""
+    print(f"\n{f'all {what} within tolerance' if not failures else f'{failures} {what} beyond tolerance'}")
+    return 1 if failures else 0
+
+
 def cases(args):
     """For each config x dtype of the command line: (name, dtype_name, dtype, triton layer, reference layer,
     x, upstream gradient), the two layers on identical weights."""

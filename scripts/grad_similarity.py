@@ -14,7 +14,7 @@ defect (triton_moe.faults); the script must then fail.
 import argparse
 import sys
 
-from compare import DEVICE, add_common_arguments, cases, compare
+from compare import DEVICE, add_common_arguments, cases, compare, parse_common_arguments, report
 from triton_moe.faults import inject_fault
 from triton_moe.ground_truth import run_with_loop
 
@@ -22,7 +22,7 @@ from triton_moe.ground_truth import run_with_loop
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_common_arguments(parser, argv)
     failures = 0
     for name, dtype_name, dtype, ours, ref, x, upstream in cases(args):
         with inject_fault(args.inject_fault):
@@ -43,8 +43,7 @@ def main(argv=None) -> int:
                 verdict = ("ok" if result["ok"] else "NO") if judged else ""
                 print(f"| {key} | {pair} | {result['cosine']:.7f} | {result['rel_l2']:.3e} | "
                       f"{result['max_rel']:.3e} | {verdict} |")
-    print(f"\n{'all gradients within tolerance' if not failures else f'{failures} gradients beyond tolerance'}")
-    return 1 if failures else 0
+    return report(failures, "gradients")
 
 
 if __name__ == "__main__":

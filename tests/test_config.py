@@ -28,6 +28,19 @@ def test_derived_fields():
     (dict(load_balance_coef=-1.0), "load_balance_coef"),
     (dict(z_loss_coef=-1.0), "z_loss_coef"),
     (dict(init_std=0.0), "init_std"),
+    (dict(init_std=float("nan")), "init_std"),
+    (dict(init_std=float("inf")), "init_std"),
+    (dict(load_balance_coef=float("nan")), "load_balance_coef"),
+    (dict(load_balance_coef=float("inf")), "load_balance_coef"),
+    (dict(z_loss_coef=float("nan")), "z_loss_coef"),
+    (dict(z_loss_coef="0.1"), "z_loss_coef"),
+    (dict(expert_sizes=[(2**40, 1)]), "expert_sizes"),
+    (dict(expert_sizes=[(2, 2**31)]), "expert_sizes"),
+    (dict(expert_sizes=[4, 64]), "expert_sizes"),
+    (dict(expert_sizes=["4x64"]), "expert_sizes"),
+    (dict(expert_sizes="4x"), "expert_sizes"),
+    (dict(expert_sizes="4x64;2x32"), "expert_sizes"),
+    (dict(expert_sizes="0x64"), "expert_sizes"),
     (dict(normalize_weights=1), "normalize_weights"),
     (dict(keep_sorted_x="yes"), "keep_sorted_x"),
 ])
@@ -35,6 +48,19 @@ def test_bad_values_name_the_field(kwargs, field):
     args = dict(expert_sizes=[(4, 64)], num_active_experts=2, hidden_size=32) | kwargs
     with pytest.raises(ValueError, match=field):
         MoEConfig(**args)
+
+
+@pytest.mark.parametrize("expert_sizes", [None, 4, {4: 64}])
+def test_expert_sizes_of_the_wrong_type_name_the_field(expert_sizes):
+    with pytest.raises(TypeError, match="expert_sizes"):
+        MoEConfig(expert_sizes=expert_sizes, num_active_experts=2, hidden_size=32)
+
+
+def test_expert_sizes_as_text():
+    config = MoEConfig(expert_sizes="4x512, 2x256", num_active_experts=2, hidden_size=32)
+    assert config.expert_sizes == [(4, 512), (2, 256)]
+    assert config.expert_sizes_text == "4x512,2x256"
+    assert MoEConfig(expert_sizes=config.expert_sizes_text, num_active_experts=2, hidden_size=32) == config
 
 
 def test_block_alignment_check_names_the_width():

@@ -30,6 +30,10 @@ CASES = {
         tokens=[5, 12, 19, 26], starved=(6, 7), ddp=False),  # with 4 ranks, rank 3 receives no rows at all
     "even_split_rank_without_tokens_ddp": dict(
         activation="swiglu", ranges={2: None, 4: None}, tokens=[17, 0, 9, 30], starved=(), ddp=True),
+    # a zero router: every logit ties, and the lower expert index wins as in the single-process layer
+    "tied_router_logits": dict(
+        activation="relu_squared", ranges={2: None, 4: None}, tokens=[7, 7, 7, 7], starved=(), ddp=False,
+        zero_router=True),
 }
 
 
@@ -42,6 +46,9 @@ def run_case(case, rank, world_size, ep_group):
         x = x.abs()
         with torch.no_grad():  # positive inputs, negative router rows: these experts get no token anywhere
             reference.router.weight[list(case["starved"])] = -1.0
+    if case.get("zero_router"):
+        with torch.no_grad():
+            reference.router.weight.zero_()
     upstream = make_input(x.shape, torch.float32, seed=50 + rank)
 
     ep = ExpertParallelMoEMLP(config, ep_group, case["ranges"][world_size]).to(DEVICE)
@@ -84,6 +91,19 @@ def run_case(case, rank, world_size, ep_group):
         assert torch.equal(gathered[name], value), name
 
 
+def check_mistakes_are_errors(rank):
+    """Ranks whose rows differ in dtype raise a ValueError on every rank before the rows are exchanged (gloo
+    would abort the process); a checkpoint of another expert layout is refused, naming both."""
+    config = MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN)
+    ep = ExpertParallelMoEMLP(config).to(DEVICE)
+    x = make_input((6, HIDDEN), torch.float16 if rank == 0 else torch.float32, seed=rank)
+    with pytest.raises(ValueError, match="one dtype and hidden size: rank .* torch.float16"):
+        ep(x)
+    other_layout = MoEConfig(expert_sizes=[(6, 64), (2, 16)], num_active_experts=2, hidden_size=HIDDEN)
+    with pytest.raises(ValueError, match="expert_sizes '6x64,2x16'.*expert_sizes '2x64,2x48,4x16'"):
+        ep.load_global_state_dict(triton_moe.MoEMLP(other_layout).state_dict())
+
+
 def worker(rank, world_size, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # the processes share the machine's cores
@@ -98,6 +118,7 @@ def worker(rank, world_size, port):
         ep_group = dist.new_group()  # the expert exchanges apart from DDP's all-reduces
         for name, case in CASES.items():
             run_case(case, rank, world_size, None if not case["ddp"] else ep_group)
+        check_mistakes_are_errors(rank)
     finally:
         dist.destroy_process_group()
 

@@ -17,7 +17,7 @@ from triton_moe.kernels import (
     up_projection,
     weight_grad,
 )
-from triton_moe.kernels import grouped_gemm, tuning
+from triton_moe.kernels import grouped_gemm, host, tuning
 from conftest import DEVICE, DTYPES, HALF_DTYPES, RefuseLaunch
 
 pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
@@ -642,6 +642,15 @@ def test_invalid_arguments_raise_value_error():
         GemmBlocks(block_m=32, block_n=8, block_k=32, num_warps=1, num_stages=1)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="Triton's CPU interpreter")
+def test_bf16_on_the_interpreter_is_refused():
+    routing, hidden, num_tokens, generator = setup_case("mixed_widths")
+    x = random((num_tokens, hidden), torch.bfloat16, generator)
+    w1 = random_weight(routing, hidden, torch.bfloat16, generator)
+    with pytest.raises(ValueError, match="x is bf16 on the CPU"):
+        up_projection(x, w1, None, routing.row_to_token, routing.layout, "gelu")
+
+
 def test_invalid_layout_raises_value_error():
     routing = setup_case("mixed_widths")[0]
     row_offsets, width_offsets = routing.layout.expert_row_offsets, routing.layout.expert_width_offsets
@@ -660,7 +669,7 @@ def test_invalid_layout_raises_value_error():
 def test_gpu_tiles_by_shape_class(monkeypatch):
     """The GPU tile table (read here with the interpreter switched off): small problems, the ragged-output GEMMs
     past hidden 2048, and the rest."""
-    monkeypatch.setattr(tuning, "_INTERPRETER", False)
+    monkeypatch.setattr(host, "_INTERPRETER", False)
     bf16 = torch.bfloat16
     assert tuning.gemm_blocks(bf16, "up", rows_x_hidden=2**23, hidden=256) == tuning.GPU_16BIT_SMALL_BLOCKS["up"]
     assert tuning.gemm_blocks(bf16, "down_backward", rows_x_hidden=2**28, hidden=2048).num_stages == 4

@@ -1,12 +1,18 @@
 """What every MoE layer shares: input checks before any kernel runs, the aux loss, the state_dict layout."""
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 import reference
 import triton_moe
-from conftest import DEVICE, make_input, make_layer, seed_config
+from conftest import DEVICE, ON_GPU, make_input, make_layer, seed_config
+from triton_moe import MoEConfig
+from triton_moe.ground_truth import rel_l2_error
 
 IMPLEMENTATIONS = [reference.MoEMLP, triton_moe.MoEMLP]
 
@@ -48,7 +54,9 @@ def test_no_tokens_gives_empty_output_and_zero_grads(layer):
 
 def test_parameter_layout(layer):
     config = layer.config
-    shapes = {name: tuple(p.shape) for name, p in layer.state_dict().items()}
+    state = layer.state_dict()
+    assert state.pop("expert_widths").tolist() == [512] * 4 + [256] * 4
+    shapes = {name: tuple(p.shape) for name, p in state.items()}
     assert shapes == {
         "router.weight": (config.num_experts, 256), "w1": (config.total_width, 256), "w2": (config.total_width, 256),
     }
@@ -65,3 +73,104 @@ def test_aux_loss_sums_layers_of_a_model():
     assert torch.equal(triton_moe.aux_loss(model), expected)
     assert triton_moe.aux_loss(model).requires_grad
     assert triton_moe.aux_loss(nn.Linear(2, 2)).item() == 0
+
+
+def test_deepcopy_after_a_training_forward(layer):
+    """An EMA model or a best-model snapshot: the copy has the same weights and output, and no aux loss of its own
+    until it runs."""
+    x = make_input((12, 256), torch.float32)
+    (layer(x).sum() + layer.aux_loss).backward()
+    copied = copy.deepcopy(layer)
+    assert copied.aux_loss is None and layer.aux_loss is not None
+    for (name, param), copied_param in zip(layer.named_parameters(), copied.parameters()):
+        assert torch.equal(param, copied_param) and param.data_ptr() != copied_param.data_ptr(), name
+    torch.testing.assert_close(copied(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda cls: cls.__module__)
+def test_tied_router_logits_pick_the_lower_expert_index(cls):
+    """A zero router: every logit ties, and every implementation picks experts 0 .. k-1, in that order."""
+    config = seed_config("8exp_variable")
+    layer = make_layer(cls, config, torch.float32)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    indices = layer.forward_with_intermediates(make_input((10, 256), torch.float32))["expert_indices"]
+    assert torch.equal(indices.cpu(), torch.arange(config.num_active_experts).expand(10, -1))
+
+
+@pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda cls: cls.__module__)
+def test_state_dict_of_another_expert_layout_is_refused(cls):
+    """Same total width, other order of widths: loading names both layouts instead of handing rows to the wrong
+    experts, also across implementations and after a torch.save round trip."""
+    saved = make_layer(triton_moe.MoEMLP, MoEConfig(expert_sizes=[(4, 64), (2, 32)], num_active_experts=2,
+                                                    hidden_size=256), torch.float32)
+    other = make_layer(cls, MoEConfig(expert_sizes=[(2, 32), (4, 64)], num_active_experts=2, hidden_size=256),
+                       torch.float32) if cls is triton_moe.MoEMLP else None
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer)
+    if other is not None:
+        with pytest.raises(ValueError, match=r"expert_sizes '4x64,2x32'.*expert_sizes '2x32,4x64'"):
+            other.load_state_dict(state)
+    same_layout = cls(MoEConfig(expert_sizes=[(2, 64), (2, 64), (2, 32)], num_active_experts=2,
+                                hidden_size=256, block_size=32)).to(DEVICE)
+    same_layout.load_state_dict(state)  # the same widths in the same order, grouped otherwise
+    assert torch.equal(same_layout.w1, saved.w1)
+
+
+def test_state_dict_without_the_layout_still_loads(layer):
+    """A checkpoint from before the layout was saved loads into a layer of the same shapes."""
+    state = layer.state_dict()
+    del state["expert_widths"]
+    twin = make_layer(type(layer), layer.config, torch.float32, seed=1)
+    twin.load_state_dict(state)
+    assert torch.equal(twin.w2, layer.w2)
+
+
+def test_reentrant_checkpointing_warns_that_the_aux_loss_gradient_is_lost(layer):
+    """use_reentrant=True runs the forward without autograd, so the aux loss in the training loss has no gradient:
+    the recomputation in the backward warns. use_reentrant=False keeps the gradient, as without checkpointing."""
+    x = make_input((12, 256), torch.float32).requires_grad_()
+    router_grads = {}
+    for mode in ("none", "non-reentrant", "reentrant"):
+        layer.zero_grad(set_to_none=True)
+        if mode == "none":
+            out = layer(x)
+        else:
+            out = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=mode == "reentrant")
+        loss = 0.0 * out.sum() + layer.aux_loss  # the router's gradient is the aux loss's
+        if mode == "reentrant":
+            with pytest.warns(UserWarning, match="use_reentrant=False"):
+                loss.backward()
+        else:
+            loss.backward()
+        router_grads[mode] = layer.router.weight.grad.clone()
+    assert rel_l2_error(router_grads["non-reentrant"], router_grads["none"]) < 1e-6
+    assert router_grads["none"].abs().max() > 0
+    assert router_grads["reentrant"].abs().max() == 0  # what the warning is about
+
+
+def test_evaluation_without_grad_does_not_warn(layer, recwarn):
+    with torch.no_grad():
+        layer(make_input((12, 256), torch.float32))
+    (layer(make_input((12, 256), torch.float32)).sum() + layer.aux_loss).backward()
+    assert not [w for w in recwarn if "reentrant" in str(w.message)]
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU interpreter's bf16; on a GPU bf16 runs as bf16")
+@pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda cls: cls.__module__)
+def test_bf16_on_the_cpu_computes_in_fp32(cls):
+    """Triton's interpreter cannot compute in bf16: a bf16 layer, or an fp32 layer under bf16 autocast, computes
+    its experts in fp32, close to the fp32 layer's output (the bf16 layer rounds its input, weights and output),
+    not garbage."""
+    config = seed_config("8exp_variable")
+    layer = make_layer(cls, config, torch.float32)
+    x = make_input((12, 256), torch.float32)
+    want = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_out = layer(x)
+    bf16_out = copy.deepcopy(layer).bfloat16()(x.bfloat16())
+    assert autocast_out.dtype == torch.float32 and bf16_out.dtype == torch.bfloat16
+    assert rel_l2_error(autocast_out, want) < 1e-6
+    assert rel_l2_error(bf16_out.float(), want) < 2e-2

@@ -77,3 +77,35 @@ def test_rejects_bf16_on_cpu(capsys):
     with pytest.raises(SystemExit):
         validate_training.parse_args(["--device", "cpu", "--dtype", "bfloat16"])
     assert "bfloat16 needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, flag", [
+    (["--experts", "abc"], "--experts"),
+    (["--experts", "0x128"], "--experts"),
+    (["--experts", "2x100"], "--experts"),  # the stk reference needs widths of whole 128-blocks
+    (["--top-k", "0"], "--top-k"),
+    (["--top-k", "9"], "--top-k"),
+    (["--n-embd", "-8"], "--n-embd"),
+    (["--n-head", "3"], "--n-head"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "0"], "--lr"),
+    (["--device", "tpu"], "--device"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--steps", "0"], "--steps"),
+    (["--warmup-steps", "-1"], "--warmup-steps"),
+])
+def test_command_line_mistakes_are_usage_errors(arguments, flag, capsys):
+    """A mistaken flag exits with argparse's status 2 and one error line that names it, before any training."""
+    with pytest.raises(SystemExit) as exit_info:
+        validate_training.parse_args(["--device", "cpu", *arguments])
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and flag in error_lines[0]
+
+
+def test_out_dir_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    a_file = tmp_path / "results"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        validate_training.parse_args(["--device", "cpu", "--out-dir", str(a_file)])
+    assert exit_info.value.code == 2 and "--out-dir" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """MoEConfig: the one description of an MoE layer, shared by the Triton layer and the stk reference."""
 
+import math
 from dataclasses import dataclass, field
 
 ACTIVATIONS = ("relu_squared", "swiglu", "gelu")
@@ -31,7 +32,8 @@ class MoEConfig:
     """Shape and routing of one Mixture-of-Experts MLP layer.
 
     `expert_sizes` lists groups of experts as `(count, width)`: `[(4, 512), (4, 256)]` is eight experts,
-    the first four of width 512, the last four of width 256, in that order. Expert `e` owns rows
+    the first four of width 512, the last four of width 256, in that order. The text `"4x512,4x256"` says the same
+    (what a configurator or a checkpoint's arguments carry; `expert_sizes_text` writes it). Expert `e` owns rows
     `expert_width_offsets[e]:expert_width_offsets[e + 1]` of the weights `w1`, `v1` and `w2`.
     """
 
@@ -55,17 +57,7 @@ class MoEConfig:
     total_width: int = field(init=False)
 
     def __post_init__(self):
-        self.expert_sizes = [tuple(group) for group in self.expert_sizes]
-        if not self.expert_sizes:
-            raise ValueError("expert_sizes must list at least one (count, width) group, got []")
-        for group in self.expert_sizes:
-            if len(group) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in group):
-                raise ValueError(f"expert_sizes entries must be (count, width) integer pairs, got {group!r}")
-            count, width = group
-            if count < 1:
-                raise ValueError(f"expert_sizes: expert count must be >= 1, got {count} in {group}")
-            if width < 1:
-                raise ValueError(f"expert_sizes: expert width must be >= 1, got {width} in {group}")
+        self.expert_sizes = _checked_expert_sizes(self.expert_sizes)
         _require_int("hidden_size", self.hidden_size, minimum=1)
         _require_int("block_size", self.block_size, minimum=1)
 
@@ -85,6 +77,10 @@ class MoEConfig:
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for name in ("load_balance_coef", "z_loss_coef", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         for name in ("load_balance_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -93,6 +89,11 @@ class MoEConfig:
         for name in ("normalize_weights", "keep_sorted_x"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def expert_sizes_text(self) -> str:
+        """expert_sizes as text: [(4, 512), (4, 256)] -> '4x512,4x256'."""
+        return ",".join(f"{count}x{width}" for count, width in self.expert_sizes)
 
     @property
     def uniform_width(self) -> bool:
@@ -116,6 +117,52 @@ class MoEConfig:
                 f"hidden_size={self.hidden_size} is not a multiple of block_size={self.block_size}, "
                 "which the stk reference needs"
             )
+
+
+MAX_EXPERTS = 2**16  # the router's and the sort's tables hold an entry per expert
+MAX_TOTAL_WIDTH = 2**31 - 1  # weight rows are addressed with 32-bit offsets
+
+
+def parse_expert_sizes(text: str) -> list[tuple[int, int]]:
+    """'4x512,4x256' -> [(4, 512), (4, 256)]: groups of count x width, as MoEConfig.expert_sizes_text writes them."""
+    groups = []
+    for group in text.replace(" ", "").split(","):
+        count, _, width = group.partition("x")
+        if not (count.isdigit() and width.isdigit()):
+            raise ValueError(f"expert_sizes must look like '4x512,4x256' (count x width, comma-separated), "
+                             f"got {text!r}")
+        groups.append((int(count), int(width)))
+    return groups
+
+
+def _checked_expert_sizes(expert_sizes) -> list[tuple[int, int]]:
+    """expert_sizes as a list of (count, width) int tuples, or a ValueError/TypeError that names it."""
+    if isinstance(expert_sizes, str):
+        expert_sizes = parse_expert_sizes(expert_sizes)
+    if isinstance(expert_sizes, (bytes, dict)) or not hasattr(expert_sizes, "__iter__"):
+        raise TypeError(f"expert_sizes must be a list of (count, width) pairs such as [(4, 512), (4, 256)], "
+                        f"got {expert_sizes!r}")
+    groups = []
+    for group in expert_sizes:
+        if isinstance(group, (str, bytes)) or not hasattr(group, "__len__") or len(group) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in group):
+            raise ValueError(f"expert_sizes entries must be (count, width) integer pairs, got {group!r} in "
+                             f"{expert_sizes!r}")
+        count, width = group
+        if count < 1:
+            raise ValueError(f"expert_sizes: expert count must be >= 1, got {count} in {tuple(group)}")
+        if width < 1:
+            raise ValueError(f"expert_sizes: expert width must be >= 1, got {width} in {tuple(group)}")
+        groups.append((count, width))
+    if not groups:
+        raise ValueError("expert_sizes must list at least one (count, width) group, got []")
+    num_experts = sum(count for count, _ in groups)
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(f"expert_sizes: at most {MAX_EXPERTS} experts, got {num_experts} in {groups}")
+    total_width = sum(count * width for count, width in groups)
+    if total_width > MAX_TOTAL_WIDTH:
+        raise ValueError(f"expert_sizes: the widths must sum to at most {MAX_TOTAL_WIDTH}, got {total_width}")
+    return groups
 
 
 def _require_int(name, value, minimum):

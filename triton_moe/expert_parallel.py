@@ -25,6 +25,7 @@ from triton_moe.ops import expert_mlp
 from triton_moe.routing import Routing, sort_by_expert
 
 EXPERT_PARAMETERS = ("w1", "v1", "w2")
+_EXCHANGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # by their codes in the exchange
 LOCAL_BUFFERS = ("local_width_offsets",)  # rank-specific, like the expert parameters
 
 
@@ -118,7 +119,7 @@ class ExpertParallelMoEMLP(MoELayer):
         num_tokens, k = routing.expert_indices.shape
         dtype = self.compute_dtype(x)
         sort = sort_by_expert(routing.expert_indices, cfg.num_experts)  # rows by expert: by destination rank
-        send_counts, recv_counts = self._exchange_counts(sort.tokens_per_expert)
+        send_counts, recv_counts = self._exchange_counts(sort.tokens_per_expert, dtype)
         send_splits = [sum(send_counts[s:e]) for s, e in self.expert_ranges]  # rows to each rank
         num_local = len(self.local_experts)
         recv_splits = [sum(recv_counts[i:i + num_local]) for i in range(0, len(recv_counts), num_local)]
@@ -133,18 +134,33 @@ class ExpertParallelMoEMLP(MoELayer):
         output = (y_slots.float() * routing.expert_weights[..., None]).sum(dim=1)  # [N, H] fp32
         return output.to(dtype)
 
-    def _exchange_counts(self, tokens_per_expert: torch.Tensor) -> tuple[list[int], list[int]]:
+    def _exchange_counts(self, tokens_per_expert: torch.Tensor, dtype: torch.dtype) -> tuple[list[int], list[int]]:
         """This rank's rows per expert [E], and the rows it receives per (source rank, local expert) [P * E_local].
 
         all_to_all_single takes its split sizes as Python ints, so the counts are read on the host: expert
-        parallelism synchronises once per forward, here.
+        parallelism synchronises once per forward, here. Each rank also sends every other its rows' dtype and
+        hidden size, so that ranks that disagree raise a ValueError, all of them, before the rows are exchanged
+        (which would abort the process, or hang).
         """
-        recv = tokens_per_expert.new_empty(self.world_size * len(self.local_experts))
-        dist.all_to_all_single(recv, tokens_per_expert.contiguous(),
-                               [len(self.local_experts)] * self.world_size, self.experts_per_rank,
-                               group=self.process_group)
+        num_local, num_experts = len(self.local_experts), self.config.num_experts
+        own_header = [_EXCHANGE_DTYPES.index(dtype), self.config.hidden_size]
+        header = tokens_per_expert.new_tensor(own_header)  # (2,)
+        send = torch.cat([part for first, last in self.expert_ranges
+                          for part in (tokens_per_expert[first:last], header)])  # (E + 2P,)
+        recv = tokens_per_expert.new_empty(self.world_size * (num_local + 2))
+        dist.all_to_all_single(recv, send, [num_local + 2] * self.world_size,
+                               [count + 2 for count in self.experts_per_rank], group=self.process_group)
         counts = torch.cat([tokens_per_expert, recv]).tolist()
-        return counts[:self.config.num_experts], counts[self.config.num_experts:]
+        received = [counts[num_experts + rank * (num_local + 2):][:num_local + 2]  # its counts, dtype, hidden
+                    for rank in range(self.world_size)]
+        ranks_disagree = [(rank, _EXCHANGE_DTYPES[code], hidden) for rank, (*_, code, hidden) in enumerate(received)
+                          if [code, hidden] != own_header]
+        if ranks_disagree:
+            raise ValueError(
+                f"expert-parallel ranks must exchange rows of one dtype and hidden size: rank {self.rank} has "
+                f"{dtype}, hidden {self.config.hidden_size}; " + ", ".join(
+                    f"rank {rank} has {other_dtype}, hidden {hidden}" for rank, other_dtype, hidden in ranks_disagree))
+        return counts[:num_experts], [count for row in received for count in row[:num_local]]
 
     def _local_experts(self, received: torch.Tensor, recv_counts: list[int], dtype) -> torch.Tensor:
         """Run the local experts on the received rows [R_in, H]; outputs [R_in, H] in the same order."""

@@ -6,11 +6,15 @@ results. Everything around it (flattening `[..., hidden]`, dtype handling, the r
 auxiliary loss) lives here once, so the two implementations differ only where they are meant to.
 """
 
+import os
+import warnings
+
 import torch
 import torch.nn as nn
 
 from triton_moe.config import MoEConfig
 from triton_moe.routing import Routing, route
+
 
 INTERMEDIATE_KEYS = (
     "router_logits", "expert_indices", "expert_weights", "tokens_per_expert", "row_to_token",
@@ -27,6 +31,9 @@ class MoELayer(nn.Module):
     - `w2`: [total_width, hidden], down projection (`y = h w2`)
     Expert `e` owns rows `config.expert_width_offsets[e]:config.expert_width_offsets[e + 1]` of w1, v1, w2.
     Init: every parameter ~ Normal(0, config.init_std), as nanoGPT initialises its linear layers.
+    - `expert_widths`: a buffer [E] int64, the experts' widths in order: the layout the rows of w1, v1, w2 follow.
+    It travels in the state_dict, so that loading one of another layout raises a ValueError that names both; a
+    state_dict without it (older checkpoints) loads as before, checked by the tensors' shapes alone.
 
     `weight_rows` (default `config.total_width`) is how many rows of w1, v1, w2 this module holds: fewer when it
     holds only some experts' rows (expert parallelism, `triton_moe.expert_parallel`).
@@ -41,7 +48,9 @@ class MoELayer(nn.Module):
         self.w1 = nn.Parameter(torch.empty(rows, hidden))
         self.v1 = nn.Parameter(torch.empty(rows, hidden)) if config.is_glu else None
         self.w2 = nn.Parameter(torch.empty(rows, hidden))
+        self.register_buffer("expert_widths", torch.tensor(config.expert_widths, dtype=torch.int64))
         self.aux_loss = None  # the last forward's weighted auxiliary loss, a tensor in the graph
+        self._forward_without_grad = False  # whether the last forward outside a backward ran without autograd
         self.reset_parameters()
 
     def __getstate__(self):
@@ -50,6 +59,20 @@ class MoELayer(nn.Module):
         state = super().__getstate__()
         return {**state, "aux_loss": None}
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = state_dict.get(prefix + "expert_widths")
+        if saved is not None and saved.tolist() != self.config.expert_widths:
+            raise ValueError(
+                f"the state_dict holds experts of expert_sizes {_expert_sizes_text(saved.tolist())!r}, but this layer "
+                f"has expert_sizes {self.config.expert_sizes_text!r}: the rows of w1, v1 and w2 would go to other "
+                "experts")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # A checkpoint from before the layout was saved: the tensors' shapes are all it can be checked by.
+        if prefix + "expert_widths" in missing_keys:
+            missing_keys.remove(prefix + "expert_widths")
+
     def reset_parameters(self):
         for param in self.parameters():
             nn.init.normal_(param, mean=0.0, std=self.config.init_std)
@@ -57,10 +80,27 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden] -> [..., hidden], same dtype; the weighted aux loss is kept on `self.aux_loss`."""
         x_flat = self._flatten_input(x)  # [N, hidden]
+        self._check_aux_loss_reaches_autograd()
         routing = self._route(x_flat)
         self.aux_loss = routing.aux_loss
         output = self._experts_or_empty(x_flat, routing, None)  # [N, hidden]
         return output.view(x.shape).to(x.dtype)
+
+    def _check_aux_loss_reaches_autograd(self):
+        """Warn when the forward is a recomputation whose first run had autograd off: reentrant checkpointing
+        (torch.utils.checkpoint(..., use_reentrant=True)) runs the forward under no_grad, so the aux loss the
+        training loss took then has no gradient, and the recomputation's aux loss reaches no loss."""
+        if torch.compiler.is_compiling():
+            return
+        recomputing = torch._C._current_graph_task_id() != -1
+        if not recomputing:
+            self._forward_without_grad = not torch.is_grad_enabled()
+        elif torch.is_grad_enabled() and self._forward_without_grad and any(
+                param.requires_grad for param in self.parameters()):
+            warnings.warn(
+                f"{type(self).__name__} ran under reentrant activation checkpointing (use_reentrant=True): its aux "
+                "loss reached the training loss without a gradient, so the router gets none from it. Use "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False).", stacklevel=3)
 
     def forward_with_intermediates(self, x: torch.Tensor) -> dict:
         """Forward that also returns every intermediate, unpadded, rows in the expert-sorted order.
@@ -115,10 +155,14 @@ class MoELayer(nn.Module):
         return x.new_zeros(0, self.config.hidden_size) + zero.to(x.dtype)
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype the expert GEMMs run in: autocast's where it is on, else the input's."""
+        """The dtype the expert GEMMs run in: autocast's where it is on, else the input's; bf16 runs in fp32 on
+        Triton's CPU interpreter, whose bf16 loads and stores are wrong."""
+        dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return x.dtype
+            dtype = torch.get_autocast_dtype(x.device.type)
+        if dtype == torch.bfloat16 and x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return torch.float32
+        return dtype
 
     def _flatten_input(self, x) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -139,6 +183,17 @@ class MoELayer(nn.Module):
         cfg = self.config
         return (f"expert_sizes={cfg.expert_sizes}, top_k={cfg.num_active_experts}, "
                 f"hidden_size={cfg.hidden_size}, activation={cfg.activation!r}")
+
+
+def _expert_sizes_text(widths: list[int]) -> str:
+    """[512, 512, 256] -> '2x512,1x256': consecutive equal widths as (count x width) groups."""
+    groups = []
+    for width in widths:
+        if groups and groups[-1][1] == width:
+            groups[-1][0] += 1
+        else:
+            groups.append([1, width])
+    return ",".join(f"{count}x{width}" for count, width in groups)
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

@@ -15,7 +15,8 @@ from triton_moe.config import MoEConfig
 class Routing:
     router_logits: torch.Tensor  # [N, E] fp32
     expert_weights: torch.Tensor  # [N, k] fp32, renormalised to sum 1 when config.normalize_weights
-    expert_indices: torch.Tensor  # [N, k] int64, experts of each token in descending probability
+    expert_indices: torch.Tensor  # [N, k] int64, experts of each token in descending probability, ties to the
+    # lower expert index
     aux_loss: torch.Tensor  # [] fp32: load_balance_coef * load-balancing loss + z_loss_coef * z-loss
 
 
@@ -38,7 +39,11 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> Ro
     with torch.autocast(device_type=x.device.type, enabled=False):
         router_logits = F.linear(x.float(), router_weight.float())  # [N, E]
     probs = torch.softmax(router_logits, dim=-1)  # [N, E]
-    expert_weights, expert_indices = torch.topk(probs, k, dim=-1)  # [N, k] each
+    # The k largest logits in descending order, picked on the logits rather than the probabilities, whose rounding
+    # can tie two different logits; equal logits go to the lower expert index first (a stable sort). Every
+    # implementation follows this rule.
+    expert_indices = torch.sort(router_logits, dim=-1, descending=True, stable=True).indices[:, :k]  # [N, k]
+    expert_weights = probs.gather(1, expert_indices)  # [N, k]
     if config.normalize_weights:
         expert_weights = expert_weights / expert_weights.sum(dim=-1, keepdim=True)
 

@@ -6,9 +6,18 @@ helpers are plain Python on purpose. (triton.cdiv and triton.next_power_of_2 are
 few µs a call on the host; per expert and per launch that came to most of a millisecond per step with 64 experts.)
 """
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Triton reads TRITON_INTERPRET once, when it decorates the kernels at import; this module reads it once too.
+_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def running_in_interpreter() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return _INTERPRETER
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -31,6 +40,9 @@ def check_tensor_dim(name, tensor, dim, dtypes):
 def _check_dtype_and_layout(name, tensor, dtypes):
     if tensor.dtype not in dtypes:
         raise ValueError(f"{name} must have a dtype in {dtypes}, got {tensor.dtype}")
+    if tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu" and _INTERPRETER:
+        raise ValueError(f"{name} is bf16 on the CPU, which Triton's interpreter computes wrongly: use fp32 or fp16 "
+                         "there (MoEMLP computes bf16 in fp32 on the CPU)")
     if not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
 

@@ -6,12 +6,11 @@ so an autotuner can later pass its own choice without touching the kernels.
 """
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
-from triton_moe.kernels.host import next_power_of_2
+from triton_moe.kernels.host import next_power_of_2, running_in_interpreter
 
 
 @dataclass(frozen=True)
@@ -156,20 +155,12 @@ SCATTER_BLOCK = 1024
 SORT_NUM_WARPS = 4
 
 
-# Triton reads TRITON_INTERPRET once, when it decorates the kernels at import; this module reads it once too.
-_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-
 # The weight gradients read the token rows in expert-sorted order, copied by the GEMMs that gather them, from this
 # many rows * hidden on (and only on a device with TMA). At hidden 2048 on the H100 a copy costs its GEMM ~0.25 ms
 # and its weight gradient gains ~0.35-0.4 ms: the step took 6.59-6.95 -> 6.34-6.38 ms at 128x768 and 7.63-7.97 ->
 # 7.19-7.27 ms at 64x1024 (session8/ab_sorted.md). In the seed configs (at most 2**23) the copies cost more than
 # they save: from a CUDA graph 0.217 -> 0.235 ms at 64 experts, 0.244 -> 0.264 ms at 128.
 SORTED_ROWS_MIN_ROWS_X_HIDDEN = SMALL_PROBLEM_ROWS_X_HIDDEN
-
-
-def running_in_interpreter() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return _INTERPRETER
 
 
 @functools.lru_cache(maxsize=16)
