@@ -36,7 +36,7 @@ from triton_moe.kernels.activation import activation_backward, activation_forwar
 from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape
 from triton_moe.kernels.layout import ExpertLayout
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, ROW_PASS_ELEMENTS, GemmBlocks, gemm_blocks,
-                                       fused_dh_pays_off, permute_block_h, tma_readable,
+                                       fused_dh_pays_off, permute_block_h, rows_per_program, tma_readable,
                                        weights_by_tma)
 
 @triton.jit
@@ -709,7 +709,7 @@ def down_projection_backward(
         return dh_pre, dh_up, d_row_weights
     _expert_rows_gemm_launch(**gemm_arguments, epilogue="store")
     block_w = permute_block_h(layout.max_width)
-    block_rows = ROW_PASS_ELEMENTS // block_w if ROW_PASS_ELEMENTS > block_w else 1
+    block_rows = rows_per_program(block_w, ROW_PASS_ELEMENTS)
     _activation_backward_rows[(ceil_div(num_rows, block_rows),)](
         dh_pre, h_pre, h_up, row_weights, row_weight_index,
         dh_up, d_row_weights,

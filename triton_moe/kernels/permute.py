@@ -1,6 +1,6 @@
 """Moving rows between token order and expert-sorted order: gather (tokens -> rows) and combine (rows -> tokens).
 
-combine_rows sums each token's top_k rows in slot order in fp32, one program per token, so its result is
+combine_rows sums each token's top_k rows in slot order in fp32, each token in one program, so its result is
 bitwise reproducible (no atomics).
 """
 
@@ -8,35 +8,42 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, check_tensor_dim
-from triton_moe.kernels.tuning import PERMUTE_NUM_WARPS, permute_block_h
+from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_dim
+from triton_moe.kernels.tuning import PERMUTE_NUM_WARPS, permute_block_h, rows_per_program
 
 
 
 @triton.jit
-def _gather_rows_kernel(src_ptr, row_to_token_ptr, rows_ptr, hidden, BLOCK_H: tl.constexpr):
-    """rows[r] = src[row_to_token[r]], one program per row r."""
-    row = tl.program_id(0).to(tl.int64)
-    token = tl.load(row_to_token_ptr + row).to(tl.int64)
+def _gather_rows_kernel(src_ptr, row_to_token_ptr, rows_ptr, num_rows, hidden, BLOCK_ROWS: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """rows[r] = src[row_to_token[r]], for BLOCK_ROWS rows r a program."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,)
+    row_mask = rows < num_rows
+    tokens = tl.load(row_to_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     for col_start in range(0, hidden, BLOCK_H):
-        col_mask = cols < hidden - col_start
-        values = tl.load(src_ptr + token * hidden + col_start + cols, mask=col_mask)
-        tl.store(rows_ptr + row * hidden + col_start + cols, values, mask=col_mask)
+        mask = row_mask[:, None] & (cols[None, :] < hidden - col_start)  # (BLOCK_ROWS, BLOCK_H)
+        values = tl.load(src_ptr + tokens[:, None] * hidden + col_start + cols[None, :], mask=mask)
+        tl.store(rows_ptr + rows[:, None] * hidden + col_start + cols[None, :], values, mask=mask)
 
 
 @triton.jit
-def _combine_rows_kernel(rows_ptr, flat_to_row_ptr, out_ptr, hidden, top_k, BLOCK_H: tl.constexpr):
-    """out[t] = sum_{j < top_k} rows[flat_to_row[t * top_k + j]] in slot order, one program per token t."""
-    token = tl.program_id(0).to(tl.int64)
+def _combine_rows_kernel(rows_ptr, flat_to_row_ptr, out_ptr, num_tokens, hidden, top_k, BLOCK_TOKENS: tl.constexpr,
+                         BLOCK_H: tl.constexpr):
+    """out[t] = sum_{j < top_k} rows[flat_to_row[t * top_k + j]] in slot order, for BLOCK_TOKENS tokens t a
+    program."""
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)  # (BLOCK_TOKENS,)
+    token_mask = tokens < num_tokens
     cols = tl.arange(0, BLOCK_H)
     for col_start in range(0, hidden, BLOCK_H):
-        col_mask = cols < hidden - col_start
-        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        mask = token_mask[:, None] & (cols[None, :] < hidden - col_start)  # (BLOCK_TOKENS, BLOCK_H)
+        acc = tl.zeros((BLOCK_TOKENS, BLOCK_H), dtype=tl.float32)
         for slot in range(top_k):
-            row = tl.load(flat_to_row_ptr + token * top_k + slot).to(tl.int64)
-            acc += tl.load(rows_ptr + row * hidden + col_start + cols, mask=col_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + token * hidden + col_start + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+            row = tl.load(flat_to_row_ptr + tokens * top_k + slot, mask=token_mask, other=0).to(tl.int64)
+            acc += tl.load(rows_ptr + row[:, None] * hidden + col_start + cols[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
+        tl.store(out_ptr + tokens[:, None] * hidden + col_start + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 def gather_rows(src: torch.Tensor, row_to_token: torch.Tensor) -> torch.Tensor:
@@ -53,8 +60,11 @@ def gather_rows(src: torch.Tensor, row_to_token: torch.Tensor) -> torch.Tensor:
     num_rows, hidden = row_to_token.shape[0], src.shape[1]
     rows = torch.empty((num_rows, hidden), dtype=src.dtype, device=src.device)  # (R, H)
     if num_rows > 0 and hidden > 0:
-        _gather_rows_kernel[(num_rows,)](
-            src, row_to_token, rows, hidden, BLOCK_H=permute_block_h(hidden), num_warps=PERMUTE_NUM_WARPS
+        block_h = permute_block_h(hidden)
+        block_rows = rows_per_program(block_h, None)  # one row a program on a GPU
+        _gather_rows_kernel[(ceil_div(num_rows, block_rows),)](
+            src, row_to_token, rows, num_rows, hidden, BLOCK_ROWS=block_rows, BLOCK_H=block_h,
+            num_warps=PERMUTE_NUM_WARPS,
         )
     return rows
 
@@ -83,7 +93,10 @@ def combine_rows(rows: torch.Tensor, flat_to_row: torch.Tensor, top_k: int) -> t
     num_tokens, hidden = rows.shape[0] // top_k, rows.shape[1]
     out = torch.empty((num_tokens, hidden), dtype=rows.dtype, device=rows.device)  # (N, H)
     if num_tokens > 0 and hidden > 0:
-        _combine_rows_kernel[(num_tokens,)](
-            rows, flat_to_row, out, hidden, top_k, BLOCK_H=permute_block_h(hidden), num_warps=PERMUTE_NUM_WARPS
+        block_h = permute_block_h(hidden)
+        block_tokens = rows_per_program(block_h, None)  # one token a program on a GPU
+        _combine_rows_kernel[(ceil_div(num_tokens, block_tokens),)](
+            rows, flat_to_row, out, num_tokens, hidden, top_k, BLOCK_TOKENS=block_tokens, BLOCK_H=block_h,
+            num_warps=PERMUTE_NUM_WARPS,
         )
     return out

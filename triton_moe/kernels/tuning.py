@@ -114,6 +114,9 @@ PERMUTE_NUM_WARPS = 4
 # The row pass takes several short rows a program, about 2048 elements in all (8 rows of width 256): one program
 # per row of 256 had 2 elements a thread and took 28 µs for the 32768 rows of a seed config.
 ROW_PASS_ELEMENTS = 2048
+# Triton's interpreter runs every program instance in Python, so its time follows the number of programs: there the
+# row-wise kernels (the row pass, the combine) take up to this many elements a program.
+INTERPRETER_ROW_ELEMENTS = 2**16
 
 
 # Routing and the counting sort (kernels/router.py).
@@ -250,3 +253,10 @@ def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidde
 def permute_block_h(hidden: int) -> int:
     """Columns handled per step by the permute kernels for rows of `hidden` elements."""
     return min(next_power_of_2(hidden), PERMUTE_MAX_BLOCK_H)
+
+
+def rows_per_program(block_h: int, gpu_elements: int | None) -> int:
+    """Rows a program of a row-wise kernel takes, `block_h` columns of each a step: about `gpu_elements` on a GPU
+    (None: one row), INTERPRETER_ROW_ELEMENTS in the interpreter; a power of two."""
+    elements = INTERPRETER_ROW_ELEMENTS if running_in_interpreter() else gpu_elements
+    return next_power_of_2(max(elements // block_h, 1)) if elements and elements > block_h else 1
