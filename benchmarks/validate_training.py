@@ -5,8 +5,9 @@ from the same initial weights on the same batches, and check that the two loss c
     uv run python benchmarks/validate_training.py --steps 3000 --activation swiglu --wandb
 
 Reports per-step losses (cross-entropy + aux loss) of both runs, the Pearson correlation of the two curves,
-the relative gap between their final losses (mean of the last 10 steps of each) and tokens/s of each; writes
-a JSON and a PNG of both curves and their difference to --out-dir.
+the relative gap between their final losses (mean of the last 10 steps of each), tokens/s of each, and the experts'
+load (triton_moe.expert_load: the busiest expert's share over its even share, per step; every layer's last loads);
+writes a JSON and a PNG of both curves, their difference and the load to --out-dir (and the loads to wandb).
 A loss curve cannot tell a correct backward from a broken one (w1's gradient x 0.3 still gives r = 0.9996), so
 two measures that can:
 - gradient check, at step 0 and every --grad-check-every steps of the reference run: the reference model's
@@ -46,7 +47,7 @@ from tqdm import tqdm
 import reference
 import triton_moe
 from gpt import GPT, GPTConfig, get_batch, load_bytes
-from triton_moe import MoEConfig, MoELayer
+from triton_moe import MoEConfig, MoELayer, expert_load
 from triton_moe.faults import add_fault_argument, inject_fault
 from triton_moe.ground_truth import cosine, rel_l2_error
 
@@ -190,7 +191,7 @@ def train(name: str, model: GPT, data: torch.Tensor, args, log=None, before_step
     generator = torch.Generator().manual_seed(args.seed)  # the same batches for every run
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     tokens_per_step = args.batch_size * args.block_size
-    losses, lrs, step_seconds = [], [], []
+    losses, lrs, step_seconds, imbalances = [], [], [], []
     progress = tqdm(range(args.steps), desc=name, file=sys.stderr, dynamic_ncols=True)
     for step in progress:
         start = time.perf_counter()
@@ -209,14 +210,19 @@ def train(name: str, model: GPT, data: torch.Tensor, args, log=None, before_step
         optimizer.step()
         loss_value = loss.item()  # synchronises, so the step's time is complete
         step_seconds.append(time.perf_counter() - start)
+        loads = {name: load.tolist() for name, load in expert_load(model).items()}  # per layer, [E] fractions
+        imbalance = max(max(load) * len(load) for load in loads.values())  # 1: every expert its share
         losses.append(loss_value)
         lrs.append(lr)
+        imbalances.append(imbalance)
         progress.set_postfix(loss=f"{loss_value:.4f}")
         if log is not None:
-            log({"loss": loss_value, "lr": lr}, step=step)
+            log({"loss": loss_value, "lr": lr, "load_imbalance": imbalance,
+                 **{f"load/{name}/expert_{expert}": fraction for name, load in loads.items()
+                    for expert, fraction in enumerate(load)}}, step=step)
     timed = step_seconds[TIMING_SKIP:] if len(step_seconds) > TIMING_SKIP else step_seconds
-    return dict(losses=losses, lrs=lrs, seconds=sum(step_seconds),
-                tokens_per_s=tokens_per_step * len(timed) / sum(timed))
+    return dict(losses=losses, lrs=lrs, load_imbalance=imbalances, final_expert_load=loads,
+                seconds=sum(step_seconds), tokens_per_s=tokens_per_step * len(timed) / sum(timed))
 
 
 def moe_layers(model: GPT) -> list[MoELayer]:
@@ -308,7 +314,7 @@ def plot(path: Path, runs: dict, metrics: dict, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[3, 1.4])
+    fig, (top, bottom, load) = plt.subplots(3, 1, figsize=(8, 9), sharex=True, height_ratios=[3, 1.4, 1.4])
     styles = {"reference": dict(linewidth=2.4, alpha=0.6), "triton": dict(linewidth=1.0, linestyle="--"),
               CONTROL: dict(linewidth=1.0, linestyle=":", color="tab:gray", label="reference again (control)")}
     for name, run in runs.items():
@@ -326,8 +332,13 @@ def plot(path: Path, runs: dict, metrics: dict, title: str):
     bottom.set_ylabel("minus reference")
     if CONTROL in runs:
         bottom.legend(fontsize=8)
-    bottom.set_xlabel("step")
     bottom.grid(alpha=0.3)
+    for name, run in runs.items():
+        load.plot(run["load_imbalance"], **{"label": name, **styles[name]})
+    load.axhline(1.0, color="black", linewidth=0.6)
+    load.set_ylabel("busiest expert's load\n÷ its even share")
+    load.set_xlabel("step")
+    load.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -64,6 +64,11 @@ def test_trains_both_and_writes_results(tmp_path, monkeypatch):
     assert [run.kwargs["name"] for run in fake_wandb.runs] == ["reference", "triton", "control"]
     assert all(run.kwargs["mode"] == "offline" and run.finished for run in fake_wandb.runs)
     assert [step for step, _ in fake_wandb.runs[1].logged] == list(range(STEPS))
+    # the experts' load, per step and per layer: 1 layer of 3 experts
+    assert len(result["runs"]["triton"]["load_imbalance"]) == STEPS
+    assert all(1.0 <= value <= 3.0 for value in result["runs"]["triton"]["load_imbalance"])
+    logged = fake_wandb.runs[1].logged[0][1]
+    assert sum(logged[f"load/transformer.h.0.mlp/expert_{e}"] for e in range(3)) == pytest.approx(1.0)
 
 
 def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -12,5 +12,6 @@ if not torch.cuda.is_available():
 from triton_moe.config import MoEConfig  # noqa: E402
 from triton_moe.layer import MoELayer, aux_loss  # noqa: E402
 from triton_moe.moe import MoEMLP  # noqa: E402
+from triton_moe.training import active_parameters, expert_load, flops_per_token  # noqa: E402
 
-__all__ = ["MoEConfig", "MoELayer", "MoEMLP", "aux_loss"]
+__all__ = ["MoEConfig", "MoELayer", "MoEMLP", "active_parameters", "aux_loss", "expert_load", "flops_per_token"]

@@ -50,14 +50,16 @@ class MoELayer(nn.Module):
         self.w2 = nn.Parameter(torch.empty(rows, hidden))
         self.register_buffer("expert_widths", torch.tensor(config.expert_widths, dtype=torch.int64))
         self.aux_loss = None  # the last forward's weighted auxiliary loss, a tensor in the graph
+        self.tokens_per_expert = None  # the last forward's (token, slot) assignments per expert, [E] int64
         self._forward_without_grad = False  # whether the last forward outside a backward ran without autograd
         self.reset_parameters()
 
     def __getstate__(self):
         # The last forward's aux loss belongs to that forward's autograd graph, which copy.deepcopy and pickle
-        # refuse: a copy (an EMA model, a snapshot) starts without one, as a new layer does.
+        # refuse: a copy (an EMA model, a snapshot) starts without one, and without the last forward's counts, as a
+        # new layer does.
         state = super().__getstate__()
-        return {**state, "aux_loss": None}
+        return {**state, "aux_loss": None, "tokens_per_expert": None}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -83,6 +85,7 @@ class MoELayer(nn.Module):
         self._check_aux_loss_reaches_autograd()
         routing = self._route(x_flat)
         self.aux_loss = routing.aux_loss
+        self.tokens_per_expert = self._count_tokens_per_expert(routing).detach()
         output = self._experts_or_empty(x_flat, routing, None)  # [N, hidden]
         return output.view(x.shape).to(x.dtype)
 
@@ -114,6 +117,7 @@ class MoELayer(nn.Module):
         x_flat = self._flatten_input(x)
         routing = self._route(x_flat)
         self.aux_loss = routing.aux_loss
+        self.tokens_per_expert = self._count_tokens_per_expert(routing).detach()
         intermediates = {
             "router_logits": routing.router_logits,
             "expert_indices": routing.expert_indices,
@@ -127,6 +131,12 @@ class MoELayer(nn.Module):
     def _route(self, x: torch.Tensor) -> Routing:
         """Router logits, top-k weights and indices, aux loss of x [N, hidden] (N >= 0): `routing.route`."""
         return route(x, self.router.weight, self.config)
+
+    def _count_tokens_per_expert(self, routing: Routing) -> torch.Tensor:
+        """[E] int64: how many (token, slot) assignments went to each expert (no host synchronisation)."""
+        indices = routing.expert_indices.flatten()
+        counts = torch.zeros(self.config.num_experts, dtype=torch.int64, device=indices.device)
+        return counts.scatter_add_(0, indices, torch.ones_like(indices))
 
     def _experts(self, x: torch.Tensor, routing: Routing, intermediates: dict | None) -> torch.Tensor:
         """Expert MLPs and the weighted combine: x [N, hidden] (N >= 1) -> [N, hidden] in the compute dtype.

@@ -28,6 +28,9 @@ class MoEMLP(MoELayer):
         """routing.route's results in two kernels after the router GEMM, plus the counts the sort reuses."""
         return fused_route(x, self.router.weight, self.config)
 
+    def _count_tokens_per_expert(self, routing: FusedRouting) -> torch.Tensor:
+        return routing.block_offsets.tokens_per_expert  # counted by the route for the sort
+
     def _experts(self, x: torch.Tensor, routing: FusedRouting, intermediates: dict | None) -> torch.Tensor:
         cfg = self.config
         dtype = self.compute_dtype(x)
