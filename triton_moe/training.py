@@ -45,7 +45,7 @@ def active_parameters(model: nn.Module, from_last_forward: bool = False) -> int:
 
     from_last_forward=False: top-k experts of the mean width (with variable widths, what a balanced router
     gives); True: weighted by where the last forward's tokens went (expert_load; reads the counts to the host).
-    Embeddings are counted as nanoGPT's get_num_params counts them (all of them): subtract what you leave out.
+    Every parameter counts, the embeddings too (nanoGPT's get_num_params leaves out the position embeddings).
     """
     total = sum(param.numel() for param in model.parameters())
     for layer in moe_layers(model).values():

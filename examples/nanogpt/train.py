@@ -1,0 +1,124 @@
+"""nanoGPT's training loop, trimmed, around examples/nanogpt/model.py: byte-level text, AdamW, eval, checkpoints
+that resume, MFU of the active parameters, torch.compile.
+
+    uv run python examples/nanogpt/train.py --max-iters 20 --out-dir runs/nanogpt          # CPU: a tiny model
+    uv run python examples/nanogpt/train.py --max-iters 40 --out-dir runs/nanogpt --resume # 20 more steps
+    python examples/nanogpt/train.py --device cuda --n-layer 6 --n-embd 384 --moe-experts 4x1536,4x768 --compile
+
+What a nanoGPT train.py needs for MoE, marked `# MoE:`: the MoE keys go into model_args, so that a checkpoint
+rebuilds and resumes the same model (nanoGPT's resume copies a fixed list of keys from the checkpoint: add them
+there); the log line reports the experts' load.
+"""
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # model.py beside this script, as in nanoGPT
+
+from model import GPT, GPTConfig  # noqa: E402
+from triton_moe import expert_load  # noqa: E402
+
+DATA = Path(__file__).resolve().parent.parent.parent / "data" / "classics.txt"
+# MoE: the model_args a checkpoint carries and a resume restores, the MoE keys among them
+MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout",
+              "moe_experts", "moe_top_k", "moe_activation")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/nanogpt"))
+    parser.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-iters", type=int, default=20)
+    parser.add_argument("--eval-interval", type=int, default=10)
+    parser.add_argument("--eval-iters", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--n-head", type=int, default=2)
+    parser.add_argument("--n-embd", type=int, default=64)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--moe-experts", default="2x128,2x64", help="count x width groups, e.g. 4x512,4x256")
+    parser.add_argument("--moe-top-k", type=int, default=2)
+    parser.add_argument("--moe-activation", default="gelu", choices=["gelu", "relu_squared", "swiglu"])
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (as nanoGPT does)")
+    return parser.parse_args(argv)
+
+
+def get_batch(data: np.ndarray, args, step: int):
+    """A batch drawn from a generator seeded by the step, so that a resumed run sees the batches it would have."""
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    starts = torch.randint(len(data) - args.block_size - 1, (args.batch_size,), generator=generator)
+    x = torch.stack([torch.from_numpy(data[i:i + args.block_size].astype(np.int64)) for i in starts])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + args.block_size].astype(np.int64)) for i in starts])
+    return x.to(args.device), y.to(args.device)
+
+
+@torch.no_grad()
+def estimate_loss(model, data, args, step):
+    model.eval()
+    losses = [model(*get_batch(data, args, -1 - step * args.eval_iters - i))[1].item()
+              for i in range(args.eval_iters)]
+    model.train()
+    return float(np.mean(losses))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    data = np.frombuffer(DATA.read_bytes(), dtype=np.uint8)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = args.out_dir / "ckpt.pt"
+    iter_num = 0
+    if args.resume:
+        checkpoint = torch.load(checkpoint_path, map_location=args.device)
+        model_args = checkpoint["model_args"]  # MoE: the expert layout comes back with the other model_args
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(checkpoint["model"])
+        iter_num = checkpoint["iter_num"]
+    else:
+        model_args = {key: getattr(args, key) for key in MODEL_ARGS if hasattr(args, key)}
+        model_args["bias"], model_args["vocab_size"] = False, 256
+        model = GPT(GPTConfig(**model_args))
+    model.to(args.device)
+    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (0.9, 0.95), args.device)
+    if args.resume:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    forward = torch.compile(model) if args.compile else model
+
+    losses = []
+    last = time.perf_counter()
+    while iter_num < args.max_iters:
+        x, y = get_batch(data, args, iter_num)
+        _, loss = forward(x, y)  # MoE: the training loss holds the aux loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        now = time.perf_counter()
+        mfu = model.estimate_mfu(args.batch_size, now - last)
+        last = now
+        busiest = max(max(load.tolist()) * len(load) for load in expert_load(model).values())
+        print(f"iter {iter_num}: loss {losses[-1]:.4f}, mfu {100 * mfu:.4f}% (of an A100), busiest expert "
+              f"{busiest:.2f}x its share", flush=True)
+        iter_num += 1
+        if iter_num % args.eval_interval == 0 or iter_num == args.max_iters:
+            val_loss = estimate_loss(model, data, args, iter_num)
+            print(f"step {iter_num}: eval loss {val_loss:.4f}", flush=True)
+            torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+                            iter_num=iter_num, val_loss=val_loss), checkpoint_path)
+    return dict(losses=losses, model=model)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if all(math.isfinite(loss) for loss in main()["losses"]) else 1)

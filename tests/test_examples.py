@@ -1,0 +1,50 @@
+"""examples/nanogpt: nanoGPT's model and training loop with MoEMLP train, checkpoint and resume on the CPU."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+NANOGPT = Path(__file__).resolve().parent.parent / "examples" / "nanogpt"
+sys.path.insert(0, str(NANOGPT))
+
+import train  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+TINY = ["--device", "cpu", "--batch-size", "2", "--block-size", "16", "--n-layer", "1", "--n-embd", "32",
+        "--moe-experts", "2x64,2x32", "--eval-interval", "2", "--eval-iters", "1"]
+
+
+def test_resumed_training_matches_uninterrupted(tmp_path):
+    """4 steps in one run, against 2 steps, a checkpoint, and 2 more from it in a new model and optimizer: the same
+    losses and weights (fp32 on the CPU is deterministic)."""
+    straight = train.main([*TINY, "--max-iters", "4", "--out-dir", str(tmp_path / "straight")])
+    first = train.main([*TINY, "--max-iters", "2", "--out-dir", str(tmp_path / "resumed")])
+    second = train.main([*TINY, "--max-iters", "4", "--out-dir", str(tmp_path / "resumed"), "--resume"])
+    assert straight["losses"] == first["losses"] + second["losses"]
+    assert all(torch.isfinite(torch.tensor(straight["losses"])))
+    for (name, want), got in zip(straight["model"].state_dict().items(), second["model"].state_dict().values()):
+        assert torch.equal(got, want), name
+    checkpoint = torch.load(tmp_path / "resumed" / "ckpt.pt")
+    assert checkpoint["model_args"]["moe_experts"] == "2x64,2x32" and checkpoint["iter_num"] == 4
+
+
+def test_model_follows_nanogpt_init_and_optimizer_groups():
+    model = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=32, moe_experts="2x64,2x32"))
+    mlp = model.transformer.h[0].mlp
+    assert abs(mlp.w2.std().item() - 0.02 / 2) < 0.003  # scaled like c_proj: 0.02 / sqrt(2 * n_layer)
+    assert abs(mlp.router.weight.std().item() - 0.02) < 0.006
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert id(mlp.w1) in decayed and id(mlp.router.weight) not in decayed
+    # MFU counts the active parameters: 2 of 4 experts of mean width 48 in each layer
+    dense_equivalent = sum(p.numel() for p in model.parameters()) - 2 * (2 * 64 + 2 * 32) * 32 * 2 \
+        + 2 * (2 * 48 * 32 * 2)
+    x = torch.randint(256, (2, 16))
+    model.train()
+    _, train_loss = model(x, x)
+    model.eval()
+    _, eval_loss = model(x, x)
+    assert train_loss > eval_loss  # the aux loss in the training loss only
+    from triton_moe import active_parameters
+    assert active_parameters(model) == dense_equivalent
