@@ -17,8 +17,8 @@ from harness import (DTYPES, build_layer, device, environment, forward_backward_
                      parse_args, time_ms, triton_operands)  # first: it imports triton_moe (interpreter on CPU-only hosts)
 
 import stk
-from reference import topology_var
-from reference.moe import ACTIVATIONS as REFERENCE_ACTIVATIONS
+from triton_moe.reference import topology_var
+from triton_moe.reference.moe import ACTIVATIONS as REFERENCE_ACTIVATIONS
 from triton_moe import kernels
 from triton_moe.router_ops import fused_sort_by_expert
 from triton_moe.routing import route, sort_by_expert

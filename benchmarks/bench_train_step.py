@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-import reference
+from triton_moe import reference
 import triton_moe
 from baselines import GroupedMMMoE
 from gpt import GPT, GPTConfig, dense_mlp, get_batch, load_bytes

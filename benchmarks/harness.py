@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import reference  # noqa: E402
+from triton_moe import reference  # noqa: E402
 import triton_moe  # noqa: E402
 from baselines import GroupedMMMoE, LoopMoE, megablocks_dmoe  # noqa: E402
 from triton_moe.config import REALISTIC_CONFIGS, SEED_CONFIGS, MoEConfig  # noqa: E402

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import reference
+from triton_moe import reference
 import triton_moe
 from gpt import GPT, GPTConfig, get_batch, load_bytes
 from triton_moe import MoEConfig, MoELayer, expert_load

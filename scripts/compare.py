@@ -3,7 +3,7 @@ weights, and one row of a comparison table."""
 
 import torch
 
-import reference
+from triton_moe import reference
 import triton_moe
 from triton_moe.config import REALISTIC_CONFIGS, SEED_CONFIGS, MoEConfig
 from triton_moe.faults import add_fault_argument

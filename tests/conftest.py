@@ -17,7 +17,7 @@ import torch  # noqa: E402
 # fp64 loop below need IEEE fp32. (Our own kernels choose their precision explicitly.)
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
-import triton_moe  # noqa: E402  (selects Triton's interpreter on CPU-only machines before any kernel import)
+import triton_moe.kernels  # noqa: E402, F401  (selects the interpreter on CPU-only machines before stk imports triton)
 from triton_moe.config import SEED_CONFIGS, MoEConfig  # noqa: E402
 from triton_moe.ground_truth import TOLERANCES, cosine, max_rel_error, run_with_loop  # noqa: E402
 

@@ -1,5 +1,9 @@
 """MoEConfig: derived fields and a ValueError naming the field for every bad value."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from triton_moe import MoEConfig
@@ -67,3 +71,17 @@ def test_block_alignment_check_names_the_width():
     config = MoEConfig(expert_sizes=[(2, 256), (2, 200)], num_active_experts=1, hidden_size=256)
     with pytest.raises(ValueError, match="width 200"):
         config.check_block_aligned()
+
+
+def test_importing_the_config_leaves_triton_alone():
+    """Only the kernels select Triton's CPU interpreter, when they are imported; the config, the aux loss and the
+    training helpers leave the process as it was; kernels imported after triton, without a GPU, say so."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    script = ("import os, sys, triton_moe; from triton_moe import MoEConfig, aux_loss, expert_load; "
+              "assert 'TRITON_INTERPRET' not in os.environ and 'triton' not in sys.modules; "
+              "triton_moe.MoEMLP; assert os.environ['TRITON_INTERPRET'] == '1'")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    late = subprocess.run([sys.executable, "-c", "import triton; import triton_moe.kernels"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert late.returncode != 0 and "triton was imported before them" in late.stderr

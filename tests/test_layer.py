@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-import reference
+from triton_moe import reference
 import triton_moe
 from conftest import DEVICE, ON_GPU, make_input, make_layer, seed_config
 from triton_moe import MoEConfig

@@ -4,7 +4,7 @@ output, the aux loss and every gradient; widths the reference cannot do; determi
 import pytest
 import torch
 
-import reference
+from triton_moe import reference
 import triton_moe
 from conftest import (DEVICE, DTYPES, HALF_DTYPES, SEED_CONFIGS, assert_close, assert_grads_match,
                       assert_intermediates_match, gpu_only, make_input, make_layer, run_against_loop,

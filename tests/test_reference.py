@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import reference
+from triton_moe import reference
 from conftest import (DEVICE, HALF_DTYPES, SEED_CONFIGS, assert_grads_match, assert_intermediates_match, make_input,
                       make_layer, run_against_loop, seed_config)
 from triton_moe import MoEConfig

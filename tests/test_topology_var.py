@@ -3,7 +3,7 @@
 import torch
 
 from conftest import DEVICE
-from reference.topology_var import build_topology
+from triton_moe.reference.topology_var import build_topology
 from triton_moe import MoEConfig
 
 

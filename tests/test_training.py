@@ -3,7 +3,7 @@
 import torch
 import torch.nn as nn
 
-import reference
+from triton_moe import reference
 import triton_moe
 from conftest import make_input, make_layer
 from triton_moe import MoEConfig, active_parameters, expert_load, flops_per_token

@@ -1,17 +1,19 @@
-"""triton-moe: a topology-free Triton grouped-GEMM Mixture-of-Experts MLP for training."""
+"""triton-moe: a topology-free Triton grouped-GEMM Mixture-of-Experts MLP for training.
 
-import os
+`MoEConfig`, `aux_loss` and the training helpers import without Triton; `MoEMLP` brings in the kernels (on a
+machine without a GPU, through Triton's CPU interpreter: see triton_moe.kernels).
+"""
 
-import torch
-
-# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter. The choice is read when triton
-# is first imported (its own helpers such as tl.cdiv are decorated then), so import triton_moe before triton/stk.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from triton_moe.config import MoEConfig  # noqa: E402
-from triton_moe.layer import MoELayer, aux_loss  # noqa: E402
-from triton_moe.moe import MoEMLP  # noqa: E402
-from triton_moe.training import active_parameters, expert_load, flops_per_token  # noqa: E402
+from triton_moe.config import MoEConfig
+from triton_moe.layer import MoELayer, aux_loss
+from triton_moe.training import active_parameters, expert_load, flops_per_token
 
 __all__ = ["MoEConfig", "MoELayer", "MoEMLP", "active_parameters", "aux_loss", "expert_load", "flops_per_token"]
+
+
+def __getattr__(name):
+    if name == "MoEMLP":  # imported on first use, with the Triton kernels
+        from triton_moe.moe import MoEMLP
+
+        return MoEMLP
+    raise AttributeError(f"module 'triton_moe' has no attribute {name!r}")

@@ -1,5 +1,25 @@
-"""Triton kernels of the MoE MLP and their launchers; no autograd here (see triton_moe/ops.py)."""
+"""Triton kernels of the MoE MLP and their launchers; no autograd here (see triton_moe/ops.py).
 
+Without a GPU the kernels run on CPU tensors through Triton's interpreter, which Triton reads from TRITON_INTERPRET
+when it is first imported: this package sets it then, where no CUDA device is visible and nothing has set it. Once
+Triton is imported without it, kernels cannot run on such a machine, so importing them then is an error that says
+so.
+"""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    if "triton" in sys.modules:
+        raise ImportError(
+            "triton_moe's kernels need Triton's CPU interpreter on this machine (no CUDA device), but triton was "
+            "imported before them: import triton_moe.MoEMLP (or triton_moe.kernels) before triton or stk, or set "
+            "TRITON_INTERPRET=1 in the environment")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# ruff: noqa: E402  (the imports below come after the interpreter's selection)
 from triton_moe.kernels.activation import ACTIVATIONS, GATED_ACTIVATIONS, is_gated
 from triton_moe.kernels.grouped_gemm import (
     down_projection,

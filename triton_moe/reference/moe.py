@@ -11,7 +11,7 @@ import stk
 import torch
 import torch.nn.functional as F
 
-from reference.topology_var import build_topology
+from triton_moe.reference.topology_var import build_topology
 from triton_moe.config import MoEConfig
 from triton_moe.layer import MoELayer
 from triton_moe.routing import Routing, sort_by_expert

@@ -1,0 +1,15 @@
+"""The stk block-sparse MoEMLP that triton_moe is compared against (same config and parameter layout).
+
+Needs the sparse toolkit stanford-stk: `pip install "triton-moe[reference]"`.
+"""
+
+import importlib.util
+
+if importlib.util.find_spec("stk") is None:
+    raise ImportError('triton_moe.reference needs stanford-stk (PyPI\'s "stk" is another package): '
+                      'pip install "triton-moe[reference]"')
+
+import triton_moe.kernels  # noqa: E402, F401  (on CPU-only machines: the interpreter, before stk imports triton)
+from triton_moe.reference.moe import MoEMLP  # noqa: E402
+
+__all__ = ["MoEMLP"]
