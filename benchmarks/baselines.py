@@ -10,7 +10,7 @@ The stk reference (`reference.MoEMLP`) is the fourth baseline.
 import torch
 import torch.nn as nn
 
-from triton_moe.ground_truth import activation
+from triton_moe.activations import apply_activation
 from triton_moe.layer import MoELayer
 from triton_moe.routing import Routing, sort_by_expert
 
@@ -26,8 +26,8 @@ class LoopMoE(MoELayer):
             tokens, slots = (routing.expert_indices == expert).nonzero(as_tuple=True)
             rows = slice(offsets[expert], offsets[expert + 1])
             x_e = x[tokens]
-            h_up = x_e @ self.v1[rows].to(x.dtype).T if cfg.is_glu else None
-            h_act = activation(cfg, x_e @ self.w1[rows].to(x.dtype).T, h_up)
+            h_up = x_e @ self.v1[rows].to(x.dtype).T if cfg.is_gated else None
+            h_act = apply_activation(cfg.activation, x_e @ self.w1[rows].to(x.dtype).T, h_up)
             y_e = h_act @ self.w2[rows].to(x.dtype)
             output.index_add_(0, tokens, y_e.float() * routing.expert_weights[tokens, slots][:, None])
         return output.to(x.dtype)
@@ -54,8 +54,8 @@ class GroupedMMMoE(MoELayer):
             x_class = x_sorted[rows]
             h_pre = torch._grouped_mm(x_class, as_groups(self.w1).transpose(1, 2), offs=group_ends)
             h_up = torch._grouped_mm(x_class, as_groups(self.v1).transpose(1, 2), offs=group_ends) \
-                if cfg.is_glu else None
-            y_parts.append(torch._grouped_mm(activation(cfg, h_pre, h_up), as_groups(self.w2), offs=group_ends))
+                if cfg.is_gated else None
+            y_parts.append(torch._grouped_mm(apply_activation(cfg.activation, h_pre, h_up), as_groups(self.w2), offs=group_ends))
             first_expert += count
         y_sorted = torch.cat(y_parts) * row_weights[:, None].to(x.dtype)  # [R, H]
         return torch.zeros_like(x).index_add_(0, sort.row_to_token, y_sorted)

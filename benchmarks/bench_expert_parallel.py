@@ -12,18 +12,15 @@ with all E experts on rank 0's device, on the P ranks' tokens together: tokens/s
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import triton_moe  # noqa: E402  (before triton: selects the interpreter on CPU-only machines)
-from harness import CONFIGS, DTYPES, environment, forward_backward_step, make_config, time_ms  # noqa: E402
-from triton_moe.expert_parallel import ExpertParallelMoEMLP  # noqa: E402
+from harness import CONFIGS, DTYPES, environment, forward_backward_step, make_config, time_ms
+import triton_moe
+from triton_moe.expert_parallel import ExpertParallelMoEMLP
 
 SMOKE = dict(expert_sizes=[(2, 32), (2, 16)], num_active_experts=2, hidden_size=32)
 

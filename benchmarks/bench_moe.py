@@ -18,7 +18,7 @@ from harness import (DTYPES, build_layer, device, environment, forward_backward_
 
 import stk
 from triton_moe.reference import topology_var
-from triton_moe.reference.moe import ACTIVATIONS as REFERENCE_ACTIVATIONS
+from triton_moe.activations import apply_activation
 from triton_moe import kernels
 from triton_moe.router_ops import fused_sort_by_expert
 from triton_moe.routing import route, sort_by_expert
@@ -52,7 +52,7 @@ def triton_steps(layer, x):
 def reference_steps(layer, x):
     """name -> zero-argument callable, for each step of the stk reference's forward (backward is autograd)."""
     cfg = layer.config
-    bs = cfg.block_size
+    bs = layer.block_size
     routing = route(x, layer.router.weight, cfg)
     sort = sort_by_expert(routing.expert_indices, cfg.num_experts)
     topology, padded_row_offsets, block_rows_per_expert = topology_var.build_topology(sort.tokens_per_expert, cfg)
@@ -72,7 +72,8 @@ def reference_steps(layer, x):
     x_padded = pad()
     w1, w2 = layer.w1.detach(), layer.w2.detach()
     h_pre = stk.ops.sdd(x_padded, w1.t(), topology)
-    act = REFERENCE_ACTIVATIONS.get(cfg.activation, F.silu)
+    h_up = h_pre.data if cfg.is_gated else None  # a stand-in of the same size: the step is timed, not checked
+    act = lambda h: apply_activation(cfg.activation, h, h_up)
     h_act = stk.Matrix(topology.size(), act(h_pre.data), rows, columns, offsets, *transposed)
     y_padded = stk.ops.dsd(h_act, w2)
     row_weights = routing.expert_weights.flatten()[sort.row_to_flat]

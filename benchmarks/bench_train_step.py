@@ -28,7 +28,7 @@ import torch
 from triton_moe import reference
 import triton_moe
 from baselines import GroupedMMMoE
-from gpt import GPT, GPTConfig, dense_mlp, get_batch, load_bytes
+from triton_moe.testing.gpt import GPT, GPTConfig, dense_mlp, get_batch, load_bytes
 from harness import environment
 from triton_moe import MoEConfig
 

@@ -19,15 +19,13 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from triton_moe import reference  # noqa: E402
-import triton_moe  # noqa: E402
-from baselines import GroupedMMMoE, LoopMoE, megablocks_dmoe  # noqa: E402
-from triton_moe.config import REALISTIC_CONFIGS, SEED_CONFIGS, MoEConfig  # noqa: E402
-from triton_moe import kernels  # noqa: E402
-from triton_moe.router_ops import fused_sort_by_expert  # noqa: E402
-from triton_moe.routing import route, sort_by_expert  # noqa: E402
+import triton_moe
+from baselines import GroupedMMMoE, LoopMoE, megablocks_dmoe
+from triton_moe import kernels, reference
+from triton_moe.config import MoEConfig
+from triton_moe.router_ops import fused_sort_by_expert
+from triton_moe.routing import route, sort_by_expert
+from triton_moe.testing.shapes import REALISTIC_CONFIGS, SEED_CONFIGS
 
 SEED_TOKENS = 8 * 512  # the seed table's batch 8 x seq 512
 REALISTIC_TOKENS = 16384
@@ -153,7 +151,7 @@ def model_flops(config: MoEConfig, x: torch.Tensor, router_weight: torch.Tensor)
         sort = sort_by_expert(route(x, router_weight, config).expert_indices, config.num_experts)
     widths = torch.tensor(config.expert_widths, device=x.device)
     routed_width = int((sort.tokens_per_expert * widths).sum())
-    projections = 3 if config.is_glu else 2
+    projections = 3 if config.is_gated else 2
     return 2 * projections * routed_width * config.hidden_size
 
 

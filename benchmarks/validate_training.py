@@ -24,7 +24,7 @@ stay as they are.
 Exits non-zero when the correlation is below --min-correlation (0.999), the gap above --max-gap (1%), a
 gradient's relative error above --max-grad-rel-l2 or a weight distance above --max-weight-distance (defaults
 per dtype: THRESHOLDS). `--inject-fault NAME` runs the Triton model with a deliberate defect
-(triton_moe.faults); the run must then fail.
+(triton_moe.testing.faults); the run must then fail.
 Defaults depend on the device: on a GPU a real convergence check in bf16 autocast, on the CPU (Triton's
 interpreter, fp32) a tiny model that finishes in a few minutes. Every size flag overrides its default.
 """
@@ -46,10 +46,10 @@ from tqdm import tqdm
 
 from triton_moe import reference
 import triton_moe
-from gpt import GPT, GPTConfig, get_batch, load_bytes
+from triton_moe.testing.gpt import GPT, GPTConfig, get_batch, load_bytes
 from triton_moe import MoEConfig, MoELayer, expert_load
-from triton_moe.faults import add_fault_argument, inject_fault
-from triton_moe.ground_truth import cosine, rel_l2_error
+from triton_moe.testing.faults import add_fault_argument, inject_fault
+from triton_moe.testing.ground_truth import cosine, rel_l2_error
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "classics.txt"
@@ -133,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         moe = MoEConfig(expert_sizes=args.experts, num_active_experts=args.top_k, hidden_size=args.n_embd,
                         activation=args.activation)
-        moe.check_block_aligned()
+        reference.check_block_aligned(moe)
     except (TypeError, ValueError) as error:
         parser.error(f"--experts {args.experts!r} with --top-k {args.top_k} and --n-embd {args.n_embd}: {error}")
     args.expert_sizes = moe.expert_sizes
@@ -249,7 +249,7 @@ def model_gradients(model: GPT, inputs, targets, args) -> dict:
             hook.remove()
     grads = {}
     for name in MOE_PARAMETERS:
-        if name == "v1" and not model.config.moe.is_glu:
+        if name == "v1" and not model.config.moe.is_gated:
             continue
         params = [layer.get_parameter(name) for layer in moe_layers(model)]
         grads[name.removesuffix(".weight")] = torch.cat([p.grad.float().flatten() for p in params])

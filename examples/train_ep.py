@@ -12,21 +12,17 @@ single-process checkpoint that `benchmarks/gpt.py`'s GPT with `triton_moe.MoEMLP
 import argparse
 import functools
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from triton_moe import MoEConfig, MoEMLP
+from triton_moe.expert_parallel import ExpertParallelMoEMLP, data_parallel, gather_state_dict, shard_state_dict
+from triton_moe.testing.gpt import GPT, GPTConfig, get_batch, load_bytes
 
-import triton_moe  # noqa: E402  (before triton: selects the interpreter on CPU-only machines)
-from gpt import GPT, GPTConfig, get_batch, load_bytes  # noqa: E402
-from triton_moe import MoEConfig  # noqa: E402
-from triton_moe.expert_parallel import (ExpertParallelMoEMLP, data_parallel, gather_state_dict,  # noqa: E402
-                                        shard_state_dict)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args():
@@ -67,7 +63,7 @@ def main():
     config = GPTConfig(moe=moe, n_layer=args.n_layer, n_head=max(args.n_embd // 64, 1), n_embd=args.n_embd,
                        block_size=args.block_size)
     torch.manual_seed(0)  # the same single-process weights on every rank
-    global_state = GPT(config, triton_moe.MoEMLP).state_dict()
+    global_state = GPT(config, MoEMLP).state_dict()
     model = GPT(config, functools.partial(ExpertParallelMoEMLP, process_group=ep_group))
     model.load_state_dict(shard_state_dict(model, global_state))
     model = data_parallel(model.to(device))

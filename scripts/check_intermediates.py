@@ -7,7 +7,7 @@ gradients of a backward (x, router, w1, (v1), w2: the intermediates of the backw
     uv run python scripts/check_intermediates.py --inject-fault w1_grad_scale   # must fail
 
 Exits non-zero when any intermediate or gradient differs beyond the dtype's tolerance (relative L2 error, max
-relative error and cosine; triton_moe.ground_truth.TOLERANCES; integer ones must be equal). The loss of the
+relative error and cosine; triton_moe.testing.ground_truth.TOLERANCES; integer ones must be equal). The loss of the
 backward is <output, g> + aux_loss with a fixed random g. Runs on a GPU when there is one (then also bf16 and
 the realistic shapes), else on the CPU through Triton's interpreter.
 """
@@ -19,8 +19,8 @@ import torch
 
 from compare import (CONFIGS, DEVICE, add_common_arguments, cases, compare, flat, parse_common_arguments,
                      report)
-from triton_moe.faults import inject_fault
-from triton_moe.ground_truth import run_layer
+from triton_moe.testing.faults import inject_fault
+from triton_moe.testing.ground_truth import run_layer
 
 EXACT = ("expert_indices", "tokens_per_expert", "row_to_token")
 ROUTING = ("router_logits", "expert_weights", "aux_loss")  # fp32 whatever the expert dtype

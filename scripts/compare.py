@@ -5,9 +5,10 @@ import torch
 
 from triton_moe import reference
 import triton_moe
-from triton_moe.config import REALISTIC_CONFIGS, SEED_CONFIGS, MoEConfig
-from triton_moe.faults import add_fault_argument
-from triton_moe.ground_truth import TOLERANCES, cosine, max_rel_error, rel_l2_error
+from triton_moe.config import MoEConfig
+from triton_moe.testing.shapes import REALISTIC_CONFIGS, SEED_CONFIGS
+from triton_moe.testing.faults import add_fault_argument
+from triton_moe.testing.ground_truth import TOLERANCES, cosine, max_rel_error, rel_l2_error
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ON_GPU = torch.cuda.is_available()

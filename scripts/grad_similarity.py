@@ -6,17 +6,17 @@ Cosine similarity, relative L2 error ||a - b|| / ||b|| and max relative error; a
 
 Cosine alone cannot see a gradient off by a scale factor; the relative errors can. Exits non-zero when a
 gradient of either implementation is beyond the dtype's tolerance against the fp64 loop
-(triton_moe.ground_truth.TOLERANCES: relative L2 error, max relative error and cosine). The loss is
+(triton_moe.testing.ground_truth.TOLERANCES: relative L2 error, max relative error and cosine). The loss is
 <output, g> + aux_loss with a fixed random g. `--inject-fault NAME` runs the Triton layer with a deliberate
-defect (triton_moe.faults); the script must then fail.
+defect (triton_moe.testing.faults); the script must then fail.
 """
 
 import argparse
 import sys
 
 from compare import DEVICE, add_common_arguments, cases, compare, parse_common_arguments, report
-from triton_moe.faults import inject_fault
-from triton_moe.ground_truth import run_with_loop
+from triton_moe.testing.faults import inject_fault
+from triton_moe.testing.ground_truth import run_with_loop
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
 """Shared fixtures: the device, per-dtype tolerances, layers and inputs, and the assertions that compare an
-implementation's intermediates and gradients with the fp64 loop of triton_moe.ground_truth."""
+implementation's intermediates and gradients with the fp64 loop of triton_moe.testing.ground_truth."""
 
 import os
 
@@ -10,6 +10,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -18,8 +22,9 @@ import torch  # noqa: E402
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 import triton_moe.kernels  # noqa: E402, F401  (selects the interpreter on CPU-only machines before stk imports triton)
-from triton_moe.config import SEED_CONFIGS, MoEConfig  # noqa: E402
-from triton_moe.ground_truth import TOLERANCES, cosine, max_rel_error, run_with_loop  # noqa: E402
+from triton_moe.config import MoEConfig  # noqa: E402
+from triton_moe.testing.shapes import SEED_CONFIGS  # noqa: E402
+from triton_moe.testing.ground_truth import TOLERANCES, cosine, max_rel_error, run_with_loop  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -28,6 +33,23 @@ gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (bf16 is b
 # dtypes for parametrize; bf16 runs on a GPU only and is skipped, with the reason, on the CPU.
 HALF_DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=gpu_only, id="bfloat16")]
 DTYPES = [torch.float32, *HALF_DTYPES]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(relative_path: str):
+    """A script of the repository (scripts/, benchmarks/, examples/) as a module, for its main() and helpers: its
+    folder is importable while it loads, as when Python runs it, so that it finds the modules beside it."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
 
 @pytest.fixture
 def nan_filled_outputs(monkeypatch):

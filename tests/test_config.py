@@ -15,7 +15,7 @@ def test_derived_fields():
     assert config.expert_widths == [512, 512, 48, 48, 48]
     assert config.expert_width_offsets == [0, 512, 1024, 1072, 1120, 1168]
     assert config.total_width == 1168
-    assert not config.uniform_width and not config.is_glu
+    assert not config.uniform_width and not config.is_gated
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -28,7 +28,6 @@ def test_derived_fields():
     (dict(num_active_experts=5), "num_active_experts"),
     (dict(hidden_size=0), "hidden_size"),
     (dict(activation="relu"), "activation"),
-    (dict(block_size=0), "block_size"),
     (dict(load_balance_coef=-1.0), "load_balance_coef"),
     (dict(z_loss_coef=-1.0), "z_loss_coef"),
     (dict(init_std=0.0), "init_std"),
@@ -65,12 +64,6 @@ def test_expert_sizes_as_text():
     assert config.expert_sizes == [(4, 512), (2, 256)]
     assert config.expert_sizes_text == "4x512,2x256"
     assert MoEConfig(expert_sizes=config.expert_sizes_text, num_active_experts=2, hidden_size=32) == config
-
-
-def test_block_alignment_check_names_the_width():
-    config = MoEConfig(expert_sizes=[(2, 256), (2, 200)], num_active_experts=1, hidden_size=256)
-    with pytest.raises(ValueError, match="width 200"):
-        config.check_block_aligned()
 
 
 def test_importing_the_config_leaves_triton_alone():

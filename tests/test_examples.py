@@ -1,15 +1,12 @@
 """examples/nanogpt: nanoGPT's model and training loop with MoEMLP train, checkpoint and resume on the CPU."""
 
-import sys
-from pathlib import Path
-
 import torch
+from conftest import load_script
 
-NANOGPT = Path(__file__).resolve().parent.parent / "examples" / "nanogpt"
-sys.path.insert(0, str(NANOGPT))
+from triton_moe import active_parameters
 
-import train  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+train = load_script("examples/nanogpt/train.py")
+GPT, GPTConfig = train.GPT, train.GPTConfig
 
 TINY = ["--device", "cpu", "--batch-size", "2", "--block-size", "16", "--n-layer", "1", "--n-embd", "32",
         "--moe-experts", "2x64,2x32", "--eval-interval", "2", "--eval-iters", "1"]
@@ -46,5 +43,4 @@ def test_model_follows_nanogpt_init_and_optimizer_groups():
     model.eval()
     _, eval_loss = model(x, x)
     assert train_loss > eval_loss  # the aux loss in the training loss only
-    from triton_moe import active_parameters
     assert active_parameters(model) == dense_equivalent

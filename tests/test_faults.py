@@ -1,21 +1,16 @@
-"""The checking tools can say no: with each deliberate defect of triton_moe.faults injected into the Triton layer,
+"""The checking tools can say no: with each deliberate defect of triton_moe.testing.faults injected into the Triton layer,
 check_intermediates, grad_similarity and validate_training exit non-zero; without one, zero. Tiny shapes in fp32."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import DEVICE
+from conftest import DEVICE, load_script
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from triton_moe.testing.faults import FAULTS, inject_fault
 
-import check_intermediates  # noqa: E402
-import grad_similarity  # noqa: E402
-import validate_training  # noqa: E402
-from triton_moe.faults import FAULTS, inject_fault  # noqa: E402
+check_intermediates = load_script("scripts/check_intermediates.py")
+grad_similarity = load_script("scripts/grad_similarity.py")
+validate_training = load_script("benchmarks/validate_training.py")
 
 FAULT_NAMES = [None, *FAULTS]
 LAYER_ARGS = ["--configs", "4exp_variable_h128", "--tokens", "16", "--activation", "swiglu", "--dtypes", "float32"]

@@ -10,7 +10,7 @@ from conftest import (DEVICE, DTYPES, HALF_DTYPES, SEED_CONFIGS, assert_close, a
                       assert_intermediates_match, gpu_only, make_input, make_layer, run_against_loop,
                       seed_config, use_problem_size_kernels)
 from triton_moe import MoEConfig
-from triton_moe.ground_truth import cosine, rel_l2_error
+from triton_moe.testing.ground_truth import cosine, rel_l2_error
 
 NUM_TOKENS = 96
 

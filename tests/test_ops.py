@@ -9,7 +9,7 @@ import torch
 import triton_moe
 from conftest import DEVICE, DTYPES, ON_GPU, make_input, make_layer, use_problem_size_kernels
 from triton_moe import MoEConfig
-from triton_moe.ground_truth import rel_l2_error
+from triton_moe.testing.ground_truth import rel_l2_error
 from triton_moe.routing import route, sort_by_expert
 
 CONFIGS = {
@@ -25,7 +25,7 @@ def op_arguments(config, activation, num_tokens=24):
     x = make_input((num_tokens, config.hidden_size), torch.float32)
     routing = route(x, layer.router.weight, config)
     sort = sort_by_expert(routing.expert_indices, config.num_experts)
-    v1 = layer.v1.detach().clone().requires_grad_() if config.is_glu else None
+    v1 = layer.v1.detach().clone().requires_grad_() if config.is_gated else None
     tensors = [x.requires_grad_(), routing.expert_weights.flatten().detach().requires_grad_(),
                layer.w1.detach().clone().requires_grad_(), v1, layer.w2.detach().clone().requires_grad_()]
     return (*tensors, sort.row_to_token, sort.row_to_flat, sort.flat_to_row, sort.expert_row_offsets,

@@ -88,3 +88,10 @@ def test_rejects_widths_not_multiple_of_block():
         reference.MoEMLP(MoEConfig(expert_sizes=[(2, 200)], num_active_experts=1, hidden_size=256))
     with pytest.raises(ValueError, match="hidden_size"):
         reference.MoEMLP(MoEConfig(expert_sizes=[(2, 256)], num_active_experts=1, hidden_size=200))
+    with pytest.raises(ValueError, match="width 200"):
+        reference.check_block_aligned(MoEConfig(expert_sizes=[(2, 256), (2, 200)], num_active_experts=1,
+                                                hidden_size=256))
+    with pytest.raises(ValueError, match="block_size"):
+        reference.MoEMLP(MoEConfig(expert_sizes=[(2, 256)], num_active_experts=1, hidden_size=256), block_size=0)
+    assert reference.MoEMLP(MoEConfig(expert_sizes=[(2, 64)], num_active_experts=1, hidden_size=64),
+                            block_size=32).block_size == 32

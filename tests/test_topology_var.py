@@ -10,8 +10,8 @@ from triton_moe import MoEConfig
 def test_topology_is_block_diagonal_by_expert():
     config = MoEConfig(expert_sizes=[(2, 256), (1, 128), (1, 384)], num_active_experts=1, hidden_size=128)
     tokens_per_expert = torch.tensor([130, 0, 5, 128], device=DEVICE)
-    topology, padded_row_offsets, block_rows_per_expert = build_topology(tokens_per_expert, config)
-    bs = config.block_size
+    bs = 128
+    topology, padded_row_offsets, block_rows_per_expert = build_topology(tokens_per_expert, config, bs)
     assert padded_row_offsets.tolist() == [0, 256, 256, 384, 512]
     assert block_rows_per_expert == [2, 0, 1, 1]
     assert tuple(topology.size()) == (512, config.total_width)

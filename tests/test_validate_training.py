@@ -5,14 +5,11 @@ import json
 import math
 import sys
 import types
-from pathlib import Path
 
 import pytest
-from conftest import DEVICE
+from conftest import DEVICE, load_script
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import validate_training  # noqa: E402
+validate_training = load_script("benchmarks/validate_training.py")
 
 STEPS = 3
 TINY = ["--device", DEVICE, "--dtype", "float32", "--steps", str(STEPS), "--batch-size", "2", "--block-size", "16",

@@ -3,28 +3,7 @@
 import math
 from dataclasses import dataclass, field
 
-ACTIVATIONS = ("relu_squared", "swiglu", "gelu")
-
-# The seed design's table (batch 8, seq 512 in its benchmarks): 8/16/64/128 experts, uniform and variable widths.
-SEED_CONFIGS = {
-    "8exp_uniform": dict(expert_sizes=[(8, 512)], num_active_experts=2, hidden_size=256),
-    "8exp_variable": dict(expert_sizes=[(4, 512), (4, 256)], num_active_experts=2, hidden_size=256),
-    "16exp_uniform": dict(expert_sizes=[(16, 256)], num_active_experts=2, hidden_size=256),
-    "16exp_variable": dict(expert_sizes=[(4, 512), (8, 256), (4, 128)], num_active_experts=2, hidden_size=256),
-    "64exp_uniform": dict(expert_sizes=[(64, 256)], num_active_experts=8, hidden_size=256),
-    "64exp_variable": dict(expert_sizes=[(16, 512), (32, 256), (16, 128)], num_active_experts=8, hidden_size=256),
-    "128exp_uniform": dict(expert_sizes=[(128, 256)], num_active_experts=8, hidden_size=256),
-    "128exp_variable": dict(expert_sizes=[(32, 512), (64, 256), (32, 128)], num_active_experts=8, hidden_size=256),
-}
-
-# The realistic shapes of the benchmark table (16384 tokens in its benchmarks).
-REALISTIC_CONFIGS = {
-    "h2048_64x1024_top8": dict(expert_sizes=[(64, 1024)], num_active_experts=8, hidden_size=2048),
-    "h2048_128x768_top8": dict(expert_sizes=[(128, 768)], num_active_experts=8, hidden_size=2048),
-    "h2048_var_32x1536_64x768_32x384_top8": dict(expert_sizes=[(32, 1536), (64, 768), (32, 384)],
-                                                 num_active_experts=8, hidden_size=2048),
-    "h4096_8x14336_top2": dict(expert_sizes=[(8, 14336)], num_active_experts=2, hidden_size=4096),
-}
+from triton_moe.activations import check_activation, is_gated
 
 
 @dataclass
@@ -40,7 +19,6 @@ class MoEConfig:
     expert_sizes: list[tuple[int, int]]
     num_active_experts: int  # top-k
     hidden_size: int
-    block_size: int = 128  # stk block; the reference needs widths and hidden_size that are multiples of it
     activation: str = "relu_squared"
     normalize_weights: bool = True  # renormalise the k routing weights of a token to sum to 1
     load_balance_coef: float = 0.01
@@ -59,7 +37,6 @@ class MoEConfig:
     def __post_init__(self):
         self.expert_sizes = _checked_expert_sizes(self.expert_sizes)
         _require_int("hidden_size", self.hidden_size, minimum=1)
-        _require_int("block_size", self.block_size, minimum=1)
 
         self.expert_widths = [width for count, width in self.expert_sizes for _ in range(count)]
         self.num_experts = len(self.expert_widths)
@@ -75,8 +52,7 @@ class MoEConfig:
                 f"num_active_experts (top-k) must be <= num_experts = {self.num_experts}, "
                 f"got {self.num_active_experts}"
             )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        check_activation(self.activation)
         for name in ("load_balance_coef", "z_loss_coef", "init_std"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -100,23 +76,10 @@ class MoEConfig:
         return len(set(self.expert_widths)) == 1
 
     @property
-    def is_glu(self) -> bool:
+    def is_gated(self) -> bool:
         """True when the activation gates a second up projection (`v1`)."""
-        return self.activation == "swiglu"
+        return is_gated(self.activation)
 
-    def check_block_aligned(self) -> None:
-        """Raise a ValueError unless every width and hidden_size is a multiple of block_size (stk's need)."""
-        for width in sorted(set(self.expert_widths)):
-            if width % self.block_size:
-                raise ValueError(
-                    f"expert_sizes: width {width} is not a multiple of block_size={self.block_size}; "
-                    "the stk reference needs block-aligned widths (the Triton MoEMLP does not)"
-                )
-        if self.hidden_size % self.block_size:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not a multiple of block_size={self.block_size}, "
-                "which the stk reference needs"
-            )
 
 
 MAX_EXPERTS = 2**16  # the router's and the sort's tables hold an entry per expert

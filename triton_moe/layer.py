@@ -46,7 +46,7 @@ class MoELayer(nn.Module):
         rows = config.total_width if weight_rows is None else weight_rows
         self.router = nn.Linear(hidden, config.num_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(rows, hidden))
-        self.v1 = nn.Parameter(torch.empty(rows, hidden)) if config.is_glu else None
+        self.v1 = nn.Parameter(torch.empty(rows, hidden)) if config.is_gated else None
         self.w2 = nn.Parameter(torch.empty(rows, hidden))
         self.register_buffer("expert_widths", torch.tensor(config.expert_widths, dtype=torch.int64))
         self.aux_loss = None  # the last forward's weighted auxiliary loss, a tensor in the graph
@@ -160,7 +160,7 @@ class MoELayer(nn.Module):
                 x_gathered=x.new_zeros(0, hidden), h_pre=empty_rows, h_act=empty_rows,
                 y_expert=x.new_zeros(0, hidden),
             )
-            if self.config.is_glu:
+            if self.config.is_gated:
                 intermediates["h_up"] = empty_rows
         return x.new_zeros(0, self.config.hidden_size) + zero.to(x.dtype)
 

@@ -37,7 +37,7 @@ class MoEMLP(MoELayer):
         # rows by expert, then token, then slot: routing.sort_by_expert's result, from the route's counts
         sort = fused_sort_by_expert(routing.expert_indices, cfg.num_experts, routing.block_offsets)
         x, w1, w2 = x.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
-        v1 = self.v1.to(dtype) if cfg.is_glu else None
+        v1 = self.v1.to(dtype) if cfg.is_gated else None
         output = expert_mlp(x, routing.expert_weights.flatten(), w1, v1, w2, sort, self.expert_width_offsets,
                             cfg.expert_widths, cfg.activation, cfg.keep_sorted_x)  # [N, H]
         if intermediates is not None:

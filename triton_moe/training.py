@@ -36,7 +36,7 @@ def expert_load(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _expert_parameters_per_row(layer: MoELayer) -> int:
     """Weights of one row of w1 (and v1) and w2: what one unit of expert width holds."""
-    return layer.config.hidden_size * (3 if layer.config.is_glu else 2)
+    return layer.config.hidden_size * (3 if layer.config.is_gated else 2)
 
 
 def active_parameters(model: nn.Module, from_last_forward: bool = False) -> int:

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from model import GPT, GPTConfig  # model.py beside this script, as in nanoGPT
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # model.py beside this script, as in nanoGPT
-
-from model import GPT, GPTConfig  # noqa: E402
-from triton_moe import expert_load  # noqa: E402
+from triton_moe import expert_load
 
 DATA = Path(__file__).resolve().parent.parent.parent / "data" / "classics.txt"
 # MoE: the model_args a checkpoint carries and a resume restores, the MoE keys among them

@@ -1,32 +1,15 @@
-"""Expert activations as @triton.jit helpers, used inside the grouped-GEMM epilogues and prologues.
-
-The kernels select an activation by a string constexpr, its name in ACTIVATIONS:
-- "relu_squared": act = relu(h_pre) ** 2
-- "gelu":         act = exact (erf) GELU of h_pre, as torch.nn.functional.gelu's default
-- "swiglu":       act = silu(h_pre) * h_up, with h_pre the gate projection (w1) and h_up the up projection (v1)
-Gated activations (GATED_ACTIVATIONS) take the second projection h_up; the others are passed h_up=None.
-All helpers compute in the dtype of their arguments; the kernels pass fp32.
+"""The expert activations (triton_moe/activations.py) as @triton.jit helpers, for the grouped-GEMM epilogues and
+prologues, which select one by a string constexpr, its name. Gated activations take the second projection h_up;
+the others are passed h_up=None. The helpers compute in their arguments' dtype; the kernels pass fp32.
 """
 
 import triton
 import triton.language as tl
 
-ACTIVATIONS = ("relu_squared", "gelu", "swiglu")
-GATED_ACTIVATIONS = ("swiglu",)
+from triton_moe.activations import ACTIVATIONS, GATED_ACTIVATIONS, check_activation, is_gated  # noqa: F401
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 * pi)
-
-
-def check_activation(activation: str) -> None:
-    """Raise ValueError unless `activation` names one of ACTIVATIONS."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
-def is_gated(activation: str) -> bool:
-    """Whether `activation` multiplies by a second projection h_up (and so needs v1)."""
-    return activation in GATED_ACTIVATIONS
 
 
 @triton.jit

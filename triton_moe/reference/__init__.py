@@ -10,6 +10,6 @@ if importlib.util.find_spec("stk") is None:
                       'pip install "triton-moe[reference]"')
 
 import triton_moe.kernels  # noqa: E402, F401  (on CPU-only machines: the interpreter, before stk imports triton)
-from triton_moe.reference.moe import MoEMLP  # noqa: E402
+from triton_moe.reference.moe import BLOCK_SIZE, MoEMLP, check_block_aligned  # noqa: E402
 
-__all__ = ["MoEMLP"]
+__all__ = ["BLOCK_SIZE", "MoEMLP", "check_block_aligned"]

@@ -9,25 +9,40 @@ The backward is autograd through stk's sdd/dsd Functions and the torch ops aroun
 
 import stk
 import torch
-import torch.nn.functional as F
 
-from triton_moe.reference.topology_var import build_topology
+from triton_moe.activations import apply_activation
 from triton_moe.config import MoEConfig
 from triton_moe.layer import MoELayer
+from triton_moe.reference.topology_var import build_topology
 from triton_moe.routing import Routing, sort_by_expert
 
-ACTIVATIONS = {
-    "relu_squared": lambda h: F.relu(h).square(),
-    "gelu": F.gelu,
-}
+BLOCK_SIZE = 128  # stk's block: the widths and hidden_size must be multiples of it
+
+
+def check_block_aligned(config: MoEConfig, block_size: int = BLOCK_SIZE) -> None:
+    """Raise a ValueError unless every width and hidden_size is a multiple of block_size (stk's need)."""
+    for width in sorted(set(config.expert_widths)):
+        if width % block_size:
+            raise ValueError(
+                f"expert_sizes: width {width} is not a multiple of block_size={block_size}; "
+                "the stk reference needs block-aligned widths (the Triton MoEMLP does not)"
+            )
+    if config.hidden_size % block_size:
+        raise ValueError(
+            f"hidden_size={config.hidden_size} is not a multiple of block_size={block_size}, "
+            "which the stk reference needs"
+        )
 
 
 class MoEMLP(MoELayer):
     """Reference MoE MLP on stk block-sparse products; needs widths and hidden_size multiple of block_size."""
 
-    def __init__(self, config: MoEConfig):
-        config.check_block_aligned()
+    def __init__(self, config: MoEConfig, block_size: int = BLOCK_SIZE):
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        check_block_aligned(config, block_size)
         super().__init__(config)
+        self.block_size = block_size
 
     def _experts(self, x: torch.Tensor, routing: Routing, intermediates: dict | None) -> torch.Tensor:
         cfg = self.config
@@ -37,7 +52,7 @@ class MoEMLP(MoELayer):
             x = x.to(dtype)
             w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
             sort = sort_by_expert(routing.expert_indices, cfg.num_experts)
-            topology, padded_row_offsets, block_rows_per_expert = build_topology(sort.tokens_per_expert, cfg)
+            topology, padded_row_offsets, block_rows_per_expert = build_topology(sort.tokens_per_expert, cfg, self.block_size)
 
             # Row r of expert e moves to padded row padded_row_offsets[e] + (r - expert_row_offsets[e]).
             row_expert = sort.row_expert.long()  # [N*k]
@@ -47,11 +62,11 @@ class MoEMLP(MoELayer):
             x_padded = x.new_zeros(topology.size()[0], hidden).index_copy(0, padded_rows, x_gathered)
 
             h_pre = stk.ops.sdd(x_padded, w1.t(), topology)  # block-sparse [padded_rows, total_width]
-            if cfg.is_glu:
+            if cfg.is_gated:
                 h_up = stk.ops.sdd(x_padded, self.v1.to(dtype).t(), topology)
-                h_act_data = F.silu(h_pre.data) * h_up.data
+                h_act_data = apply_activation(cfg.activation, h_pre.data, h_up.data)
             else:
-                h_act_data = ACTIVATIONS[cfg.activation](h_pre.data)
+                h_act_data = apply_activation(cfg.activation, h_pre.data, None)
             h_act = _with_data(h_pre, h_act_data)
             y_padded = stk.ops.dsd(h_act, w2)  # [padded_rows, hidden]
             y_expert = y_padded[padded_rows]  # [N*k, hidden]
@@ -64,12 +79,12 @@ class MoEMLP(MoELayer):
 
         if intermediates is not None:
             to_rows = lambda blocks: _blocks_to_expert_rows(blocks, sort.tokens_per_expert, block_rows_per_expert,
-                                                            cfg)
+                                                            cfg, self.block_size)
             intermediates.update(
                 tokens_per_expert=sort.tokens_per_expert, row_to_token=sort.row_to_token,
                 x_gathered=x_gathered, h_pre=to_rows(h_pre.data), h_act=to_rows(h_act_data), y_expert=y_expert,
             )
-            if cfg.is_glu:
+            if cfg.is_gated:
                 intermediates["h_up"] = to_rows(h_up.data)
         return output
 
@@ -80,9 +95,8 @@ def _with_data(matrix: stk.Matrix, data: torch.Tensor) -> stk.Matrix:
                       matrix.column_indices_t, matrix.offsets_t, matrix.block_offsets_t)
 
 
-def _blocks_to_expert_rows(blocks, tokens_per_expert, block_rows_per_expert, config: MoEConfig):
+def _blocks_to_expert_rows(blocks, tokens_per_expert, block_rows_per_expert, config: MoEConfig, bs: int):
     """Nonzero blocks [nnz, bs, bs] -> list of E dense [count_e, width_e] (padding rows dropped)."""
-    bs = config.block_size
     counts = tokens_per_expert.tolist()
     per_expert, first_block = [], 0
     for expert, width in enumerate(config.expert_widths):

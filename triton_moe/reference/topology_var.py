@@ -65,21 +65,22 @@ def transpose(rows: torch.Tensor, columns: torch.Tensor, num_block_columns: int)
     return column_indices_t, offsets_t, block_offsets_t.to(torch.int32)
 
 
-def make_topology(num_padded_rows: int, config: MoEConfig, rows, columns, offsets, transposed) -> stk.Matrix:
-    """The stk.Matrix [padded_rows, total_width]; its data lives on the meta device (only its shape is used)."""
-    bs = config.block_size
+def make_topology(num_padded_rows: int, config: MoEConfig, bs: int, rows, columns, offsets,
+                  transposed) -> stk.Matrix:
+    """The stk.Matrix [padded_rows, total_width] of blocks bs x bs; its data lives on the meta device (only its
+    shape is used)."""
     data = torch.empty(rows.numel(), bs, bs, device="meta")
     column_indices_t, offsets_t, block_offsets_t = transposed
     return stk.Matrix((num_padded_rows, config.total_width), data, rows, columns, offsets,
                       column_indices_t, offsets_t, block_offsets_t)
 
 
-def build_topology(tokens_per_expert: torch.Tensor, config: MoEConfig):
-    """Topology for this batch's routing: (stk.Matrix, padded_row_offsets [E + 1], block_rows_per_expert list).
+def build_topology(tokens_per_expert: torch.Tensor, config: MoEConfig, bs: int):
+    """Topology for this batch's routing, in blocks bs x bs: (stk.Matrix, padded_row_offsets [E + 1],
+    block_rows_per_expert list).
 
     Synchronises once, to read the padded block-row counts on the host.
     """
-    bs = config.block_size
     device = tokens_per_expert.device
     padded_row_offsets = padded_bins(tokens_per_expert, bs)
     block_rows_per_expert = (padded_row_offsets.diff() // bs).tolist()  # the sync
@@ -93,5 +94,5 @@ def build_topology(tokens_per_expert: torch.Tensor, config: MoEConfig):
     rows = row_indices(offsets, nnz)
     columns = column_indices(block_row_expert, offsets, rows, expert_block_column_offsets)
     transposed = transpose(rows, columns, config.total_width // bs)
-    topology = make_topology(num_block_rows * bs, config, rows, columns, offsets, transposed)
+    topology = make_topology(num_block_rows * bs, config, bs, rows, columns, offsets, transposed)
     return topology, padded_row_offsets, block_rows_per_expert

@@ -5,6 +5,7 @@ Deliberately naive (a Python loop over experts, dense matmuls), so that it is ea
 
 import torch
 
+from triton_moe.activations import apply_activation
 from triton_moe.config import MoEConfig
 
 # Bounds against the fp64 loop, per compute dtype: max |a - b| / max |b| (error relative to the tensor's scale),
@@ -18,15 +19,6 @@ TOLERANCES = {
     torch.float16: dict(max_rel=1e-2, rel_l2=2e-3, cosine=0.9995),
     torch.bfloat16: dict(max_rel=5e-2, rel_l2=1e-2, cosine=0.999),
 }
-
-
-def activation(config, h_pre, h_up):
-    """The expert activation in plain torch: relu(h)², gelu(h) (erf), or silu(h_pre) * h_up for swiglu."""
-    if config.activation == "relu_squared":
-        return torch.relu(h_pre) ** 2
-    if config.activation == "gelu":
-        return torch.nn.functional.gelu(h_pre)
-    return torch.nn.functional.silu(h_pre) * h_up
 
 
 def dense_loop_moe(config: MoEConfig, params: dict, x: torch.Tensor) -> dict:
@@ -55,8 +47,8 @@ def dense_loop_moe(config: MoEConfig, params: dict, x: torch.Tensor) -> dict:
         sl = slice(offsets[e], offsets[e + 1])
         x_e = x[tokens]
         pre = x_e @ params["w1"][sl].T
-        up = x_e @ params["v1"][sl].T if config.is_glu else None
-        act = activation(config, pre, up)
+        up = x_e @ params["v1"][sl].T if config.is_gated else None
+        act = apply_activation(config.activation, pre, up)
         y_e = act @ params["w2"][sl]
         output = output.index_add(0, tokens, y_e * weights[tokens, slots][:, None])
         rows_token.append(tokens)
@@ -70,7 +62,7 @@ def dense_loop_moe(config: MoEConfig, params: dict, x: torch.Tensor) -> dict:
         row_to_token=torch.cat(rows_token), x_gathered=torch.cat(rows_x), h_pre=h_pre, h_act=h_act,
         y_expert=torch.cat(rows_y), output=output, aux_loss=aux,
     )
-    if config.is_glu:
+    if config.is_gated:
         result["h_up"] = h_up
     return result
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from triton_moe import MoEConfig, MoELayer, aux_loss
-from triton_moe.ground_truth import activation
+from triton_moe.activations import apply_activation
 
 
 @dataclass
@@ -60,14 +60,14 @@ class DenseMLP(nn.Module):
         super().__init__()
         self.config = config
         self.w1 = nn.Parameter(torch.empty(width, config.hidden_size))
-        self.v1 = nn.Parameter(torch.empty(width, config.hidden_size)) if config.is_glu else None
+        self.v1 = nn.Parameter(torch.empty(width, config.hidden_size)) if config.is_gated else None
         self.w2 = nn.Parameter(torch.empty(width, config.hidden_size))
         for param in self.parameters():
             nn.init.normal_(param, mean=0.0, std=config.init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h_up = x @ self.v1.to(x.dtype).T if self.v1 is not None else None
-        return activation(self.config, x @ self.w1.to(x.dtype).T, h_up) @ self.w2.to(x.dtype)  # (..., H)
+        return apply_activation(self.config.activation, x @ self.w1.to(x.dtype).T, h_up) @ self.w2.to(x.dtype)  # (..., H)
 
 
 def dense_mlp(width: int):
