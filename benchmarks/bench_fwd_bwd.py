@@ -25,7 +25,7 @@ if __name__ == "__main__":
     variants = {}
     if args.compile:
         # Only the Triton layer: the baselines synchronise with the host, and compiling stk and the grouped_mm layer
-        # this way (graph breaks) did not finish for four seed configs within 9 minutes on the H100 (session 7).
+        # this way (graph breaks and recompilations) does not finish in minutes.
         variants["torch.compile reduce-overhead"] = compiled_forward_backward_step
     if args.graph:
         variants["CUDA graph"] = graphed_forward_backward_step

@@ -1,9 +1,9 @@
 """The custom ops' autograd, and the path eager calls take around the custom ops (ops.py, router_ops.py).
 
 Under torch.compile a custom op is one opaque node, and its autograd is registered on it. Eager calls skip the
-custom op's dispatch, which costs 0.4-0.8 ms of host time per forward and backward on the lent H100's host (its
-schema conversions, the autograd and backend layers, the alias check): they run the same forward, setup_context and
-backward through a plain autograd.Function.
+custom op's dispatch, whose host time (schema conversions, the autograd and backend layers, the alias check) is a
+large part of a small layer's step (docs/tuning.md): they run the same forward, setup_context and backward through
+a plain autograd.Function.
 """
 
 import torch

@@ -185,8 +185,7 @@ def _expert_rows_gemm(
 
     if EPILOGUE != "store" and HAS_ROW_WEIGHTS:
         # Loaded before the K loop, the two dependent loads (slot, then weight) wait alongside the GEMM rather than
-        # at its end, where they cost the up projection at hidden 2048 up to 0.04 ms with 3 pipeline stages and
-        # 0.07-0.11 ms with 4 (up_epilogue.md).
+        # at its end, where nothing hides their latency.
         weight_slots = rows
         if INDEXED_ROW_WEIGHTS:
             weight_slots = tl.load(row_weight_index_ptr + rows, mask=row_mask, other=0)
@@ -208,7 +207,7 @@ def _expert_rows_gemm(
         if COPY_A_ROWS:
             tl.static_assert(RAGGED_OUT, "only the gathered A rows are copied")
             # A load of its own (from L2, and none in the other column tiles, whose mask is empty): storing the
-            # dot's own `a` tile as well made the H100's dot results wrong (triton 3.6).
+            # dot's own `a` tile as well gives wrong dot results on Hopper with triton 3.6.
             copy_mask = a_mask & copies_rows
             tl.store(a_rows_ptr + a_rows_offsets, tl.load(a_ptr + a_offsets, mask=copy_mask), mask=copy_mask)
             a_rows_offsets += BLOCK_K
@@ -225,8 +224,8 @@ def _expert_rows_gemm(
     if SECOND_PRODUCT == "summed":
         # The second product in a K loop of its own, after the first: one operand pair in flight per step, so
         # this launch takes the wide tiles of the one-product GEMMs, which two pairs a step did not fit. The
-        # offsets are computed afresh: rewound by subtraction, they lost what the compiler knew of their
-        # contiguity, and the GEMM ran at 22-216 TFLOP/s (sweep_dx_swiglu.md).
+        # offsets are computed afresh: rewound by subtraction, they lose what the compiler knows of their
+        # contiguity, which slows the GEMM several-fold (docs/tuning.md).
         tl.static_assert(not RAGGED_OUT, "summed: the expert width -> hidden layout")
         a_offsets = rows[:, None].to(tl.int64) * max_width + ks[None, :]  # (BLOCK_M, BLOCK_K)
         b_offsets = (width_start + ks[:, None]).to(tl.int64) * hidden + cols[None, :]  # (BLOCK_K, BLOCK_N)
