@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import triton_moe
+import triton_moe.ops  # noqa: F401  (registers the custom ops under torch.ops.triton_moe)
 from conftest import DEVICE, DTYPES, ON_GPU, make_input, make_layer, use_problem_size_kernels
 from triton_moe import MoEConfig
 from triton_moe.testing.ground_truth import rel_l2_error

@@ -29,7 +29,6 @@ the memory. Keeping x_rows costs R·H (k times x); in exchange dW1 reads its tok
 import torch
 from torch import Tensor
 
-from triton_moe.eager_ops import with_eager_path
 from triton_moe.kernels import (ExpertLayout, combine_rows, down_projection, down_projection_backward,
                                 input_grad_rows, sorted_rows_pay_off, up_projection, weight_grad)
 from triton_moe.routing import ExpertSort
@@ -54,7 +53,7 @@ def _top_k(x: Tensor, flat_to_row: Tensor) -> int:
 
 # The forward and backward run as torch.library custom ops under torch.compile, which then sees each as one opaque
 # node (with the shapes from the fake implementations) instead of tracing into the Triton launchers; eager calls
-# run the same two functions without the custom ops' dispatch (eager_ops.py). A custom op returns no None: the
+# run the same two functions without the custom ops' dispatch (ExpertMLP). A custom op returns no None: the
 # unused h_up of a non-gated activation, and its gradient dv1, are empty tensors.
 def _expert_mlp_forward(
     x: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
@@ -145,22 +144,39 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _autograd_backward(backward):
-    """The autograd backward of the forward above, computed by `backward` (the custom op or the plain function)."""
-
-    def run(ctx, grad_out, _grad_h_pre, _grad_h_up, _grad_h_act_weighted, _grad_x_rows):
-        x, x_rows, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors = ctx.saved_tensors
-        dx, d_expert_weights, dw1, dv1, dw2 = backward(
-            grad_out.contiguous(), x, x_rows, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted,
-            *layout_tensors, *ctx.host_arguments)
-        grads = (dx, d_expert_weights, dw1, None if v1 is None else dv1, dw2)
-        return grads + (None,) * (ctx.num_inputs - len(grads))  # none for the layout and the host arguments
-
-    return run
+def _backward(ctx, grads, backward) -> tuple:
+    """The autograd backward of the forward above, its work done by `backward` (the custom op or the plain
+    function); grads: the gradients of the forward's five outputs, of which only out's is used."""
+    grad_out = grads[0]
+    x, x_rows, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors = ctx.saved_tensors
+    dx, d_expert_weights, dw1, dv1, dw2 = backward(
+        grad_out.contiguous(), x, x_rows, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted,
+        *layout_tensors, *ctx.host_arguments)
+    input_grads = (dx, d_expert_weights, dw1, None if v1 is None else dv1, dw2)
+    return input_grads + (None,) * (ctx.num_inputs - len(input_grads))  # none for the layout and host arguments
 
 
-_expert_mlp = with_eager_path("ExpertMLP", _forward_op, _expert_mlp_forward, _setup_context, _autograd_backward,
-                              _backward_op, _expert_mlp_backward)
+_forward_op.register_autograd(lambda ctx, *grads: _backward(ctx, grads, _backward_op), setup_context=_setup_context)
+
+
+class ExpertMLP(torch.autograd.Function):
+    """The eager path: the custom op's forward, setup_context and backward as plain Python, without the custom
+    op's dispatch, whose host time (schema conversions, the autograd and backend layers, the alias check) is a large
+    part of a small layer's step (docs/tuning.md). Under torch.compile the custom op runs instead (_expert_mlp)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _expert_mlp_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, grads, _expert_mlp_backward)
+
+
+def _expert_mlp(*inputs):
+    return _forward_op(*inputs) if torch.compiler.is_compiling() else ExpertMLP.apply(*inputs)
 
 
 def expert_mlp(x: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, sort: ExpertSort,

@@ -1,6 +1,6 @@
 """Routing and the expert sort over the Triton kernels of kernels/router.py: torch.library custom ops with their
 autograd, which torch.compile sees as opaque nodes, and the two functions the layer calls. Eager calls skip the
-custom ops' dispatch (eager_ops.py, as ops.expert_mlp does) and call the launchers directly, through an
+custom ops' dispatch (as ops.expert_mlp does) and call the launchers directly, through an
 autograd.Function for the route.
 
     fused_route(x, router_weight, config)        -> FusedRouting: routing.route's Routing, plus the per-block
@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from triton_moe.config import MoEConfig
-from triton_moe.eager_ops import with_eager_path
 from triton_moe.kernels.host import ceil_div
 from triton_moe.kernels.router import (SORT_BLOCK_ASSIGNMENTS, count_expert_blocks, route_block_tokens,
                                        row_expert_dtype, sort_by_expert_blocks, topk_softmax, topk_softmax_backward)
@@ -148,26 +147,41 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _autograd_backward(backward):
-    """The autograd backward of the route, computed by `backward` (the custom op or the plain function)."""
-
-    def run(ctx, grad_router_logits, grad_expert_weights, _grad_indices, grad_aux_loss, _grad_starts, _grad_ranks,
-            _grad_tokens_per_expert, _grad_row_offsets):
-        x, router_weight, router_logits, expert_indices, tokens_per_expert = ctx.saved_tensors
-        if grad_expert_weights is None:  # only the aux loss (or the logits) reached the loss
-            grad_expert_weights = router_logits.new_zeros(expert_indices.shape)
-        # None for the aux loss (left out of the loss) or the logits: the kernel skips that term.
-        contiguous = lambda grad: None if grad is None else grad.contiguous()
-        grad_x, grad_router_weight = backward(
-            grad_expert_weights.contiguous(), contiguous(grad_aux_loss), contiguous(grad_router_logits), x,
-            router_weight, router_logits, expert_indices, tokens_per_expert, *ctx.loss_arguments)
-        return grad_x, grad_router_weight, None, None, None, None
-
-    return run
+def _backward(ctx, grads, backward) -> tuple:
+    """The autograd backward of the route, its work done by `backward` (the custom op or the plain function);
+    grads: the gradients of the route's eight outputs: the logits', the weights' and the aux loss's are used."""
+    grad_router_logits, grad_expert_weights, _, grad_aux_loss = grads[:4]
+    x, router_weight, router_logits, expert_indices, tokens_per_expert = ctx.saved_tensors
+    if grad_expert_weights is None:  # only the aux loss (or the logits) reached the loss
+        grad_expert_weights = router_logits.new_zeros(expert_indices.shape)
+    # None for the aux loss (left out of the loss) or the logits: the kernel skips that term.
+    contiguous = lambda grad: None if grad is None else grad.contiguous()
+    grad_x, grad_router_weight = backward(
+        grad_expert_weights.contiguous(), contiguous(grad_aux_loss), contiguous(grad_router_logits), x,
+        router_weight, router_logits, expert_indices, tokens_per_expert, *ctx.loss_arguments)
+    return grad_x, grad_router_weight, None, None, None, None
 
 
-_route_with_autograd = with_eager_path("Route", _route, route_forward, _setup_context, _autograd_backward,
-                                       _route_backward, route_backward)
+_route.register_autograd(lambda ctx, *grads: _backward(ctx, grads, _route_backward), setup_context=_setup_context)
+
+
+class Route(torch.autograd.Function):
+    """The eager path of the route: route_forward and route_backward without the custom ops' dispatch (as
+    ops.ExpertMLP); under torch.compile the custom op runs instead (_route_with_autograd)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = route_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, grads, route_backward)
+
+
+def _route_with_autograd(*inputs):
+    return _route(*inputs) if torch.compiler.is_compiling() else Route.apply(*inputs)
 
 
 @torch.library.custom_op("triton_moe::count_expert_blocks", mutates_args=())
