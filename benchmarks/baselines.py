@@ -55,7 +55,8 @@ class GroupedMMMoE(MoELayer):
             h_pre = torch._grouped_mm(x_class, as_groups(self.w1).transpose(1, 2), offs=group_ends)
             h_up = torch._grouped_mm(x_class, as_groups(self.v1).transpose(1, 2), offs=group_ends) \
                 if cfg.is_gated else None
-            y_parts.append(torch._grouped_mm(apply_activation(cfg.activation, h_pre, h_up), as_groups(self.w2), offs=group_ends))
+            h_act = apply_activation(cfg.activation, h_pre, h_up)
+            y_parts.append(torch._grouped_mm(h_act, as_groups(self.w2), offs=group_ends))
             first_expert += count
         y_sorted = torch.cat(y_parts) * row_weights[:, None].to(x.dtype)  # [R, H]
         return torch.zeros_like(x).index_add_(0, sort.row_to_token, y_sorted)

@@ -1,4 +1,5 @@
-"""The checking tools can say no: with each deliberate defect of triton_moe.testing.faults injected into the Triton layer,
+"""The checking tools can say no: with each deliberate defect of triton_moe.testing.faults injected into the Triton
+layer,
 check_intermediates, grad_similarity and validate_training exit non-zero; without one, zero. Tiny shapes in fp32."""
 
 import json

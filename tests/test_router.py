@@ -1,11 +1,13 @@
-"""fused_route and fused_sort_by_expert (triton_moe/router_ops.py over triton_moe/kernels/router.py) against the
+"""fused_route and fused_sort_by_expert (triton_moe/router_ops.py over triton_moe/kernels/route.py and sort.py)
+against the
 plain-torch routing.route and routing.sort_by_expert: forward, gradients, edge cases, validation, custom ops."""
 
 import pytest
 import torch
 
 from triton_moe.config import MoEConfig
-from triton_moe.kernels import router
+from triton_moe.kernels import route as route_kernels
+from triton_moe.kernels import sort as sort_kernels
 from triton_moe.router_ops import ExpertBlockOffsets, fused_route, fused_sort_by_expert
 from triton_moe.routing import ExpertSort, route, sort_by_expert
 from triton_moe import router_ops
@@ -120,10 +122,10 @@ def test_aux_loss_left_out_of_the_loss():
     for name, got_grad, want_grad in zip(("x", "router_weight"), *grads):
         assert_close(f"grad of {name}", got_grad, want_grad)
     logits = (x @ router_weight.T).detach()  # (N, E)
-    _, expert_indices, _, _, _, tokens_per_expert, _ = router.topk_softmax(logits, 8, True, 0.5, 0.1)
+    _, expert_indices, _, _, _, tokens_per_expert, _ = route_kernels.topk_softmax(logits, 8, True, 0.5, 0.1)
     arguments = (logits, expert_indices, tokens_per_expert, True, 0.5, 0.1)
-    without = router.topk_softmax_backward(upstream, None, *arguments)
-    with_zero = router.topk_softmax_backward(upstream, torch.zeros((), device=DEVICE), *arguments)
+    without = route_kernels.topk_softmax_backward(upstream, None, *arguments)
+    with_zero = route_kernels.topk_softmax_backward(upstream, torch.zeros((), device=DEVICE), *arguments)
     assert torch.equal(without, with_zero)
 
 
@@ -134,12 +136,12 @@ def test_split_gradient_keeps_twice_the_precision(split_dtype):
     num_tokens, num_experts, top_k = 300, 64, 8
     x, router_weight = make_router_inputs(num_tokens, num_experts)
     logits = (x @ router_weight.T).detach()  # (N, E)
-    _, expert_indices, _, _, _, tokens_per_expert, _ = router.topk_softmax(logits, top_k, True, 0.5, 0.1)
+    _, expert_indices, _, _, _, tokens_per_expert, _ = route_kernels.topk_softmax(logits, top_k, True, 0.5, 0.1)
     grad_weights = torch.randn((num_tokens, top_k), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     grad_aux = torch.tensor(3.0, device=DEVICE)
     arguments = (grad_weights, grad_aux, logits, expert_indices, tokens_per_expert, True, 0.5, 0.1)
-    want = router.topk_softmax_backward(*arguments)  # (N, E) fp32
-    halves = router.topk_softmax_backward(*arguments, split_dtype=split_dtype)  # (N, 2E)
+    want = route_kernels.topk_softmax_backward(*arguments)  # (N, E) fp32
+    halves = route_kernels.topk_softmax_backward(*arguments, split_dtype=split_dtype)  # (N, 2E)
     assert halves.shape == (num_tokens, 2 * num_experts) and halves.dtype == split_dtype
     hi, lo = halves[:, :num_experts], halves[:, num_experts:]
     finfo = torch.finfo(split_dtype)
@@ -217,12 +219,12 @@ def test_every_loop_takes_several_steps(monkeypatch):
     """Tiles small enough that the route kernel walks several tiles a block, the table kernel several blocks a
     program and its last program several steps of each final sum; blocks of the sort that do not hold a whole
     number of tokens."""
-    monkeypatch.setattr(router, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile, 4 tiles a block
-    monkeypatch.setattr(router, "ROUTE_MIN_BLOCKS", 1)  # blocks of ROUTE_BLOCK_TOKENS however few
-    monkeypatch.setattr(router, "TABLE_EXPERT_CHUNK", 4)  # 3 programs for 11 experts
-    monkeypatch.setattr(router, "TABLE_TILE_ELEMENTS", 8)  # 2 blocks by 4 experts a step
-    monkeypatch.setattr(router, "TABLE_SCAN_CHUNK", 2)  # 6 steps over the experts, 2 over chunks and blocks
-    monkeypatch.setattr(router, "ZERO_CHUNK", 4)
+    monkeypatch.setattr(route_kernels, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile, 4 tiles a block
+    monkeypatch.setattr(route_kernels, "ROUTE_MIN_BLOCKS", 1)  # blocks of ROUTE_BLOCK_TOKENS however few
+    monkeypatch.setattr(sort_kernels, "TABLE_EXPERT_CHUNK", 4)  # 3 programs for 11 experts
+    monkeypatch.setattr(sort_kernels, "TABLE_TILE_ELEMENTS", 8)  # 2 blocks by 4 experts a step
+    monkeypatch.setattr(sort_kernels, "TABLE_SCAN_CHUNK", 2)  # 6 steps over the experts, 2 over chunks and blocks
+    monkeypatch.setattr(sort_kernels, "ZERO_CHUNK", 4)
     num_experts, top_k = 11, 3
     config = make_config(num_experts, top_k)
     x, router_weight = make_router_inputs(150, num_experts)  # 3 blocks, the last one partial
@@ -232,7 +234,7 @@ def test_every_loop_takes_several_steps(monkeypatch):
     assert_close("aux_loss", got.aux_loss, want.aux_loss)
     want_sort = sort_by_expert(want.expert_indices, num_experts)
     assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.block_offsets), want_sort)
-    block_offsets = ExpertBlockOffsets(7, *router.count_expert_blocks(got.expert_indices, num_experts, 7))
+    block_offsets = ExpertBlockOffsets(7, *sort_kernels.count_expert_blocks(got.expert_indices, num_experts, 7))
     assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, block_offsets), want_sort)
 
 
@@ -240,11 +242,11 @@ def test_every_loop_takes_several_steps(monkeypatch):
 def test_small_batches_take_smaller_blocks(monkeypatch, num_tokens, block_tokens):
     """Fewer than ROUTE_MIN_BLOCKS blocks of ROUTE_BLOCK_TOKENS: the route halves its blocks, down to one tile, and
     the sort takes the route's counts with the matching block size."""
-    monkeypatch.setattr(router, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile, as above
-    monkeypatch.setattr(router, "ROUTE_TILE_ELEMENTS", 256)  # the same on a GPU
-    monkeypatch.setattr(router, "ROUTE_MIN_BLOCKS", 32)
+    monkeypatch.setattr(route_kernels, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile, as above
+    monkeypatch.setattr(route_kernels, "ROUTE_TILE_ELEMENTS", 256)  # the same on a GPU
+    monkeypatch.setattr(route_kernels, "ROUTE_MIN_BLOCKS", 32)
     num_experts, top_k = 11, 3
-    assert router.route_block_tokens(num_tokens, num_experts) == block_tokens
+    assert route_kernels.route_block_tokens(num_tokens, num_experts) == block_tokens
     config = make_config(num_experts, top_k)
     x, router_weight = make_router_inputs(num_tokens, num_experts)
     got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
@@ -281,7 +283,7 @@ def test_infinite_and_nan_logits_pick_real_distinct_experts():
     logits[0, 1:] = float("-inf")
     logits[1] = float("-inf")
     logits[2, 3] = float("nan")
-    expert_indices = router.topk_softmax(logits.to(DEVICE), top_k, True, 0.0, 0.0)[1].cpu()
+    expert_indices = route_kernels.topk_softmax(logits.to(DEVICE), top_k, True, 0.0, 0.0)[1].cpu()
     assert ((expert_indices >= 0) & (expert_indices < num_experts)).all()
     assert (expert_indices.sort(dim=1).values.diff(dim=1) > 0).all()
     assert expert_indices[0, 0] == 0 and expert_indices[2, 0] == 3
@@ -300,9 +302,10 @@ def test_results_are_reproducible():
 
 
 def test_no_tokens_launches_nothing(monkeypatch):
-    for name in ("_topk_softmax_kernel", "_block_table_kernel", "_topk_softmax_backward_kernel",
-                 "_count_expert_blocks_kernel", "_scatter_sorted_rows_kernel"):
-        monkeypatch.setattr(router, name, RefuseLaunch())
+    for module, name in ((route_kernels, "_topk_softmax_kernel"), (route_kernels, "_topk_softmax_backward_kernel"),
+                         (sort_kernels, "_block_table_kernel"), (sort_kernels, "_count_expert_blocks_kernel"),
+                         (sort_kernels, "_scatter_sorted_rows_kernel")):
+        monkeypatch.setattr(module, name, RefuseLaunch())
     x, router_weight = make_router_inputs(0, 8)
     routing = fused_route(x, router_weight, make_config(8, 2))
     assert routing.expert_weights.shape == routing.expert_indices.shape == (0, 2)
@@ -319,40 +322,41 @@ def test_no_tokens_launches_nothing(monkeypatch):
 def test_launchers_name_the_bad_argument():
     logits = torch.randn((4, 8), device=DEVICE)  # (N, E)
     indices = torch.zeros((4, 2), dtype=torch.int64, device=DEVICE)  # (N, k)
-    starts, ranks, tokens_per_expert, row_offsets = router.count_expert_blocks(indices, 8)
+    starts, ranks, tokens_per_expert, row_offsets = sort_kernels.count_expert_blocks(indices, 8)
+    sort_blocks = sort_kernels.sort_by_expert_blocks
     cases = [
-        ("router_logits", lambda: router.topk_softmax(logits.double(), 2, True, 0.0, 0.0)),
-        ("router_logits", lambda: router.topk_softmax(logits.T, 2, True, 0.0, 0.0)),
-        ("router_logits", lambda: router.topk_softmax(logits[0], 2, True, 0.0, 0.0)),
-        ("top_k", lambda: router.topk_softmax(logits, 9, True, 0.0, 0.0)),
-        ("top_k", lambda: router.topk_softmax(logits, 0, True, 0.0, 0.0)),
-        ("z_loss_coef", lambda: router.topk_softmax(logits, 2, True, 0.0, -1.0)),
-        ("grad_expert_weights", lambda: router.topk_softmax_backward(
+        ("router_logits", lambda: route_kernels.topk_softmax(logits.double(), 2, True, 0.0, 0.0)),
+        ("router_logits", lambda: route_kernels.topk_softmax(logits.T, 2, True, 0.0, 0.0)),
+        ("router_logits", lambda: route_kernels.topk_softmax(logits[0], 2, True, 0.0, 0.0)),
+        ("top_k", lambda: route_kernels.topk_softmax(logits, 9, True, 0.0, 0.0)),
+        ("top_k", lambda: route_kernels.topk_softmax(logits, 0, True, 0.0, 0.0)),
+        ("z_loss_coef", lambda: route_kernels.topk_softmax(logits, 2, True, 0.0, -1.0)),
+        ("grad_expert_weights", lambda: route_kernels.topk_softmax_backward(
             torch.zeros((4, 3), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
             torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
-        ("grad_aux_loss", lambda: router.topk_softmax_backward(
+        ("grad_aux_loss", lambda: route_kernels.topk_softmax_backward(
             torch.zeros((4, 2), device=DEVICE), torch.zeros(1, device=DEVICE), logits, indices,
             torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
-        ("tokens_per_expert", lambda: router.topk_softmax_backward(
+        ("tokens_per_expert", lambda: route_kernels.topk_softmax_backward(
             torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
             torch.zeros(7, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
-        ("grad_router_logits", lambda: router.topk_softmax_backward(
+        ("grad_router_logits", lambda: route_kernels.topk_softmax_backward(
             torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
             torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0, grad_router_logits=logits[:, :7])),
-        ("split_dtype", lambda: router.topk_softmax_backward(
+        ("split_dtype", lambda: route_kernels.topk_softmax_backward(
             torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
             torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0, split_dtype=torch.float32)),
-        ("expert_indices", lambda: router.count_expert_blocks(indices.float(), 8)),
-        ("expert_indices", lambda: router.count_expert_blocks(indices.T, 8)),
-        ("num_experts", lambda: router.count_expert_blocks(indices, 0)),
-        ("block_assignments", lambda: router.count_expert_blocks(indices, 8, 0)),
-        ("block_expert_starts", lambda: router.sort_by_expert_blocks(indices, starts[:, :0], ranks, row_offsets, 256)),
-        ("block_expert_starts", lambda: router.sort_by_expert_blocks(indices, starts, ranks, row_offsets, 4)),
-        ("block_expert_starts", lambda: router.sort_by_expert_blocks(indices, starts.long(), ranks, row_offsets,
+        ("expert_indices", lambda: sort_kernels.count_expert_blocks(indices.float(), 8)),
+        ("expert_indices", lambda: sort_kernels.count_expert_blocks(indices.T, 8)),
+        ("num_experts", lambda: sort_kernels.count_expert_blocks(indices, 0)),
+        ("block_assignments", lambda: sort_kernels.count_expert_blocks(indices, 8, 0)),
+        ("block_expert_starts", lambda: sort_blocks(indices, starts[:, :0], ranks, row_offsets, 256)),
+        ("block_expert_starts", lambda: sort_blocks(indices, starts, ranks, row_offsets, 4)),
+        ("block_expert_starts", lambda: sort_blocks(indices, starts.long(), ranks, row_offsets,
                                                                       256)),
-        ("ranks_in_block", lambda: router.sort_by_expert_blocks(indices, starts, ranks[:2], row_offsets, 256)),
-        ("expert_row_offsets", lambda: router.sort_by_expert_blocks(indices, starts, ranks, row_offsets[:8], 256)),
-        ("expert_row_offsets", lambda: router.sort_by_expert_blocks(indices, starts, ranks, row_offsets.int(), 256)),
+        ("ranks_in_block", lambda: sort_blocks(indices, starts, ranks[:2], row_offsets, 256)),
+        ("expert_row_offsets", lambda: sort_blocks(indices, starts, ranks, row_offsets[:8], 256)),
+        ("expert_row_offsets", lambda: sort_blocks(indices, starts, ranks, row_offsets.int(), 256)),
         ("block_offsets", lambda: fused_sort_by_expert(
             indices, 9, ExpertBlockOffsets(256, starts, ranks, tokens_per_expert, row_offsets))),
     ]
@@ -377,8 +381,9 @@ def test_custom_ops_pass_opcheck():
 def test_route_blocks_shrink_to_one_tile_for_small_batches(monkeypatch):
     """The seed configs' 4096 tokens: 128 experts take blocks of one 16-token tile (256 programs), 64 experts one
     32-token tile (128 programs: no smaller block exists); 16384 tokens keep blocks of 64."""
-    monkeypatch.setattr(router, "INTERPRETER_ROUTE_TILE_ELEMENTS", router.ROUTE_TILE_ELEMENTS)  # the GPU's tiles
-    assert router.ROUTE_TILE_ELEMENTS == 2048 and router.ROUTE_MIN_BLOCKS == 256
-    assert router.route_block_tokens(4096, 128) == 16
-    assert router.route_block_tokens(4096, 64) == 32
-    assert router.route_block_tokens(16384, 128) == 64
+    # the GPU's tiles
+    monkeypatch.setattr(route_kernels, "INTERPRETER_ROUTE_TILE_ELEMENTS", route_kernels.ROUTE_TILE_ELEMENTS)
+    assert route_kernels.ROUTE_TILE_ELEMENTS == 2048 and route_kernels.ROUTE_MIN_BLOCKS == 256
+    assert route_kernels.route_block_tokens(4096, 128) == 16
+    assert route_kernels.route_block_tokens(4096, 64) == 32
+    assert route_kernels.route_block_tokens(16384, 128) == 64

@@ -19,9 +19,9 @@ from torch import Tensor
 
 from triton_moe.config import MoEConfig
 from triton_moe.kernels.host import ceil_div
-from triton_moe.kernels.router import (SORT_BLOCK_ASSIGNMENTS, count_expert_blocks, route_block_tokens,
-                                       row_expert_dtype, sort_by_expert_blocks, topk_softmax, topk_softmax_backward)
-from triton_moe.routing import ExpertSort, Routing
+from triton_moe.kernels.route import route_block_tokens, topk_softmax, topk_softmax_backward
+from triton_moe.kernels.sort import SORT_BLOCK_ASSIGNMENTS, count_expert_blocks, sort_by_expert_blocks
+from triton_moe.routing import ExpertSort, Routing, sort_key_dtype
 
 
 @dataclass
@@ -216,7 +216,7 @@ def _sort_by_expert(
 def _(expert_indices, block_expert_starts, ranks_in_block, expert_row_offsets, block_assignments):
     num_assignments = expert_indices.numel()
     rows = expert_indices.new_empty((num_assignments,), dtype=torch.int64)
-    row_expert = rows.new_empty((num_assignments,), dtype=row_expert_dtype(block_expert_starts.shape[1]))
+    row_expert = rows.new_empty((num_assignments,), dtype=sort_key_dtype(block_expert_starts.shape[1]))
     return rows, torch.empty_like(rows), row_expert, torch.empty_like(rows)
 
 

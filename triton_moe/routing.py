@@ -58,11 +58,15 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> Ro
     return Routing(router_logits, expert_weights, expert_indices, aux_loss)
 
 
+def sort_key_dtype(num_experts: int) -> torch.dtype:
+    """The dtype of the expert ids the sort orders (ExpertSort.row_expert): int16, or int32 past 32767 experts.
+    Radix sort makes one pass per key byte: 16-bit keys take 2 passes where the int64 indices would take 8."""
+    return torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
+
+
 def sort_by_expert(expert_indices: torch.Tensor, num_experts: int) -> ExpertSort:
     """Sort the assignments of `expert_indices` [N, k] by expert (stable, so token then slot order is kept)."""
-    # Radix sort makes one pass per key byte: 16-bit keys take 2 passes where the int64 indices would take 8.
-    key_dtype = torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
-    flat_experts = expert_indices.flatten().to(key_dtype)  # [N*k]
+    flat_experts = expert_indices.flatten().to(sort_key_dtype(num_experts))  # [N*k]
     row_expert, row_to_flat = torch.sort(flat_experts, stable=True)  # [N*k] each
     k = expert_indices.shape[1]
     row_to_token = torch.div(row_to_flat, k, rounding_mode="floor")

@@ -52,7 +52,8 @@ class MoEMLP(MoELayer):
             x = x.to(dtype)
             w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
             sort = sort_by_expert(routing.expert_indices, cfg.num_experts)
-            topology, padded_row_offsets, block_rows_per_expert = build_topology(sort.tokens_per_expert, cfg, self.block_size)
+            topology, padded_row_offsets, block_rows_per_expert = build_topology(sort.tokens_per_expert, cfg,
+                                                                                 self.block_size)
 
             # Row r of expert e moves to padded row padded_row_offsets[e] + (r - expert_row_offsets[e]).
             row_expert = sort.row_expert.long()  # [N*k]

@@ -67,7 +67,8 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h_up = x @ self.v1.to(x.dtype).T if self.v1 is not None else None
-        return apply_activation(self.config.activation, x @ self.w1.to(x.dtype).T, h_up) @ self.w2.to(x.dtype)  # (..., H)
+        h_act = apply_activation(self.config.activation, x @ self.w1.to(x.dtype).T, h_up)  # (..., width)
+        return h_act @ self.w2.to(x.dtype)  # (..., H)
 
 
 def dense_mlp(width: int):
