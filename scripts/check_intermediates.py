@@ -12,13 +12,11 @@ backward is <output, g> + aux_loss with a fixed random g. Runs on a GPU when the
 the realistic shapes), else on the CPU through Triton's interpreter.
 """
 
-import argparse
 import sys
 
 import torch
 
-from compare import (CONFIGS, DEVICE, add_common_arguments, cases, compare, flat, parse_common_arguments,
-                     report)
+from compare import CONFIGS, DEVICE, cases, compare, flat, parse_arguments, report
 from triton_moe.testing.faults import inject_fault
 from triton_moe.testing.ground_truth import run_layer
 
@@ -34,9 +32,7 @@ def forward_backward(layer, x, upstream) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    args = parse_common_arguments(parser, argv)
+    args = parse_arguments(__doc__, argv)
     failures = 0
     for name, dtype_name, dtype, ours, ref, x, upstream in cases(args):
         with inject_fault(args.inject_fault):

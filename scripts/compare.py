@@ -1,6 +1,8 @@
 """What check_intermediates.py and grad_similarity.py share: the configs they sweep, twin layers with the same
 weights, and one row of a comparison table."""
 
+import argparse
+
 import torch
 
 from triton_moe import reference
@@ -35,8 +37,11 @@ def add_common_arguments(parser):
     add_fault_argument(parser)
 
 
-def parse_common_arguments(parser, argv=None):
-    """parser.parse_args(argv), with the common arguments' mistakes as usage errors (exit 2) naming the flag."""
+def parse_arguments(description: str, argv=None):
+    """The command line of a checking script (its docstring as `description`), with mistakes as usage errors
+    (exit 2) that name the flag."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.tokens < 1:
         parser.error(f"--tokens must be >= 1, got {args.tokens}")

@@ -11,18 +11,15 @@ gradient of either implementation is beyond the dtype's tolerance against the fp
 defect (triton_moe.testing.faults); the script must then fail.
 """
 
-import argparse
 import sys
 
-from compare import DEVICE, add_common_arguments, cases, compare, parse_common_arguments, report
+from compare import DEVICE, cases, compare, parse_arguments, report
 from triton_moe.testing.faults import inject_fault
 from triton_moe.testing.ground_truth import run_with_loop
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    args = parse_common_arguments(parser, argv)
+    args = parse_arguments(__doc__, argv)
     failures = 0
     for name, dtype_name, dtype, ours, ref, x, upstream in cases(args):
         with inject_fault(args.inject_fault):
