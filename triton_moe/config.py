@@ -69,7 +69,7 @@ class MoEConfig:
     @property
     def expert_sizes_text(self) -> str:
         """expert_sizes as text: [(4, 512), (4, 256)] -> '4x512,4x256'."""
-        return ",".join(f"{count}x{width}" for count, width in self.expert_sizes)
+        return format_expert_sizes(self.expert_sizes)
 
     @property
     def uniform_width(self) -> bool:
@@ -95,6 +95,22 @@ def parse_expert_sizes(text: str) -> list[tuple[int, int]]:
             raise ValueError(f"expert_sizes must look like '4x512,4x256' (count x width, comma-separated), "
                              f"got {text!r}")
         groups.append((int(count), int(width)))
+    return groups
+
+
+def format_expert_sizes(groups) -> str:
+    """[(4, 512), (4, 256)] -> '4x512,4x256', what parse_expert_sizes reads."""
+    return ",".join(f"{count}x{width}" for count, width in groups)
+
+
+def expert_sizes_of_widths(widths: list[int]) -> list[tuple[int, int]]:
+    """[512, 512, 256] -> [(2, 512), (1, 256)]: consecutive equal widths as (count, width) groups."""
+    groups = []
+    for width in widths:
+        if groups and groups[-1][1] == width:
+            groups[-1] = (groups[-1][0] + 1, width)
+        else:
+            groups.append((1, width))
     return groups
 
 

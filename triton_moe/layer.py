@@ -12,7 +12,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from triton_moe.config import MoEConfig
+from triton_moe.config import MoEConfig, expert_sizes_of_widths, format_expert_sizes
 from triton_moe.routing import Routing, route
 
 
@@ -66,7 +66,7 @@ class MoELayer(nn.Module):
         saved = state_dict.get(prefix + "expert_widths")
         if saved is not None and saved.tolist() != self.config.expert_widths:
             raise ValueError(
-                f"the state_dict holds experts of expert_sizes {_expert_sizes_text(saved.tolist())!r}, but this layer "
+                f"the state_dict holds experts of expert_sizes {format_expert_sizes(expert_sizes_of_widths(saved.tolist()))!r}, but this layer "
                 f"has expert_sizes {self.config.expert_sizes_text!r}: the rows of w1, v1 and w2 would go to other "
                 "experts")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -170,6 +170,7 @@ class MoELayer(nn.Module):
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
+        # The environment, not kernels.host.running_in_interpreter: this module stays importable without Triton.
         if dtype == torch.bfloat16 and x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
             return torch.float32
         return dtype
@@ -193,17 +194,6 @@ class MoELayer(nn.Module):
         cfg = self.config
         return (f"expert_sizes={cfg.expert_sizes}, top_k={cfg.num_active_experts}, "
                 f"hidden_size={cfg.hidden_size}, activation={cfg.activation!r}")
-
-
-def _expert_sizes_text(widths: list[int]) -> str:
-    """[512, 512, 256] -> '2x512,1x256': consecutive equal widths as (count x width) groups."""
-    groups = []
-    for width in widths:
-        if groups and groups[-1][1] == width:
-            groups[-1][0] += 1
-        else:
-            groups.append([1, width])
-    return ",".join(f"{count}x{width}" for count, width in groups)
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

@@ -8,7 +8,8 @@ R = N * k expert-sorted rows (rows sorted by expert), E experts of widths W_e, T
     expert_widths: the E widths as host ints (they size the launch grids without reading the device)
     num_rows: R
 Hidden activations (h_pre, h_up, h_act, dh_pre, dh_up) are [R, max_width] matrices: row r of expert e holds its
-W_e values in columns 0 : W_e, and the columns past W_e are never written nor read. Their shape follows from R and
+W_e values in columns 0 : W_e; the columns past W_e are never read (the up projection writes zeros there, so that
+its outputs do not depend on what the memory held). Their shape follows from R and
 the widths alone, both known on the host, so no size is ever read back from the device: the layer never
 synchronises, and a CUDA graph or torch.compile holds it whatever the widths. With one width there is no padding.
 """
@@ -20,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from triton_moe.kernels.host import INDEX_DTYPES, check_tensor_shape, next_power_of_2
+from triton_moe.kernels.host import INDEX_DTYPES, ceil_div, check_tensor_shape, next_power_of_2
 
 # The largest common factor of the expert widths worth telling the compiler (WIDTH_MULTIPLE): 16 elements hold
 # a whole 16-byte vector in every dtype, and Triton marks integer arguments divisible by 16 the same way.
@@ -48,7 +49,7 @@ def width_facts(expert_widths: tuple[int, ...]) -> WidthFacts:
 
 @functools.lru_cache(maxsize=256)
 def _tiles_per_row_tile(expert_widths: tuple[int, ...], tile: int) -> tuple[int, int]:
-    counts = [-(-width // tile) for width in expert_widths]
+    counts = [ceil_div(width, tile) for width in expert_widths]
     return max(counts), sum(counts)
 
 
@@ -100,7 +101,7 @@ class ExpertLayout:
         return _tiles_per_row_tile(self.expert_widths, tile)
 
     def check_weight(self, name: str, weight: torch.Tensor, hidden: int, dtype: torch.dtype) -> None:
-        """`weight` is a contiguous [TW, hidden] matrix of `dtype` on the layout's device."""
+        """`weight` is a contiguous [TW, hidden] matrix of `dtype`."""
         check_tensor_shape(name, weight, (self.total_width, hidden), (dtype,))
 
     def check_hidden(self, name: str, tensor: torch.Tensor, dtypes) -> None:
