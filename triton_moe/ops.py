@@ -31,7 +31,17 @@ from torch import Tensor
 
 from triton_moe.kernels import (ExpertLayout, combine_rows, down_projection, down_projection_backward,
                                 input_grad_rows, sorted_rows_pay_off, up_projection, weight_grad)
+from triton_moe.kernels.host import running_in_interpreter
 from triton_moe.routing import ExpertSort
+
+
+def kernel_op(name: str):
+    """Decorator: the function, whose launchers (kernels/) launch Triton kernels, as the torch.library custom op
+    `name`. On a GPU it is a triton_op: Inductor decomposes it into the kernel launches it makes and launches them
+    from its generated code, without the launchers' host time. Inductor cannot launch the interpreter's kernels, so
+    under Triton's CPU interpreter it is an opaque custom_op."""
+    define = torch.library.custom_op if running_in_interpreter() else torch.library.triton_op
+    return lambda fn: define(name, fn, mutates_args=())
 
 
 def _layout(row_to_token: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor,
@@ -51,8 +61,8 @@ def _top_k(x: Tensor, flat_to_row: Tensor) -> int:
     return flat_to_row.shape[0] // x.shape[0] if x.shape[0] else 1
 
 
-# The forward and backward run as torch.library custom ops under torch.compile, which then sees each as one opaque
-# node (with the shapes from the fake implementations) instead of tracing into the Triton launchers; eager calls
+# The forward and backward run as torch.library custom ops under torch.compile (kernel_op): Dynamo sees each as
+# one node, with the shapes from the fake implementations, and Inductor launches the kernels they make; eager calls
 # run the same two functions without the custom ops' dispatch (ExpertMLP). A custom op returns no None: the
 # unused h_up of a non-gated activation, and its gradient dv1, are empty tensors.
 def _expert_mlp_forward(
@@ -106,8 +116,8 @@ def _expert_mlp_backward(
     return dx, d_expert_weights, dw1, w1.new_empty(0) if dv1 is None else dv1, dw2
 
 
-_forward_op = torch.library.custom_op("triton_moe::expert_mlp", _expert_mlp_forward, mutates_args=())
-_backward_op = torch.library.custom_op("triton_moe::expert_mlp_backward", _expert_mlp_backward, mutates_args=())
+_forward_op = kernel_op("triton_moe::expert_mlp")(_expert_mlp_forward)
+_backward_op = kernel_op("triton_moe::expert_mlp_backward")(_expert_mlp_backward)
 
 
 NUM_TENSOR_INPUTS = 10  # x, expert_weights, w1, v1, w2, then the five layout tensors; then the host arguments

@@ -21,6 +21,7 @@ from triton_moe.config import MoEConfig
 from triton_moe.kernels.host import ceil_div
 from triton_moe.kernels.route import route_block_tokens, topk_softmax, topk_softmax_backward
 from triton_moe.kernels.sort import SORT_BLOCK_ASSIGNMENTS, count_expert_blocks, sort_by_expert_blocks
+from triton_moe.ops import kernel_op
 from triton_moe.routing import ExpertSort, Routing, sort_key_dtype
 
 
@@ -96,7 +97,7 @@ def route_backward(
         return grad_x, grad_router_weight
 
 
-@torch.library.custom_op("triton_moe::route", mutates_args=())
+@kernel_op("triton_moe::route")
 def _route(
     x: Tensor, router_weight: Tensor, top_k: int, normalize_weights: bool, load_balance_coef: float,
     z_loss_coef: float,
@@ -121,7 +122,7 @@ def _(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef
             x.new_empty((num_experts + 1,), dtype=torch.int64))
 
 
-@torch.library.custom_op("triton_moe::route_backward", mutates_args=())
+@kernel_op("triton_moe::route_backward")
 def _route_backward(
     grad_expert_weights: Tensor, grad_aux_loss: Tensor | None, grad_router_logits: Tensor | None, x: Tensor,
     router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, tokens_per_expert: Tensor,
@@ -184,7 +185,7 @@ def _route_with_autograd(*inputs):
     return _route(*inputs) if torch.compiler.is_compiling() else Route.apply(*inputs)
 
 
-@torch.library.custom_op("triton_moe::count_expert_blocks", mutates_args=())
+@kernel_op("triton_moe::count_expert_blocks")
 def _count_expert_blocks(expert_indices: Tensor, num_experts: int,
                          block_assignments: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(block_expert_starts [blocks, E] int32, ranks_in_block [N, k] int32, tokens_per_expert [E] int64,
@@ -201,7 +202,7 @@ def _(expert_indices, num_experts, block_assignments):
             expert_indices.new_empty((num_experts + 1,), dtype=torch.int64))
 
 
-@torch.library.custom_op("triton_moe::sort_by_expert", mutates_args=())
+@kernel_op("triton_moe::sort_by_expert")
 def _sort_by_expert(
     expert_indices: Tensor, block_expert_starts: Tensor, ranks_in_block: Tensor, expert_row_offsets: Tensor,
     block_assignments: int,

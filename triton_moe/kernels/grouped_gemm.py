@@ -33,7 +33,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
-from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape
+from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, traceable
 from triton_moe.kernels.layout import ExpertLayout
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, ROW_PASS_ELEMENTS, GemmBlocks, gemm_blocks,
                                        fused_dh_pays_off, permute_block_h, rows_per_program, tma_readable,
@@ -526,7 +526,7 @@ def _expert_rows_gemm_launch(
         box = [blocks.block_n, blocks.block_k]
         b_desc = TensorDescriptor(b, list(b.shape), [hidden, 1], box)
         b2_desc = None if b2 is None else TensorDescriptor(b2, list(b2.shape), [hidden, 1], box)
-    _expert_rows_gemm[grid](
+    traceable(_expert_rows_gemm)[grid](
         a, a2, b, b2, b_desc, b2_desc,
         out, out2, out3, a_rows, h_pre, partials,
         row_weights, row_weight_index,
@@ -709,7 +709,7 @@ def down_projection_backward(
     _expert_rows_gemm_launch(**gemm_arguments, epilogue="store")
     block_w = permute_block_h(layout.max_width)
     block_rows = rows_per_program(block_w, ROW_PASS_ELEMENTS)
-    _activation_backward_rows[(ceil_div(num_rows, block_rows),)](
+    traceable(_activation_backward_rows)[(ceil_div(num_rows, block_rows),)](
         dh_pre, h_pre, h_up, row_weights, row_weight_index,
         dh_up, d_row_weights,
         layout.expert_row_offsets, layout.expert_width_offsets,
@@ -839,7 +839,7 @@ def weight_grad(
         rows_desc = TensorDescriptor(token_rows, list(token_rows.shape), [hidden, 1], [blocks.block_k, blocks.block_n])
     # The grid is exact: the tiles depend only on the widths and H, sum_e cdiv(W_e, BLOCK_M) * cdiv(H, BLOCK_N).
     grid = (layout.tiles_per_row_tile(blocks.block_m)[1] * ceil_div(hidden, blocks.block_n),)
-    _weight_grad_gemm[grid](
+    traceable(_weight_grad_gemm)[grid](
         hidden_rows, hidden_rows2, token_rows, rows_desc,
         dw, dw_2,
         row_weights, row_weight_index,

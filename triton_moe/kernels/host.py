@@ -18,6 +18,30 @@ _INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 def running_in_interpreter() -> bool:
     """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return _INTERPRETER
+
+
+_TRACING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.FUNCTIONAL,
+                  torch._C._TorchDispatchModeKey.PROXY)
+
+
+def traceable(kernel):
+    """`kernel`, or torch.library.wrap_triton(kernel) while torch.compile traces the launcher (the launchers run
+    inside torch.library.triton_op custom ops, which Inductor decomposes into the kernel launches they make, so
+    that its generated code launches them itself). Eager calls take the kernel as it is: the wrapper's dispatch
+    costs host time on every launch."""
+    if any(torch._C._get_dispatch_mode(mode) is not None for mode in _TRACING_MODES):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def is_16_byte_aligned(tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s first element lies on a 16-byte boundary. A tensor being traced has no address: there the
+    offset into its storage decides, as torch.compile copies graph inputs whose storage is not aligned."""
+    if any(torch._C._get_dispatch_mode(mode) is not None for mode in _TRACING_MODES):
+        return tensor.storage_offset() * tensor.element_size() % 16 == 0
+    return tensor.data_ptr() % 16 == 0
+
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 

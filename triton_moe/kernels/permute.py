@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_dim
+from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_dim, traceable
 from triton_moe.kernels.tuning import PERMUTE_NUM_WARPS, permute_block_h, rows_per_program
 
 
@@ -62,7 +62,7 @@ def gather_rows(src: torch.Tensor, row_to_token: torch.Tensor) -> torch.Tensor:
     if num_rows > 0 and hidden > 0:
         block_h = permute_block_h(hidden)
         block_rows = rows_per_program(block_h, None)  # one row a program on a GPU
-        _gather_rows_kernel[(ceil_div(num_rows, block_rows),)](
+        traceable(_gather_rows_kernel)[(ceil_div(num_rows, block_rows),)](
             src, row_to_token, rows, num_rows, hidden, BLOCK_ROWS=block_rows, BLOCK_H=block_h,
             num_warps=PERMUTE_NUM_WARPS,
         )
@@ -95,7 +95,7 @@ def combine_rows(rows: torch.Tensor, flat_to_row: torch.Tensor, top_k: int) -> t
     if num_tokens > 0 and hidden > 0:
         block_h = permute_block_h(hidden)
         block_tokens = rows_per_program(block_h, None)  # one token a program on a GPU
-        _combine_rows_kernel[(ceil_div(num_tokens, block_tokens),)](
+        traceable(_combine_rows_kernel)[(ceil_div(num_tokens, block_tokens),)](
             rows, flat_to_row, out, num_tokens, hidden, top_k, BLOCK_TOKENS=block_tokens, BLOCK_H=block_h,
             num_warps=PERMUTE_NUM_WARPS,
         )

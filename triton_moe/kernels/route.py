@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_moe.kernels.host import ceil_div, check_tensor_dim, check_tensor_shape, next_power_of_2
+from triton_moe.kernels.host import ceil_div, check_tensor_dim, check_tensor_shape, next_power_of_2, traceable
 from triton_moe.kernels.sort import check_int, check_shape, launch_block_table, no_block_offsets
 from triton_moe.kernels.tuning import (INTERPRETER_ROUTE_TILE_ELEMENTS, ROUTE_BACKWARD_ELEMENTS_PER_THREAD,
                                        ROUTE_BACKWARD_TILE_ELEMENTS, ROUTE_BLOCK_TOKENS, ROUTE_FORWARD_NUM_WARPS,
@@ -282,7 +282,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
     block_prob_sums = torch.empty((num_blocks, num_experts), dtype=torch.float32, device=device)  # (blocks, E)
     block_lse_sq_sums = torch.empty(num_blocks, dtype=torch.float32, device=device)  # (blocks,)
     table_ticket = torch.empty((), dtype=torch.int32, device=device)  # zeroed by the route kernel
-    _topk_softmax_kernel[(num_blocks,)](
+    traceable(_topk_softmax_kernel)[(num_blocks,)](
         router_logits, expert_weights, expert_indices, ranks_in_block,
         block_prob_sums, block_expert_counts, block_lse_sq_sums, table_ticket,
         num_tokens, num_experts,
@@ -346,7 +346,7 @@ def topk_softmax_backward(grad_expert_weights: torch.Tensor, grad_aux_loss: torc
     tile_tokens, num_warps = _backward_tiles(num_experts)
     # aux_loss = load_balance_coef * E * sum_e (count_e / (N k)) (prob_sum_e / N) + z_loss_coef * lse_sq_sum / N.
     prob_sum_grad_scale = load_balance_coef * num_experts / (num_tokens * top_k * num_tokens)
-    _topk_softmax_backward_kernel[(ceil_div(num_tokens, tile_tokens),)](
+    traceable(_topk_softmax_backward_kernel)[(ceil_div(num_tokens, tile_tokens),)](
         grad_expert_weights, grad_aux_loss, router_logits, expert_indices, tokens_per_expert,
         grad_router_logits, grad_logits,
         num_tokens, num_experts, prob_sum_grad_scale, z_loss_coef / num_tokens,

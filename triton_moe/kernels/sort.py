@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_moe.kernels.host import INDEX_DTYPES, ceil_div, check_tensor_dim, check_tensor_shape, next_power_of_2
+from triton_moe.kernels.host import (INDEX_DTYPES, ceil_div, check_tensor_dim, check_tensor_shape, next_power_of_2,
+                                     traceable)
 from triton_moe.kernels.tuning import (RANK_CHUNK, SCATTER_BLOCK, SORT_BLOCK_ASSIGNMENTS, SORT_NUM_WARPS,
                                        TABLE_EXPERT_CHUNK, TABLE_NUM_WARPS, TABLE_SCAN_CHUNK, TABLE_TILE_ELEMENTS,
                                        ZERO_CHUNK)
@@ -185,7 +186,7 @@ def launch_block_table(block_expert_counts, block_prob_sums, block_lse_sq_sums, 
     expert_chunk = min(next_power_of_2(num_experts), TABLE_EXPERT_CHUNK)
     num_chunks = ceil_div(num_experts, expert_chunk)
     chunk_balance = torch.empty(num_chunks, dtype=torch.float32, device=device)  # (chunks,)
-    _block_table_kernel[(num_chunks,)](
+    traceable(_block_table_kernel)[(num_chunks,)](
         block_expert_counts, block_prob_sums, block_lse_sq_sums,
         block_expert_starts, tokens_per_expert, expert_row_offsets, chunk_balance, table_ticket, aux_loss,
         num_blocks, num_experts, float(num_assignments), float(num_tokens), float(load_balance_coef),
@@ -239,7 +240,7 @@ def count_expert_blocks(expert_indices: torch.Tensor, num_experts: int,
         return no_block_offsets(num_experts, ranks_in_block)
     block_expert_counts = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)  # (blocks, E)
     table_ticket = torch.empty((), dtype=torch.int32, device=device)  # zeroed by the counting kernel
-    _count_expert_blocks_kernel[(num_blocks,)](
+    traceable(_count_expert_blocks_kernel)[(num_blocks,)](
         expert_indices, block_expert_counts, ranks_in_block, table_ticket,
         num_assignments, num_experts, block_assignments,
         BLOCK_POW2=next_power_of_2(block_assignments), RANK_CHUNK=RANK_CHUNK, ZERO_CHUNK=ZERO_CHUNK,
@@ -285,7 +286,7 @@ def sort_by_expert_blocks(expert_indices: torch.Tensor, block_expert_starts: tor
     row_expert = torch.empty(num_assignments, dtype=sort_key_dtype(num_experts), device=device)  # (R,)
     flat_to_row = torch.empty(num_assignments, dtype=torch.int64, device=device)  # (N * k,)
     if num_assignments > 0:
-        _scatter_sorted_rows_kernel[(ceil_div(num_assignments, SCATTER_BLOCK),)](
+        traceable(_scatter_sorted_rows_kernel)[(ceil_div(num_assignments, SCATTER_BLOCK),)](
             expert_indices, ranks_in_block, block_expert_starts, expert_row_offsets,
             row_to_flat, row_to_token, row_expert, flat_to_row,
             num_assignments, num_experts, expert_indices.shape[1], block_assignments,
