@@ -72,12 +72,33 @@ def test_compiled_layer_matches_eager(name):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
+def test_compiled_layer_takes_new_batch_sizes(name):
+    """Batches of other sizes make Dynamo recompile the layer with a dynamic token count, which the launchers then
+    see as a symbolic size: each gives eager's output and gradients."""
+    torch._dynamo.reset()
+    config = CONFIGS[name]
+    block, layer = compile_block(config)
+    compiled = torch.compile(block, backend="inductor" if ON_GPU else "aot_eager", fullgraph=True)
+    for num_tokens in (24, 40, 17):
+        results = []
+        for run in (block, compiled):
+            block.zero_grad(set_to_none=True)
+            x = make_input((num_tokens, config.hidden_size), torch.float32, seed=num_tokens).requires_grad_()
+            out = run(x)
+            (out.square().sum() + layer.aux_loss).backward()
+            results.append([out.detach(), x.grad] + [p.grad for p in block.parameters()])
+        for eager, compiled_result in zip(*results):
+            assert rel_l2_error(compiled_result, eager) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_compiled_graphs_read_nothing_back_to_the_host(name):
     """The forward and backward graphs AOT autograd makes of the layer hold no host read of a device value
     (aten._local_scalar_dense, what .item(), int() or .tolist() of a tensor become): nothing in them waits on the
     device, so CUDA graphs can hold them. On a GPU the custom ops are decomposed into the Triton kernels they
     launch, which Inductor then launches itself; under the interpreter they stay opaque custom ops."""
     from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     torch._dynamo.reset()
     graphs = []
@@ -88,8 +109,9 @@ def test_compiled_graphs_read_nothing_back_to_the_host(name):
 
     config = CONFIGS[name]
     block, layer = compile_block(config)
-    compiled = torch.compile(block, backend=aot_autograd(fw_compiler=keep_graph, bw_compiler=keep_graph),
-                             fullgraph=True)
+    backend = aot_autograd(fw_compiler=keep_graph, bw_compiler=keep_graph,
+                           partition_fn=min_cut_rematerialization_partition)  # Inductor's partition
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
     (compiled(make_input((3, 8, config.hidden_size), torch.float32)).square().sum() + layer.aux_loss).backward()
     assert len(graphs) == 2  # forward, backward
     targets = [{node.target for node in graph.graph.nodes} for graph in graphs]

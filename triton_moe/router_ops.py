@@ -97,7 +97,9 @@ def route_backward(
         return grad_x, grad_router_weight
 
 
-@kernel_op("triton_moe::route")
+# The route's two ops stay opaque to Inductor, which would otherwise run the router GEMMs its own way: the logits,
+# and with them the aux loss and the gradients, would then differ from eager's in the last bits.
+@torch.library.custom_op("triton_moe::route", mutates_args=())
 def _route(
     x: Tensor, router_weight: Tensor, top_k: int, normalize_weights: bool, load_balance_coef: float,
     z_loss_coef: float,
@@ -122,7 +124,7 @@ def _(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef
             x.new_empty((num_experts + 1,), dtype=torch.int64))
 
 
-@kernel_op("triton_moe::route_backward")
+@torch.library.custom_op("triton_moe::route_backward", mutates_args=())
 def _route_backward(
     grad_expert_weights: Tensor, grad_aux_loss: Tensor | None, grad_router_logits: Tensor | None, x: Tensor,
     router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, tokens_per_expert: Tensor,

@@ -60,14 +60,15 @@ class ExpertLayout:
     expert_row_offsets: torch.Tensor  # [E+1] int32/int64
     expert_width_offsets: torch.Tensor  # [E+1] int32/int64
     expert_widths: tuple[int, ...]  # [E] host ints
-    num_rows: int  # R
+    num_rows: int  # R (a torch.SymInt in a trace with dynamic shapes)
     facts: WidthFacts = field(init=False, repr=False)
 
     def __post_init__(self):
         widths = tuple(self.expert_widths)
         object.__setattr__(self, "expert_widths", widths)
         object.__setattr__(self, "facts", width_facts(widths))
-        if not isinstance(self.num_rows, int) or self.num_rows < 0:
+        # a torch.SymInt where torch.compile traces the launchers with dynamic shapes
+        if not isinstance(self.num_rows, (int, torch.SymInt)) or self.num_rows < 0:
             raise ValueError(f"num_rows must be an int >= 0, got {self.num_rows!r}")
         check_tensor_shape("expert_row_offsets", self.expert_row_offsets, (len(widths) + 1,), INDEX_DTYPES)
         check_tensor_shape("expert_width_offsets", self.expert_width_offsets, (len(widths) + 1,), INDEX_DTYPES)
