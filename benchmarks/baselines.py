@@ -4,15 +4,20 @@
 - `GroupedMMMoE`: argsort, index gather, torch._grouped_mm for the up and down projections (one call per width
   class for variable widths), index_add_ combine, autograd throughout.
 - `megablocks_dmoe`: megablocks' dMoE where megablocks imports (uniform widths only), else None with a reason.
-The stk reference (`reference.MoEMLP`) is the fourth baseline.
+- `scattermoe_moe`: our routing, then ScatterMoE's MLP or GLUMLP on our weights where the `scattermoe` package
+  imports (uniform widths only), else None with a reason. ScatterMoE is not vendored: it comes from the Python path.
+The stk reference (`reference.MoEMLP`) is one more baseline.
 """
+
+import copy
+import functools
 
 import torch
 import torch.nn as nn
 
 from triton_moe.activations import apply_activation
 from triton_moe.layer import MoELayer
-from triton_moe.routing import Routing, sort_by_expert
+from triton_moe.routing import Routing, route, sort_by_expert
 
 
 class LoopMoE(MoELayer):
@@ -87,3 +92,75 @@ class _Megablocks(nn.Module):
 
     def forward(self, x):
         return self.dmoe(x[:, None, :])[0][:, 0, :]
+
+
+def scattermoe_moe(config):
+    """(layer, None) with a ScatterMoEMoE on MoELayer's initial weights for a uniform-width config, or (None, reason
+    it is skipped)."""
+    if not config.uniform_width:
+        return None, "ScatterMoE supports one expert width only"
+    try:
+        import scattermoe  # noqa: F401
+    except Exception as error:  # not on the Python path, or it fails to import with this torch / Triton
+        return None, (f"scattermoe does not import here ({type(error).__name__}: {error}); put its package on "
+                      "PYTHONPATH (the GPU runs carry it in .carry/site)")
+    return ScatterMoEMoE(MoELayer(config)), None
+
+
+def scattermoe_weights(config, w1, v1, w2):
+    """Our expert weights w1, v1 (None unless gated), w2 [total_width, H] in ScatterMoE's layout: (up [E, W, H], or
+    [E, 2W, H] for swiglu, down [E, H, W]), views where the layouts agree.
+
+    ScatterMoE's ParallelExperts holds weight [E, out, in] and computes x weight[e]ᵀ (F.linear), as its own
+    per-token reference (dumb_forward in its tests/test_mlp.py) reads it:
+    - up: expert e's rows of w1 are [W, H] = [out, in] already: w1.view(E, W, H). GLUMLP's up projection is one
+      [E, 2W, H] weight whose output it splits in halves (h, gates) to compute silu(gates) * h: per expert, the
+      rows of v1 (the up, h) and then the rows of w1 (the gate).
+    - down: y = h w2[e] with w2[e] [W, H] = [in, out]; ScatterMoE's [out, in] is its transpose, [E, H, W].
+    """
+    if not config.uniform_width:
+        raise ValueError(f"config: ScatterMoE supports one expert width only, got expert_sizes "
+                         f"{config.expert_sizes_text!r}")
+    experts, width, hidden = config.num_experts, config.expert_widths[0], config.hidden_size
+    up = w1.view(experts, width, hidden)
+    if v1 is not None:
+        up = torch.cat([v1.view(experts, width, hidden), up], dim=1)
+    return up, w2.view(experts, width, hidden).transpose(1, 2)
+
+
+class ScatterMoEMoE(nn.Module):
+    """Our routing (`routing.route`, as GroupedMMMoE runs it) and ScatterMoE's MLP (relu_squared, gelu) or GLUMLP
+    (swiglu) over the experts, on the weights of `layer`, a MoELayer of uniform width.
+
+    Parameters: `router` (a copy of layer's) and `experts`, ScatterMoE's module, whose `experts.weight` and
+    `output_experts.weight` are copies of layer's w1, (v1), w2 in ScatterMoE's layout (`scattermoe_weights`), made
+    here once. The forward is the whole layer, router included: [..., H] -> [..., H]; the aux loss is kept on
+    `aux_loss` as MoELayer does.
+    """
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        from scattermoe.mlp import GLUMLP, MLP
+
+        cfg = self.config = layer.config
+        up, down = scattermoe_weights(cfg, layer.w1.detach(), None if layer.v1 is None else layer.v1.detach(),
+                                      layer.w2.detach())
+        sizes = dict(input_size=cfg.hidden_size, hidden_size=cfg.expert_widths[0], num_experts=cfg.num_experts,
+                     top_k=cfg.num_active_experts)
+        if cfg.is_gated:
+            self.experts = GLUMLP(**sizes)  # its activation, nn.SiLU(), on the gate half: swiglu
+        else:
+            self.experts = MLP(**sizes, activation=functools.partial(apply_activation, cfg.activation, h_up=None))
+        self.router = copy.deepcopy(layer.router)
+        with torch.no_grad():
+            self.experts.experts.weight.copy_(up)
+            self.experts.output_experts.weight.copy_(down)
+        self.aux_loss = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_flat = x.reshape(-1, self.config.hidden_size)  # [N, H]
+        routing = route(x_flat, self.router.weight, self.config)
+        self.aux_loss = routing.aux_loss
+        # ScatterMoE's combine multiplies the routing weights into its output as a matmul, in the output's dtype.
+        output = self.experts(x_flat, routing.expert_weights.to(x.dtype), routing.expert_indices)  # [N, H]
+        return output.view(x.shape)

@@ -1,6 +1,14 @@
 """Forward + backward time of the MoE MLP layer: Triton vs the stk reference and the other baselines.
 
     uv run python benchmarks/bench_fwd_bwd.py --configs seed realistic [--compile] [--graph] [--calling-thread-backward]
+
+ScatterMoE (--impls scattermoe, uniform widths) runs where its package imports: with a copy of it at
+.carry/site/scattermoe, from the repository root,
+
+    PYTHONPATH=$PWD/.carry/site uv run python benchmarks/bench_fwd_bwd.py --configs realistic --impls triton scattermoe
+
+elsewhere its rows are reported as skipped, with the reason. The table's "speedup vs scattermoe" column is
+ScatterMoE's time over each row's, per config.
 """
 
 import torch

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 
 import triton_moe
-from baselines import GroupedMMMoE, LoopMoE, megablocks_dmoe
+from baselines import GroupedMMMoE, LoopMoE, megablocks_dmoe, scattermoe_moe
 from triton_moe import kernels, reference
 from triton_moe.config import MoEConfig
 from triton_moe.router_ops import fused_sort_by_expert
@@ -42,7 +42,10 @@ IMPLEMENTATIONS = {
     "grouped_mm": GroupedMMMoE,
     "torch_loop": LoopMoE,
     "megablocks": None,  # built by baselines.megablocks_dmoe where it imports
+    "scattermoe": None,  # built by baselines.scattermoe_moe where the scattermoe package is on the Python path
 }
+# speedup column -> the implementation it compares every row with: that one's ms / the row's ms, per config
+SPEEDUP_BASELINES = {"speedup_vs_reference": "stk_reference", "speedup_vs_scattermoe": "scattermoe"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -132,8 +135,8 @@ def make_config(name, activation) -> tuple[MoEConfig, int]:
 def build_layer(impl, config, dtype):
     """(layer, None), or (None, why this implementation is skipped for this config)."""
     dev = device()
-    if impl == "megablocks":
-        layer, reason = megablocks_dmoe(config, dev, dtype)
+    if impl in ("megablocks", "scattermoe"):
+        layer, reason = megablocks_dmoe(config, dev, dtype) if impl == "megablocks" else scattermoe_moe(config)
         return (layer.to(dev, dtype), None) if layer is not None else (None, reason)
     cls = IMPLEMENTATIONS[impl]
     if impl == "grouped_mm" and (dev != "cuda" or not hasattr(torch, "_grouped_mm")):
@@ -232,7 +235,6 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_vari
         tokens = args.tokens or tokens
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(tokens, config.hidden_size, generator=generator).to(dev, dtype)
-        reference_ms = None
         for impl in args.impls:
             torch.manual_seed(0)
             layer, reason = build_layer(impl, config, dtype)
@@ -240,18 +242,19 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_vari
                 skipped.append((name, impl, reason))
                 continue
             step = make_step(layer, x)
+            # A baseline that cannot run this shape, or whose kernels fail to compile with this Triton, is reported
+            # as skipped; for the Triton layer only runtime errors (out of memory) are, so that its bugs stop the run.
+            failures = (RuntimeError, NotImplementedError) if impl == "triton" else Exception
             try:
                 ms = time_ms(step, args.warmup, args.repeats)
                 memory = peak_memory_mb(step)
                 back_to_back = back_to_back_ms(step, args.warmup, args.repeats) if args.back_to_back else None
-            except (RuntimeError, NotImplementedError) as error:  # a baseline that cannot run this shape
+            except failures as error:
                 skipped.append((name, impl, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"))
                 continue
             router_weight = layer.router.weight if hasattr(layer, "router") else None
             flops = flops_multiplier * model_flops(config, x, router_weight) if router_weight is not None else None
             tflops = flops / ms / 1e9 if flops else None
-            if impl == "stk_reference":
-                reference_ms = ms
             variant_ms = {}
             for label, make_variant_step in (triton_variants or {}).items():
                 if impl != "triton" or dev != "cuda":
@@ -267,9 +270,11 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_vari
             del layer, step
             if dev == "cuda":
                 torch.cuda.empty_cache()
+        ms_of_impl = {row["impl"]: row["ms"] for row in rows if row["config"] == name}
         for row in rows:
             if row["config"] == name:
-                row["speedup_vs_reference"] = reference_ms / row["ms"] if reference_ms else None
+                for column, baseline in SPEEDUP_BASELINES.items():
+                    row[column] = ms_of_impl[baseline] / row["ms"] if baseline in ms_of_impl else None
     print_table(rows, list(triton_variants or {}))
     for name, impl, reason in skipped:
         print(f"skipped {impl} on {name}: {reason}")
@@ -285,17 +290,22 @@ def _fmt(value, spec):
 
 
 def print_table(rows, variant_labels):
+    """The markdown table of `rows`; the back-to-back and vs-ScatterMoE columns only where some row has a value."""
     back_to_back = any(row["back_to_back_ms"] is not None for row in rows)
+    vs_scattermoe = any(row.get("speedup_vs_scattermoe") is not None for row in rows)
     print("| config | impl | tokens | ms |" + (" back to back ms |" if back_to_back else "")
-          + " speedup vs stk | TFLOP/s | % of dense peak | peak mem (MiB) |"
+          + " speedup vs stk |" + (" speedup vs scattermoe |" if vs_scattermoe else "")
+          + " TFLOP/s | % of dense peak | peak mem (MiB) |"
           + "".join(f" {label} ms |" for label in variant_labels))
-    print("|---|---|---:|---:|" + ("---:|" if back_to_back else "") + "---:|---:|---:|---:|"
-          + "---:|" * len(variant_labels))
+    print("|---|---|---:|---:|" + ("---:|" if back_to_back else "") + "---:|" + ("---:|" if vs_scattermoe else "")
+          + "---:|---:|---:|" + "---:|" * len(variant_labels))
     for row in rows:
         print(f"| {row['config']} | {row['impl']} | {row['tokens']} | {row['ms']:.3f} | "
               + (f"{_fmt(row['back_to_back_ms'], '.3f')} | " if back_to_back else "")
-              + f"{_fmt(row.get('speedup_vs_reference'), '.2f')} | {_fmt(row['tflops'], '.1f')} | "
-              f"{_fmt(row['pct_peak'], '.1f')} | {_fmt(row['peak_memory_mb'], '.0f')} |"
+              + f"{_fmt(row.get('speedup_vs_reference'), '.2f')} | "
+              + (f"{_fmt(row.get('speedup_vs_scattermoe'), '.2f')} | " if vs_scattermoe else "")
+              + f"{_fmt(row['tflops'], '.1f')} | {_fmt(row['pct_peak'], '.1f')} | "
+              f"{_fmt(row['peak_memory_mb'], '.0f')} |"
               + "".join(f" {_fmt(row['variant_ms'].get(label), '.3f')} |" for label in variant_labels))
 
 
