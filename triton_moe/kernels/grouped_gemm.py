@@ -53,18 +53,6 @@ def _expert_of_tile(tile_id, tiles_per_expert, experts):
 
 
 @triton.jit
-def _expert_extent(expert, expert_row_offsets_ptr, expert_width_offsets_ptr, WIDTH_MULTIPLE: tl.constexpr):
-    """(first row, rows, first weight row, width) of one expert."""
-    row_start = tl.load(expert_row_offsets_ptr + expert)
-    num_rows = tl.load(expert_row_offsets_ptr + expert + 1) - row_start
-    width_start = tl.load(expert_width_offsets_ptr + expert)
-    # Every width is a multiple of WIDTH_MULTIPLE. Loaded from memory, the compiler cannot know it: without the
-    # hint the masks of each hidden-activation row split its accesses into 2-byte ones.
-    width = tl.multiple_of(tl.load(expert_width_offsets_ptr + expert + 1) - width_start, WIDTH_MULTIPLE)
-    return row_start, num_rows, width_start, width
-
-
-@triton.jit
 def _store_zero_padding(out_ptr, rows, row_mask, tile_start, width, max_width, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
     """Zeros in columns width : max_width of `rows` of a hidden-activation matrix, from the expert's last column
@@ -145,8 +133,14 @@ def _expert_rows_gemm(
     if expert >= num_experts:
         return
 
-    row_start, num_rows, width_start, width = _expert_extent(
-        expert, expert_row_offsets_ptr, expert_width_offsets_ptr, WIDTH_MULTIPLE)
+    # The expert's first row, rows, first weight row and width, loaded here rather than in a helper: Inductor's
+    # mutation analysis counts a pointer handed to a helper as written when the helper's results address a store.
+    row_start = tl.load(expert_row_offsets_ptr + expert)
+    num_rows = tl.load(expert_row_offsets_ptr + expert + 1) - row_start
+    width_start = tl.load(expert_width_offsets_ptr + expert)
+    # Every width is a multiple of WIDTH_MULTIPLE. Loaded from memory, the compiler cannot know it: without the
+    # hint the masks of each hidden-activation row split its accesses into 2-byte ones.
+    width = tl.multiple_of(tl.load(expert_width_offsets_ptr + expert + 1) - width_start, WIDTH_MULTIPLE)
     if RAGGED_OUT:
         num_cols = width
         reduce_size = hidden
@@ -325,8 +319,14 @@ def _weight_grad_gemm(
     tiles_per_expert = (tl.cdiv(widths, BLOCK_M) * hidden_tiles).to(tl.int32)
     expert, first_tile = _expert_of_tile(tile_id, tiles_per_expert, experts)
 
-    row_start, num_rows, width_start, width = _expert_extent(
-        expert, expert_row_offsets_ptr, expert_width_offsets_ptr, WIDTH_MULTIPLE)
+    # The expert's first row, rows, first weight row and width, loaded here rather than in a helper: Inductor's
+    # mutation analysis counts a pointer handed to a helper as written when the helper's results address a store.
+    row_start = tl.load(expert_row_offsets_ptr + expert)
+    num_rows = tl.load(expert_row_offsets_ptr + expert + 1) - row_start
+    width_start = tl.load(expert_width_offsets_ptr + expert)
+    # Every width is a multiple of WIDTH_MULTIPLE. Loaded from memory, the compiler cannot know it: without the
+    # hint the masks of each hidden-activation row split its accesses into 2-byte ones.
+    width = tl.multiple_of(tl.load(expert_width_offsets_ptr + expert + 1) - width_start, WIDTH_MULTIPLE)
     # Width tiles fastest: the programs running together share the B tiles of one hidden tile, the irregular
     # gather of token rows, while each reads its own contiguous columns of the expert's rows of A.
     width_tiles = tl.cdiv(width, BLOCK_M)
@@ -419,7 +419,7 @@ def _activation_backward_rows(
         expert_row_ends = tl.load(expert_row_offsets_ptr + experts + 1, mask=is_expert, other=0)  # (EXPERTS_POW2,)
         expert = tl.sum(((expert_row_ends[None, :] <= rows[:, None]) & is_expert[None, :]).to(tl.int32), 1)
         expert = tl.where(row_mask, expert, 0)  # (BLOCK_ROWS,); rows past the end read expert 0's extent, unused
-        _, _, _, width = _expert_extent(expert, expert_row_offsets_ptr, expert_width_offsets_ptr, WIDTH_MULTIPLE)
+        width = tl.load(expert_width_offsets_ptr + expert + 1) - tl.load(expert_width_offsets_ptr + expert)
         width = tl.where(row_mask, width, 0)
     cols = tl.arange(0, BLOCK_W)  # (BLOCK_W,)
     if HAS_ROW_WEIGHTS:

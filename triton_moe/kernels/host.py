@@ -24,22 +24,17 @@ _TRACING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchMo
                   torch._C._TorchDispatchModeKey.PROXY)
 
 
+def tracing() -> bool:
+    """Whether a launcher runs inside a trace (torch.compile decomposing the triton_op custom ops, make_fx): its
+    tensors are then fake or functional, without memory."""
+    return any(torch._C._get_dispatch_mode(mode) is not None for mode in _TRACING_MODES)
+
+
 def traceable(kernel):
-    """`kernel`, or torch.library.wrap_triton(kernel) while torch.compile traces the launcher (the launchers run
-    inside torch.library.triton_op custom ops, which Inductor decomposes into the kernel launches they make, so
-    that its generated code launches them itself). Eager calls take the kernel as it is: the wrapper's dispatch
-    costs host time on every launch."""
-    if any(torch._C._get_dispatch_mode(mode) is not None for mode in _TRACING_MODES):
-        return torch.library.wrap_triton(kernel)
-    return kernel
-
-
-def is_16_byte_aligned(tensor: torch.Tensor) -> bool:
-    """Whether `tensor`'s first element lies on a 16-byte boundary. A tensor being traced has no address: there the
-    offset into its storage decides, as torch.compile copies graph inputs whose storage is not aligned."""
-    if any(torch._C._get_dispatch_mode(mode) is not None for mode in _TRACING_MODES):
-        return tensor.storage_offset() * tensor.element_size() % 16 == 0
-    return tensor.data_ptr() % 16 == 0
+    """`kernel`, or torch.library.wrap_triton(kernel) inside a trace, so that Inductor sees the launch and makes it
+    from its generated code. Eager calls take the kernel as it is: the wrapper's dispatch costs host time on every
+    launch."""
+    return torch.library.wrap_triton(kernel) if tracing() else kernel
 
 
 INDEX_DTYPES = (torch.int32, torch.int64)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from triton_moe.kernels.host import is_16_byte_aligned, next_power_of_2, running_in_interpreter
+from triton_moe.kernels.host import next_power_of_2, running_in_interpreter, tracing
 
 
 @dataclass(frozen=True)
@@ -140,9 +140,13 @@ def tma_reads_rows(num_rows: int, row_bytes: int, device: torch.device) -> bool:
 
 
 def tma_readable(matrix: torch.Tensor) -> bool:
-    """Whether contiguous [rows, cols] `matrix` can be read through a TMA descriptor (its start 16-byte aligned)."""
+    """Whether contiguous [rows, cols] `matrix` can be read through a TMA descriptor (its start 16-byte aligned).
+    Never inside a trace: torch.library.wrap_triton does not carry host-side descriptors into the graph on every
+    torch release, so a traced launch reads by pointers."""
+    if tracing():
+        return False
     row_bytes = matrix.shape[1] * matrix.element_size()
-    return is_16_byte_aligned(matrix) and tma_reads_rows(matrix.shape[0], row_bytes, matrix.device)
+    return matrix.data_ptr() % 16 == 0 and tma_reads_rows(matrix.shape[0], row_bytes, matrix.device)
 
 
 def sorted_rows_pay_off(token_rows: torch.Tensor, num_rows: int) -> bool:
