@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import triton_moe
-from conftest import DEVICE, assert_close, make_input, make_layer
+from conftest import DEVICE, assert_close, gpu_only, make_input, make_layer
 from triton_moe import MoEConfig
 from triton_moe.expert_parallel import ExpertParallelMoEMLP, data_parallel, split_experts
 
@@ -37,7 +37,7 @@ CASES = {
 }
 
 
-def run_case(case, rank, world_size, ep_group):
+def run_case(case, rank, world_size, ep_group, dtype):
     config = MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN,
                        activation=case["activation"])
     reference = make_layer(triton_moe.MoEMLP, config, torch.float32)  # the same weights on every rank
@@ -58,13 +58,14 @@ def run_case(case, rank, world_size, ep_group):
     results = []
     for layer, module in ((reference, reference), (model, ep)):
         x_leaf = x.clone().requires_grad_()
-        out = layer(x_leaf)
+        with torch.autocast(DEVICE, dtype, enabled=dtype != torch.float32):
+            out = layer(x_leaf)
         ((out * upstream).sum() + module.aux_loss).backward()
         results.append((out, x_leaf.grad))
     (ref_out, ref_dx), (ep_out, ep_dx) = results
     for name, got, want in (("output", ep_out, ref_out), ("grad x", ep_dx, ref_dx)):
         if want.numel():
-            assert_close(f"rank {rank}: {name}", got, want, torch.float32)
+            assert_close(f"rank {rank}: {name}", got, want, dtype)
         else:
             assert got.shape == want.shape
 
@@ -81,7 +82,7 @@ def run_case(case, rank, world_size, ep_group):
             got[name] = ep.gather_expert_rows(getattr(ep, name).grad)
     for name in want:
         dist.all_reduce(want[name])
-        assert_close(f"rank {rank}: grad {name}", got[name], want[name] * scale, torch.float32)
+        assert_close(f"rank {rank}: grad {name}", got[name], want[name] * scale, dtype)
     for name in case["starved"]:
         offsets = config.expert_width_offsets
         assert got["w1"][offsets[name]:offsets[name + 1]].abs().max() == 0
@@ -104,21 +105,24 @@ def check_mistakes_are_errors(rank):
         ep.load_global_state_dict(triton_moe.MoEMLP(other_layout).state_dict())
 
 
-def worker(rank, world_size, port):
+def check_layer(rank, world_size, dtype):
+    with pytest.raises(ValueError, match="one \\(start, end\\) per rank"):
+        ExpertParallelMoEMLP(MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN),
+                             expert_ranges=[(0, 8)] * (world_size + 1))
+    ep_group = dist.new_group()  # the expert exchanges apart from DDP's all-reduces
+    for case in CASES.values():
+        run_case(case, rank, world_size, None if not case["ddp"] else ep_group, dtype)
+    check_mistakes_are_errors(rank)
+
+
+def worker(rank, world_size, port, backend, check, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # the processes share the machine's cores
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
-        with pytest.raises(ValueError, match="one \\(start, end\\) per rank"):
-            ExpertParallelMoEMLP(MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN),
-                                 expert_ranges=[(0, 8)] * (world_size + 1))
-        ep_group = dist.new_group()  # the expert exchanges apart from DDP's all-reduces
-        for name, case in CASES.items():
-            run_case(case, rank, world_size, None if not case["ddp"] else ep_group)
-        check_mistakes_are_errors(rank)
+        check(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
 
@@ -129,11 +133,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def spawn(check, backend, world_size, *args):
+    """Run `check(rank, world_size, *args)` in `world_size` processes of one `backend` group: gloo where no GPU is
+    visible (the kernels run on the CPU in Triton's interpreter), NCCL with a GPU per rank; skipped elsewhere."""
+    if backend == "gloo" and torch.cuda.is_available():
+        pytest.skip("gloo runs the kernels on CPU tensors, in Triton's interpreter, which is used where no GPU is "
+                    "visible")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        pytest.skip(f"NCCL needs {world_size} CUDA devices, {torch.cuda.device_count()} visible")
+    mp.spawn(worker, args=(world_size, free_port(), backend, check, args), nprocs=world_size, join=True)
+
+
+# bf16 through autocast, as training runs it: the parameters stay fp32, the expert GEMMs and exchanges run in bf16
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="float32"),
+                                   pytest.param(torch.bfloat16, marks=gpu_only, id="bfloat16")])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_matches_single_process_layer(world_size):
-    if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
-        pytest.skip(f"needs {world_size} GPUs for NCCL (or no GPU, for gloo on the CPU)")
-    mp.spawn(worker, args=(world_size, free_port()), nprocs=world_size, join=True)
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_matches_single_process_layer(backend, world_size, dtype):
+    spawn(check_layer, backend, world_size, dtype)
 
 
 @pytest.mark.parametrize("num_experts, world_size, expert_ranges, match", [
