@@ -1,8 +1,11 @@
 """ExpertParallelMoEMLP over 2 and 4 processes (gloo on the CPU, NCCL where there is a GPU per rank) against the
 single-process MoEMLP on the same global weights: each rank's output and input gradient, and the gathered
-expert gradients and all-reduced router gradient. Plus the setup errors, raised before any collective, and the
-example training script under torchrun."""
+expert gradients and all-reduced router gradient. A small GPT with expert-parallel MoE layers and its dense
+parameters under FSDP2 (fully_shard_dense) against the single-process GPT: outputs, every gradient, an optimizer
+step and the gathered checkpoint. Plus the setup errors, raised before any collective, and the example training
+script under torchrun."""
 
+import functools
 import os
 import socket
 import subprocess
@@ -13,14 +16,23 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 import triton_moe
 from conftest import DEVICE, assert_close, gpu_only, make_input, make_layer
 from triton_moe import MoEConfig
-from triton_moe.expert_parallel import ExpertParallelMoEMLP, data_parallel, split_experts
+from triton_moe.expert_parallel import (ExpertParallelMoEMLP, data_parallel, fsdp_param_groups, fully_shard_dense,
+                                        gather_state_dict, shard_state_dict, split_experts)
+from triton_moe.testing.ground_truth import max_rel_error
+from triton_moe.testing.gpt import GPT, GPTConfig
 
 EXPERT_SIZES = [(2, 64), (2, 48), (4, 16)]  # 8 experts, variable widths
 HIDDEN = 32
+# The GPT under FSDP and expert parallelism computes the single-process GPT's fp32 math in other summation orders
+# (gradients averaged over the ranks, the experts' rows in another order): they agree to about 1e-6 of the largest
+# element, and the tolerance is ten times that.
+FSDP_MAX_REL = 1e-5
 
 # name -> config overrides, the expert ranges per world size (None: an even split), tokens on each rank,
 # experts no token is routed to, whether the layer runs under `data_parallel` (DDP) on a group of its own.
@@ -115,6 +127,70 @@ def check_layer(rank, world_size, dtype):
     check_mistakes_are_errors(rank)
 
 
+def assert_same_math(name, got, want):
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = max_rel_error(got, want)  # NaN never passes
+    assert err <= FSDP_MAX_REL, f"{name}: max rel error {err:.3g} > {FSDP_MAX_REL}"
+
+
+def check_fully_shard(rank, world_size):
+    """A GPT with an expert-parallel MoE layer (uneven expert ranges, variable widths), its dense parameters and
+    router under fully_shard_dense (the block one FSDP group, the rest another), against the single-process GPT on
+    the same weights, in fp32: each rank's logits and loss, every gradient after FSDP's reduce-scatter and the
+    experts' division, one SGD step, and the gathered checkpoint. The reference's gradient is the mean of its
+    gradients on the ranks' batches, as the single-process model's on the batches together (an aux loss per batch)."""
+    ranges = {2: [(0, 3), (3, 8)], 4: [(0, 1), (1, 4), (4, 6), (6, 8)]}[world_size]
+    moe = MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN, activation="swiglu")
+    config = GPTConfig(moe=moe, n_layer=1, n_head=2, n_embd=HIDDEN, block_size=8)
+    torch.manual_seed(0)
+    reference = GPT(config, triton_moe.MoEMLP).to(DEVICE)
+    ep_group = dist.new_group()  # the expert exchanges apart from FSDP's collectives
+    model = GPT(config, functools.partial(ExpertParallelMoEMLP, process_group=ep_group, expert_ranges=ranges))
+    fully_shard_dense(model.to(DEVICE), modules=model.transformer.h)
+    model.load_state_dict(shard_state_dict(model, reference.state_dict()))  # the dense ones distributed
+    assert isinstance(model.lm_head.weight, DTensor) and isinstance(model.transformer.h[0].mlp.router.weight, DTensor)
+    assert not isinstance(model.transformer.h[0].mlp.w1, DTensor)
+
+    generator = torch.Generator().manual_seed(100 + rank)
+    idx, targets = torch.randint(256, (2, 1 + rank % 2, 8), generator=generator).to(DEVICE)  # (B, T) each, B 1 or 2
+    results = []
+    for net in (reference, model):
+        logits, loss = net(idx, targets)  # (B, T, vocab), []
+        loss.backward()
+        results.append((logits, loss))
+    (ref_logits, ref_loss), (ep_logits, ep_loss) = results
+    assert_same_math(f"rank {rank}: logits", ep_logits, ref_logits)
+    assert_same_math(f"rank {rank}: loss", ep_loss, ref_loss)
+    for param in reference.parameters():  # the single-process gradient of the mean of the ranks' losses
+        dist.all_reduce(param.grad)
+        param.grad /= world_size
+
+    expert_layers = {name: layer for name, layer in model.named_modules() if isinstance(layer, ExpertParallelMoEMLP)}
+    reference_params = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        layer_name, _, short_name = name.rpartition(".")
+        if isinstance(param, DTensor):
+            got = param.grad.full_tensor()
+        else:
+            assert short_name in ("w1", "v1", "w2"), f"{name} is not sharded by FSDP"
+            got = expert_layers[layer_name].gather_expert_rows(param.grad)
+        assert_same_math(f"rank {rank}: grad {name}", got, reference_params[name].grad)
+
+    # foreach, as on a GPU by default: it needs the DTensors and the rank-local experts in param groups apart
+    torch.optim.SGD(fsdp_param_groups(model.parameters()), lr=0.5, foreach=True).step()
+    torch.optim.SGD(reference.parameters(), lr=0.5, foreach=True).step()
+    checkpoint = gather_state_dict(model)
+    for name, want in reference.state_dict().items():
+        assert not isinstance(checkpoint[name], DTensor), name
+        assert_same_math(f"rank {rank}: {name} after a step", checkpoint[name], want)
+
+    unsharded = GPT(config, functools.partial(ExpertParallelMoEMLP, process_group=ep_group))
+    with pytest.raises(ValueError, match="modules holds an MoE layer's router"):
+        fully_shard_dense(unsharded, modules=[unsharded.transformer.h[0].mlp.router])
+    with pytest.raises(ValueError, match="mesh must be 1-D over the ranks"):
+        fully_shard_dense(unsharded, mesh=init_device_mesh(DEVICE, (1, world_size)))
+
+
 def worker(rank, world_size, port, backend, check, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # the processes share the machine's cores
@@ -151,6 +227,12 @@ def spawn(check, backend, world_size, *args):
 @pytest.mark.parametrize("backend", ["gloo", "nccl"])
 def test_matches_single_process_layer(backend, world_size, dtype):
     spawn(check_layer, backend, world_size, dtype)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_fully_shard_dense_matches_single_process_gpt(backend, world_size):
+    spawn(check_fully_shard, backend, world_size)
 
 
 @pytest.mark.parametrize("num_experts, world_size, expert_ranges, match", [
