@@ -258,12 +258,13 @@ def test_without_process_group_raises():
         ExpertParallelMoEMLP(config)
 
 
-def test_train_example_runs_under_torchrun():
+@pytest.mark.parametrize("dense", ["ddp", "fsdp"])
+def test_train_example_runs_under_torchrun(dense):
     if torch.cuda.is_available() and torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs for NCCL (or no GPU, for gloo on the CPU)")
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(free_port()), str(root / "examples" / "train_ep.py"),
-                             "--steps", "2"], capture_output=True, text=True, timeout=300, cwd=root)
+                             "--steps", "2", "--dense", dense], capture_output=True, text=True, timeout=300, cwd=root)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "step 1: loss" in result.stdout
