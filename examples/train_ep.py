@@ -1,12 +1,14 @@
 """Train a small byte-level GPT whose MoE MLPs are expert-parallel, with data parallelism over the same ranks.
 
-    uv run torchrun --nproc_per_node 2 examples/train_ep.py --steps 3          # CPU: gloo, a tiny model
-    torchrun --nproc_per_node 8 examples/train_ep.py --steps 200 --n-embd 512  # GPUs: NCCL, one GPU per rank
+    uv run torchrun --nproc_per_node 2 examples/train_ep.py --steps 3               # CPU: gloo, a tiny model
+    torchrun --nproc_per_node 8 examples/train_ep.py --steps 200 --n-embd 512       # GPUs: NCCL, one GPU per rank
+    torchrun --nproc_per_node 8 examples/train_ep.py --steps 200 --dense fsdp       # the dense parameters sharded
 
-Every rank holds the attention, norms, embeddings and routers (replicated, averaged by DDP) and 1/P of each
-layer's experts (ExpertParallelMoEMLP); each rank reads its own batches. All ranks start from the weights of
-one single-process model (same seed), cut to their experts; at the end the expert shards are gathered into a
-single-process checkpoint that `benchmarks/gpt.py`'s GPT with `triton_moe.MoEMLP` loads.
+Every rank holds 1/P of each layer's experts (ExpertParallelMoEMLP) and reads its own batches. The attention,
+norms, embeddings and routers are replicated and averaged by DDP (`--dense ddp`, `data_parallel`), or sharded by
+FSDP2, one group per block (`--dense fsdp`, `fully_shard_dense`). All ranks start from the weights of one
+single-process model (same seed), cut to their experts; at the end the shards are gathered into a single-process
+checkpoint that `triton_moe/testing/gpt.py`'s GPT with `triton_moe.MoEMLP` loads.
 """
 
 import argparse
@@ -19,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from triton_moe import MoEConfig, MoEMLP
-from triton_moe.expert_parallel import ExpertParallelMoEMLP, data_parallel, gather_state_dict, shard_state_dict
+from triton_moe.expert_parallel import (ExpertParallelMoEMLP, data_parallel, fsdp_param_groups, fully_shard_dense,
+                                        gather_state_dict, shard_state_dict)
 from triton_moe.testing.gpt import GPT, GPTConfig, get_batch, load_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +39,8 @@ def parse_args():
                         help="count:width,... (CPU 2:64,2:32; GPU 4:512,4:256); experts split evenly over ranks")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--dense", choices=("ddp", "fsdp"), default="ddp",
+                        help="the dense parameters and routers: replicated under DDP, or sharded by FSDP2")
     parser.add_argument("--data", default=str(ROOT / "data" / "classics.txt"))
     parser.add_argument("--save", default=None, help="write the gathered single-process checkpoint here")
     args = parser.parse_args()
@@ -57,17 +62,22 @@ def main():
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else "cpu"
     if backend == "nccl":
         torch.cuda.set_device(device)
-    ep_group = dist.new_group()  # the experts' exchanges on a communicator of their own, apart from DDP's
+    ep_group = dist.new_group()  # the experts' exchanges on a communicator of their own, apart from DDP's or FSDP's
 
     moe = MoEConfig(expert_sizes=args.expert_sizes, num_active_experts=args.top_k, hidden_size=args.n_embd)
     config = GPTConfig(moe=moe, n_layer=args.n_layer, n_head=max(args.n_embd // 64, 1), n_embd=args.n_embd,
                        block_size=args.block_size)
     torch.manual_seed(0)  # the same single-process weights on every rank
     global_state = GPT(config, MoEMLP).state_dict()
-    model = GPT(config, functools.partial(ExpertParallelMoEMLP, process_group=ep_group))
-    model.load_state_dict(shard_state_dict(model, global_state))
-    model = data_parallel(model.to(device))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    gpt = GPT(config, functools.partial(ExpertParallelMoEMLP, process_group=ep_group)).to(device)
+    gpt.load_state_dict(shard_state_dict(gpt, global_state))
+    if args.dense == "fsdp":
+        model = fully_shard_dense(gpt, modules=gpt.transformer.h)  # shards gpt in place
+        params = fsdp_param_groups(model.parameters())  # FSDP's DTensors and the experts apart, for foreach
+    else:
+        model = data_parallel(gpt)
+        params = model.parameters()
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     data = load_bytes(Path(args.data))
     generator = torch.Generator().manual_seed(1000 + rank)  # each rank its own batches
@@ -87,7 +97,7 @@ def main():
             print(f"step {step}: loss {mean_loss.item() / world_size:.4f}, "
                   f"{tokens / (time.perf_counter() - begin):.0f} tokens/s over {world_size} ranks")
 
-    checkpoint = gather_state_dict(model.module)  # a collective: every rank takes part
+    checkpoint = gather_state_dict(gpt)  # a collective: every rank takes part
     if rank == 0 and args.save:
         torch.save(checkpoint, args.save)
         print(f"wrote the single-process checkpoint {args.save}")

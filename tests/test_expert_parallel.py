@@ -1,8 +1,11 @@
 """ExpertParallelMoEMLP over 2 and 4 processes (gloo on the CPU, NCCL where there is a GPU per rank) against the
 single-process MoEMLP on the same global weights: each rank's output and input gradient, and the gathered
-expert gradients and all-reduced router gradient. Plus the setup errors, raised before any collective, and the
-example training script under torchrun."""
+expert gradients and all-reduced router gradient. A small GPT with expert-parallel MoE layers and its dense
+parameters under FSDP2 (fully_shard_dense) against the single-process GPT: outputs, every gradient, an optimizer
+step and the gathered checkpoint. Plus the setup errors, raised before any collective, and the example training
+script under torchrun."""
 
+import functools
 import os
 import socket
 import subprocess
@@ -13,14 +16,23 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 import triton_moe
-from conftest import DEVICE, assert_close, make_input, make_layer
+from conftest import DEVICE, assert_close, gpu_only, make_input, make_layer
 from triton_moe import MoEConfig
-from triton_moe.expert_parallel import ExpertParallelMoEMLP, data_parallel, split_experts
+from triton_moe.expert_parallel import (ExpertParallelMoEMLP, data_parallel, fsdp_param_groups, fully_shard_dense,
+                                        gather_state_dict, shard_state_dict, split_experts)
+from triton_moe.testing.ground_truth import max_rel_error
+from triton_moe.testing.gpt import GPT, GPTConfig
 
 EXPERT_SIZES = [(2, 64), (2, 48), (4, 16)]  # 8 experts, variable widths
 HIDDEN = 32
+# The GPT under FSDP and expert parallelism computes the single-process GPT's fp32 math in other summation orders
+# (gradients averaged over the ranks, the experts' rows in another order): they agree to about 1e-6 of the largest
+# element, and the tolerance is ten times that.
+FSDP_MAX_REL = 1e-5
 
 # name -> config overrides, the expert ranges per world size (None: an even split), tokens on each rank,
 # experts no token is routed to, whether the layer runs under `data_parallel` (DDP) on a group of its own.
@@ -37,7 +49,7 @@ CASES = {
 }
 
 
-def run_case(case, rank, world_size, ep_group):
+def run_case(case, rank, world_size, ep_group, dtype):
     config = MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN,
                        activation=case["activation"])
     reference = make_layer(triton_moe.MoEMLP, config, torch.float32)  # the same weights on every rank
@@ -58,13 +70,14 @@ def run_case(case, rank, world_size, ep_group):
     results = []
     for layer, module in ((reference, reference), (model, ep)):
         x_leaf = x.clone().requires_grad_()
-        out = layer(x_leaf)
+        with torch.autocast(DEVICE, dtype, enabled=dtype != torch.float32):
+            out = layer(x_leaf)
         ((out * upstream).sum() + module.aux_loss).backward()
         results.append((out, x_leaf.grad))
     (ref_out, ref_dx), (ep_out, ep_dx) = results
     for name, got, want in (("output", ep_out, ref_out), ("grad x", ep_dx, ref_dx)):
         if want.numel():
-            assert_close(f"rank {rank}: {name}", got, want, torch.float32)
+            assert_close(f"rank {rank}: {name}", got, want, dtype)
         else:
             assert got.shape == want.shape
 
@@ -81,7 +94,7 @@ def run_case(case, rank, world_size, ep_group):
             got[name] = ep.gather_expert_rows(getattr(ep, name).grad)
     for name in want:
         dist.all_reduce(want[name])
-        assert_close(f"rank {rank}: grad {name}", got[name], want[name] * scale, torch.float32)
+        assert_close(f"rank {rank}: grad {name}", got[name], want[name] * scale, dtype)
     for name in case["starved"]:
         offsets = config.expert_width_offsets
         assert got["w1"][offsets[name]:offsets[name + 1]].abs().max() == 0
@@ -104,21 +117,88 @@ def check_mistakes_are_errors(rank):
         ep.load_global_state_dict(triton_moe.MoEMLP(other_layout).state_dict())
 
 
-def worker(rank, world_size, port):
+def check_layer(rank, world_size, dtype):
+    with pytest.raises(ValueError, match="one \\(start, end\\) per rank"):
+        ExpertParallelMoEMLP(MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN),
+                             expert_ranges=[(0, 8)] * (world_size + 1))
+    ep_group = dist.new_group()  # the expert exchanges apart from DDP's all-reduces
+    for case in CASES.values():
+        run_case(case, rank, world_size, None if not case["ddp"] else ep_group, dtype)
+    check_mistakes_are_errors(rank)
+
+
+def assert_same_math(name, got, want):
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = max_rel_error(got, want)  # NaN never passes
+    assert err <= FSDP_MAX_REL, f"{name}: max rel error {err:.3g} > {FSDP_MAX_REL}"
+
+
+def check_fully_shard(rank, world_size):
+    """A GPT with an expert-parallel MoE layer (uneven expert ranges, variable widths), its dense parameters and
+    router under fully_shard_dense (the block one FSDP group, the rest another), against the single-process GPT on
+    the same weights, in fp32: each rank's logits and loss, every gradient after FSDP's reduce-scatter and the
+    experts' division, one SGD step, and the gathered checkpoint. The reference's gradient is the mean of its
+    gradients on the ranks' batches, as the single-process model's on the batches together (an aux loss per batch)."""
+    ranges = {2: [(0, 3), (3, 8)], 4: [(0, 1), (1, 4), (4, 6), (6, 8)]}[world_size]
+    moe = MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN, activation="swiglu")
+    config = GPTConfig(moe=moe, n_layer=1, n_head=2, n_embd=HIDDEN, block_size=8)
+    torch.manual_seed(0)
+    reference = GPT(config, triton_moe.MoEMLP).to(DEVICE)
+    ep_group = dist.new_group()  # the expert exchanges apart from FSDP's collectives
+    model = GPT(config, functools.partial(ExpertParallelMoEMLP, process_group=ep_group, expert_ranges=ranges))
+    fully_shard_dense(model.to(DEVICE), modules=model.transformer.h)
+    model.load_state_dict(shard_state_dict(model, reference.state_dict()))  # the dense ones distributed
+    assert isinstance(model.lm_head.weight, DTensor) and isinstance(model.transformer.h[0].mlp.router.weight, DTensor)
+    assert not isinstance(model.transformer.h[0].mlp.w1, DTensor)
+
+    generator = torch.Generator().manual_seed(100 + rank)
+    idx, targets = torch.randint(256, (2, 1 + rank % 2, 8), generator=generator).to(DEVICE)  # (B, T) each, B 1 or 2
+    results = []
+    for net in (reference, model):
+        logits, loss = net(idx, targets)  # (B, T, vocab), []
+        loss.backward()
+        results.append((logits, loss))
+    (ref_logits, ref_loss), (ep_logits, ep_loss) = results
+    assert_same_math(f"rank {rank}: logits", ep_logits, ref_logits)
+    assert_same_math(f"rank {rank}: loss", ep_loss, ref_loss)
+    for param in reference.parameters():  # the single-process gradient of the mean of the ranks' losses
+        dist.all_reduce(param.grad)
+        param.grad /= world_size
+
+    expert_layers = {name: layer for name, layer in model.named_modules() if isinstance(layer, ExpertParallelMoEMLP)}
+    reference_params = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        layer_name, _, short_name = name.rpartition(".")
+        if isinstance(param, DTensor):
+            got = param.grad.full_tensor()
+        else:
+            assert short_name in ("w1", "v1", "w2"), f"{name} is not sharded by FSDP"
+            got = expert_layers[layer_name].gather_expert_rows(param.grad)
+        assert_same_math(f"rank {rank}: grad {name}", got, reference_params[name].grad)
+
+    # foreach, as on a GPU by default: it needs the DTensors and the rank-local experts in param groups apart
+    torch.optim.SGD(fsdp_param_groups(model.parameters()), lr=0.5, foreach=True).step()
+    torch.optim.SGD(reference.parameters(), lr=0.5, foreach=True).step()
+    checkpoint = gather_state_dict(model)
+    for name, want in reference.state_dict().items():
+        assert not isinstance(checkpoint[name], DTensor), name
+        assert_same_math(f"rank {rank}: {name} after a step", checkpoint[name], want)
+
+    unsharded = GPT(config, functools.partial(ExpertParallelMoEMLP, process_group=ep_group))
+    with pytest.raises(ValueError, match="modules holds an MoE layer's router"):
+        fully_shard_dense(unsharded, modules=[unsharded.transformer.h[0].mlp.router])
+    with pytest.raises(ValueError, match="mesh must be 1-D over the ranks"):
+        fully_shard_dense(unsharded, mesh=init_device_mesh(DEVICE, (1, world_size)))
+
+
+def worker(rank, world_size, port, backend, check, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # the processes share the machine's cores
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
-        with pytest.raises(ValueError, match="one \\(start, end\\) per rank"):
-            ExpertParallelMoEMLP(MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN),
-                                 expert_ranges=[(0, 8)] * (world_size + 1))
-        ep_group = dist.new_group()  # the expert exchanges apart from DDP's all-reduces
-        for name, case in CASES.items():
-            run_case(case, rank, world_size, None if not case["ddp"] else ep_group)
-        check_mistakes_are_errors(rank)
+        check(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
 
@@ -129,11 +209,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def spawn(check, backend, world_size, *args):
+    """Run `check(rank, world_size, *args)` in `world_size` processes of one `backend` group: gloo where no GPU is
+    visible (the kernels run on the CPU in Triton's interpreter), NCCL with a GPU per rank; skipped elsewhere."""
+    if backend == "gloo" and torch.cuda.is_available():
+        pytest.skip("gloo runs the kernels on CPU tensors, in Triton's interpreter, which is used where no GPU is "
+                    "visible")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        pytest.skip(f"NCCL needs {world_size} CUDA devices, {torch.cuda.device_count()} visible")
+    mp.spawn(worker, args=(world_size, free_port(), backend, check, args), nprocs=world_size, join=True)
+
+
+# bf16 through autocast, as training runs it: the parameters stay fp32, the expert GEMMs and exchanges run in bf16
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="float32"),
+                                   pytest.param(torch.bfloat16, marks=gpu_only, id="bfloat16")])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_matches_single_process_layer(world_size):
-    if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
-        pytest.skip(f"needs {world_size} GPUs for NCCL (or no GPU, for gloo on the CPU)")
-    mp.spawn(worker, args=(world_size, free_port()), nprocs=world_size, join=True)
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_matches_single_process_layer(backend, world_size, dtype):
+    spawn(check_layer, backend, world_size, dtype)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_fully_shard_dense_matches_single_process_gpt(backend, world_size):
+    spawn(check_fully_shard, backend, world_size)
 
 
 @pytest.mark.parametrize("num_experts, world_size, expert_ranges, match", [
@@ -159,12 +258,13 @@ def test_without_process_group_raises():
         ExpertParallelMoEMLP(config)
 
 
-def test_train_example_runs_under_torchrun():
+@pytest.mark.parametrize("dense", ["ddp", "fsdp"])
+def test_train_example_runs_under_torchrun(dense):
     if torch.cuda.is_available() and torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs for NCCL (or no GPU, for gloo on the CPU)")
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(free_port()), str(root / "examples" / "train_ep.py"),
-                             "--steps", "2"], capture_output=True, text=True, timeout=300, cwd=root)
+                             "--steps", "2", "--dense", dense], capture_output=True, text=True, timeout=300, cwd=root)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "step 1: loss" in result.stdout

@@ -11,13 +11,16 @@ forward on a rank with N local tokens (k = top-k, R = N * k assignments, P ranks
     return           the reverse all_to_all_single -> [R, H], in this rank's sorted order
     combine          routing weights applied in fp32, each token's k rows summed in slot order -> [N, H]
 The backward runs both exchanges in reverse (`AllToAll.backward`). An expert's gradient is the gradient of the
-sum of every rank's loss; the router's gradient is this rank's only (all-reduce it, e.g. under DDP:
-`data_parallel` does both).
+sum of every rank's loss; the router's gradient is this rank's only. Data parallelism over the same ranks averages
+the router's and divides the experts' by P: `data_parallel` (DDP) or `fully_shard_dense` (FSDP2) does both.
 """
+
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from triton_moe.config import MoEConfig
 from triton_moe.layer import MoELayer
@@ -217,20 +220,27 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
 
 def shard_state_dict(model: nn.Module, global_state_dict: dict) -> dict:
     """The state_dict of the single-process twin of `model` (MoEMLP where `model` has ExpertParallelMoEMLP),
-    with each expert-parallel layer's w1, v1, w2 cut down to this rank's rows: for `model.load_state_dict`."""
+    with each expert-parallel layer's w1, v1, w2 cut down to this rank's rows, and each tensor that FSDP shards in
+    `model` (a DTensor in its state_dict) distributed as there: for `model.load_state_dict`."""
     local = dict(global_state_dict)
     for prefix, layer in _expert_layers(model):
         for name in EXPERT_PARAMETERS:
             if prefix + name in local:
                 local[prefix + name] = local[prefix + name][layer.local_rows]
+    for name, current in model.state_dict().items():
+        if isinstance(current, DTensor) and name in local:
+            # every rank holds the whole tensor: each keeps its own shard, without communication
+            local[name] = distribute_tensor(local[name], current.device_mesh, current.placements, src_data_rank=None)
     return local
 
 
 @torch.no_grad()
 def gather_state_dict(model: nn.Module) -> dict:
-    """`model.state_dict()` with every expert-parallel layer's shards gathered into the global w1, v1, w2: the
-    single-process twin's state_dict (a checkpoint), on every rank. A collective: every rank calls it."""
-    state = model.state_dict()
+    """`model.state_dict()` with every expert-parallel layer's shards gathered into the global w1, v1, w2, and FSDP's
+    DTensors into whole tensors: the single-process twin's state_dict (a checkpoint), on every rank. A collective:
+    every rank calls it."""
+    state = {name: value.full_tensor() if isinstance(value, DTensor) else value
+             for name, value in model.state_dict().items()}
     for prefix, layer in _expert_layers(model):
         for name in EXPERT_PARAMETERS:
             if getattr(layer, name) is not None:
@@ -240,6 +250,21 @@ def gather_state_dict(model: nn.Module) -> dict:
 
 def _rank_local_buffer_names(model: nn.Module) -> list[str]:
     return [prefix + name for prefix, _ in _expert_layers(model) for name in LOCAL_BUFFERS]
+
+
+def _expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    params = dict(model.named_parameters())
+    return [params[name] for name in expert_parameter_names(model)]
+
+
+def _average_expert_gradients(experts: list[nn.Parameter], world_size: int) -> None:
+    """Divide the experts' gradients by `world_size` as backward computes them.
+
+    Each is the gradient of the sum of the ranks' losses; data parallelism averages the other parameters' over the
+    ranks, so this makes every gradient that of the mean of the ranks' losses (EP and DP over the same ranks).
+    """
+    for param in experts:
+        param.register_hook(lambda grad: grad / world_size)
 
 
 def data_parallel(model: nn.Module, process_group=None, **ddp_kwargs) -> nn.parallel.DistributedDataParallel:
@@ -253,11 +278,67 @@ def data_parallel(model: nn.Module, process_group=None, **ddp_kwargs) -> nn.para
     if isinstance(model, ExpertParallelMoEMLP):  # DDP names a root module's parameters inconsistently
         raise ValueError("data_parallel: pass a model that holds the ExpertParallelMoEMLP layers, not a layer")
     _, world_size = _group_rank_and_size(process_group)
-    names = expert_parameter_names(model)
     # The local experts' layout buffers differ between ranks too: DDP must not broadcast rank 0's over them.
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, names + _rank_local_buffer_names(model))
-    params = dict(model.named_parameters())
-    for name in names:
-        params[name].register_hook(lambda grad: grad / world_size)
+        model, expert_parameter_names(model) + _rank_local_buffer_names(model))
+    _average_expert_gradients(_expert_parameters(model), world_size)
     return nn.parallel.DistributedDataParallel(model, process_group=process_group, **ddp_kwargs)
+
+
+def fully_shard_dense(model: nn.Module, mesh=None, modules: Iterable[nn.Module] = (), **fsdp_kwargs) -> nn.Module:
+    """`model` under FSDP2 (`torch.distributed.fsdp.fully_shard`), its expert-parallel experts left rank-local.
+
+    fully_shard runs on each of `modules` in order, inner ones first (e.g. the transformer blocks: one all-gather
+    and one reduce-scatter each), then on `model`, always with the expert layers' w1, v1, w2 as `ignored_params`:
+    FSDP shards every other parameter (the routers included) over `mesh` and averages its gradient over the ranks;
+    the experts' gradients are divided by the mesh's size instead, as under `data_parallel`. `mesh`: a 1-D
+    DeviceMesh over the ranks of every expert layer's process group (default: every rank, on the GPUs where there
+    are some); the expert layers should still use a group of their own (`dist.new_group()`), apart from FSDP's.
+    An MoE layer reads its router's weight without calling the router: shard the layer or a module that holds it,
+    never the router alone. Other keyword arguments go to fully_shard (`mp_policy`, `reshard_after_forward`).
+
+    Load the weights before (`shard_state_dict` also distributes them after); give the optimizer
+    `fsdp_param_groups(model.parameters())`. Returns `model`, sharded in place.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("fully_shard_dense: model is under DDP (data_parallel) already, which would average the "
+                         "dense gradients a second time; use one of the two")
+    modules = list(modules)
+    layers = [layer for _, layer in _expert_layers(model)]
+    if any(module is layer.router for module in modules for layer in layers):
+        raise ValueError("fully_shard_dense: modules holds an MoE layer's router, whose forward the layer never "
+                         "calls, so FSDP would never gather its weight; shard the layer or a module holding it")
+    if mesh is None:
+        mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
+    mesh_ranks = sorted(mesh.mesh.flatten().tolist())
+    for layer in layers:
+        group = layer.process_group if layer.process_group is not None else dist.group.WORLD
+        expert_ranks = sorted(dist.get_process_group_ranks(group))
+        if mesh.ndim != 1 or mesh_ranks != expert_ranks:
+            raise ValueError(f"fully_shard_dense: mesh must be 1-D over the ranks of the expert layers' process "
+                             f"group {expert_ranks}, got a {mesh.ndim}-D mesh over {mesh_ranks}")
+    experts = _expert_parameters(model)
+    for module in [*modules, model]:
+        fully_shard(module, mesh=mesh, ignored_params=set(experts), **fsdp_kwargs)
+    _average_expert_gradients(experts, mesh.size())
+    return model
+
+
+def fsdp_param_groups(params) -> list[dict]:
+    """An optimizer's param groups for a model under `fully_shard_dense`: `params` (parameters, or param-group
+    dicts) with each group split in two, FSDP's DTensors and the rank-local tensors (the experts), its options
+    kept in both. foreach and fused optimizer steps (the default on a GPU) refuse a group that mixes the two."""
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    split = []
+    for group in groups:
+        group_params = list(group["params"])
+        for sharded in (True, False):
+            part = [param for param in group_params if isinstance(param, DTensor) == sharded]
+            if part:
+                split.append({**group, "params": part})
+    return split
