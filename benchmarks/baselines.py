@@ -34,7 +34,7 @@ class LoopMoE(MoELayer):
             h_up = x_e @ self.v1[rows].to(x.dtype).T if cfg.is_gated else None
             h_act = apply_activation(cfg.activation, x_e @ self.w1[rows].to(x.dtype).T, h_up)
             y_e = h_act @ self.w2[rows].to(x.dtype)
-            output.index_add_(0, tokens, y_e.float() * routing.expert_weights[tokens, slots][:, None])
+            output.index_add_(0, tokens, y_e.float() * routing.routing_weights[tokens, slots][:, None])
         return output.to(x.dtype)
 
 
@@ -45,7 +45,7 @@ class GroupedMMMoE(MoELayer):
         cfg = self.config
         sort = sort_by_expert(routing.expert_indices, cfg.num_experts)
         x_sorted = x[sort.row_to_token]  # [R, H]
-        row_weights = routing.expert_weights.flatten()[sort.row_to_flat]  # [R]
+        sorted_routing_weights = routing.routing_weights.flatten()[sort.row_to_flat]  # [R]
         row_offsets = sort.expert_row_offsets.tolist()  # host values to slice each width class's rows
         y_parts, first_expert = [], 0
         for count, width in cfg.expert_sizes:
@@ -63,7 +63,7 @@ class GroupedMMMoE(MoELayer):
             h_act = apply_activation(cfg.activation, h_pre, h_up)
             y_parts.append(torch._grouped_mm(h_act, as_groups(self.w2), offs=group_ends))
             first_expert += count
-        y_sorted = torch.cat(y_parts) * row_weights[:, None].to(x.dtype)  # [R, H]
+        y_sorted = torch.cat(y_parts) * sorted_routing_weights[:, None].to(x.dtype)  # [R, H]
         return torch.zeros_like(x).index_add_(0, sort.row_to_token, y_sorted)
 
 
@@ -162,5 +162,5 @@ class ScatterMoEMoE(nn.Module):
         routing = route(x_flat, self.router.weight, self.config)
         self.aux_loss = routing.aux_loss
         # ScatterMoE's combine multiplies the routing weights into its output as a matmul, in the output's dtype.
-        output = self.experts(x_flat, routing.expert_weights.to(x.dtype), routing.expert_indices)  # [N, H]
+        output = self.experts(x_flat, routing.routing_weights.to(x.dtype), routing.expert_indices)  # [N, H]
         return output.view(x.shape)

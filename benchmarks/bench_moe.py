@@ -14,7 +14,8 @@ time, which against the layer's time shows how much of it is launch overhead.
 import torch
 import torch.nn.functional as F
 from harness import (DTYPES, build_layer, device, environment, forward_backward_step, kernel_launches, make_config,
-                     parse_args, time_ms, triton_operands)  # first: it imports triton_moe (interpreter on CPU-only hosts)
+                     parse_args, time_ms, triton_operands)  # first: it imports triton_moe (the interpreter
+# on CPU-only hosts)
 
 import stk
 from triton_moe.reference import topology_var
@@ -34,14 +35,14 @@ def triton_steps(layer, x):
         "sort by expert": lambda: fused_sort_by_expert(o.routing.expert_indices, cfg.num_experts,
                                                        o.routing.block_offsets),
         "up GEMM (gather, activation and routing weight fused; x's rows copied where kept)":
-            lambda: kernels.up_projection(x, o.w1, o.v1, sort.row_to_token, layout, cfg.activation, o.expert_weights,
-                                          row_weight_index=sort.row_to_flat, x_rows=o.x_rows),
+            lambda: kernels.up_projection(x, o.w1, o.v1, sort.row_to_token, layout, cfg.activation, o.routing_weights,
+                                          routing_weight_index=sort.row_to_flat, sorted_x=o.sorted_x),
         "down GEMM": lambda: kernels.down_projection(o.h_act, o.w2, layout),
         "combine": lambda: kernels.combine_rows(o.y_rows, sort.flat_to_row, top_k),
         "bwd: down dH (+ activation grad, routing-weight grads; grad_out's rows copied where it pays off)":
             lambda: kernels.down_projection_backward(
-                o.grad_out, o.w2, o.h_pre, o.h_up, sort.row_to_token, layout, o.expert_weights,
-                cfg.activation, row_weight_index=sort.row_to_flat, grad_out_rows=o.grad_out_rows),
+                o.grad_out, o.w2, o.h_pre, o.h_up, sort.row_to_token, layout, o.routing_weights,
+                cfg.activation, routing_weight_index=sort.row_to_flat, sorted_grad_out=o.sorted_grad_out),
         "bwd: dW2": lambda: kernels.weight_grad(o.h_act, None, *o.dw2_rows, layout),
         "bwd: dX rows": lambda: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, layout),
         "bwd: dX combine": lambda: kernels.combine_rows(o.dx_rows, sort.flat_to_row, top_k),
@@ -76,7 +77,7 @@ def reference_steps(layer, x):
     act = lambda h: apply_activation(cfg.activation, h, h_up)
     h_act = stk.Matrix(topology.size(), act(h_pre.data), rows, columns, offsets, *transposed)
     y_padded = stk.ops.dsd(h_act, w2)
-    row_weights = routing.expert_weights.flatten()[sort.row_to_flat]
+    routing_weights = routing.routing_weights.flatten()[sort.row_to_flat]
     k = cfg.num_active_experts
     return {
         "routing (router GEMM, softmax, top-k, aux loss)": lambda: route(x, layer.router.weight, cfg),
@@ -94,7 +95,7 @@ def reference_steps(layer, x):
         "up GEMM (sdd)": lambda: stk.ops.sdd(x_padded, w1.t(), topology),
         "activation": lambda: act(h_pre.data),
         "down GEMM (dsd)": lambda: stk.ops.dsd(h_act, w2),
-        "un-pad + weight + combine": lambda: (y_padded[padded_rows].float() * row_weights[:, None])[
+        "un-pad + weight + combine": lambda: (y_padded[padded_rows].float() * routing_weights[:, None])[
             sort.flat_to_row].view(-1, k, cfg.hidden_size).sum(1),
     }
 

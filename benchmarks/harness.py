@@ -160,11 +160,11 @@ def model_flops(config: MoEConfig, x: torch.Tensor, router_weight: torch.Tensor)
 
 def triton_operands(layer, x) -> SimpleNamespace:
     """Every operand of every kernel of one Triton forward and backward on x, for timing kernels one by one:
-    routing, sort, layout, routed_width (Σ_e count_e * W_e), expert_weights ([N*k], read through sort.row_to_flat),
+    routing, sort, layout, routed_width (Σ_e count_e * W_e), routing_weights ([N*k], read through sort.row_to_flat),
     the weights, h_pre/h_up/h_act
-    (weighted), x_rows, y_rows, grad_out, grad_out_rows, dh_pre/dh_up, dx_rows, and dw1_rows / dw2_rows, the token
+    (weighted), sorted_x, y_rows, grad_out, sorted_grad_out, dh_pre/dh_up, dx_rows, and dw1_rows / dw2_rows, the token
     rows each weight gradient reads: (the sorted copy, None) or (x or grad_out, row_to_token), as the layer does.
-    (x_rows and grad_out_rows are None where the layer keeps no copy: tuning.sorted_rows_pay_off.)"""
+    (sorted_x and sorted_grad_out are None where the layer keeps no copy: tuning.sorted_rows_pay_off.)"""
     cfg = layer.config
     ops = SimpleNamespace(cfg=cfg, x=x, w1=layer.w1.detach(), w2=layer.w2.detach(),
                           v1=None if layer.v1 is None else layer.v1.detach())
@@ -174,20 +174,20 @@ def triton_operands(layer, x) -> SimpleNamespace:
     ops.layout = kernels.ExpertLayout(ops.sort.expert_row_offsets, layer.expert_width_offsets, cfg.expert_widths,
                                       num_rows)
     ops.routed_width = int((ops.sort.tokens_per_expert.cpu() * torch.tensor(cfg.expert_widths)).sum())
-    ops.expert_weights = ops.routing.expert_weights.detach().flatten()  # [N*k]
-    keep_x_rows = cfg.keep_sorted_x and kernels.sorted_rows_pay_off(x, num_rows)
-    ops.x_rows = x.new_empty(num_rows, x.shape[1]) if keep_x_rows else None  # [R, H]
-    ops.dw1_rows = (x, ops.sort.row_to_token) if ops.x_rows is None else (ops.x_rows, None)
+    ops.routing_weights = ops.routing.routing_weights.detach().flatten()  # [N*k]
+    keep_sorted_x = cfg.keep_sorted_x and kernels.sorted_rows_pay_off(x, num_rows)
+    ops.sorted_x = x.new_empty(num_rows, x.shape[1]) if keep_sorted_x else None  # [R, H]
+    ops.dw1_rows = (x, ops.sort.row_to_token) if ops.sorted_x is None else (ops.sorted_x, None)
     ops.h_pre, ops.h_up, ops.h_act = kernels.up_projection(
-        x, ops.w1, ops.v1, ops.sort.row_to_token, ops.layout, cfg.activation, ops.expert_weights,
-        row_weight_index=ops.sort.row_to_flat, x_rows=ops.x_rows)
+        x, ops.w1, ops.v1, ops.sort.row_to_token, ops.layout, cfg.activation, ops.routing_weights,
+        routing_weight_index=ops.sort.row_to_flat, sorted_x=ops.sorted_x)
     ops.y_rows = kernels.down_projection(ops.h_act, ops.w2, ops.layout)
     ops.grad_out = torch.randn_like(x)
-    ops.grad_out_rows = x.new_empty(num_rows, x.shape[1]) if kernels.sorted_rows_pay_off(x, num_rows) else None
-    ops.dw2_rows = (ops.grad_out, ops.sort.row_to_token) if ops.grad_out_rows is None else (ops.grad_out_rows, None)
+    ops.sorted_grad_out = x.new_empty(num_rows, x.shape[1]) if kernels.sorted_rows_pay_off(x, num_rows) else None
+    ops.dw2_rows = (ops.grad_out, ops.sort.row_to_token) if ops.sorted_grad_out is None else (ops.sorted_grad_out, None)
     ops.dh_pre, ops.dh_up, _ = kernels.down_projection_backward(
-        ops.grad_out, ops.w2, ops.h_pre, ops.h_up, ops.sort.row_to_token, ops.layout, ops.expert_weights,
-        cfg.activation, row_weight_index=ops.sort.row_to_flat, grad_out_rows=ops.grad_out_rows)
+        ops.grad_out, ops.w2, ops.h_pre, ops.h_up, ops.sort.row_to_token, ops.layout, ops.routing_weights,
+        cfg.activation, routing_weight_index=ops.sort.row_to_flat, sorted_grad_out=ops.sorted_grad_out)
     ops.dx_rows = kernels.input_grad_rows(ops.dh_pre, ops.w1, ops.dh_up, ops.v1, ops.layout)
     return ops
 

@@ -71,13 +71,13 @@ def roles(layer, x):
     gated_products = one_product * (2 if o.v1 is not None else 1)  # the roles that do both swiglu projections
     return {
         "up": (lambda b: kernels.up_projection(x, o.w1, o.v1, sort.row_to_token, layout, cfg.activation,
-                                               o.expert_weights, row_weight_index=sort.row_to_flat, x_rows=o.x_rows,
-                                               blocks=b),
+                                               o.routing_weights, routing_weight_index=sort.row_to_flat,
+                                               sorted_x=o.sorted_x, blocks=b),
                gated_products),
         "down": (lambda b: kernels.down_projection(o.h_act, o.w2, layout, blocks=b), one_product),
         "down bwd dH": (lambda b: kernels.down_projection_backward(
-            o.grad_out, o.w2, o.h_pre, o.h_up, sort.row_to_token, layout, o.expert_weights,
-            cfg.activation, row_weight_index=sort.row_to_flat, grad_out_rows=o.grad_out_rows, blocks=b),
+            o.grad_out, o.w2, o.h_pre, o.h_up, sort.row_to_token, layout, o.routing_weights,
+            cfg.activation, routing_weight_index=sort.row_to_flat, sorted_grad_out=o.sorted_grad_out, blocks=b),
             one_product),
         "dW2": (lambda b: kernels.weight_grad(o.h_act, None, *o.dw2_rows, layout, blocks=b), one_product),
         "dX rows": (lambda b: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, layout, blocks=b),

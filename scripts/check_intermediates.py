@@ -21,7 +21,7 @@ from triton_moe.testing.faults import inject_fault
 from triton_moe.testing.ground_truth import run_layer
 
 EXACT = ("expert_indices", "tokens_per_expert", "row_to_token")
-ROUTING = ("router_logits", "expert_weights", "aux_loss")  # fp32 whatever the expert dtype
+ROUTING = ("router_logits", "routing_weights", "aux_loss")  # fp32 whatever the expert dtype
 
 
 def forward_backward(layer, x, upstream) -> tuple[dict, dict]:

@@ -126,10 +126,10 @@ def assert_intermediates_match(got: dict, want: dict, dtype):
     """Every intermediate of `got` against `want`; integer ones exactly, per-expert lists expert by expert."""
     for name in ("expert_indices", "tokens_per_expert", "row_to_token"):
         assert torch.equal(got[name].cpu().long(), want[name].cpu().long()), f"{name} differs"
-    for name in ("router_logits", "expert_weights", "aux_loss"):
+    for name in ("router_logits", "routing_weights", "aux_loss"):
         # Routing runs in fp32 whatever the layer's dtype.
         assert_close(name, got[name], want[name], torch.float32)
-    for name in ("x_gathered", "y_expert", "output"):
+    for name in ("sorted_x", "y_expert", "output"):
         assert_close(name, got[name], want[name], dtype)
     for name in ("h_pre", "h_act", "h_up"):
         assert (name in got) == (name in want), f"{name} present in one result only"

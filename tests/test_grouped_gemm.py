@@ -62,7 +62,7 @@ class SortedRouting:
     flat_to_row: torch.Tensor  # (N * k,) int64
     row_to_flat: torch.Tensor  # (R,) int64, the inverse of flat_to_row
     flat_weights: torch.Tensor  # (N * k,) fp32, the routing weights in (token, slot) order
-    row_weights: torch.Tensor  # (R,) fp32, the same sorted by row: flat_weights[row_to_flat]
+    routing_weights: torch.Tensor  # (R,) fp32, the same sorted by row: flat_weights[row_to_flat]
     layout: ExpertLayout
 
     @property
@@ -101,7 +101,7 @@ def make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator):
         flat_to_row=torch.argsort(row_to_flat).to(DEVICE),
         row_to_flat=row_to_flat.to(DEVICE),
         flat_weights=flat_weights.to(DEVICE),
-        row_weights=flat_weights[row_to_flat].to(DEVICE),
+        routing_weights=flat_weights[row_to_flat].to(DEVICE),
         layout=layout,
     )
 
@@ -161,24 +161,24 @@ def reference_activation(h_pre, h_up, activation):
     return F.silu(h_pre) * h_up
 
 
-def reference_up_projection(x, w1, v1, routing, activation, row_weights=None):
+def reference_up_projection(x, w1, v1, routing, activation, routing_weights=None):
     """fp64 h_pre, h_up, h_act [R, max_width] (times each row's weight when given; NaN past each row's width); the
     activation reads h_pre and h_up rounded to x.dtype, as they are stored."""
     tokens = routing.row_to_token.long()
     h_pre = torch.full(routing.layout.hidden_shape, float("nan"), dtype=torch.float64, device=DEVICE)
     h_up = h_pre.clone() if v1 is not None else None
     for rows, weight_rows, width in routing.experts():
-        x_rows = x.double()[tokens[rows]]  # (count_e, H)
-        h_pre[rows, :width] = x_rows @ w1.double()[weight_rows].T
+        sorted_x = x.double()[tokens[rows]]  # (count_e, H)
+        h_pre[rows, :width] = sorted_x @ w1.double()[weight_rows].T
         if v1 is not None:
-            h_up[rows, :width] = x_rows @ v1.double()[weight_rows].T
+            h_up[rows, :width] = sorted_x @ v1.double()[weight_rows].T
 
     def as_stored(tensor):
         return None if tensor is None else tensor.to(x.dtype).double()
 
     h_act = reference_activation(as_stored(h_pre), as_stored(h_up), activation)  # (R, max_width)
-    if row_weights is not None:
-        h_act = h_act * row_weights.double()[:, None]
+    if routing_weights is not None:
+        h_act = h_act * routing_weights.double()[:, None]
     return h_pre, h_up, h_act
 
 
@@ -188,39 +188,39 @@ def reference_down_projection(h_act, w2, routing):
     )  # (R, H)
 
 
-def reference_down_backward(h_pre, h_up, w2, grad_out, routing, row_weights, activation):
-    """fp64 autograd of sum(grad_out * combined y), y[r] = row_weight[r] * act(h_pre, h_up)[r] @ w2_e summed over
-    each token's rows: the gradients for h_pre, h_up, row_weights and w2 (None where the input is None)."""
-    h_pre, h_up, w2, row_weights = (
-        None if tensor is None else tensor.double().requires_grad_() for tensor in (h_pre, h_up, w2, row_weights)
+def reference_down_backward(h_pre, h_up, w2, grad_out, routing, routing_weights, activation):
+    """fp64 autograd of sum(grad_out * combined y), y[r] = routing_weight[r] * act(h_pre, h_up)[r] @ w2_e summed over
+    each token's rows: the gradients for h_pre, h_up, routing_weights and w2 (None where the input is None)."""
+    h_pre, h_up, w2, routing_weights = (
+        None if tensor is None else tensor.double().requires_grad_() for tensor in (h_pre, h_up, w2, routing_weights)
     )
     tokens = routing.row_to_token.long()
     loss = 0.0
     for rows, weight_rows, width in routing.experts():
         h_act = reference_activation(h_pre[rows, :width], None if h_up is None else h_up[rows, :width], activation)
         y_rows = h_act @ w2[weight_rows]  # (count_e, H)
-        if row_weights is not None:
-            y_rows = y_rows * row_weights[rows, None]
+        if routing_weights is not None:
+            y_rows = y_rows * routing_weights[rows, None]
         loss = loss + (grad_out.double()[tokens[rows]] * y_rows).sum()
     loss.backward()
-    return [None if tensor is None else tensor.grad for tensor in (h_pre, h_up, row_weights, w2)]
+    return [None if tensor is None else tensor.grad for tensor in (h_pre, h_up, routing_weights, w2)]
 
 
 def reference_up_backward(dh_pre, dh_up, x, w1, v1, routing):
-    """fp64 dx_rows [R, H] and the weight gradients dw1, dv1 [TW, H] of h_pre = x_rows @ w1_e^T (h_up with v1)."""
+    """fp64 dx_rows [R, H] and the weight gradients dw1, dv1 [TW, H] of h_pre = sorted_x @ w1_e^T (h_up with v1)."""
     tokens = routing.row_to_token.long()
     dx_rows = torch.zeros((routing.num_rows, x.shape[1]), dtype=torch.float64, device=DEVICE)
     dw1 = torch.zeros(w1.shape, dtype=torch.float64, device=DEVICE)
     dv1 = torch.zeros(w1.shape, dtype=torch.float64, device=DEVICE)
     for rows, weight_rows, width in routing.experts():
-        x_rows = x.double()[tokens[rows]]  # (count_e, H)
+        sorted_x = x.double()[tokens[rows]]  # (count_e, H)
         dh_pre_e = dh_pre.double()[rows, :width]  # (count_e, W_e)
         dx_rows[rows] = dh_pre_e @ w1.double()[weight_rows]
-        dw1[weight_rows] = dh_pre_e.T @ x_rows
+        dw1[weight_rows] = dh_pre_e.T @ sorted_x
         if dh_up is not None:
             dh_up_e = dh_up.double()[rows, :width]
             dx_rows[rows] += dh_up_e @ v1.double()[weight_rows]
-            dv1[weight_rows] = dh_up_e.T @ x_rows
+            dv1[weight_rows] = dh_up_e.T @ sorted_x
     return dx_rows, dw1, dv1 if dh_up is not None else None
 
 
@@ -246,18 +246,18 @@ def random_up_grad_inputs(case, gated, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_row_weights", [True, False])
+@pytest.mark.parametrize("with_routing_weights", [True, False])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("case", CASES)
-def test_up_projection(case, activation, with_row_weights, dtype):
+def test_up_projection(case, activation, with_routing_weights, dtype):
     routing, hidden, num_tokens, generator = setup_case(case)
     x = random((num_tokens, hidden), dtype, generator)  # (N, H)
     w1 = random_weight(routing, hidden, dtype, generator)
     v1 = random_weight(routing, hidden, dtype, generator) if is_gated(activation) else None
-    row_weights = routing.row_weights if with_row_weights else None
+    routing_weights = routing.routing_weights if with_routing_weights else None
     h_pre, h_up, h_act = up_projection(x, w1, v1, routing.row_to_token, routing.layout, activation,
-                                       row_weights)
-    expected_pre, expected_up, expected_act = reference_up_projection(x, w1, v1, routing, activation, row_weights)
+                                       routing_weights)
+    expected_pre, expected_up, expected_act = reference_up_projection(x, w1, v1, routing, activation, routing_weights)
     assert_hidden_close(h_pre, expected_pre, routing, dtype)
     assert_hidden_close(h_act, expected_act, routing, dtype)
     if is_gated(activation):
@@ -285,14 +285,14 @@ def test_down_projection(case, dtype):
 def test_down_projection_backward(case, activation, dh_path, dtype, monkeypatch):
     take_dh_path(dh_path, monkeypatch)
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
-    dh_pre, dh_up, d_row_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.row_weights, activation
+    dh_pre, dh_up, d_routing_weights = down_projection_backward(
+        grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.routing_weights, activation
     )
-    expected_dh_pre, expected_dh_up, expected_d_row_weights, _ = reference_down_backward(
-        h_pre, h_up, w2, grad_out, routing, routing.row_weights, activation
+    expected_dh_pre, expected_dh_up, expected_d_routing_weights, _ = reference_down_backward(
+        h_pre, h_up, w2, grad_out, routing, routing.routing_weights, activation
     )
     assert_hidden_close(dh_pre, expected_dh_pre, routing, dtype)
-    assert_close(d_row_weights, expected_d_row_weights, dtype)
+    assert_close(d_routing_weights, expected_d_routing_weights, dtype)
     if is_gated(activation):
         assert_hidden_close(dh_up, expected_dh_up, routing, dtype)
     else:
@@ -305,21 +305,21 @@ def test_down_projection_backward_row_pass_in_column_steps(activation, monkeypat
     a program), of all four widths, and masks the rest."""
     monkeypatch.setattr(tuning, "PERMUTE_MAX_BLOCK_H", 16)
     routing, h_pre, h_up, w2, grad_out = random_down_inputs("mixed_widths", activation, torch.float32)
-    dh_pre, dh_up, d_row_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.row_weights, activation
+    dh_pre, dh_up, d_routing_weights = down_projection_backward(
+        grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.routing_weights, activation
     )
-    expected_dh_pre, expected_dh_up, expected_d_row_weights, _ = reference_down_backward(
-        h_pre, h_up, w2, grad_out, routing, routing.row_weights, activation
+    expected_dh_pre, expected_dh_up, expected_d_routing_weights, _ = reference_down_backward(
+        h_pre, h_up, w2, grad_out, routing, routing.routing_weights, activation
     )
     assert_hidden_close(dh_pre, expected_dh_pre, routing, torch.float32)
-    assert_close(d_row_weights, expected_d_row_weights, torch.float32)
+    assert_close(d_routing_weights, expected_d_routing_weights, torch.float32)
     if is_gated(activation):
         assert_hidden_close(dh_up, expected_dh_up, routing, torch.float32)
 
 
 @pytest.mark.parametrize("activation, dh_path", DH_PATHS)
 @pytest.mark.parametrize("case", ["mixed_widths", "expert_without_tokens"])
-def test_row_weights_through_an_index(case, activation, dh_path, monkeypatch):
+def test_routing_weights_through_an_index(case, activation, dh_path, monkeypatch):
     """Weights in (token, slot) order read through row_to_flat, as MoEMLP passes them, give bit for bit the h_act
     of the weights sorted by row, and the same routing-weight gradients, written back in (token, slot) order."""
     take_dh_path(dh_path, monkeypatch)
@@ -330,28 +330,28 @@ def test_row_weights_through_an_index(case, activation, dh_path, monkeypatch):
     w2 = random_weight(routing, hidden, torch.float32, generator)
     grad_out = random((num_tokens, hidden), torch.float32, generator)
     up_args = (x, w1, v1, routing.row_to_token, routing.layout, activation)
-    h_pre, h_up, h_act_sorted = up_projection(*up_args, routing.row_weights)
-    _, _, h_act_indexed = up_projection(*up_args, routing.flat_weights, row_weight_index=routing.row_to_flat)
+    h_pre, h_up, h_act_sorted = up_projection(*up_args, routing.routing_weights)
+    _, _, h_act_indexed = up_projection(*up_args, routing.flat_weights, routing_weight_index=routing.row_to_flat)
     assert same(h_act_indexed, h_act_sorted)
     down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout)
-    dh_pre_sorted, _, d_sorted = down_projection_backward(*down_args, routing.row_weights, activation)
+    dh_pre_sorted, _, d_sorted = down_projection_backward(*down_args, routing.routing_weights, activation)
     dh_pre_indexed, _, d_indexed = down_projection_backward(*down_args, routing.flat_weights, activation,
-                                                            row_weight_index=routing.row_to_flat)
+                                                            routing_weight_index=routing.row_to_flat)
     assert same(dh_pre_indexed, dh_pre_sorted)
     assert torch.equal(d_indexed, d_sorted[routing.flat_to_row])  # d_sorted is by row; d_indexed by (token, slot)
 
 
 @pytest.mark.parametrize("activation, dh_path", DH_PATHS)
-def test_down_projection_backward_without_row_weights(activation, dh_path, monkeypatch):
+def test_down_projection_backward_without_routing_weights(activation, dh_path, monkeypatch):
     take_dh_path(dh_path, monkeypatch)
     routing, h_pre, h_up, w2, grad_out = random_down_inputs("mixed_widths", activation, torch.float32)
-    dh_pre, dh_up, d_row_weights = down_projection_backward(
+    dh_pre, dh_up, d_routing_weights = down_projection_backward(
         grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, None, activation
     )
     expected_dh_pre, expected_dh_up, _, _ = reference_down_backward(
         h_pre, h_up, w2, grad_out, routing, None, activation
     )
-    assert d_row_weights is None
+    assert d_routing_weights is None
     assert_hidden_close(dh_pre, expected_dh_pre, routing, torch.float32)
     if is_gated(activation):
         assert_hidden_close(dh_up, expected_dh_up, routing, torch.float32)
@@ -400,12 +400,12 @@ def test_down_weight_grad_from_weighted_activations(case, activation, dtype):
     w2 = random_weight(routing, hidden, dtype, generator)
     grad_out = random((num_tokens, hidden), dtype, generator)
     h_pre, h_up, h_act_weighted = up_projection(x, w1, v1, routing.row_to_token, routing.layout, activation,
-                                                routing.flat_weights, row_weight_index=routing.row_to_flat)
+                                                routing.flat_weights, routing_weight_index=routing.row_to_flat)
     dw2, _ = weight_grad(h_act_weighted, None, grad_out, routing.row_to_token, routing.layout)
     recomputed_dw2, none = weight_grad(h_pre, h_up, grad_out, routing.row_to_token, routing.layout,
-                                       activation=activation, row_weights=routing.flat_weights,
-                                       row_weight_index=routing.row_to_flat)
-    expected_dw2 = reference_down_backward(h_pre, h_up, w2, grad_out, routing, routing.row_weights, activation)[3]
+                                       activation=activation, routing_weights=routing.flat_weights,
+                                       routing_weight_index=routing.row_to_flat)
+    expected_dw2 = reference_down_backward(h_pre, h_up, w2, grad_out, routing, routing.routing_weights, activation)[3]
     assert_close(dw2, expected_dw2, dtype)
     assert torch.equal(recomputed_dw2, dw2) and none is None
 
@@ -414,14 +414,14 @@ def test_down_weight_grad_from_weighted_activations(case, activation, dtype):
 @pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
 @pytest.mark.parametrize("case", CASES)
 def test_gathering_gemms_copy_their_rows(case, activation, dtype):
-    """up_projection's x_rows and down_projection_backward's grad_out_rows are exactly the token rows they gather,
+    """up_projection's sorted_x and down_projection_backward's sorted_grad_out are exactly the token rows they gather,
     in expert-sorted order, and asking for them leaves every other output as it was, bit for bit."""
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
     _, _, _, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
-    up_args = (x, w1, v1, routing.row_to_token, routing.layout, activation, routing.row_weights)
-    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.row_weights, activation)
-    for launcher, args, token_rows, copy_name in ((up_projection, up_args, x, "x_rows"),
-                                                  (down_projection_backward, down_args, grad_out, "grad_out_rows")):
+    up_args = (x, w1, v1, routing.row_to_token, routing.layout, activation, routing.routing_weights)
+    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.routing_weights, activation)
+    for launcher, args, token_rows, copy_name in ((up_projection, up_args, x, "sorted_x"),
+                                                  (down_projection_backward, down_args, grad_out, "sorted_grad_out")):
         rows = torch.full((routing.num_rows, token_rows.shape[1]), float("nan"), dtype=dtype, device=DEVICE)
         with_copy = launcher(*args, **{copy_name: rows})
         assert torch.equal(rows, sorted_rows(token_rows, routing))
@@ -464,14 +464,14 @@ def test_weights_by_tma_same_results(case, activation, dtype, monkeypatch):
         pytest.skip("this GPU has no TMA")
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
     _, _, _, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
-    up_args = (x, w1, v1, routing.row_to_token, routing.layout, activation, routing.row_weights)
-    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.row_weights, activation)
+    up_args = (x, w1, v1, routing.row_to_token, routing.layout, activation, routing.routing_weights)
+    down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.routing_weights, activation)
 
     def run():
-        x_rows = x.new_empty(routing.num_rows, x.shape[1])
-        grad_out_rows = grad_out.new_empty(routing.num_rows, grad_out.shape[1])
-        return [*up_projection(*up_args, x_rows=x_rows), x_rows,
-                *down_projection_backward(*down_args, grad_out_rows=grad_out_rows), grad_out_rows]
+        sorted_x = x.new_empty(routing.num_rows, x.shape[1])
+        sorted_grad_out = grad_out.new_empty(routing.num_rows, grad_out.shape[1])
+        return [*up_projection(*up_args, sorted_x=sorted_x), sorted_x,
+                *down_projection_backward(*down_args, sorted_grad_out=sorted_grad_out), sorted_grad_out]
 
     monkeypatch.setattr(tuning, "FUSED_DH_MIN_ROWS_X_HIDDEN", 0)  # relu² and gelu: TMA's tiles into the epilogue
     by_pointers = run()
@@ -505,25 +505,25 @@ def test_launchers_with_other_blocks(blocks, activation, dh_path, monkeypatch):
     dtype, gated = torch.float32, is_gated(activation)
     routing, h_pre, h_up, w2, grad_out = random_down_inputs("mixed_widths", activation, dtype)
     _, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs("mixed_widths", gated, dtype)
-    layout, row_to_token, row_weights = routing.layout, routing.row_to_token, routing.row_weights
+    layout, row_to_token, routing_weights = routing.layout, routing.row_to_token, routing.routing_weights
 
     h_pre_out, _, h_act = up_projection(
-        x, w1, v1, row_to_token, layout, activation, row_weights, blocks=blocks
+        x, w1, v1, row_to_token, layout, activation, routing_weights, blocks=blocks
     )
-    expected_pre, _, expected_act = reference_up_projection(x, w1, v1, routing, activation, row_weights)
+    expected_pre, _, expected_act = reference_up_projection(x, w1, v1, routing, activation, routing_weights)
     assert_hidden_close(h_pre_out, expected_pre, routing, dtype)
     assert_hidden_close(h_act, expected_act, routing, dtype)
     y = down_projection(h_act, w2, layout, blocks=blocks)
     assert_close(y, reference_down_projection(h_act, w2, routing), dtype)
 
-    expected_dh_pre, expected_dh_up, expected_d_row_weights, expected_dw2 = reference_down_backward(
-        h_pre, h_up, w2, grad_out, routing, row_weights, activation
+    expected_dh_pre, expected_dh_up, expected_d_routing_weights, expected_dw2 = reference_down_backward(
+        h_pre, h_up, w2, grad_out, routing, routing_weights, activation
     )
-    got_dh_pre, got_dh_up, d_row_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, row_to_token, layout, row_weights, activation, blocks=blocks
+    got_dh_pre, got_dh_up, d_routing_weights = down_projection_backward(
+        grad_out, w2, h_pre, h_up, row_to_token, layout, routing_weights, activation, blocks=blocks
     )
     assert_hidden_close(got_dh_pre, expected_dh_pre, routing, dtype)
-    assert_close(d_row_weights, expected_d_row_weights, dtype)
+    assert_close(d_routing_weights, expected_d_routing_weights, dtype)
     if gated:
         assert_hidden_close(got_dh_up, expected_dh_up, routing, dtype)
     else:
@@ -545,18 +545,18 @@ def run_all_launchers(case, activation, dtype):
     """Forward and backward through every launcher, with fixed random inputs; returns every output."""
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
     _, dh_pre, dh_up, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
-    layout, row_to_token, row_weights = routing.layout, routing.row_to_token, routing.row_weights
-    x_rows = x.new_empty(routing.num_rows, x.shape[1])
-    forward = up_projection(x, w1, v1, row_to_token, layout, activation, row_weights,
-                            x_rows=x_rows)
+    layout, row_to_token, routing_weights = routing.layout, routing.row_to_token, routing.routing_weights
+    sorted_x = x.new_empty(routing.num_rows, x.shape[1])
+    forward = up_projection(x, w1, v1, row_to_token, layout, activation, routing_weights,
+                            sorted_x=sorted_x)
     y = down_projection(forward[2], w2, layout)
-    grad_out_rows = grad_out.new_empty(routing.num_rows, grad_out.shape[1])
-    backward = down_projection_backward(grad_out, w2, h_pre, h_up, row_to_token, layout, row_weights, activation,
-                                        grad_out_rows=grad_out_rows)
-    dw2, _ = weight_grad(forward[2], None, grad_out_rows, None, layout)
+    sorted_grad_out = grad_out.new_empty(routing.num_rows, grad_out.shape[1])
+    backward = down_projection_backward(grad_out, w2, h_pre, h_up, row_to_token, layout, routing_weights, activation,
+                                        sorted_grad_out=sorted_grad_out)
+    dw2, _ = weight_grad(forward[2], None, sorted_grad_out, None, layout)
     dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, layout)
     dw1, dv1 = weight_grad(dh_pre, dh_up, x, row_to_token, layout)
-    return [*forward, x_rows, y, *backward, grad_out_rows, dw2, dx_rows, dw1, dv1]
+    return [*forward, sorted_x, y, *backward, sorted_grad_out, dw2, dx_rows, dw1, dv1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -581,13 +581,13 @@ def test_no_rows_launches_nothing(activation, monkeypatch):
     v1 = v1 if gated else None
 
     h_pre, h_up, h_act = up_projection(x, w1, v1, row_to_token, layout, activation,
-                                       routing.row_weights)
+                                       routing.routing_weights)
     assert h_pre.shape == h_act.shape == (0, 64) and (h_up is not None) == gated
     assert down_projection(h_act, w2, layout).shape == (0, hidden)
-    dh_pre, dh_up, d_row_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, row_to_token, layout, routing.row_weights, activation
+    dh_pre, dh_up, d_routing_weights = down_projection_backward(
+        grad_out, w2, h_pre, h_up, row_to_token, layout, routing.routing_weights, activation
     )
-    assert dh_pre.shape == (0, 64) and d_row_weights.shape == (0,) and (dh_up is not None) == gated
+    assert dh_pre.shape == (0, 64) and d_routing_weights.shape == (0,) and (dh_up is not None) == gated
     assert input_grad_rows(dh_pre, w1, dh_up, v1, layout).shape == (0, hidden)
     dw1, dv1 = weight_grad(dh_pre, dh_up, x, row_to_token, layout)
     dw2, _ = weight_grad(h_act, None, grad_out, None, layout)  # x and grad_out are [0, H], as sorted rows too
@@ -614,15 +614,15 @@ def test_invalid_arguments_raise_value_error():
         up_projection(x.T.contiguous().T, w1, None, row_to_token, layout, "gelu")
     with pytest.raises(ValueError, match="row_to_token"):
         up_projection(x, w1, None, row_to_token[1:], layout, "gelu")
-    with pytest.raises(ValueError, match="row_weights"):
-        up_projection(x, w1, None, row_to_token, layout, "gelu", routing.row_weights.half())
-    with pytest.raises(ValueError, match="x_rows"):
-        up_projection(x, w1, None, row_to_token, layout, "gelu", x_rows=x[:1])
-    with pytest.raises(ValueError, match="row_weight_index needs row_weights"):
-        up_projection(x, w1, None, row_to_token, layout, "gelu", row_weight_index=routing.row_to_flat)
-    with pytest.raises(ValueError, match="row_weight_index"):
+    with pytest.raises(ValueError, match="routing_weights"):
+        up_projection(x, w1, None, row_to_token, layout, "gelu", routing.routing_weights.half())
+    with pytest.raises(ValueError, match="sorted_x"):
+        up_projection(x, w1, None, row_to_token, layout, "gelu", sorted_x=x[:1])
+    with pytest.raises(ValueError, match="routing_weight_index needs routing_weights"):
+        up_projection(x, w1, None, row_to_token, layout, "gelu", routing_weight_index=routing.row_to_flat)
+    with pytest.raises(ValueError, match="routing_weight_index"):
         up_projection(x, w1, None, row_to_token, layout, "gelu", routing.flat_weights,
-                      row_weight_index=routing.row_to_flat[1:])
+                      routing_weight_index=routing.row_to_flat[1:])
     hidden_rows = random_hidden(routing, torch.float32, generator)
     with pytest.raises(ValueError, match="dh_up and v1"):
         input_grad_rows(hidden_rows, w1, None, w1, layout)
@@ -632,12 +632,13 @@ def test_invalid_arguments_raise_value_error():
         weight_grad(hidden_rows, None, sorted_rows(x, routing).half(), None, layout)
     with pytest.raises(ValueError, match="token_rows"):
         weight_grad(hidden_rows, None, sorted_rows(x, routing)[1:], None, layout)
-    with pytest.raises(ValueError, match="needs the row_weights"):
+    with pytest.raises(ValueError, match="needs the routing_weights"):
         weight_grad(hidden_rows, None, x, row_to_token, layout, activation="gelu")
     with pytest.raises(ValueError, match="hidden_rows2"):
-        weight_grad(hidden_rows, None, x, row_to_token, layout, activation="swiglu", row_weights=routing.row_weights)
-    with pytest.raises(ValueError, match="row_weights are for"):
-        weight_grad(hidden_rows, None, x, row_to_token, layout, row_weights=routing.row_weights)
+        weight_grad(hidden_rows, None, x, row_to_token, layout, activation="swiglu",
+                    routing_weights=routing.routing_weights)
+    with pytest.raises(ValueError, match="routing_weights are for"):
+        weight_grad(hidden_rows, None, x, row_to_token, layout, routing_weights=routing.routing_weights)
     with pytest.raises(ValueError, match="block_n"):
         GemmBlocks(block_m=32, block_n=8, block_k=32, num_warps=1, num_stages=1)
 

@@ -28,7 +28,7 @@ def op_arguments(config, activation, num_tokens=24):
     routing = route(x, layer.router.weight, config)
     sort = sort_by_expert(routing.expert_indices, config.num_experts)
     v1 = layer.v1.detach().clone().requires_grad_() if config.is_gated else None
-    tensors = [x.requires_grad_(), routing.expert_weights.flatten().detach().requires_grad_(),
+    tensors = [x.requires_grad_(), routing.routing_weights.flatten().detach().requires_grad_(),
                layer.w1.detach().clone().requires_grad_(), v1, layer.w2.detach().clone().requires_grad_()]
     return (*tensors, sort.row_to_token, sort.row_to_flat, sort.flat_to_row, sort.expert_row_offsets,
             layer.expert_width_offsets, config.expert_widths, activation, True)

@@ -42,7 +42,7 @@ def test_activations(activation):
 def test_unnormalized_weights():
     layer = make_layer(reference.MoEMLP, seed_config("8exp_variable", normalize_weights=False), torch.float32)
     got = check_against_loop(layer, make_input((NUM_TOKENS, 256), torch.float32), torch.float32)
-    assert not torch.allclose(got["expert_weights"].sum(-1), torch.ones(NUM_TOKENS, device=DEVICE))
+    assert not torch.allclose(got["routing_weights"].sum(-1), torch.ones(NUM_TOKENS, device=DEVICE))
 
 
 def test_3d_input_keeps_shape():

@@ -81,14 +81,14 @@ def test_fused_route_matches_route(num_experts, top_k, normalize_weights, num_to
     got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
     assert torch.equal(got.expert_indices, want.expert_indices)
     assert torch.equal(got.router_logits, want.router_logits)
-    assert_close("expert_weights", got.expert_weights, want.expert_weights)
+    assert_close("routing_weights", got.routing_weights, want.routing_weights)
     assert_close("aux_loss", got.aux_loss, want.aux_loss)
 
     upstream = torch.randn((num_tokens, top_k), generator=torch.Generator().manual_seed(1)).to(DEVICE)  # (N, k)
     # The aux loss is a mean over the tokens: times N, its gradient per token weighs as much as the weights'.
-    got_grads = torch.autograd.grad((got.expert_weights * upstream).sum() + num_tokens * got.aux_loss,
+    got_grads = torch.autograd.grad((got.routing_weights * upstream).sum() + num_tokens * got.aux_loss,
                                     (x, router_weight))
-    want_grads = torch.autograd.grad((want.expert_weights * upstream).sum() + num_tokens * want.aux_loss,
+    want_grads = torch.autograd.grad((want.routing_weights * upstream).sum() + num_tokens * want.aux_loss,
                                      (x, router_weight))
     for name, got_grad, want_grad in zip(("x", "router_weight"), got_grads, want_grads):
         assert_close(f"grad of {name}", got_grad, want_grad)
@@ -101,7 +101,7 @@ def test_gradient_reaching_the_logits_directly():
     upstream = torch.randn((300, 64), generator=torch.Generator().manual_seed(2)).to(DEVICE)  # (N, E)
     grads = []
     for routing in (fused_route(x, router_weight, config), route(x, router_weight, config)):
-        loss = routing.expert_weights.sum() + routing.aux_loss + (routing.router_logits * upstream).sum()
+        loss = routing.routing_weights.sum() + routing.aux_loss + (routing.router_logits * upstream).sum()
         grads.append(torch.autograd.grad(loss, (x, router_weight)))
     for name, got_grad, want_grad in zip(("x", "router_weight"), *grads):
         assert_close(f"grad of {name}", got_grad, want_grad)
@@ -117,7 +117,7 @@ def test_aux_loss_left_out_of_the_loss():
     config = make_config(64, 8)
     x, router_weight = make_router_inputs(300, 64)
     upstream = torch.randn((300, 8), generator=torch.Generator().manual_seed(2)).to(DEVICE)  # (N, k)
-    grads = [torch.autograd.grad((routing.expert_weights * upstream).sum(), (x, router_weight))
+    grads = [torch.autograd.grad((routing.routing_weights * upstream).sum(), (x, router_weight))
              for routing in (fused_route(x, router_weight, config), route(x, router_weight, config))]
     for name, got_grad, want_grad in zip(("x", "router_weight"), *grads):
         assert_close(f"grad of {name}", got_grad, want_grad)
@@ -179,7 +179,7 @@ def test_bf16_router_gemms_run_on_the_tensor_cores(monkeypatch):
     # Experts whose logits lie closer than the GEMMs' difference may swap; none do at this seed.
     assert torch.equal(got.expert_indices, want.expert_indices)
     upstream = torch.randn((num_tokens, top_k), generator=generator).to(DEVICE)  # (N, k)
-    grads = [torch.autograd.grad((r.expert_weights * upstream).sum() + num_tokens * r.aux_loss, (x, router_weight))
+    grads = [torch.autograd.grad((r.routing_weights * upstream).sum() + num_tokens * r.aux_loss, (x, router_weight))
              for r in (got, want)]
     assert splits == [torch.bfloat16]
     for name, got_grad, want_grad in zip(("x", "router_weight"), *grads):
@@ -230,7 +230,7 @@ def test_every_loop_takes_several_steps(monkeypatch):
     x, router_weight = make_router_inputs(150, num_experts)  # 3 blocks, the last one partial
     got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
     assert torch.equal(got.expert_indices, want.expert_indices)
-    assert_close("expert_weights", got.expert_weights, want.expert_weights)
+    assert_close("routing_weights", got.routing_weights, want.routing_weights)
     assert_close("aux_loss", got.aux_loss, want.aux_loss)
     want_sort = sort_by_expert(want.expert_indices, num_experts)
     assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.block_offsets), want_sort)
@@ -253,7 +253,7 @@ def test_small_batches_take_smaller_blocks(monkeypatch, num_tokens, block_tokens
     assert got.block_offsets.block_assignments == block_tokens * top_k
     assert got.block_offsets.block_expert_starts.shape == (-(-num_tokens // block_tokens), num_experts)
     assert torch.equal(got.expert_indices, want.expert_indices)
-    assert_close("expert_weights", got.expert_weights, want.expert_weights)
+    assert_close("routing_weights", got.routing_weights, want.routing_weights)
     assert_close("aux_loss", got.aux_loss, want.aux_loss)
     assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.block_offsets),
                        sort_by_expert(want.expert_indices, num_experts))
@@ -271,7 +271,7 @@ def test_ties_do_not_change_the_weights():
     got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
     lowest_first = torch.sort(got.router_logits, dim=1, descending=True, stable=True).indices[:, :top_k]
     assert torch.equal(got.expert_indices, lowest_first)
-    assert_close("expert_weights", got.expert_weights, want.expert_weights)
+    assert_close("routing_weights", got.routing_weights, want.routing_weights)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the softmax of a row of -inf is NaN
@@ -295,8 +295,8 @@ def test_results_are_reproducible():
     runs = []
     for _ in range(2):
         routing = fused_route(x, router_weight, config)
-        grads = torch.autograd.grad((routing.expert_weights.sum() + routing.aux_loss), (x, router_weight))
-        runs.append((routing.expert_weights, routing.aux_loss, *grads))
+        grads = torch.autograd.grad((routing.routing_weights.sum() + routing.aux_loss), (x, router_weight))
+        runs.append((routing.routing_weights, routing.aux_loss, *grads))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 
@@ -308,9 +308,9 @@ def test_no_tokens_launches_nothing(monkeypatch):
         monkeypatch.setattr(module, name, RefuseLaunch())
     x, router_weight = make_router_inputs(0, 8)
     routing = fused_route(x, router_weight, make_config(8, 2))
-    assert routing.expert_weights.shape == routing.expert_indices.shape == (0, 2)
+    assert routing.routing_weights.shape == routing.expert_indices.shape == (0, 2)
     assert routing.aux_loss.item() == 0
-    grads = torch.autograd.grad(routing.expert_weights.sum() + routing.aux_loss, (x, router_weight))
+    grads = torch.autograd.grad(routing.routing_weights.sum() + routing.aux_loss, (x, router_weight))
     assert grads[0].shape == (0, HIDDEN) and not grads[1].any()
     for block_offsets in (routing.block_offsets, None):
         sort = fused_sort_by_expert(routing.expert_indices, 8, block_offsets)
@@ -331,7 +331,7 @@ def test_launchers_name_the_bad_argument():
         ("top_k", lambda: route_kernels.topk_softmax(logits, 9, True, 0.0, 0.0)),
         ("top_k", lambda: route_kernels.topk_softmax(logits, 0, True, 0.0, 0.0)),
         ("z_loss_coef", lambda: route_kernels.topk_softmax(logits, 2, True, 0.0, -1.0)),
-        ("grad_expert_weights", lambda: route_kernels.topk_softmax_backward(
+        ("grad_routing_weights", lambda: route_kernels.topk_softmax_backward(
             torch.zeros((4, 3), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
             torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
         ("grad_aux_loss", lambda: route_kernels.topk_softmax_backward(

@@ -2,7 +2,7 @@
 
 Each rank holds a contiguous range of experts (their rows of w1, v1, w2) and the whole, replicated router. One
 forward on a rank with N local tokens (k = top-k, R = N * k assignments, P ranks):
-    route            x [N, H] -> expert_weights, expert_indices [N, k]                 (routing.py, replicated)
+    route            x [N, H] -> routing_weights, expert_indices [N, k]                 (routing.py, replicated)
     sort by expert   -> the R rows ordered by expert, so each destination rank's rows are contiguous
     exchange counts  all_to_all of the per-expert counts, read on the host: the split sizes (EP syncs here)
     dispatch         all_to_all_single of x's rows [R, H] -> received rows [R_in, H], by source then expert
@@ -128,13 +128,13 @@ class ExpertParallelMoEMLP(MoELayer):
         recv_splits = [sum(recv_counts[i:i + num_local]) for i in range(0, len(recv_counts), num_local)]
 
         # Each token's k rows, in sorted order; expand + a permutation keeps the backward free of atomics.
-        x_rows = x.to(dtype)[:, None].expand(num_tokens, k, cfg.hidden_size).reshape(-1, cfg.hidden_size)
-        x_rows = x_rows[sort.row_to_flat]  # [R, H]
-        received = AllToAll.apply(x_rows, recv_splits, send_splits, group)  # [R_in, H]: by source, then expert
+        sorted_x = x.to(dtype)[:, None].expand(num_tokens, k, cfg.hidden_size).reshape(-1, cfg.hidden_size)
+        sorted_x = sorted_x[sort.row_to_flat]  # [R, H]
+        received = AllToAll.apply(sorted_x, recv_splits, send_splits, group)  # [R_in, H]: by source, then expert
         y_received = self._local_experts(received, recv_counts, dtype)  # [R_in, H], same order
         y_rows = AllToAll.apply(y_received, send_splits, recv_splits, group)  # [R, H], sorted order
         y_slots = y_rows[sort.flat_to_row].view(num_tokens, k, cfg.hidden_size)  # [N, k, H]
-        output = (y_slots.float() * routing.expert_weights[..., None]).sum(dim=1)  # [N, H] fp32
+        output = (y_slots.float() * routing.routing_weights[..., None]).sum(dim=1)  # [N, H] fp32
         return output.to(dtype)
 
     def _exchange_counts(self, tokens_per_expert: torch.Tensor, dtype: torch.dtype) -> tuple[list[int], list[int]]:

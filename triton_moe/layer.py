@@ -17,8 +17,8 @@ from triton_moe.routing import Routing, route
 
 
 INTERMEDIATE_KEYS = (
-    "router_logits", "expert_indices", "expert_weights", "tokens_per_expert", "row_to_token",
-    "x_gathered", "h_pre", "h_act", "y_expert", "output", "aux_loss",
+    "router_logits", "expert_indices", "routing_weights", "tokens_per_expert", "row_to_token",
+    "sorted_x", "h_pre", "h_act", "y_expert", "output", "aux_loss",
 )  # plus "h_up" (x v1ᵀ per expert) when the activation is swiglu
 
 
@@ -65,8 +65,9 @@ class MoELayer(nn.Module):
                               error_msgs):
         saved = state_dict.get(prefix + "expert_widths")
         if saved is not None and saved.tolist() != self.config.expert_widths:
+            saved_sizes = format_expert_sizes(expert_sizes_of_widths(saved.tolist()))
             raise ValueError(
-                f"the state_dict holds experts of expert_sizes {format_expert_sizes(expert_sizes_of_widths(saved.tolist()))!r}, but this layer "
+                f"the state_dict holds experts of expert_sizes {saved_sizes!r}, but this layer "
                 f"has expert_sizes {self.config.expert_sizes_text!r}: the rows of w1, v1 and w2 would go to other "
                 "experts")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -108,8 +109,8 @@ class MoELayer(nn.Module):
     def forward_with_intermediates(self, x: torch.Tensor) -> dict:
         """Forward that also returns every intermediate, unpadded, rows in the expert-sorted order.
 
-        Keys (N tokens, k = top-k, E experts): router_logits [N, E], expert_indices [N, k], expert_weights
-        [N, k], tokens_per_expert [E], row_to_token [N*k], x_gathered [N*k, hidden], h_pre and h_act (lists of
+        Keys (N tokens, k = top-k, E experts): router_logits [N, E], expert_indices [N, k], routing_weights
+        [N, k], tokens_per_expert [E], row_to_token [N*k], sorted_x [N*k, hidden], h_pre and h_act (lists of
         E tensors [count_e, width_e], before and after the activation; h_pre is x w1ᵀ, the gate for swiglu),
         h_up (swiglu only: x v1ᵀ per expert), y_expert [N*k, hidden] (down projection before the routing
         weight), output [..., hidden], aux_loss [].
@@ -121,7 +122,7 @@ class MoELayer(nn.Module):
         intermediates = {
             "router_logits": routing.router_logits,
             "expert_indices": routing.expert_indices,
-            "expert_weights": routing.expert_weights,
+            "routing_weights": routing.routing_weights,
             "aux_loss": routing.aux_loss,
         }
         output = self._experts_or_empty(x_flat, routing, intermediates)
@@ -141,7 +142,7 @@ class MoELayer(nn.Module):
     def _experts(self, x: torch.Tensor, routing: Routing, intermediates: dict | None) -> torch.Tensor:
         """Expert MLPs and the weighted combine: x [N, hidden] (N >= 1) -> [N, hidden] in the compute dtype.
 
-        When `intermediates` is a dict, add tokens_per_expert, row_to_token, x_gathered, h_pre, h_act, (h_up),
+        When `intermediates` is a dict, add tokens_per_expert, row_to_token, sorted_x, h_pre, h_act, (h_up),
         y_expert to it.
         """
         raise NotImplementedError
@@ -157,7 +158,7 @@ class MoELayer(nn.Module):
             intermediates.update(
                 tokens_per_expert=torch.zeros(len(widths), dtype=torch.long, device=x.device),
                 row_to_token=torch.zeros(0, dtype=torch.long, device=x.device),
-                x_gathered=x.new_zeros(0, hidden), h_pre=empty_rows, h_act=empty_rows,
+                sorted_x=x.new_zeros(0, hidden), h_pre=empty_rows, h_act=empty_rows,
                 y_expert=x.new_zeros(0, hidden),
             )
             if self.config.is_gated:

@@ -1,7 +1,7 @@
 """MoEMLP: the topology-free Triton Mixture-of-Experts MLP. What a user imports.
 
 One forward (N tokens, k = top-k, E experts of widths W_e, R = N * k rows):
-    route            x [N, H] -> expert_weights, expert_indices [N, k], aux_loss      (router_ops.fused_route)
+    route            x [N, H] -> routing_weights, expert_indices [N, k], aux_loss      (router_ops.fused_route)
     sort by expert   -> row_to_token [R], expert_row_offsets [E+1]             (router_ops.fused_sort_by_expert)
     expert_mlp       gather + up + activation * routing weight, down, combine -> [N, H] (ops.py -> kernels/)
 No sparse topology and no padding of the rows: each kernel program finds its (expert, row tile, column tile) from
@@ -38,7 +38,7 @@ class MoEMLP(MoELayer):
         sort = fused_sort_by_expert(routing.expert_indices, cfg.num_experts, routing.block_offsets)
         x, w1, w2 = x.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
         v1 = self.v1.to(dtype) if cfg.is_gated else None
-        output = expert_mlp(x, routing.expert_weights.flatten(), w1, v1, w2, sort, self.expert_width_offsets,
+        output = expert_mlp(x, routing.routing_weights.flatten(), w1, v1, w2, sort, self.expert_width_offsets,
                             cfg.expert_widths, cfg.activation, cfg.keep_sorted_x)  # [N, H]
         if intermediates is not None:
             intermediates.update(self._debug_intermediates(x, w1, v1, w2, sort))
@@ -55,7 +55,7 @@ class MoEMLP(MoELayer):
         per_expert = lambda hidden: [hidden[row_offsets[e]:row_offsets[e + 1], :width]
                                      for e, width in enumerate(self.config.expert_widths)]
         result = dict(tokens_per_expert=sort.tokens_per_expert, row_to_token=sort.row_to_token,
-                      x_gathered=gather_rows(x, sort.row_to_token), h_pre=per_expert(h_pre),
+                      sorted_x=gather_rows(x, sort.row_to_token), h_pre=per_expert(h_pre),
                       h_act=per_expert(h_act), y_expert=y_expert)
         if h_up is not None:
             result["h_up"] = per_expert(h_up)

@@ -3,26 +3,26 @@ Triton kernels, registered as torch.library custom ops with their autograd (see 
 
 Forward (R = N * k expert-sorted rows; hidden activations are [R, max_width] matrices, kernels/layout.py):
     up_projection      x [N, H] gathered by row_to_token, @ w1_eᵀ (and v1_eᵀ); the epilogue applies the
-                       activation and the row's routing weight w_r = expert_weights[row_to_flat[r]]
+                       activation and the row's routing weight w_r = routing_weights[row_to_flat[r]]
                        -> h_pre, (h_up), h_act_weighted = act(h_pre[, h_up]) * w_r          [R, max_width] each
-                       and, for the backward, the rows it gathered: x_rows [R, H] = x[row_to_token] (when
+                       and, for the backward, the rows it gathered: sorted_x [R, H] = x[row_to_token] (when
                        tuning.sorted_rows_pay_off: large problems on Hopper; and MoEConfig.keep_sorted_x)
     down_projection    h_act_weighted @ w2_e -> y_rows [R, H]
     combine_rows       sum of each token's k rows, in slot order -> out [N, H]
 Backward:
     down_projection_backward   dA = grad_out gathered by row_to_token, @ w2_eᵀ (where it pays off, the rows it
-                               gathers are written to grad_out_rows [R, H]); the activation recomputed from h_pre
+                               gathers are written to sorted_grad_out [R, H]); the activation recomputed from h_pre
                                (in dA's epilogue for large relu²/gelu problems, else a row pass after it) gives
                                dh_pre, (dh_up), and the routing-weight gradients, written back through row_to_flat
                                in (token, slot) order
-    weight_grad                dw2_e = Σ_r h_act_weighted[r] ⊗ grad_out_rows[r] (or grad_out[token(r)], gathered)
+    weight_grad                dw2_e = Σ_r h_act_weighted[r] ⊗ sorted_grad_out[r] (or grad_out[token(r)], gathered)
     input_grad_rows + combine  dx = Σ_slots dh_pre @ w1_e (+ dh_up @ v1_e)
-    weight_grad                dw1_e = Σ_r dh_pre[r] ⊗ x_rows[r] (or x[token(r)]; dv1 in the same launch)
-Saved for backward: x (and x_rows when kept), the weights, h_pre (and h_up), the routing weights and the small index
+    weight_grad                dw1_e = Σ_r dh_pre[r] ⊗ sorted_x[r] (or x[token(r)]; dv1 in the same launch)
+Saved for backward: x (and sorted_x when kept), the weights, h_pre (and h_up), the routing weights and the small index
 tensors, and for large problems h_act_weighted. Keeping h_act_weighted costs one hidden-activation matrix; in
 exchange dW2 is the same plain GEMM as dW1, where recomputing the activation and the weight on its operand tiles
 made it the slowest GEMM of a large problem's step. Small problems recompute it there, which costs little, and keep
-the memory. Keeping x_rows costs R·H (k times x); in exchange dW1 reads its token rows in order, by TMA
+the memory. Keeping sorted_x costs R·H (k times x); in exchange dW1 reads its token rows in order, by TMA
 (docs/tuning.md). Nothing here reads a device value on the host: every shape follows from N, k and the widths.
 """
 
@@ -66,90 +66,90 @@ def _top_k(x: Tensor, flat_to_row: Tensor) -> int:
 # run the same two functions without the custom ops' dispatch (ExpertMLP). A custom op returns no None: the
 # unused h_up of a non-gated activation, and its gradient dv1, are empty tensors.
 def _expert_mlp_forward(
-    x: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
+    x: Tensor, routing_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
     row_to_token: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor,
-    expert_width_offsets: Tensor, expert_widths: list[int], activation: str, keep_x_rows: bool,
+    expert_width_offsets: Tensor, expert_widths: list[int], activation: str, keep_sorted_x: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out [N, H], h_pre [R, max_width], h_up [R, max_width] or [0] unless gated, h_act_weighted [R, max_width] or
-    [0] where the backward recomputes it (_keeps_weighted_activations), x_rows [R, H] (x's rows in expert-sorted
-    order, which dW1 then reads instead of gathering x) or [0, H] without keep_x_rows)."""
+    [0] where the backward recomputes it (_keeps_weighted_activations), sorted_x [R, H] (x's rows in expert-sorted
+    order, which dW1 then reads instead of gathering x) or [0, H] without keep_sorted_x)."""
     layout = _layout(row_to_token, expert_row_offsets, expert_width_offsets, expert_widths)
-    x_rows = x.new_empty((layout.num_rows if keep_x_rows else 0, x.shape[1]))  # (R, H), written by the up GEMM
+    sorted_x = x.new_empty((layout.num_rows if keep_sorted_x else 0, x.shape[1]))  # (R, H), written by the up GEMM
     h_pre, h_up, h_act_weighted = up_projection(
-        x, w1, v1, row_to_token, layout, activation, expert_weights, row_weight_index=row_to_flat,
-        x_rows=x_rows if keep_x_rows else None)  # (R, max_width) each
+        x, w1, v1, row_to_token, layout, activation, routing_weights, routing_weight_index=row_to_flat,
+        sorted_x=sorted_x if keep_sorted_x else None)  # (R, max_width) each
     y_rows = down_projection(h_act_weighted, w2, layout)  # (R, H)
     out = combine_rows(y_rows, flat_to_row, _top_k(x, flat_to_row))  # (N, H)
     if not _keeps_weighted_activations(x, layout.num_rows):
         h_act_weighted = x.new_empty(0)
-    return out, h_pre, x.new_empty(0) if h_up is None else h_up, h_act_weighted, x_rows
+    return out, h_pre, x.new_empty(0) if h_up is None else h_up, h_act_weighted, sorted_x
 
 
 def _expert_mlp_backward(
-    grad_out: Tensor, x: Tensor, x_rows: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
+    grad_out: Tensor, x: Tensor, sorted_x: Tensor, routing_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
     h_pre: Tensor, h_up: Tensor | None, h_act_weighted: Tensor, row_to_token: Tensor, row_to_flat: Tensor,
     flat_to_row: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor, expert_widths: list[int],
     activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx [N, H], d_expert_weights [N*k] fp32, dw1, dv1 ([0] unless gated), dw2 [TW, H]). x_rows: the forward's,
+    """(dx [N, H], d_routing_weights [N*k] fp32, dw1, dv1 ([0] unless gated), dw2 [TW, H]). sorted_x: the forward's,
     [R, H] or [0, H] (then dW1 gathers x's rows)."""
     layout = _layout(row_to_token, expert_row_offsets, expert_width_offsets, expert_widths)
     # dW2 reads grad_out's rows sorted, written by the dA GEMM on the way, where that pays off (large problems)
-    grad_out_rows = None
+    sorted_grad_out = None
     if sorted_rows_pay_off(grad_out, layout.num_rows):
-        grad_out_rows = grad_out.new_empty((layout.num_rows, grad_out.shape[1]))  # (R, H)
-    dh_pre, dh_up, d_expert_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, row_to_token, layout, expert_weights, activation,
-        row_weight_index=row_to_flat, grad_out_rows=grad_out_rows)  # (R, max_width) each; (N*k,)
+        sorted_grad_out = grad_out.new_empty((layout.num_rows, grad_out.shape[1]))  # (R, H)
+    dh_pre, dh_up, d_routing_weights = down_projection_backward(
+        grad_out, w2, h_pre, h_up, row_to_token, layout, routing_weights, activation,
+        routing_weight_index=row_to_flat, sorted_grad_out=sorted_grad_out)  # (R, max_width) each; (N*k,)
     # the token rows each weight gradient reads: (sorted copy, None), or (token rows, row_to_token) to gather them
-    dw2_rows = (grad_out, row_to_token) if grad_out_rows is None else (grad_out_rows, None)
+    dw2_rows = (grad_out, row_to_token) if sorted_grad_out is None else (sorted_grad_out, None)
     if h_act_weighted.shape[0] > 0:
         dw2, _ = weight_grad(h_act_weighted, None, *dw2_rows, layout)  # (TW, H)
     else:  # from h_pre, h_act_weighted recomputed as the GEMM loads it
-        dw2, _ = weight_grad(h_pre, h_up, *dw2_rows, layout, activation=activation, row_weights=expert_weights,
-                             row_weight_index=row_to_flat)  # (TW, H)
-    del grad_out_rows, dw2_rows
+        dw2, _ = weight_grad(h_pre, h_up, *dw2_rows, layout, activation=activation, routing_weights=routing_weights,
+                             routing_weight_index=row_to_flat)  # (TW, H)
+    del sorted_grad_out, dw2_rows
     dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, layout)  # (R, H)
     dx = combine_rows(dx_rows, flat_to_row, _top_k(x, flat_to_row))  # (N, H)
-    dw1_rows = (x, row_to_token) if x_rows.shape[0] == 0 else (x_rows, None)
+    dw1_rows = (x, row_to_token) if sorted_x.shape[0] == 0 else (sorted_x, None)
     dw1, dv1 = weight_grad(dh_pre, dh_up, *dw1_rows, layout)  # (TW, H) each
-    return dx, d_expert_weights, dw1, w1.new_empty(0) if dv1 is None else dv1, dw2
+    return dx, d_routing_weights, dw1, w1.new_empty(0) if dv1 is None else dv1, dw2
 
 
 _forward_op = kernel_op("triton_moe::expert_mlp")(_expert_mlp_forward)
 _backward_op = kernel_op("triton_moe::expert_mlp_backward")(_expert_mlp_backward)
 
 
-NUM_TENSOR_INPUTS = 10  # x, expert_weights, w1, v1, w2, then the five layout tensors; then the host arguments
+NUM_TENSOR_INPUTS = 10  # x, routing_weights, w1, v1, w2, then the five layout tensors; then the host arguments
 
 
 @_forward_op.register_fake
-def _(x, expert_weights, w1, v1, w2, row_to_token, row_to_flat, flat_to_row, expert_row_offsets,
-      expert_width_offsets, expert_widths, activation, keep_x_rows):
+def _(x, routing_weights, w1, v1, w2, row_to_token, row_to_flat, flat_to_row, expert_row_offsets,
+      expert_width_offsets, expert_widths, activation, keep_sorted_x):
     hidden_shape = (row_to_token.shape[0], max(expert_widths))  # (R, max_width)
-    x_rows = x.new_empty((row_to_token.shape[0] if keep_x_rows else 0, x.shape[1]))
+    sorted_x = x.new_empty((row_to_token.shape[0] if keep_sorted_x else 0, x.shape[1]))
     h_act_weighted = x.new_empty(hidden_shape if _keeps_weighted_activations(x, row_to_token.shape[0]) else 0)
     return (torch.empty_like(x), x.new_empty(hidden_shape), x.new_empty(0) if v1 is None else x.new_empty(hidden_shape),
-            h_act_weighted, x_rows)
+            h_act_weighted, sorted_x)
 
 
 @_backward_op.register_fake
-def _(grad_out, x, x_rows, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, row_to_token, row_to_flat,
+def _(grad_out, x, sorted_x, routing_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, row_to_token, row_to_flat,
       flat_to_row, expert_row_offsets, expert_width_offsets, expert_widths, activation):
     dv1 = w1.new_empty(0) if v1 is None else torch.empty_like(v1)
-    return (torch.empty_like(grad_out), torch.empty_like(expert_weights), torch.empty_like(w1), dv1,
+    return (torch.empty_like(grad_out), torch.empty_like(routing_weights), torch.empty_like(w1), dv1,
             torch.empty_like(w2))
 
 
 def _setup_context(ctx, inputs, output):
-    x, expert_weights, w1, v1, w2, *layout_tensors = inputs[:NUM_TENSOR_INPUTS]
+    x, routing_weights, w1, v1, w2, *layout_tensors = inputs[:NUM_TENSOR_INPUTS]
     expert_widths, activation, _ = inputs[NUM_TENSOR_INPUTS:]
-    _, h_pre, h_up, h_act_weighted, x_rows = output
-    ctx.save_for_backward(x, x_rows, expert_weights, w1, v1, w2, h_pre, None if v1 is None else h_up, h_act_weighted,
+    _, h_pre, h_up, h_act_weighted, sorted_x = output
+    ctx.save_for_backward(x, sorted_x, routing_weights, w1, v1, w2, h_pre, None if v1 is None else h_up, h_act_weighted,
                           *layout_tensors)
     ctx.host_arguments = (expert_widths, activation)
     ctx.num_inputs = len(inputs)
-    ctx.mark_non_differentiable(h_pre, h_up, h_act_weighted, x_rows)
+    ctx.mark_non_differentiable(h_pre, h_up, h_act_weighted, sorted_x)
     # Autograd would otherwise hand the backward zero gradients for the hidden activations: a matrix each.
     ctx.set_materialize_grads(False)
 
@@ -158,11 +158,11 @@ def _backward(ctx, grads, backward) -> tuple:
     """The autograd backward of the forward above, its work done by `backward` (the custom op or the plain
     function); grads: the gradients of the forward's five outputs, of which only out's is used."""
     grad_out = grads[0]
-    x, x_rows, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors = ctx.saved_tensors
-    dx, d_expert_weights, dw1, dv1, dw2 = backward(
-        grad_out.contiguous(), x, x_rows, expert_weights, w1, v1, w2, h_pre, h_up, h_act_weighted,
+    x, sorted_x, routing_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors = ctx.saved_tensors
+    dx, d_routing_weights, dw1, dv1, dw2 = backward(
+        grad_out.contiguous(), x, sorted_x, routing_weights, w1, v1, w2, h_pre, h_up, h_act_weighted,
         *layout_tensors, *ctx.host_arguments)
-    input_grads = (dx, d_expert_weights, dw1, None if v1 is None else dv1, dw2)
+    input_grads = (dx, d_routing_weights, dw1, None if v1 is None else dv1, dw2)
     return input_grads + (None,) * (ctx.num_inputs - len(input_grads))  # none for the layout and host arguments
 
 
@@ -189,23 +189,23 @@ def _expert_mlp(*inputs):
     return _forward_op(*inputs) if torch.compiler.is_compiling() else ExpertMLP.apply(*inputs)
 
 
-def expert_mlp(x: Tensor, expert_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, sort: ExpertSort,
+def expert_mlp(x: Tensor, routing_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, sort: ExpertSort,
                expert_width_offsets: Tensor, expert_widths: list[int], activation: str,
                keep_sorted_x: bool = True) -> Tensor:
     """The experts' MLPs on their routed rows and the weighted sum per token.
 
-    x [N, H], w1/v1/w2 [TW, H] in one dtype (fp32, fp16, bf16; v1 None unless swiglu), expert_weights [N*k] fp32
-    (the routing weight of each (token, slot) assignment: Routing.expert_weights flattened; the kernels read it
+    x [N, H], w1/v1/w2 [TW, H] in one dtype (fp32, fp16, bf16; v1 None unless swiglu), routing_weights [N*k] fp32
+    (the routing weight of each (token, slot) assignment: Routing.routing_weights flattened; the kernels read it
     through sort.row_to_flat). sort: the assignments sorted by expert (routing.ExpertSort); expert_width_offsets
     [E+1] and expert_widths (host ints): the experts' rows of the weights. Returns [N, H] in x's dtype;
-    differentiable in x, expert_weights and the weights. keep_sorted_x: let the forward keep x's rows in
+    differentiable in x, routing_weights and the weights. keep_sorted_x: let the forward keep x's rows in
     expert-sorted order for dW1 where that pays off (MoEConfig's field of that name).
     """
     num_rows = sort.row_to_token.shape[0]
     # Kept only for a backward that computes dW1: not under no_grad, nor with w1 (and v1) frozen.
-    keep_x_rows = (keep_sorted_x and torch.is_grad_enabled()
+    keep_sorted_x = (keep_sorted_x and torch.is_grad_enabled()
                    and any(weight is not None and weight.requires_grad for weight in (w1, v1))
                    and sorted_rows_pay_off(x, num_rows))
-    return _expert_mlp(x, expert_weights, w1, v1, w2, sort.row_to_token, sort.row_to_flat, sort.flat_to_row,
+    return _expert_mlp(x, routing_weights, w1, v1, w2, sort.row_to_token, sort.row_to_flat, sort.flat_to_row,
                        sort.expert_row_offsets, expert_width_offsets, list(expert_widths), activation,
-                       keep_x_rows)[0]
+                       keep_sorted_x)[0]

@@ -72,7 +72,7 @@ def route_forward(x: Tensor, router_weight: Tensor, top_k: int, normalize_weight
 
 
 def route_backward(
-    grad_expert_weights: Tensor, grad_aux_loss: Tensor | None, grad_router_logits: Tensor | None, x: Tensor,
+    grad_routing_weights: Tensor, grad_aux_loss: Tensor | None, grad_router_logits: Tensor | None, x: Tensor,
     router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, tokens_per_expert: Tensor,
     normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
 ) -> tuple[Tensor, Tensor]:
@@ -80,7 +80,7 @@ def route_backward(
     then the router GEMM's two products."""
     tensor_cores = _tensor_core_router(x, router_weight)
     grad_logits = topk_softmax_backward(  # (N, E) fp32, or (N, 2E) bf16: hi | lo
-        grad_expert_weights, grad_aux_loss, router_logits, expert_indices, tokens_per_expert,
+        grad_routing_weights, grad_aux_loss, router_logits, expert_indices, tokens_per_expert,
         normalize_weights, load_balance_coef, z_loss_coef, grad_router_logits,
         split_dtype=torch.bfloat16 if tensor_cores else None)
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -104,7 +104,7 @@ def _route(
     x: Tensor, router_weight: Tensor, top_k: int, normalize_weights: bool, load_balance_coef: float,
     z_loss_coef: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(router_logits [N, E] fp32, expert_weights [N, k] fp32, expert_indices [N, k] int64, aux_loss [] fp32,
+    """(router_logits [N, E] fp32, routing_weights [N, k] fp32, expert_indices [N, k] int64, aux_loss [] fp32,
     block_expert_starts [blocks, E] int32, ranks_in_block [N, k] int32, tokens_per_expert [E] int64,
     expert_row_offsets [E + 1] int64); see route_forward and kernels.router.topk_softmax."""
     return route_forward(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef)
@@ -126,17 +126,17 @@ def _(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef
 
 @torch.library.custom_op("triton_moe::route_backward", mutates_args=())
 def _route_backward(
-    grad_expert_weights: Tensor, grad_aux_loss: Tensor | None, grad_router_logits: Tensor | None, x: Tensor,
+    grad_routing_weights: Tensor, grad_aux_loss: Tensor | None, grad_router_logits: Tensor | None, x: Tensor,
     router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, tokens_per_expert: Tensor,
     normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
 ) -> tuple[Tensor, Tensor]:
     """(grad_x [N, H], grad_router_weight [E, H]); see route_backward."""
-    return route_backward(grad_expert_weights, grad_aux_loss, grad_router_logits, x, router_weight, router_logits,
+    return route_backward(grad_routing_weights, grad_aux_loss, grad_router_logits, x, router_weight, router_logits,
                           expert_indices, tokens_per_expert, normalize_weights, load_balance_coef, z_loss_coef)
 
 
 @_route_backward.register_fake
-def _(grad_expert_weights, grad_aux_loss, grad_router_logits, x, router_weight, router_logits, expert_indices,
+def _(grad_routing_weights, grad_aux_loss, grad_router_logits, x, router_weight, router_logits, expert_indices,
       tokens_per_expert, normalize_weights, load_balance_coef, z_loss_coef):
     return torch.empty_like(x), torch.empty_like(router_weight)
 
@@ -153,14 +153,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads, backward) -> tuple:
     """The autograd backward of the route, its work done by `backward` (the custom op or the plain function);
     grads: the gradients of the route's eight outputs: the logits', the weights' and the aux loss's are used."""
-    grad_router_logits, grad_expert_weights, _, grad_aux_loss = grads[:4]
+    grad_router_logits, grad_routing_weights, _, grad_aux_loss = grads[:4]
     x, router_weight, router_logits, expert_indices, tokens_per_expert = ctx.saved_tensors
-    if grad_expert_weights is None:  # only the aux loss (or the logits) reached the loss
-        grad_expert_weights = router_logits.new_zeros(expert_indices.shape)
+    if grad_routing_weights is None:  # only the aux loss (or the logits) reached the loss
+        grad_routing_weights = router_logits.new_zeros(expert_indices.shape)
     # None for the aux loss (left out of the loss) or the logits: the kernel skips that term.
     contiguous = lambda grad: None if grad is None else grad.contiguous()
     grad_x, grad_router_weight = backward(
-        grad_expert_weights.contiguous(), contiguous(grad_aux_loss), contiguous(grad_router_logits), x,
+        grad_routing_weights.contiguous(), contiguous(grad_aux_loss), contiguous(grad_router_logits), x,
         router_weight, router_logits, expert_indices, tokens_per_expert, *ctx.loss_arguments)
     return grad_x, grad_router_weight, None, None, None, None
 
@@ -227,18 +227,18 @@ def fused_route(x: Tensor, router_weight: Tensor, config: MoEConfig) -> FusedRou
     """Route tokens `x` [N, hidden] with `router_weight` [E, hidden], as routing.route does, in fp32.
 
     The fields of Routing have route's dtypes and values: the same expert_indices, the weights, logits and aux loss
-    up to fp32 rounding. Gradients reach x and router_weight from expert_weights, aux_loss and router_logits.
+    up to fp32 rounding. Gradients reach x and router_weight from routing_weights, aux_loss and router_logits.
     block_offsets hands fused_sort_by_expert the route's per-block expert counts, scanned.
     """
     top_k = config.num_active_experts
-    # router_logits [N, E]; expert_weights, expert_indices [N, k]; aux_loss []; block_expert_starts [blocks, E];
+    # router_logits [N, E]; routing_weights, expert_indices [N, k]; aux_loss []; block_expert_starts [blocks, E];
     # ranks_in_block [N, k]; tokens_per_expert [E]; expert_row_offsets [E + 1]
-    router_logits, expert_weights, expert_indices, aux_loss, *sort_tables = _route_with_autograd(
+    router_logits, routing_weights, expert_indices, aux_loss, *sort_tables = _route_with_autograd(
         x, router_weight, top_k, config.normalize_weights, float(config.load_balance_coef),
         float(config.z_loss_coef))
     block_tokens = route_block_tokens(x.shape[0], router_weight.shape[0])
     block_offsets = ExpertBlockOffsets(block_tokens * top_k, *sort_tables)
-    return FusedRouting(router_logits, expert_weights, expert_indices, aux_loss, block_offsets)
+    return FusedRouting(router_logits, routing_weights, expert_indices, aux_loss, block_offsets)
 
 
 def fused_sort_by_expert(expert_indices: Tensor, num_experts: int,

@@ -14,7 +14,7 @@ from triton_moe.config import MoEConfig
 @dataclass
 class Routing:
     router_logits: torch.Tensor  # [N, E] fp32
-    expert_weights: torch.Tensor  # [N, k] fp32, renormalised to sum 1 when config.normalize_weights
+    routing_weights: torch.Tensor  # [N, k] fp32, renormalised to sum 1 when config.normalize_weights
     expert_indices: torch.Tensor  # [N, k] int64, experts of each token in descending probability, ties to the
     # lower expert index
     aux_loss: torch.Tensor  # [] fp32: load_balance_coef * load-balancing loss + z_loss_coef * z-loss
@@ -43,19 +43,19 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> Ro
     # can tie two different logits; equal logits go to the lower expert index first (a stable sort). Every
     # implementation follows this rule.
     expert_indices = torch.sort(router_logits, dim=-1, descending=True, stable=True).indices[:, :k]  # [N, k]
-    expert_weights = probs.gather(1, expert_indices)  # [N, k]
+    routing_weights = probs.gather(1, expert_indices)  # [N, k]
     if config.normalize_weights:
-        expert_weights = expert_weights / expert_weights.sum(dim=-1, keepdim=True)
+        routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
 
     # Sums divided by max(count, 1) rather than means, so that N = 0 gives a zero loss, not NaN.
     assignments_per_expert = torch.zeros(config.num_experts, device=x.device, dtype=torch.float32)
-    assignments_per_expert.index_add_(0, expert_indices.flatten(), torch.ones_like(expert_weights.flatten()))
+    assignments_per_expert.index_add_(0, expert_indices.flatten(), torch.ones_like(routing_weights.flatten()))
     fraction_routed = assignments_per_expert / max(num_tokens * k, 1)  # f_e [E]
     mean_prob = probs.sum(dim=0) / max(num_tokens, 1)  # P_e [E]
     load_balance_loss = config.num_experts * (fraction_routed * mean_prob).sum()
     z_loss = torch.logsumexp(router_logits, dim=-1).square().sum() / max(num_tokens, 1)
     aux_loss = config.load_balance_coef * load_balance_loss + config.z_loss_coef * z_loss
-    return Routing(router_logits, expert_weights, expert_indices, aux_loss)
+    return Routing(router_logits, routing_weights, expert_indices, aux_loss)
 
 
 def sort_key_dtype(num_experts: int) -> torch.dtype:

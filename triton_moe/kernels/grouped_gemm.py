@@ -69,7 +69,7 @@ def _store_zero_padding(out_ptr, rows, row_mask, tile_start, width, max_width, B
 def _expert_rows_gemm(
     a_ptr, a2_ptr, b_ptr, b2_ptr, b_desc, b2_desc,
     out_ptr, out2_ptr, out3_ptr, a_rows_ptr, h_pre_ptr, partials_ptr,
-    row_weights_ptr, row_weight_index_ptr,
+    routing_weights_ptr, routing_weight_index_ptr,
     row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr,
     num_experts, hidden, max_width, partial_tiles,
     RAGGED_OUT: tl.constexpr,
@@ -77,8 +77,8 @@ def _expert_rows_gemm(
     EPILOGUE: tl.constexpr,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
-    HAS_ROW_WEIGHTS: tl.constexpr,
-    INDEXED_ROW_WEIGHTS: tl.constexpr,
+    HAS_ROUTING_WEIGHTS: tl.constexpr,
+    INDEXED_ROUTING_WEIGHTS: tl.constexpr,
     COPY_A_ROWS: tl.constexpr,
     ZERO_PADDING: tl.constexpr,
     B_TMA: tl.constexpr,
@@ -103,12 +103,12 @@ def _expert_rows_gemm(
         "summed": acc += A2 @ B2_e (dX of swiglu: dh_gate @ w1_e + dh_up @ v1_e), in a second K loop.
     EPILOGUE:
         "act_forward": out = h_pre = acc, out2 = h_up = acc2 (GATED), out3 = act(h_pre[, h_up]), times row r's
-            routing weight if HAS_ROW_WEIGHTS: row_weights[row_weight_index[r]] if INDEXED_ROW_WEIGHTS, else
-            row_weights[r].
+            routing weight if HAS_ROUTING_WEIGHTS: routing_weights[routing_weight_index[r]] if
+            INDEXED_ROUTING_WEIGHTS, else routing_weights[r].
         "act_backward" (not GATED): acc is dA, the gradient for the rows' unweighted activations; with
             a = act(h_pre) recomputed from h_pre: out = dh_pre = w_r * dA * act'(h_pre), and, if
-            HAS_ROW_WEIGHTS, partials[slot_r, col_tile] = the tile's columns of sum_n dA * a (partials is
-            [R, partial_tiles], rows in row_weights' order; the launcher sums each row, the routing weight's
+            HAS_ROUTING_WEIGHTS, partials[slot_r, col_tile] = the tile's columns of sum_n dA * a (partials is
+            [R, partial_tiles], rows in routing_weights' order; the launcher sums each row, the routing weight's
             gradient, and an expert with fewer column tiles writes zeros in the rest). dA is rounded to out's
             dtype first, as the row pass reads it.
         "store": out = acc.
@@ -177,13 +177,13 @@ def _expert_rows_gemm(
         b_step = BLOCK_K * hidden
         out_offsets = rows[:, None].to(tl.int64) * hidden + cols[None, :]  # (BLOCK_M, BLOCK_N)
 
-    if EPILOGUE != "store" and HAS_ROW_WEIGHTS:
+    if EPILOGUE != "store" and HAS_ROUTING_WEIGHTS:
         # Loaded before the K loop, the two dependent loads (slot, then weight) wait alongside the GEMM rather than
         # at its end, where nothing hides their latency.
         weight_slots = rows
-        if INDEXED_ROW_WEIGHTS:
-            weight_slots = tl.load(row_weight_index_ptr + rows, mask=row_mask, other=0)
-        row_weights = tl.load(row_weights_ptr + weight_slots, mask=row_mask, other=0.0)  # (BLOCK_M,)
+        if INDEXED_ROUTING_WEIGHTS:
+            weight_slots = tl.load(routing_weight_index_ptr + rows, mask=row_mask, other=0)
+        routing_weights = tl.load(routing_weights_ptr + weight_slots, mask=row_mask, other=0.0)  # (BLOCK_M,)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SECOND_PRODUCT == "shared_a":
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -243,10 +243,10 @@ def _expert_rows_gemm(
             tl.store(out2_ptr + out_offsets, h_up, mask=out_mask)
             h_up = h_up.to(tl.float32)
         h_act = activation_forward(h_pre.to(tl.float32), h_up, ACTIVATION)
-        if HAS_ROW_WEIGHTS:
+        if HAS_ROUTING_WEIGHTS:
             # Scaled here, the routing weight costs the down projection nothing, and the down projection's
             # weight gradient reads these same values as a plain operand.
-            h_act = h_act * row_weights[:, None]
+            h_act = h_act * routing_weights[:, None]
         tl.store(out3_ptr + out_offsets, h_act.to(out_dtype), mask=out_mask)
         if ZERO_PADDING and col_tile == col_tiles - 1:
             tile_start = col_tile * BLOCK_N
@@ -258,7 +258,7 @@ def _expert_rows_gemm(
         tl.static_assert(RAGGED_OUT and not GATED, "act_backward: the dA GEMM of a one-projection activation")
         d_act = acc.to(out_dtype).to(tl.float32)
         h_pre = tl.load(h_pre_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
-        if HAS_ROW_WEIGHTS:
+        if HAS_ROUTING_WEIGHTS:
             # Masked: past the width, B's TMA tiles may have put the next expert's products in dA.
             partial = tl.sum(tl.where(out_mask, d_act * activation_forward(h_pre, None, ACTIVATION), 0.0), 1)
             partial_offsets = weight_slots.to(tl.int64) * partial_tiles  # (BLOCK_M,)
@@ -266,7 +266,7 @@ def _expert_rows_gemm(
             if col_tile == col_tiles - 1:
                 for zero_tile in range(col_tiles, partial_tiles):
                     tl.store(partials_ptr + partial_offsets + zero_tile, tl.zeros_like(partial), mask=row_mask)
-            d_act = d_act * row_weights[:, None]
+            d_act = d_act * routing_weights[:, None]
         d_act_d_pre, _ = activation_backward(h_pre, None, ACTIVATION)
         tl.store(out_ptr + out_offsets, (d_act * d_act_d_pre).to(out_dtype), mask=out_mask)
     else:
@@ -278,13 +278,13 @@ def _expert_rows_gemm(
 def _weight_grad_gemm(
     a_ptr, a2_ptr, b_ptr, b_desc,
     out_ptr, out2_ptr,
-    row_weights_ptr, row_weight_index_ptr,
+    routing_weights_ptr, routing_weight_index_ptr,
     row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr,
     num_experts, hidden, max_width,
     SECOND_OUTPUT: tl.constexpr,
     A_ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
-    INDEXED_ROW_WEIGHTS: tl.constexpr,
+    INDEXED_ROUTING_WEIGHTS: tl.constexpr,
     B_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -298,10 +298,10 @@ def _weight_grad_gemm(
     A is a hidden-activation matrix. With SECOND_OUTPUT, out2 = A2^T @ B with A2 like A at a2_ptr, sharing the B
     loads. With A_ACTIVATION (an activation's name; not with SECOND_OUTPUT), A is computed as it loads from the
     pre-activations at a_ptr (and, GATED, at a2_ptr): A = act(h_pre[, h_up]) * row r's routing weight
-    (row_weights[row_weight_index[r]] if INDEXED_ROW_WEIGHTS, else row_weights[r]), in fp32 and rounded once, as
-    the up projection's epilogue computes it: the down projection's weight gradient without keeping its operand.
-    The reduction runs over the expert's rows, BLOCK_K at a time; an expert without rows stores 0. B_ROWS says where
-    row r's token row is:
+    (routing_weights[routing_weight_index[r]] if INDEXED_ROUTING_WEIGHTS, else routing_weights[r]), in fp32 and
+    rounded once, as the up projection's epilogue computes it: the down projection's weight gradient without keeping
+    its operand. The reduction runs over the expert's rows, BLOCK_K at a time; an expert without rows stores 0.
+    B_ROWS says where row r's token row is:
         "gathered": row row_to_token[r] of B [N, H], by masked pointer loads;
         "sorted": row r of B [R, H] (the token rows already in expert-sorted order), by masked pointer loads;
         "sorted_tma": the same through b_desc, a TMA descriptor of B with [BLOCK_K, BLOCK_N] boxes, unmasked: an
@@ -366,10 +366,10 @@ def _weight_grad_gemm(
             if GATED:
                 h_up = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0).to(tl.float32)
             weight_slots = row_start + k_start + ks  # (BLOCK_K,) expert-sorted row ids
-            if INDEXED_ROW_WEIGHTS:
-                weight_slots = tl.load(row_weight_index_ptr + weight_slots, mask=k_mask, other=0)
-            row_weights = tl.load(row_weights_ptr + weight_slots, mask=k_mask, other=0.0)  # (BLOCK_K,)
-            a = (activation_forward(a.to(tl.float32), h_up, A_ACTIVATION) * row_weights[None, :]).to(a.dtype)
+            if INDEXED_ROUTING_WEIGHTS:
+                weight_slots = tl.load(routing_weight_index_ptr + weight_slots, mask=k_mask, other=0)
+            routing_weights = tl.load(routing_weights_ptr + weight_slots, mask=k_mask, other=0.0)  # (BLOCK_K,)
+            a = (activation_forward(a.to(tl.float32), h_up, A_ACTIVATION) * routing_weights[None, :]).to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if SECOND_OUTPUT:
             a2 = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0)
@@ -385,14 +385,14 @@ def _weight_grad_gemm(
 
 @triton.jit
 def _activation_backward_rows(
-    d_act_ptr, h_pre_ptr, h_up_ptr, row_weights_ptr, row_weight_index_ptr,
-    dh_up_ptr, d_row_weights_ptr,
+    d_act_ptr, h_pre_ptr, h_up_ptr, routing_weights_ptr, routing_weight_index_ptr,
+    dh_up_ptr, d_routing_weights_ptr,
     expert_row_offsets_ptr, expert_width_offsets_ptr,
     num_rows, num_experts, max_width,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
-    HAS_ROW_WEIGHTS: tl.constexpr,
-    INDEXED_ROW_WEIGHTS: tl.constexpr,
+    HAS_ROUTING_WEIGHTS: tl.constexpr,
+    INDEXED_ROUTING_WEIGHTS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_W: tl.constexpr,
     UNIFORM_WIDTH: tl.constexpr,
@@ -401,12 +401,12 @@ def _activation_backward_rows(
 ):
     """BLOCK_ROWS expert-sorted rows of dA [R, max_width] (the gradient for the rows' unweighted activations), in place.
 
-    With act = act(h_pre[, h_up]) recomputed in fp32: d_row_weights[r] = sum_n dA * act (if HAS_ROW_WEIGHTS),
-    then dA becomes dh_pre = row_weights[r] * dA * d act / d h_pre, and dh_up = row_weights[r] * dA * d act / d h_up
-    (GATED). Each row holds its expert's width of values; the rows are walked BLOCK_W columns a step. Row r's
-    weight, and its gradient, sit at row_weight_index[r] of row_weights and d_row_weights if INDEXED_ROW_WEIGHTS,
-    else at r. UNIFORM_WIDTH > 0: every expert has that width, so every row is full, without looking up its expert
-    (which compares the row with every expert's end).
+    With act = act(h_pre[, h_up]) recomputed in fp32: d_routing_weights[r] = sum_n dA * act (if HAS_ROUTING_WEIGHTS),
+    then dA becomes dh_pre = routing_weights[r] * dA * d act / d h_pre, and dh_up = routing_weights[r] * dA *
+    d act / d h_up (GATED). Each row holds its expert's width of values; the rows are walked BLOCK_W columns a step.
+    Row r's weight, and its gradient, sit at routing_weight_index[r] of routing_weights and d_routing_weights if
+    INDEXED_ROUTING_WEIGHTS, else at r. UNIFORM_WIDTH > 0: every expert has that width, so every row is full,
+    without looking up its expert (which compares the row with every expert's end).
     """
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,)
     row_mask = rows < num_rows
@@ -422,12 +422,13 @@ def _activation_backward_rows(
         width = tl.load(expert_width_offsets_ptr + expert + 1) - tl.load(expert_width_offsets_ptr + expert)
         width = tl.where(row_mask, width, 0)
     cols = tl.arange(0, BLOCK_W)  # (BLOCK_W,)
-    if HAS_ROW_WEIGHTS:
+    if HAS_ROUTING_WEIGHTS:
         weight_slots = rows
-        if INDEXED_ROW_WEIGHTS:
-            weight_slots = tl.load(row_weight_index_ptr + rows, mask=row_mask, other=0)
-        row_weights = tl.load(row_weights_ptr + weight_slots, mask=row_mask, other=0.0)[:, None]  # (BLOCK_ROWS, 1)
-        row_weight_grads = tl.zeros((BLOCK_ROWS, BLOCK_W), dtype=tl.float32)
+        if INDEXED_ROUTING_WEIGHTS:
+            weight_slots = tl.load(routing_weight_index_ptr + rows, mask=row_mask, other=0)
+        # (BLOCK_ROWS, 1)
+        routing_weights = tl.load(routing_weights_ptr + weight_slots, mask=row_mask, other=0.0)[:, None]
+        routing_weight_grads = tl.zeros((BLOCK_ROWS, BLOCK_W), dtype=tl.float32)
     for col_start in range(0, tl.max(width, 0), BLOCK_W):
         mask = cols[None, :] < width[:, None] - col_start  # (BLOCK_ROWS, BLOCK_W)
         offsets = row_offsets[:, None] + col_start + cols[None, :]
@@ -436,15 +437,15 @@ def _activation_backward_rows(
         h_up = None
         if GATED:
             h_up = tl.load(h_up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if HAS_ROW_WEIGHTS:
-            row_weight_grads += d_act * activation_forward(h_pre, h_up, ACTIVATION)
-            d_act = d_act * row_weights
+        if HAS_ROUTING_WEIGHTS:
+            routing_weight_grads += d_act * activation_forward(h_pre, h_up, ACTIVATION)
+            d_act = d_act * routing_weights
         d_act_d_pre, d_act_d_up = activation_backward(h_pre, h_up, ACTIVATION)
         tl.store(d_act_ptr + offsets, (d_act * d_act_d_pre).to(d_act_ptr.dtype.element_ty), mask=mask)
         if GATED:
             tl.store(dh_up_ptr + offsets, (d_act * d_act_d_up).to(dh_up_ptr.dtype.element_ty), mask=mask)
-    if HAS_ROW_WEIGHTS:
-        tl.store(d_row_weights_ptr + weight_slots, tl.sum(row_weight_grads, 1), mask=row_mask)
+    if HAS_ROUTING_WEIGHTS:
+        tl.store(d_routing_weights_ptr + weight_slots, tl.sum(routing_weight_grads, 1), mask=row_mask)
 
 
 def _check_token_rows(name, tensor, dtypes):
@@ -458,15 +459,15 @@ def _check_row_to_token(row_to_token, layout: ExpertLayout):
     check_tensor_shape("row_to_token", row_to_token, (layout.num_rows,), INDEX_DTYPES)
 
 
-def _check_row_weights(row_weights, row_weight_index, num_rows):
-    """`row_weights` is None or R fp32 routing weights, of the expert-sorted rows in order, or in any order with
-    `row_weight_index` [R] giving each row's place among them."""
-    if row_weights is not None:
-        check_tensor_shape("row_weights", row_weights, (num_rows,), (torch.float32,))
-    if row_weight_index is not None:
-        if row_weights is None:
-            raise ValueError("row_weight_index needs row_weights")
-        check_tensor_shape("row_weight_index", row_weight_index, (num_rows,), INDEX_DTYPES)
+def _check_routing_weights(routing_weights, routing_weight_index, num_rows):
+    """`routing_weights` is None or R fp32 routing weights, of the expert-sorted rows in order, or in any order with
+    `routing_weight_index` [R] giving each row's place among them."""
+    if routing_weights is not None:
+        check_tensor_shape("routing_weights", routing_weights, (num_rows,), (torch.float32,))
+    if routing_weight_index is not None:
+        if routing_weights is None:
+            raise ValueError("routing_weight_index needs routing_weights")
+        check_tensor_shape("routing_weight_index", routing_weight_index, (num_rows,), INDEX_DTYPES)
 
 
 def _check_row_copy(name, rows, token_rows, num_rows):
@@ -504,8 +505,8 @@ def _launch_options(dtype, blocks, layout: ExpertLayout):
 
 def _expert_rows_gemm_launch(
     *, a, b, out, layout: ExpertLayout, ragged_out, epilogue, blocks, role, a2=None, b2=None, second_product="none",
-    out2=None, out3=None, row_weights=None, row_weight_index=None, row_to_token=None, activation=None, a_rows=None,
-    h_pre=None, partials=None,
+    out2=None, out3=None, routing_weights=None, routing_weight_index=None, row_to_token=None, activation=None,
+    a_rows=None, h_pre=None, partials=None,
 ):
     """Launch `_expert_rows_gemm` over a grid bounding the (unknown on the host) tiles of all experts.
 
@@ -529,7 +530,7 @@ def _expert_rows_gemm_launch(
     traceable(_expert_rows_gemm)[grid](
         a, a2, b, b2, b_desc, b2_desc,
         out, out2, out3, a_rows, h_pre, partials,
-        row_weights, row_weight_index,
+        routing_weights, routing_weight_index,
         row_to_token, layout.expert_row_offsets, layout.expert_width_offsets,
         layout.num_experts, hidden, layout.max_width, 0 if partials is None else partials.shape[1],
         RAGGED_OUT=ragged_out,
@@ -537,8 +538,8 @@ def _expert_rows_gemm_launch(
         EPILOGUE=epilogue,
         ACTIVATION=activation,
         GATED=activation is not None and is_gated(activation),
-        HAS_ROW_WEIGHTS=row_weights is not None,
-        INDEXED_ROW_WEIGHTS=row_weight_index is not None,
+        HAS_ROUTING_WEIGHTS=routing_weights is not None,
+        INDEXED_ROUTING_WEIGHTS=routing_weight_index is not None,
         COPY_A_ROWS=a_rows is not None,
         ZERO_PADDING=epilogue == "act_forward" and not layout.uniform,
         B_TMA=b_desc is not None,
@@ -553,16 +554,16 @@ def up_projection(
     row_to_token: torch.Tensor,
     layout: ExpertLayout,
     activation: str,
-    row_weights: torch.Tensor | None = None,
+    routing_weights: torch.Tensor | None = None,
     *,
-    row_weight_index: torch.Tensor | None = None,
-    x_rows: torch.Tensor | None = None,
+    routing_weight_index: torch.Tensor | None = None,
+    sorted_x: torch.Tensor | None = None,
     blocks: GemmBlocks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Up projection of every expert-sorted row, and the expert activation, into hidden-activation matrices.
 
     For row r (token t = row_to_token[r]) of expert e: h_pre[r, n] = x[t] . w1[width_off_e + n],
-    h_up[r, n] = x[t] . v1[width_off_e + n], h_act = act(h_pre[, h_up]) * row_weights[r], for n < W_e.
+    h_up[r, n] = x[t] . v1[width_off_e + n], h_act = act(h_pre[, h_up]) * routing_weights[r], for n < W_e.
 
     Args:
         x: [N, H] fp32/fp16/bf16 token activations.
@@ -570,12 +571,12 @@ def up_projection(
         v1: [TW, H] like x: the up projection of a gated activation; None otherwise.
         row_to_token: [R] int32/int64, token of each expert-sorted row.
         activation: a name in activation.ACTIVATIONS.
-        row_weights: [R] fp32 routing weight of each row; None leaves h_act unscaled. The activation is computed
+        routing_weights: [R] fp32 routing weight of each row; None leaves h_act unscaled. The activation is computed
             in fp32 from h_pre (and h_up) as stored, scaled, then rounded once to x.dtype.
-        row_weight_index: [R] int32/int64, a permutation of the rows: row r's weight is
-            row_weights[row_weight_index[r]] (the sort's row_to_flat, for weights in (token, slot) order); None:
-            row_weights[r].
-        x_rows: [R, H] like x, or None. Given, the GEMM also writes into it the rows it gathers, x_rows[r] = x[t]
+        routing_weight_index: [R] int32/int64, a permutation of the rows: row r's weight is
+            routing_weights[routing_weight_index[r]] (the sort's row_to_flat, for weights in (token, slot) order); None:
+            routing_weights[r].
+        sorted_x: [R, H] like x, or None. Given, the GEMM also writes into it the rows it gathers, sorted_x[r] = x[t]
             (the token rows in expert-sorted order, which weight_grad reads).
         (layout and blocks: see the module docstring)
     Returns:
@@ -586,8 +587,8 @@ def up_projection(
     layout.check_weight("w1", w1, x.shape[1], x.dtype)
     _check_gated_pair("v1", v1, activation, lambda name, v1: layout.check_weight(name, v1, x.shape[1], x.dtype))
     _check_row_to_token(row_to_token, layout)
-    _check_row_weights(row_weights, row_weight_index, layout.num_rows)
-    _check_row_copy("x_rows", x_rows, x, layout.num_rows)
+    _check_routing_weights(routing_weights, routing_weight_index, layout.num_rows)
+    _check_row_copy("sorted_x", sorted_x, x, layout.num_rows)
     h_pre = torch.empty(layout.hidden_shape, dtype=x.dtype, device=x.device)  # (R, max_width)
     h_up = torch.empty_like(h_pre) if is_gated(activation) else None  # (R, max_width)
     h_act = torch.empty_like(h_pre)  # (R, max_width)
@@ -596,8 +597,8 @@ def up_projection(
             role="up",
             a=x, b=w1, b2=v1, second_product="shared_a" if is_gated(activation) else "none",
             out=h_pre, out2=h_up, out3=h_act, layout=layout, ragged_out=True,
-            epilogue="act_forward", activation=activation, row_weights=row_weights,
-            row_weight_index=row_weight_index, row_to_token=row_to_token, a_rows=x_rows, blocks=blocks,
+            epilogue="act_forward", activation=activation, routing_weights=routing_weights,
+            routing_weight_index=routing_weight_index, row_to_token=row_to_token, a_rows=sorted_x, blocks=blocks,
         )
     return h_pre, h_up, h_act
 
@@ -637,21 +638,21 @@ def down_projection_backward(
     h_up: torch.Tensor | None,
     row_to_token: torch.Tensor,
     layout: ExpertLayout,
-    row_weights: torch.Tensor | None,
+    routing_weights: torch.Tensor | None,
     activation: str,
     *,
-    row_weight_index: torch.Tensor | None = None,
-    grad_out_rows: torch.Tensor | None = None,
+    routing_weight_index: torch.Tensor | None = None,
+    sorted_grad_out: torch.Tensor | None = None,
     blocks: GemmBlocks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients through the down projection and the activation, back to the pre-activations.
 
     With dA[r, n] = grad_out[row_to_token[r]] . w2[width_off_e + n] (r of expert e, n < W_e) and
-    a = act(h_pre[, h_up]) recomputed: d_row_weights[r] = sum_n dA[r, n] * a[r, n],
-    dh_pre = row_weights[r] * dA * d act / d h_pre, dh_up = row_weights[r] * dA * d act / d h_up.
+    a = act(h_pre[, h_up]) recomputed: d_routing_weights[r] = sum_n dA[r, n] * a[r, n],
+    dh_pre = routing_weights[r] * dA * d act / d h_pre, dh_up = routing_weights[r] * dA * d act / d h_up.
     dA is rounded to grad_out.dtype before the activation's derivative, as stored. Two ways:
     - Large problems (tuning.fused_dh_pays_off) with a one-projection activation (relu², gelu): the GEMM's epilogue
-      finishes dh_pre and writes per-column-tile partial sums of d_row_weights, which a sum over the [R, column
+      finishes dh_pre and writes per-column-tile partial sums of d_routing_weights, which a sum over the [R, column
       tiles] partials completes (one more small launch, none with a single column tile).
     - Otherwise: the grouped GEMM stores dA in dh_pre's buffer, then a row-wise kernel turns it into dh_pre (and
       dh_up) in place. For gated activations a fused epilogue needs two more tiles and a sigmoid, which cost more
@@ -663,15 +664,15 @@ def down_projection_backward(
         w2: [TW, H] like grad_out.
         h_pre, h_up: [R, max_width] like grad_out, from up_projection; h_up None unless gated.
         row_to_token: [R] int32/int64, token of each expert-sorted row.
-        row_weights, row_weight_index: as given to up_projection (None if they were); d_row_weights comes out in
-            row_weights' order (each row writes its own slot, hence the permutation).
+        routing_weights, routing_weight_index: as given to up_projection (None if they were); d_routing_weights
+            comes out in routing_weights' order (each row writes its own slot, hence the permutation).
         activation: the name given to up_projection.
-        grad_out_rows: [R, H] like grad_out, or None. Given, the dA GEMM also writes into it the rows it gathers,
-            grad_out_rows[r] = grad_out[row_to_token[r]] (what weight_grad reads for dW2).
+        sorted_grad_out: [R, H] like grad_out, or None. Given, the dA GEMM also writes into it the rows it gathers,
+            sorted_grad_out[r] = grad_out[row_to_token[r]] (what weight_grad reads for dW2).
         (layout and blocks: see the module docstring)
     Returns:
-        dh_pre, dh_up (None unless gated): [R, max_width] like h_pre; d_row_weights: [R] fp32, None without
-        row_weights.
+        dh_pre, dh_up (None unless gated): [R, max_width] like h_pre; d_routing_weights: [R] fp32, None without
+        routing_weights.
     """
     check_activation(activation)
     _check_token_rows("grad_out", grad_out, FLOAT_DTYPES)
@@ -681,50 +682,51 @@ def down_projection_backward(
                       lambda name, h_up: layout.check_hidden(name, h_up, (grad_out.dtype,)))
     _check_row_to_token(row_to_token, layout)
     num_rows = layout.num_rows
-    _check_row_weights(row_weights, row_weight_index, num_rows)
-    _check_row_copy("grad_out_rows", grad_out_rows, grad_out, num_rows)
+    _check_routing_weights(routing_weights, routing_weight_index, num_rows)
+    _check_row_copy("sorted_grad_out", sorted_grad_out, grad_out, num_rows)
     dh_pre = torch.empty_like(h_pre)  # (R, max_width) (gated: dA, then dh_pre in place)
     dh_up = None if h_up is None else torch.empty_like(h_up)  # (R, max_width)
-    d_row_weights = None if row_weights is None else torch.empty(num_rows, dtype=torch.float32,
+    d_routing_weights = None if routing_weights is None else torch.empty(num_rows, dtype=torch.float32,
                                                                  device=grad_out.device)  # (R,)
     if num_rows == 0:
-        return dh_pre, dh_up, d_row_weights
+        return dh_pre, dh_up, d_routing_weights
     gemm_arguments = dict(
         role="down_backward", a=grad_out, b=w2, out=dh_pre, layout=layout, ragged_out=True,
-        row_to_token=row_to_token, a_rows=grad_out_rows,
+        row_to_token=row_to_token, a_rows=sorted_grad_out,
         blocks=blocks or gemm_blocks(grad_out.dtype, "down_backward", rows_x_hidden=num_rows * grad_out.shape[1],
                                      hidden=grad_out.shape[1]),
     )
     if not is_gated(activation) and fused_dh_pays_off(num_rows, grad_out.shape[1]):
         partials = None
-        if row_weights is not None:
+        if routing_weights is not None:
             column_tiles = layout.tiles_per_row_tile(gemm_arguments["blocks"].block_n)[0]
-            partials = (d_row_weights.view(num_rows, 1) if column_tiles == 1 else  # (R, T): rows' tiles' sums
+            partials = (d_routing_weights.view(num_rows, 1) if column_tiles == 1 else  # (R, T): rows' tiles' sums
                         torch.empty(num_rows, column_tiles, dtype=torch.float32, device=grad_out.device))
         _expert_rows_gemm_launch(**gemm_arguments, epilogue="act_backward", activation=activation, h_pre=h_pre,
-                                 partials=partials, row_weights=row_weights, row_weight_index=row_weight_index)
+                                 partials=partials, routing_weights=routing_weights,
+                                 routing_weight_index=routing_weight_index)
         if partials is not None and partials.shape[1] > 1:
-            torch.sum(partials, dim=1, out=d_row_weights)
-        return dh_pre, dh_up, d_row_weights
+            torch.sum(partials, dim=1, out=d_routing_weights)
+        return dh_pre, dh_up, d_routing_weights
     _expert_rows_gemm_launch(**gemm_arguments, epilogue="store")
     block_w = permute_block_h(layout.max_width)
     block_rows = rows_per_program(block_w, ROW_PASS_ELEMENTS)
     traceable(_activation_backward_rows)[(ceil_div(num_rows, block_rows),)](
-        dh_pre, h_pre, h_up, row_weights, row_weight_index,
-        dh_up, d_row_weights,
+        dh_pre, h_pre, h_up, routing_weights, routing_weight_index,
+        dh_up, d_routing_weights,
         layout.expert_row_offsets, layout.expert_width_offsets,
         num_rows, layout.num_experts, layout.max_width,
         ACTIVATION=activation,
         GATED=is_gated(activation),
-        HAS_ROW_WEIGHTS=row_weights is not None,
-        INDEXED_ROW_WEIGHTS=row_weight_index is not None,
+        HAS_ROUTING_WEIGHTS=routing_weights is not None,
+        INDEXED_ROUTING_WEIGHTS=routing_weight_index is not None,
         BLOCK_ROWS=block_rows,
         BLOCK_W=block_w,
         UNIFORM_WIDTH=layout.max_width if layout.uniform else 0,
         **layout.facts.kernel_constants,
         num_warps=PERMUTE_NUM_WARPS,
     )
-    return dh_pre, dh_up, d_row_weights
+    return dh_pre, dh_up, d_routing_weights
 
 
 def input_grad_rows(
@@ -771,8 +773,8 @@ def weight_grad(
     layout: ExpertLayout,
     *,
     activation: str | None = None,
-    row_weights: torch.Tensor | None = None,
-    row_weight_index: torch.Tensor | None = None,
+    routing_weights: torch.Tensor | None = None,
+    routing_weight_index: torch.Tensor | None = None,
     blocks: GemmBlocks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight gradient of a projection: dw[width_off_e + m] = sum over rows r of e of hidden_rows[r, m] * token_rows[t],
@@ -788,7 +790,7 @@ def weight_grad(
     Args:
         hidden_rows: [R, max_width] fp32/fp16/bf16, row r holding its expert's W_e values.
         hidden_rows2: like `hidden_rows` for a second gradient over the same token rows, or None.
-        activation, row_weights, row_weight_index: with an activation's name, dw2 from the pre-activations:
+        activation, routing_weights, routing_weight_index: with an activation's name, dw2 from the pre-activations:
             hidden_rows is h_pre, hidden_rows2 h_up (gated) or None, and the operand is what up_projection's h_act
             would hold with these routing weights (given as to up_projection), computed on load. Only one
             gradient then.
@@ -805,11 +807,11 @@ def weight_grad(
         check_activation(activation)
         _check_gated_pair("hidden_rows2", hidden_rows2, activation,
                           lambda name, h_up: layout.check_hidden(name, h_up, (hidden_rows.dtype,)))
-        if row_weights is None:
-            raise ValueError("weight_grad with an activation needs the row_weights")
-        _check_row_weights(row_weights, row_weight_index, layout.num_rows)
-    elif row_weights is not None:
-        raise ValueError("row_weights are for weight_grad with an activation")
+        if routing_weights is None:
+            raise ValueError("weight_grad with an activation needs the routing_weights")
+        _check_routing_weights(routing_weights, routing_weight_index, layout.num_rows)
+    elif routing_weights is not None:
+        raise ValueError("routing_weights are for weight_grad with an activation")
     elif hidden_rows2 is not None:
         layout.check_hidden("hidden_rows2", hidden_rows2, (hidden_rows.dtype,))
     _check_token_rows("token_rows", token_rows, (hidden_rows.dtype,))
@@ -842,13 +844,13 @@ def weight_grad(
     traceable(_weight_grad_gemm)[grid](
         hidden_rows, hidden_rows2, token_rows, rows_desc,
         dw, dw_2,
-        row_weights, row_weight_index,
+        routing_weights, routing_weight_index,
         row_to_token, layout.expert_row_offsets, layout.expert_width_offsets,
         layout.num_experts, hidden, layout.max_width,
         SECOND_OUTPUT=two_gradients,
         A_ACTIVATION=activation,
         GATED=activation is not None and is_gated(activation),
-        INDEXED_ROW_WEIGHTS=row_weight_index is not None,
+        INDEXED_ROUTING_WEIGHTS=routing_weight_index is not None,
         B_ROWS=b_rows,
         **_launch_options(hidden_rows.dtype, blocks, layout),
     )

@@ -62,7 +62,7 @@ def _topk_softmax_kernel(
 ):
     """Softmax and top-k of one block of BLOCK_TOKENS tokens, TILE_TOKENS at a time, and the block's partials.
 
-    Writes expert_weights, expert_indices and ranks_in_block [N, k] (the rank of an assignment among the block's
+    Writes routing_weights, expert_indices and ranks_in_block [N, k] (the rank of an assignment among the block's
     earlier assignments to the same expert), and row `block` of block_prob_sums [blocks, E] fp32 (sum of the
     probabilities over the block's tokens), block_expert_counts [blocks, E] int32 and block_lse_sq_sums [blocks].
     Program 0 zeroes _block_table_kernel's counter, table_ticket.
@@ -249,7 +249,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
             + z_loss_coef * mean(logsumexp(logits)²), f_e the fraction of the N * k assignments to e and P_e
             the mean probability of e (both 0 when N = 0).
     Returns:
-        expert_weights [N, k] fp32 and expert_indices [N, k] int64, in descending probability (ties: lowest
+        routing_weights [N, k] fp32 and expert_indices [N, k] int64, in descending probability (ties: lowest
             expert first);
         aux_loss [] fp32;
         then what sort_by_expert_blocks takes, with block_assignments = B * k for blocks of
@@ -272,18 +272,18 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
     device = router_logits.device
     block_tokens = route_block_tokens(num_tokens, num_experts)
     num_blocks = ceil_div(num_tokens, block_tokens)
-    expert_weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=device)  # (N, k)
+    routing_weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=device)  # (N, k)
     expert_indices = torch.empty((num_tokens, top_k), dtype=torch.int64, device=device)  # (N, k)
     ranks_in_block = torch.empty((num_tokens, top_k), dtype=torch.int32, device=device)  # (N, k)
     if num_tokens == 0:
         aux_loss = torch.zeros((), dtype=torch.float32, device=device)
-        return (expert_weights, expert_indices, aux_loss, *no_block_offsets(num_experts, ranks_in_block))
+        return (routing_weights, expert_indices, aux_loss, *no_block_offsets(num_experts, ranks_in_block))
     block_expert_counts = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)  # (blocks, E)
     block_prob_sums = torch.empty((num_blocks, num_experts), dtype=torch.float32, device=device)  # (blocks, E)
     block_lse_sq_sums = torch.empty(num_blocks, dtype=torch.float32, device=device)  # (blocks,)
     table_ticket = torch.empty((), dtype=torch.int32, device=device)  # zeroed by the route kernel
     traceable(_topk_softmax_kernel)[(num_blocks,)](
-        router_logits, expert_weights, expert_indices, ranks_in_block,
+        router_logits, routing_weights, expert_indices, ranks_in_block,
         block_prob_sums, block_expert_counts, block_lse_sq_sums, table_ticket,
         num_tokens, num_experts,
         TOP_K=top_k, NORMALIZE=bool(normalize_weights), BLOCK_TOKENS=block_tokens,
@@ -295,19 +295,19 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
     block_expert_starts, tokens_per_expert, expert_row_offsets = launch_block_table(
         block_expert_counts, block_prob_sums, block_lse_sq_sums, table_ticket, aux_loss, num_tokens * top_k,
         num_tokens, load_balance_coef, z_loss_coef)
-    return (expert_weights, expert_indices, aux_loss, block_expert_starts, ranks_in_block, tokens_per_expert,
+    return (routing_weights, expert_indices, aux_loss, block_expert_starts, ranks_in_block, tokens_per_expert,
             expert_row_offsets)
 
 
-def topk_softmax_backward(grad_expert_weights: torch.Tensor, grad_aux_loss: torch.Tensor,
+def topk_softmax_backward(grad_routing_weights: torch.Tensor, grad_aux_loss: torch.Tensor,
                           router_logits: torch.Tensor, expert_indices: torch.Tensor,
                           tokens_per_expert: torch.Tensor, normalize_weights: bool, load_balance_coef: float,
                           z_loss_coef: float, grad_router_logits: torch.Tensor | None = None,
                           split_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Gradient of topk_softmax's expert_weights and aux_loss with respect to the logits, in one launch.
+    """Gradient of topk_softmax's routing_weights and aux_loss with respect to the logits, in one launch.
 
     Args:
-        grad_expert_weights: [N, k] fp32.
+        grad_routing_weights: [N, k] fp32.
         grad_aux_loss: [] fp32, read on the device; None when the aux loss had no gradient (it is left out).
         router_logits: [N, E] fp32, expert_indices [N, k] int64 and tokens_per_expert [E] int64 as given
             to and returned by topk_softmax; normalize_weights and the coefficients as given to it.
@@ -325,8 +325,8 @@ def topk_softmax_backward(grad_expert_weights: torch.Tensor, grad_aux_loss: torc
         raise ValueError(f"expert_indices must be [N, k] with N = {num_tokens} and 1 <= k <= {num_experts}, "
                          f"got shape {tuple(expert_indices.shape)}")
     top_k = expert_indices.shape[1]
-    check_tensor_dim("grad_expert_weights", grad_expert_weights, 2, (torch.float32,))
-    check_shape("grad_expert_weights", grad_expert_weights, expert_indices.shape)
+    check_tensor_dim("grad_routing_weights", grad_routing_weights, 2, (torch.float32,))
+    check_shape("grad_routing_weights", grad_routing_weights, expert_indices.shape)
     if grad_aux_loss is not None:
         check_tensor_dim("grad_aux_loss", grad_aux_loss, 0, (torch.float32,))
     check_tensor_dim("tokens_per_expert", tokens_per_expert, 1, (torch.int64,))
@@ -347,7 +347,7 @@ def topk_softmax_backward(grad_expert_weights: torch.Tensor, grad_aux_loss: torc
     # aux_loss = load_balance_coef * E * sum_e (count_e / (N k)) (prob_sum_e / N) + z_loss_coef * lse_sq_sum / N.
     prob_sum_grad_scale = load_balance_coef * num_experts / (num_tokens * top_k * num_tokens)
     traceable(_topk_softmax_backward_kernel)[(ceil_div(num_tokens, tile_tokens),)](
-        grad_expert_weights, grad_aux_loss, router_logits, expert_indices, tokens_per_expert,
+        grad_routing_weights, grad_aux_loss, router_logits, expert_indices, tokens_per_expert,
         grad_router_logits, grad_logits,
         num_tokens, num_experts, prob_sum_grad_scale, z_loss_coef / num_tokens,
         TOP_K=top_k, NORMALIZE=bool(normalize_weights), HAS_GRAD_AUX=grad_aux_loss is not None,

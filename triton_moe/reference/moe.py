@@ -59,8 +59,8 @@ class MoEMLP(MoELayer):
             row_expert = sort.row_expert.long()  # [N*k]
             rank_in_expert = torch.arange(row_expert.numel(), device=x.device) - sort.expert_row_offsets[row_expert]
             padded_rows = padded_row_offsets[row_expert] + rank_in_expert  # [N*k]
-            x_gathered = x[sort.row_to_token]  # [N*k, hidden]
-            x_padded = x.new_zeros(topology.size()[0], hidden).index_copy(0, padded_rows, x_gathered)
+            sorted_x = x[sort.row_to_token]  # [N*k, hidden]
+            x_padded = x.new_zeros(topology.size()[0], hidden).index_copy(0, padded_rows, sorted_x)
 
             h_pre = stk.ops.sdd(x_padded, w1.t(), topology)  # block-sparse [padded_rows, total_width]
             if cfg.is_gated:
@@ -72,8 +72,8 @@ class MoEMLP(MoELayer):
             y_padded = stk.ops.dsd(h_act, w2)  # [padded_rows, hidden]
             y_expert = y_padded[padded_rows]  # [N*k, hidden]
 
-            row_weights = routing.expert_weights.flatten()[sort.row_to_flat]  # [N*k] fp32
-            y_weighted = y_expert.float() * row_weights[:, None]  # [N*k, hidden] fp32
+            sorted_routing_weights = routing.routing_weights.flatten()[sort.row_to_flat]  # [N*k] fp32
+            y_weighted = y_expert.float() * sorted_routing_weights[:, None]  # [N*k, hidden] fp32
             # Back to (token, slot) order and a sum over the k slots: deterministic, unlike index_add_.
             k = cfg.num_active_experts
             output = y_weighted[sort.flat_to_row].view(num_tokens, k, hidden).sum(dim=1).to(dtype)
@@ -83,7 +83,7 @@ class MoEMLP(MoELayer):
                                                             cfg, self.block_size)
             intermediates.update(
                 tokens_per_expert=sort.tokens_per_expert, row_to_token=sort.row_to_token,
-                x_gathered=x_gathered, h_pre=to_rows(h_pre.data), h_act=to_rows(h_act_data), y_expert=y_expert,
+                sorted_x=sorted_x, h_pre=to_rows(h_pre.data), h_act=to_rows(h_act_data), y_expert=y_expert,
             )
             if cfg.is_gated:
                 intermediates["h_up"] = to_rows(h_up.data)

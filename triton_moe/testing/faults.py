@@ -45,23 +45,23 @@ def _scale_rows_grad(tensor, rows: slice, factor: float):
 
 
 def _faulty(name, expert_mlp):
-    # Each takes expert_mlp's arguments: x, expert_weights, w1, v1, w2, sort, expert_width_offsets, then the rest.
-    def w1_grad_scale(x, expert_weights, w1, v1, w2, *rest):
+    # Each takes expert_mlp's arguments: x, routing_weights, w1, v1, w2, sort, expert_width_offsets, then the rest.
+    def w1_grad_scale(x, routing_weights, w1, v1, w2, *rest):
         w1 = _scale_rows_grad(w1, slice(None), 0.3)
-        return expert_mlp(x, expert_weights, w1, v1, w2, *rest)
+        return expert_mlp(x, routing_weights, w1, v1, w2, *rest)
 
-    def router_grad_zero(x, expert_weights, w1, v1, w2, *rest):
-        return expert_mlp(x, expert_weights.detach(), w1, v1, w2, *rest)
+    def router_grad_zero(x, routing_weights, w1, v1, w2, *rest):
+        return expert_mlp(x, routing_weights.detach(), w1, v1, w2, *rest)
 
-    def drop_last_expert_grad(x, expert_weights, w1, v1, w2, sort, expert_width_offsets, *rest):
+    def drop_last_expert_grad(x, routing_weights, w1, v1, w2, sort, expert_width_offsets, *rest):
         last = slice(expert_width_offsets[-2].item(), expert_width_offsets[-1].item())
         w1, w2 = _scale_rows_grad(w1, last, 0.0), _scale_rows_grad(w2, last, 0.0)
         v1 = _scale_rows_grad(v1, last, 0.0) if v1 is not None else None
-        return expert_mlp(x, expert_weights, w1, v1, w2, sort, expert_width_offsets, *rest)
+        return expert_mlp(x, routing_weights, w1, v1, w2, sort, expert_width_offsets, *rest)
 
-    def forward_weight_off_by_one(x, expert_weights, w1, v1, w2, *rest):
-        # expert_weights is in (token, slot) order: roll the slots, so that slot j's weight lands on slot j+1.
-        shifted = expert_weights.view(x.shape[0], -1).roll(1, dims=1).flatten()
+    def forward_weight_off_by_one(x, routing_weights, w1, v1, w2, *rest):
+        # routing_weights is in (token, slot) order: roll the slots, so that slot j's weight lands on slot j+1.
+        shifted = routing_weights.view(x.shape[0], -1).roll(1, dims=1).flatten()
         return expert_mlp(x, shifted, w1, v1, w2, *rest)
 
     return locals()[name]

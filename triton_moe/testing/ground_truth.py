@@ -58,8 +58,8 @@ def dense_loop_moe(config: MoEConfig, params: dict, x: torch.Tensor) -> dict:
         h_up.append(up)
         h_act.append(act)
     result = dict(
-        router_logits=logits, expert_indices=indices, expert_weights=weights, tokens_per_expert=counts,
-        row_to_token=torch.cat(rows_token), x_gathered=torch.cat(rows_x), h_pre=h_pre, h_act=h_act,
+        router_logits=logits, expert_indices=indices, routing_weights=weights, tokens_per_expert=counts,
+        row_to_token=torch.cat(rows_token), sorted_x=torch.cat(rows_x), h_pre=h_pre, h_act=h_act,
         y_expert=torch.cat(rows_y), output=output, aux_loss=aux,
     )
     if config.is_gated:
