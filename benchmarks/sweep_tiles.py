@@ -10,30 +10,30 @@ import torch
 from harness import DTYPES, build_layer, device, environment, make_config, parse_args, time_ms, triton_operands
 
 from triton_moe import kernels
-from triton_moe.kernels import GemmBlocks
+from triton_moe.kernels import GemmTiles
 
 CANDIDATES = [
-    GemmBlocks(128, 128, 64, 8, 3),
-    GemmBlocks(128, 128, 64, 8, 4),
-    GemmBlocks(128, 128, 64, 4, 3),
-    GemmBlocks(128, 128, 64, 4, 4),
-    GemmBlocks(128, 256, 64, 8, 3),
-    GemmBlocks(256, 128, 64, 8, 3),
-    GemmBlocks(64, 128, 64, 4, 4),
-    GemmBlocks(64, 256, 64, 4, 3),
-    GemmBlocks(128, 64, 64, 4, 4),
-    GemmBlocks(64, 64, 64, 4, 4),
-    GemmBlocks(128, 128, 32, 4, 5),
-    GemmBlocks(128, 128, 128, 8, 3),
+    GemmTiles(128, 128, 64, 8, 3),
+    GemmTiles(128, 128, 64, 8, 4),
+    GemmTiles(128, 128, 64, 4, 3),
+    GemmTiles(128, 128, 64, 4, 4),
+    GemmTiles(128, 256, 64, 8, 3),
+    GemmTiles(256, 128, 64, 8, 3),
+    GemmTiles(64, 128, 64, 4, 4),
+    GemmTiles(64, 256, 64, 4, 3),
+    GemmTiles(128, 64, 64, 4, 4),
+    GemmTiles(64, 64, 64, 4, 4),
+    GemmTiles(128, 128, 32, 4, 5),
+    GemmTiles(128, 128, 128, 8, 3),
 ]
 # Added for small problems (the seed configs), where the tiles above are too few to fill the GPU.
 SMALL_CANDIDATES = [
-    GemmBlocks(64, 128, 64, 4, 3),
-    GemmBlocks(128, 64, 64, 4, 3),
-    GemmBlocks(64, 64, 64, 4, 3),
-    GemmBlocks(32, 128, 64, 4, 3),
-    GemmBlocks(64, 128, 128, 4, 3),
-    GemmBlocks(64, 64, 128, 4, 3),
+    GemmTiles(64, 128, 64, 4, 3),
+    GemmTiles(128, 64, 64, 4, 3),
+    GemmTiles(64, 64, 64, 4, 3),
+    GemmTiles(32, 128, 64, 4, 3),
+    GemmTiles(64, 128, 128, 4, 3),
+    GemmTiles(64, 64, 128, 4, 3),
 ]
 
 
@@ -64,7 +64,7 @@ ROLES = ("up", "down", "down bwd dH", "dW2", "dX rows", "dW1")
 
 
 def roles(layer, x):
-    """role -> (function of blocks, FLOPs of that GEMM)."""
+    """role -> (function of tiles, FLOPs of that GEMM)."""
     o = triton_operands(layer, x)
     cfg, layout, sort = o.cfg, o.layout, o.sort
     one_product = 2 * o.routed_width * cfg.hidden_size  # FLOPs of one GEMM over all routed rows
@@ -72,17 +72,17 @@ def roles(layer, x):
     return {
         "up": (lambda b: kernels.up_projection(x, o.w1, o.v1, sort.row_to_token, layout, cfg.activation,
                                                o.routing_weights, routing_weight_index=sort.row_to_flat,
-                                               sorted_x=o.sorted_x, blocks=b),
+                                               sorted_x=o.sorted_x, tiles=b),
                gated_products),
-        "down": (lambda b: kernels.down_projection(o.h_act, o.w2, layout, blocks=b), one_product),
+        "down": (lambda b: kernels.down_projection(o.h_act, o.w2, layout, tiles=b), one_product),
         "down bwd dH": (lambda b: kernels.down_projection_backward(
             o.grad_out, o.w2, o.h_pre, o.h_up, sort.row_to_token, layout, o.routing_weights,
-            cfg.activation, routing_weight_index=sort.row_to_flat, sorted_grad_out=o.sorted_grad_out, blocks=b),
+            cfg.activation, routing_weight_index=sort.row_to_flat, sorted_grad_out=o.sorted_grad_out, tiles=b),
             one_product),
-        "dW2": (lambda b: kernels.weight_grad(o.h_act, None, *o.dw2_rows, layout, blocks=b), one_product),
-        "dX rows": (lambda b: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, layout, blocks=b),
+        "dW2": (lambda b: kernels.weight_grad(o.h_act, None, *o.dw2_rows, layout, tiles=b), one_product),
+        "dX rows": (lambda b: kernels.input_grad_rows(o.dh_pre, o.w1, o.dh_up, o.v1, layout, tiles=b),
                     gated_products),
-        "dW1": (lambda b: kernels.weight_grad(o.dh_pre, o.dh_up, *o.dw1_rows, layout, blocks=b), gated_products),
+        "dW1": (lambda b: kernels.weight_grad(o.dh_pre, o.dh_up, *o.dw1_rows, layout, tiles=b), gated_products),
     }
 
 
@@ -102,20 +102,20 @@ def main():
             role_fns = {role: timed for role, timed in roles(layer, x).items() if role in (args.roles or ROLES)}
             print(f"\n## {name} ({args.activation})\n| tiles (M,N,K,warps,stages) | "
                   + " | ".join(role_fns) + " |\n|---|" + "---:|" * len(role_fns))
-            for blocks in candidates:  # None: the launchers' defaults (tuning.gemm_blocks)
+            for tiles in candidates:  # None: the launchers' defaults (tuning.gemm_tiles)
                 cells = []
                 for fn, flops in role_fns.values():
                     try:
                         if args.graph:
-                            cells.append(f"{graph_us(lambda: fn(blocks)):.1f}")
+                            cells.append(f"{graph_us(lambda: fn(tiles)):.1f}")
                         else:
-                            ms = time_ms(lambda: fn(blocks), args.warmup, args.repeats)
+                            ms = time_ms(lambda: fn(tiles), args.warmup, args.repeats)
                             cells.append(f"{flops / ms / 1e9:.0f}")
                     except Exception as error:  # a tile shape that does not fit (shared memory, registers)
                         cells.append(type(error).__name__)
-                tiles = "default" if blocks is None else (
-                    blocks.block_m, blocks.block_n, blocks.block_k, blocks.num_warps, blocks.num_stages)
-                print(f"| {tiles} | " + " | ".join(cells) + " |", flush=True)
+                tile_text = "default" if tiles is None else (
+                    tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.num_warps, tiles.num_stages)
+                print(f"| {tile_text} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

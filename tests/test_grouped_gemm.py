@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from triton_moe.kernels import (
     ExpertLayout,
-    GemmBlocks,
+    GemmTiles,
     down_projection,
     down_projection_backward,
     input_grad_rows,
@@ -490,15 +490,15 @@ def test_weights_by_tma_same_results(case, activation, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "blocks",
+    "tiles",
     [
-        pytest.param(GemmBlocks(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1), id="16x16x16"),
-        pytest.param(GemmBlocks(block_m=64, block_n=16, block_k=64, num_warps=1, num_stages=1), id="64x16x64"),
-        pytest.param(GemmBlocks(block_m=16, block_n=64, block_k=32, num_warps=1, num_stages=1), id="16x64x32"),
+        pytest.param(GemmTiles(tile_m=16, tile_n=16, tile_k=16, num_warps=1, num_stages=1), id="16x16x16"),
+        pytest.param(GemmTiles(tile_m=64, tile_n=16, tile_k=64, num_warps=1, num_stages=1), id="64x16x64"),
+        pytest.param(GemmTiles(tile_m=16, tile_n=64, tile_k=32, num_warps=1, num_stages=1), id="16x64x32"),
     ],
 )
 @pytest.mark.parametrize("activation, dh_path", [("relu_squared", "fused"), ("swiglu", "row pass")])
-def test_launchers_with_other_blocks(blocks, activation, dh_path, monkeypatch):
+def test_launchers_with_other_tiles(tiles, activation, dh_path, monkeypatch):
     """Every launcher with tiles other than the default: partial tiles and partial-sum columns move around (the
     fused dA epilogue sums the routing-weight gradient over up to 13 column tiles of a row)."""
     take_dh_path(dh_path, monkeypatch)
@@ -508,19 +508,19 @@ def test_launchers_with_other_blocks(blocks, activation, dh_path, monkeypatch):
     layout, row_to_token, routing_weights = routing.layout, routing.row_to_token, routing.routing_weights
 
     h_pre_out, _, h_act = up_projection(
-        x, w1, v1, row_to_token, layout, activation, routing_weights, blocks=blocks
+        x, w1, v1, row_to_token, layout, activation, routing_weights, tiles=tiles
     )
     expected_pre, _, expected_act = reference_up_projection(x, w1, v1, routing, activation, routing_weights)
     assert_hidden_close(h_pre_out, expected_pre, routing, dtype)
     assert_hidden_close(h_act, expected_act, routing, dtype)
-    y = down_projection(h_act, w2, layout, blocks=blocks)
+    y = down_projection(h_act, w2, layout, tiles=tiles)
     assert_close(y, reference_down_projection(h_act, w2, routing), dtype)
 
     expected_dh_pre, expected_dh_up, expected_d_routing_weights, expected_dw2 = reference_down_backward(
         h_pre, h_up, w2, grad_out, routing, routing_weights, activation
     )
     got_dh_pre, got_dh_up, d_routing_weights = down_projection_backward(
-        grad_out, w2, h_pre, h_up, row_to_token, layout, routing_weights, activation, blocks=blocks
+        grad_out, w2, h_pre, h_up, row_to_token, layout, routing_weights, activation, tiles=tiles
     )
     assert_hidden_close(got_dh_pre, expected_dh_pre, routing, dtype)
     assert_close(d_routing_weights, expected_d_routing_weights, dtype)
@@ -530,10 +530,10 @@ def test_launchers_with_other_blocks(blocks, activation, dh_path, monkeypatch):
         assert got_dh_up is None
 
     expected_dx_rows, expected_dw1, expected_dv1 = reference_up_backward(dh_pre, dh_up, x, w1, v1, routing)
-    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, layout, blocks=blocks)
+    dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, layout, tiles=tiles)
     assert_close(dx_rows, expected_dx_rows, dtype)
     for token_rows, row_to_token_or_none in ((x, row_to_token), (sorted_rows(x, routing), None)):
-        dw1, dv1 = weight_grad(dh_pre, dh_up, token_rows, row_to_token_or_none, layout, blocks=blocks)
+        dw1, dv1 = weight_grad(dh_pre, dh_up, token_rows, row_to_token_or_none, layout, tiles=tiles)
         assert_close(dw1, expected_dw1, dtype)
         if gated:
             assert_close(dv1, expected_dv1, dtype)
@@ -639,8 +639,8 @@ def test_invalid_arguments_raise_value_error():
                     routing_weights=routing.routing_weights)
     with pytest.raises(ValueError, match="routing_weights are for"):
         weight_grad(hidden_rows, None, x, row_to_token, layout, routing_weights=routing.routing_weights)
-    with pytest.raises(ValueError, match="block_n"):
-        GemmBlocks(block_m=32, block_n=8, block_k=32, num_warps=1, num_stages=1)
+    with pytest.raises(ValueError, match="tile_n"):
+        GemmTiles(tile_m=32, tile_n=8, tile_k=32, num_warps=1, num_stages=1)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="Triton's CPU interpreter")
@@ -672,9 +672,9 @@ def test_gpu_tiles_by_shape_class(monkeypatch):
     past hidden 2048, and the rest."""
     monkeypatch.setattr(host, "_INTERPRETER", False)
     bf16 = torch.bfloat16
-    assert tuning.gemm_blocks(bf16, "up", rows_x_hidden=2**23, hidden=256) == tuning.GPU_16BIT_SMALL_BLOCKS["up"]
-    assert tuning.gemm_blocks(bf16, "down_backward", rows_x_hidden=2**28, hidden=2048).num_stages == 4
-    assert tuning.gemm_blocks(bf16, "down_backward", rows_x_hidden=2**27, hidden=4096).num_stages == 3
+    assert tuning.gemm_tiles(bf16, "up", rows_x_hidden=2**23, hidden=256) == tuning.GPU_16BIT_SMALL_TILES["up"]
+    assert tuning.gemm_tiles(bf16, "down_backward", rows_x_hidden=2**28, hidden=2048).num_stages == 4
+    assert tuning.gemm_tiles(bf16, "down_backward", rows_x_hidden=2**27, hidden=4096).num_stages == 3
     for role in ("up", "down", "input_grad", "weight_grad"):
-        assert tuning.gemm_blocks(bf16, role, rows_x_hidden=2**27, hidden=4096) == tuning.GPU_16BIT_ROLE_BLOCKS[role]
-    assert tuning.gemm_blocks(torch.float32, "up", hidden=4096) == tuning.GPU_FP32_BLOCKS
+        assert tuning.gemm_tiles(bf16, role, rows_x_hidden=2**27, hidden=4096) == tuning.GPU_16BIT_ROLE_TILES[role]
+    assert tuning.gemm_tiles(torch.float32, "up", hidden=4096) == tuning.GPU_FP32_TILES

@@ -30,18 +30,18 @@ from triton_moe.kernels.grouped_gemm import (
 )
 from triton_moe.kernels.layout import ExpertLayout
 from triton_moe.kernels.permute import combine_rows, gather_rows
-from triton_moe.kernels.tuning import GemmBlocks, gemm_blocks, sorted_rows_pay_off
+from triton_moe.kernels.tuning import GemmTiles, gemm_tiles, sorted_rows_pay_off
 
 __all__ = [
     "ACTIVATIONS",
     "ExpertLayout",
     "GATED_ACTIVATIONS",
-    "GemmBlocks",
+    "GemmTiles",
     "combine_rows",
     "down_projection",
     "down_projection_backward",
     "gather_rows",
-    "gemm_blocks",
+    "gemm_tiles",
     "input_grad_rows",
     "is_gated",
     "sorted_rows_pay_off",

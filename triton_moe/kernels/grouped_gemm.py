@@ -22,8 +22,8 @@ Both accumulate in fp32 and never use atomics, so every result is bitwise reprod
 activations, small problems): the activation's derivative, the routing weight and the routing weight's gradient
 (a whole row's dot product, so no partial sums).
 
-Every launcher takes the batch's `layout.ExpertLayout` (row and width offsets, widths, R) and `blocks`, the tile
-sizes (tuning.gemm_blocks(dtype, role, ...) when None: each launcher is one role). All tensors are contiguous and
+Every launcher takes the batch's `layout.ExpertLayout` (row and width offsets, widths, R) and `tiles`, the tile
+sizes (tuning.gemm_tiles(dtype, role, ...) when None: each launcher is one role). All tensors are contiguous and
 on one device; float operands of one call share one dtype (fp32, fp16, bf16).
 """
 
@@ -35,7 +35,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
 from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, traceable
 from triton_moe.kernels.layout import ExpertLayout
-from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, ROW_PASS_ELEMENTS, GemmBlocks, gemm_blocks,
+from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, ROW_PASS_ELEMENTS, GemmTiles, gemm_tiles,
                                        fused_dh_pays_off, permute_block_h, rows_per_program, tma_readable,
                                        weights_by_tma)
 
@@ -53,14 +53,14 @@ def _expert_of_tile(tile_id, tiles_per_expert, experts):
 
 
 @triton.jit
-def _store_zero_padding(out_ptr, rows, row_mask, tile_start, width, max_width, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+def _store_zero_padding(out_ptr, rows, row_mask, tile_start, width, max_width, TILE_M: tl.constexpr,
+                        TILE_N: tl.constexpr):
     """Zeros in columns width : max_width of `rows` of a hidden-activation matrix, from the expert's last column
     tile, which starts at column tile_start, on."""
-    row_offsets = rows[:, None].to(tl.int64) * max_width  # (BLOCK_M, 1)
-    zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
-    for col_start in range(tile_start, max_width, BLOCK_N):
-        cols = col_start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    row_offsets = rows[:, None].to(tl.int64) * max_width  # (TILE_M, 1)
+    zeros = tl.zeros((TILE_M, TILE_N), dtype=out_ptr.dtype.element_ty)
+    for col_start in range(tile_start, max_width, TILE_N):
+        cols = col_start + tl.arange(0, TILE_N)  # (TILE_N,)
         mask = row_mask[:, None] & (cols[None, :] >= width) & (cols[None, :] < max_width)
         tl.store(out_ptr + row_offsets + cols[None, :], zeros, mask=mask)
 
@@ -83,9 +83,9 @@ def _expert_rows_gemm(
     ZERO_PADDING: tl.constexpr,
     B_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    TILE_M: tl.constexpr,
+    TILE_N: tl.constexpr,
+    TILE_K: tl.constexpr,
     EXPERTS_POW2: tl.constexpr,
     WIDTH_MULTIPLE: tl.constexpr,
 ):
@@ -96,7 +96,7 @@ def _expert_rows_gemm(
     COPY_A_ROWS (RAGGED_OUT only): the program of column tile 0 of each row tile also stores the A rows it gathers,
     a_rows[r] = A[row_to_token[r]] ([R, H], rows in expert-sorted order), for the weight gradient to read.
     B_TMA (RAGGED_OUT only): B_e's tiles (and B2_e's) load through b_desc (b2_desc), TMA descriptors of the [TW, H]
-    weights in boxes of BLOCK_N weight rows x BLOCK_K; past the expert's width they hold the next expert's rows,
+    weights in boxes of TILE_N weight rows x TILE_K; past the expert's width they hold the next expert's rows,
     which only reach output columns the store masks.
 
     SECOND_PRODUCT: "none"; "shared_a": acc2 = A @ B2_e from the same A tiles (swiglu gate and up);
@@ -125,10 +125,10 @@ def _expert_rows_gemm(
         widths = tl.load(expert_width_offsets_ptr + experts + 1, mask=is_expert, other=0) - tl.load(
             expert_width_offsets_ptr + experts, mask=is_expert, other=0
         )
-        col_tiles_per_expert = tl.cdiv(widths, BLOCK_N)
+        col_tiles_per_expert = tl.cdiv(widths, TILE_N)
     else:
-        col_tiles_per_expert = tl.cdiv(hidden, BLOCK_N)
-    tiles_per_expert = (tl.cdiv(rows_per_expert, BLOCK_M) * col_tiles_per_expert).to(tl.int32)
+        col_tiles_per_expert = tl.cdiv(hidden, TILE_N)
+    tiles_per_expert = (tl.cdiv(rows_per_expert, TILE_M) * col_tiles_per_expert).to(tl.int32)
     expert, first_tile = _expert_of_tile(tile_id, tiles_per_expert, experts)
     if expert >= num_experts:
         return
@@ -151,31 +151,31 @@ def _expert_rows_gemm(
     # gather of token rows, or a slab of a hidden-activation matrix) and sweep the expert's weight slice, which is at
     # most a few MiB and stays in L2 across the expert's row tiles. Row tiles fastest would instead re-read
     # every A row once per column tile, far apart in time, from DRAM for large experts.
-    col_tiles = tl.cdiv(num_cols, BLOCK_N)
+    col_tiles = tl.cdiv(num_cols, TILE_N)
     row_tile = (tile_id - first_tile) // col_tiles
     col_tile = (tile_id - first_tile) % col_tiles
-    expert_rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) row index within the expert
-    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    ks = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    expert_rows = row_tile * TILE_M + tl.arange(0, TILE_M)  # (TILE_M,) row index within the expert
+    cols = col_tile * TILE_N + tl.arange(0, TILE_N)  # (TILE_N,)
+    ks = tl.arange(0, TILE_K)  # (TILE_K,)
     row_mask = expert_rows < num_rows
     col_mask = cols < num_cols
-    rows = row_start + expert_rows  # (BLOCK_M,) expert-sorted row ids
+    rows = row_start + expert_rows  # (TILE_M,) expert-sorted row ids
     if RAGGED_OUT:
         tokens = tl.load(row_to_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        a_offsets = tokens[:, None] * hidden + ks[None, :]  # (BLOCK_M, BLOCK_K)
-        b_offsets = (width_start + cols[None, :]).to(tl.int64) * hidden + ks[:, None]  # (BLOCK_K, BLOCK_N)
-        b_step = BLOCK_K
-        out_offsets = rows[:, None].to(tl.int64) * max_width + cols[None, :]  # (BLOCK_M, BLOCK_N)
-        a_rows_offsets = rows[:, None].to(tl.int64) * hidden + ks[None, :]  # (BLOCK_M, BLOCK_K)
+        a_offsets = tokens[:, None] * hidden + ks[None, :]  # (TILE_M, TILE_K)
+        b_offsets = (width_start + cols[None, :]).to(tl.int64) * hidden + ks[:, None]  # (TILE_K, TILE_N)
+        b_step = TILE_K
+        out_offsets = rows[:, None].to(tl.int64) * max_width + cols[None, :]  # (TILE_M, TILE_N)
+        a_rows_offsets = rows[:, None].to(tl.int64) * hidden + ks[None, :]  # (TILE_M, TILE_K)
         # One program per row tile copies: column tile 0, as a mask (a branch in the loop costs the pipeline).
-        copies_rows = (ks[None, :] * 0 + col_tile) == 0  # (1, BLOCK_K)
-        b_tma_row = (width_start + col_tile * BLOCK_N).to(tl.int32)  # TMA coordinates of B_eᵀ's tile: int32
+        copies_rows = (ks[None, :] * 0 + col_tile) == 0  # (1, TILE_K)
+        b_tma_row = (width_start + col_tile * TILE_N).to(tl.int32)  # TMA coordinates of B_eᵀ's tile: int32
         b_tma_col = 0
     else:
-        a_offsets = rows[:, None].to(tl.int64) * max_width + ks[None, :]  # (BLOCK_M, BLOCK_K)
-        b_offsets = (width_start + ks[:, None]).to(tl.int64) * hidden + cols[None, :]  # (BLOCK_K, BLOCK_N)
-        b_step = BLOCK_K * hidden
-        out_offsets = rows[:, None].to(tl.int64) * hidden + cols[None, :]  # (BLOCK_M, BLOCK_N)
+        a_offsets = rows[:, None].to(tl.int64) * max_width + ks[None, :]  # (TILE_M, TILE_K)
+        b_offsets = (width_start + ks[:, None]).to(tl.int64) * hidden + cols[None, :]  # (TILE_K, TILE_N)
+        b_step = TILE_K * hidden
+        out_offsets = rows[:, None].to(tl.int64) * hidden + cols[None, :]  # (TILE_M, TILE_N)
 
     if EPILOGUE != "store" and HAS_ROUTING_WEIGHTS:
         # Loaded before the K loop, the two dependent loads (slot, then weight) wait alongside the GEMM rather than
@@ -183,11 +183,11 @@ def _expert_rows_gemm(
         weight_slots = rows
         if INDEXED_ROUTING_WEIGHTS:
             weight_slots = tl.load(routing_weight_index_ptr + rows, mask=row_mask, other=0)
-        routing_weights = tl.load(routing_weights_ptr + weight_slots, mask=row_mask, other=0.0)  # (BLOCK_M,)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        routing_weights = tl.load(routing_weights_ptr + weight_slots, mask=row_mask, other=0.0)  # (TILE_M,)
+    acc = tl.zeros((TILE_M, TILE_N), dtype=tl.float32)
     if SECOND_PRODUCT == "shared_a":
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, reduce_size, BLOCK_K):
+        acc2 = tl.zeros((TILE_M, TILE_N), dtype=tl.float32)
+    for k_start in range(0, reduce_size, TILE_K):
         k_mask = ks < reduce_size - k_start
         a_mask = row_mask[:, None] & k_mask[None, :]
         b_mask = k_mask[:, None] & col_mask[None, :]
@@ -204,31 +204,31 @@ def _expert_rows_gemm(
             # dot's own `a` tile as well gives wrong dot results on Hopper with triton 3.6.
             copy_mask = a_mask & copies_rows
             tl.store(a_rows_ptr + a_rows_offsets, tl.load(a_ptr + a_offsets, mask=copy_mask), mask=copy_mask)
-            a_rows_offsets += BLOCK_K
+            a_rows_offsets += TILE_K
         if SECOND_PRODUCT == "shared_a":
             if B_TMA:
                 b2 = b2_desc.load([b_tma_row, b_tma_col]).T
             else:
                 b2 = tl.load(b2_ptr + b_offsets, mask=b_mask, other=0.0)
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
-        a_offsets += BLOCK_K
+        a_offsets += TILE_K
         b_offsets += b_step
         if B_TMA:
-            b_tma_col += BLOCK_K
+            b_tma_col += TILE_K
     if SECOND_PRODUCT == "summed":
         # The second product in a K loop of its own, after the first: one operand pair in flight per step, so
         # this launch takes the wide tiles of the one-product GEMMs, which two pairs a step did not fit. The
         # offsets are computed afresh: rewound by subtraction, they lose what the compiler knows of their
         # contiguity, which slows the GEMM several-fold (docs/tuning.md).
         tl.static_assert(not RAGGED_OUT, "summed: the expert width -> hidden layout")
-        a_offsets = rows[:, None].to(tl.int64) * max_width + ks[None, :]  # (BLOCK_M, BLOCK_K)
-        b_offsets = (width_start + ks[:, None]).to(tl.int64) * hidden + cols[None, :]  # (BLOCK_K, BLOCK_N)
-        for k_start in range(0, reduce_size, BLOCK_K):
+        a_offsets = rows[:, None].to(tl.int64) * max_width + ks[None, :]  # (TILE_M, TILE_K)
+        b_offsets = (width_start + ks[:, None]).to(tl.int64) * hidden + cols[None, :]  # (TILE_K, TILE_N)
+        for k_start in range(0, reduce_size, TILE_K):
             k_mask = ks < reduce_size - k_start
             a2 = tl.load(a2_ptr + a_offsets, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             b2 = tl.load(b2_ptr + b_offsets, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             acc = tl.dot(a2, b2, acc, input_precision=DOT_PRECISION)
-            a_offsets += BLOCK_K
+            a_offsets += TILE_K
             b_offsets += b_step
 
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -249,11 +249,11 @@ def _expert_rows_gemm(
             h_act = h_act * routing_weights[:, None]
         tl.store(out3_ptr + out_offsets, h_act.to(out_dtype), mask=out_mask)
         if ZERO_PADDING and col_tile == col_tiles - 1:
-            tile_start = col_tile * BLOCK_N
-            _store_zero_padding(out_ptr, rows, row_mask, tile_start, num_cols, max_width, BLOCK_M, BLOCK_N)
+            tile_start = col_tile * TILE_N
+            _store_zero_padding(out_ptr, rows, row_mask, tile_start, num_cols, max_width, TILE_M, TILE_N)
             if GATED:
-                _store_zero_padding(out2_ptr, rows, row_mask, tile_start, num_cols, max_width, BLOCK_M, BLOCK_N)
-            _store_zero_padding(out3_ptr, rows, row_mask, tile_start, num_cols, max_width, BLOCK_M, BLOCK_N)
+                _store_zero_padding(out2_ptr, rows, row_mask, tile_start, num_cols, max_width, TILE_M, TILE_N)
+            _store_zero_padding(out3_ptr, rows, row_mask, tile_start, num_cols, max_width, TILE_M, TILE_N)
     elif EPILOGUE == "act_backward":
         tl.static_assert(RAGGED_OUT and not GATED, "act_backward: the dA GEMM of a one-projection activation")
         d_act = acc.to(out_dtype).to(tl.float32)
@@ -261,7 +261,7 @@ def _expert_rows_gemm(
         if HAS_ROUTING_WEIGHTS:
             # Masked: past the width, B's TMA tiles may have put the next expert's products in dA.
             partial = tl.sum(tl.where(out_mask, d_act * activation_forward(h_pre, None, ACTIVATION), 0.0), 1)
-            partial_offsets = weight_slots.to(tl.int64) * partial_tiles  # (BLOCK_M,)
+            partial_offsets = weight_slots.to(tl.int64) * partial_tiles  # (TILE_M,)
             tl.store(partials_ptr + partial_offsets + col_tile, partial, mask=row_mask)
             if col_tile == col_tiles - 1:
                 for zero_tile in range(col_tiles, partial_tiles):
@@ -287,9 +287,9 @@ def _weight_grad_gemm(
     INDEXED_ROUTING_WEIGHTS: tl.constexpr,
     B_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    TILE_M: tl.constexpr,
+    TILE_N: tl.constexpr,
+    TILE_K: tl.constexpr,
     EXPERTS_POW2: tl.constexpr,
     WIDTH_MULTIPLE: tl.constexpr,
 ):
@@ -300,11 +300,11 @@ def _weight_grad_gemm(
     pre-activations at a_ptr (and, GATED, at a2_ptr): A = act(h_pre[, h_up]) * row r's routing weight
     (routing_weights[routing_weight_index[r]] if INDEXED_ROUTING_WEIGHTS, else routing_weights[r]), in fp32 and
     rounded once, as the up projection's epilogue computes it: the down projection's weight gradient without keeping
-    its operand. The reduction runs over the expert's rows, BLOCK_K at a time; an expert without rows stores 0.
+    its operand. The reduction runs over the expert's rows, TILE_K at a time; an expert without rows stores 0.
     B_ROWS says where row r's token row is:
         "gathered": row row_to_token[r] of B [N, H], by masked pointer loads;
         "sorted": row r of B [R, H] (the token rows already in expert-sorted order), by masked pointer loads;
-        "sorted_tma": the same through b_desc, a TMA descriptor of B with [BLOCK_K, BLOCK_N] boxes, unmasked: an
+        "sorted_tma": the same through b_desc, a TMA descriptor of B with [TILE_K, TILE_N] boxes, unmasked: an
             expert's last step reads the next expert's first rows (zeros past R), which A's masked zeros cancel.
             (Only a non-finite value there would leak in, as 0 * inf.)
     """
@@ -315,8 +315,8 @@ def _weight_grad_gemm(
     widths = tl.load(expert_width_offsets_ptr + experts + 1, mask=is_expert, other=0) - tl.load(
         expert_width_offsets_ptr + experts, mask=is_expert, other=0
     )
-    hidden_tiles = tl.cdiv(hidden, BLOCK_N)
-    tiles_per_expert = (tl.cdiv(widths, BLOCK_M) * hidden_tiles).to(tl.int32)
+    hidden_tiles = tl.cdiv(hidden, TILE_N)
+    tiles_per_expert = (tl.cdiv(widths, TILE_M) * hidden_tiles).to(tl.int32)
     expert, first_tile = _expert_of_tile(tile_id, tiles_per_expert, experts)
 
     # The expert's first row, rows, first weight row and width, loaded here rather than in a helper: Inductor's
@@ -329,34 +329,34 @@ def _weight_grad_gemm(
     width = tl.multiple_of(tl.load(expert_width_offsets_ptr + expert + 1) - width_start, WIDTH_MULTIPLE)
     # Width tiles fastest: the programs running together share the B tiles of one hidden tile, the irregular
     # gather of token rows, while each reads its own contiguous columns of the expert's rows of A.
-    width_tiles = tl.cdiv(width, BLOCK_M)
+    width_tiles = tl.cdiv(width, TILE_M)
     width_tile = (tile_id - first_tile) % width_tiles
     hidden_tile = (tile_id - first_tile) // width_tiles
-    ms = width_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) column within the expert's width
-    ns = hidden_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    ks = tl.arange(0, BLOCK_K)  # (BLOCK_K,) row within a step over the expert's rows
+    ms = width_tile * TILE_M + tl.arange(0, TILE_M)  # (TILE_M,) column within the expert's width
+    ns = hidden_tile * TILE_N + tl.arange(0, TILE_N)  # (TILE_N,)
+    ks = tl.arange(0, TILE_K)  # (TILE_K,) row within a step over the expert's rows
     m_mask = ms < width
     n_mask = ns < hidden
-    a_offsets = (row_start + ks[None, :]).to(tl.int64) * max_width + ms[:, None]  # (BLOCK_M, BLOCK_K): Aᵀ
+    a_offsets = (row_start + ks[None, :]).to(tl.int64) * max_width + ms[:, None]  # (TILE_M, TILE_K): Aᵀ
     # TMA coordinates are int32: R < 2^31 rows (the launcher checks), so are the expert's first row and H.
     b_row = row_start.to(tl.int32)
-    b_col = (hidden_tile * BLOCK_N).to(tl.int32)
+    b_col = (hidden_tile * TILE_N).to(tl.int32)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((TILE_M, TILE_N), dtype=tl.float32)
     if SECOND_OUTPUT:
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, num_rows, BLOCK_K):
+        acc2 = tl.zeros((TILE_M, TILE_N), dtype=tl.float32)
+    for k_start in range(0, num_rows, TILE_K):
         k_mask = ks < num_rows - k_start
         if B_ROWS == "sorted_tma":
             b = b_desc.load([b_row, b_col])
-            b_row += BLOCK_K
+            b_row += TILE_K
         else:
-            b_rows = row_start + k_start + ks  # (BLOCK_K,) expert-sorted row ids
+            b_rows = row_start + k_start + ks  # (TILE_K,) expert-sorted row ids
             if B_ROWS == "gathered":
                 b_rows = tl.load(row_to_token_ptr + b_rows, mask=k_mask, other=0)
             else:
                 tl.static_assert(B_ROWS == "sorted", "unknown B_ROWS")
-            b_offsets = b_rows[:, None].to(tl.int64) * hidden + ns[None, :]  # (BLOCK_K, BLOCK_N)
+            b_offsets = b_rows[:, None].to(tl.int64) * hidden + ns[None, :]  # (TILE_K, TILE_N)
             b = tl.load(b_ptr + b_offsets, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         a_mask = m_mask[:, None] & k_mask[None, :]
         a = tl.load(a_ptr + a_offsets, mask=a_mask, other=0.0)
@@ -365,18 +365,18 @@ def _weight_grad_gemm(
             h_up = None
             if GATED:
                 h_up = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0).to(tl.float32)
-            weight_slots = row_start + k_start + ks  # (BLOCK_K,) expert-sorted row ids
+            weight_slots = row_start + k_start + ks  # (TILE_K,) expert-sorted row ids
             if INDEXED_ROUTING_WEIGHTS:
                 weight_slots = tl.load(routing_weight_index_ptr + weight_slots, mask=k_mask, other=0)
-            routing_weights = tl.load(routing_weights_ptr + weight_slots, mask=k_mask, other=0.0)  # (BLOCK_K,)
+            routing_weights = tl.load(routing_weights_ptr + weight_slots, mask=k_mask, other=0.0)  # (TILE_K,)
             a = (activation_forward(a.to(tl.float32), h_up, A_ACTIVATION) * routing_weights[None, :]).to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if SECOND_OUTPUT:
             a2 = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0)
             acc2 = tl.dot(a2, b, acc2, input_precision=DOT_PRECISION)
-        a_offsets += BLOCK_K * max_width
+        a_offsets += TILE_K * max_width
 
-    out_offsets = (width_start + ms[:, None]).to(tl.int64) * hidden + ns[None, :]  # (BLOCK_M, BLOCK_N)
+    out_offsets = (width_start + ms[:, None]).to(tl.int64) * hidden + ns[None, :]  # (TILE_M, TILE_N)
     out_mask = m_mask[:, None] & n_mask[None, :]
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     if SECOND_OUTPUT:
@@ -488,23 +488,23 @@ def _check_gated_pair(name, tensor, activation, check):
         check(name, tensor)
 
 
-def _launch_options(dtype, blocks, layout: ExpertLayout):
+def _launch_options(dtype, tiles, layout: ExpertLayout):
     """The compile-time arguments and launch options both GEMM kernels share."""
     return dict(
         # fp32 must match an fp64 reference to 1e-4, which TF32 products (~1e-3) would miss. For 16-bit operands
         # the setting does not apply and Triton's default is passed.
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        BLOCK_M=blocks.block_m,
-        BLOCK_N=blocks.block_n,
-        BLOCK_K=blocks.block_k,
+        TILE_M=tiles.tile_m,
+        TILE_N=tiles.tile_n,
+        TILE_K=tiles.tile_k,
         **layout.facts.kernel_constants,
-        num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
 
 
 def _expert_rows_gemm_launch(
-    *, a, b, out, layout: ExpertLayout, ragged_out, epilogue, blocks, role, a2=None, b2=None, second_product="none",
+    *, a, b, out, layout: ExpertLayout, ragged_out, epilogue, tiles, role, a2=None, b2=None, second_product="none",
     out2=None, out3=None, routing_weights=None, routing_weight_index=None, row_to_token=None, activation=None,
     a_rows=None, h_pre=None, partials=None,
 ):
@@ -512,19 +512,19 @@ def _expert_rows_gemm_launch(
 
     The hidden -> width layout reads the weights by TMA where tuning.weights_by_tma says so."""
     hidden, num_rows = b.shape[1], layout.num_rows
-    blocks = blocks or gemm_blocks(a.dtype, role, gated=b2 is not None, rows_x_hidden=num_rows * hidden,
+    tiles = tiles or gemm_tiles(a.dtype, role, gated=b2 is not None, rows_x_hidden=num_rows * hidden,
                                    hidden=hidden)
     if ragged_out:
-        most_col_tiles, col_tiles_sum = layout.tiles_per_row_tile(blocks.block_n)
+        most_col_tiles, col_tiles_sum = layout.tiles_per_row_tile(tiles.tile_n)
     else:
-        most_col_tiles = ceil_div(hidden, blocks.block_n)
+        most_col_tiles = ceil_div(hidden, tiles.tile_n)
         col_tiles_sum = most_col_tiles * layout.num_experts
     # cdiv(rows_e, M) <= rows_e // M + 1 and sum_e rows_e // M <= cdiv(R, M): an upper bound on the tiles;
     # programs past the last tile exit at once.
-    grid = (ceil_div(num_rows, blocks.block_m) * most_col_tiles + col_tiles_sum,)
-    b_desc = b2_desc = None  # TMA descriptors of the weights, in boxes of BLOCK_N weight rows x BLOCK_K
+    grid = (ceil_div(num_rows, tiles.tile_m) * most_col_tiles + col_tiles_sum,)
+    b_desc = b2_desc = None  # TMA descriptors of the weights, in boxes of TILE_N weight rows x TILE_K
     if ragged_out and weights_by_tma(b, num_rows) and (b2 is None or weights_by_tma(b2, num_rows)):
-        box = [blocks.block_n, blocks.block_k]
+        box = [tiles.tile_n, tiles.tile_k]
         b_desc = TensorDescriptor(b, list(b.shape), [hidden, 1], box)
         b2_desc = None if b2 is None else TensorDescriptor(b2, list(b2.shape), [hidden, 1], box)
     traceable(_expert_rows_gemm)[grid](
@@ -543,7 +543,7 @@ def _expert_rows_gemm_launch(
         COPY_A_ROWS=a_rows is not None,
         ZERO_PADDING=epilogue == "act_forward" and not layout.uniform,
         B_TMA=b_desc is not None,
-        **_launch_options(a.dtype, blocks, layout),
+        **_launch_options(a.dtype, tiles, layout),
     )
 
 
@@ -558,7 +558,7 @@ def up_projection(
     *,
     routing_weight_index: torch.Tensor | None = None,
     sorted_x: torch.Tensor | None = None,
-    blocks: GemmBlocks | None = None,
+    tiles: GemmTiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Up projection of every expert-sorted row, and the expert activation, into hidden-activation matrices.
 
@@ -578,7 +578,7 @@ def up_projection(
             routing_weights[r].
         sorted_x: [R, H] like x, or None. Given, the GEMM also writes into it the rows it gathers, sorted_x[r] = x[t]
             (the token rows in expert-sorted order, which weight_grad reads).
-        (layout and blocks: see the module docstring)
+        (layout and tiles: see the module docstring)
     Returns:
         h_pre, h_up (None unless gated), h_act: [R, max_width] of x.dtype.
     """
@@ -598,7 +598,7 @@ def up_projection(
             a=x, b=w1, b2=v1, second_product="shared_a" if is_gated(activation) else "none",
             out=h_pre, out2=h_up, out3=h_act, layout=layout, ragged_out=True,
             epilogue="act_forward", activation=activation, routing_weights=routing_weights,
-            routing_weight_index=routing_weight_index, row_to_token=row_to_token, a_rows=sorted_x, blocks=blocks,
+            routing_weight_index=routing_weight_index, row_to_token=row_to_token, a_rows=sorted_x, tiles=tiles,
         )
     return h_pre, h_up, h_act
 
@@ -608,7 +608,7 @@ def down_projection(
     w2: torch.Tensor,
     layout: ExpertLayout,
     *,
-    blocks: GemmBlocks | None = None,
+    tiles: GemmTiles | None = None,
 ) -> torch.Tensor:
     """Down projection of every expert-sorted row.
 
@@ -618,7 +618,7 @@ def down_projection(
         h_act: [R, max_width] fp32/fp16/bf16 activations (up_projection's, already scaled by the routing weights
             when it was given them).
         w2: [TW, H] like h_act: the down projection.
-        (layout and blocks: see the module docstring)
+        (layout and tiles: see the module docstring)
     Returns:
         y: [R, H] of h_act.dtype, one row per expert-sorted row (combine_rows sums them per token).
     """
@@ -627,7 +627,7 @@ def down_projection(
     y = torch.empty((layout.num_rows, w2.shape[1]), dtype=h_act.dtype, device=h_act.device)  # (R, H)
     if layout.num_rows > 0:
         _expert_rows_gemm_launch(role="down", a=h_act, b=w2, out=y, layout=layout, ragged_out=False,
-                                 epilogue="store", blocks=blocks)
+                                 epilogue="store", tiles=tiles)
     return y
 
 
@@ -643,7 +643,7 @@ def down_projection_backward(
     *,
     routing_weight_index: torch.Tensor | None = None,
     sorted_grad_out: torch.Tensor | None = None,
-    blocks: GemmBlocks | None = None,
+    tiles: GemmTiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients through the down projection and the activation, back to the pre-activations.
 
@@ -669,7 +669,7 @@ def down_projection_backward(
         activation: the name given to up_projection.
         sorted_grad_out: [R, H] like grad_out, or None. Given, the dA GEMM also writes into it the rows it gathers,
             sorted_grad_out[r] = grad_out[row_to_token[r]] (what weight_grad reads for dW2).
-        (layout and blocks: see the module docstring)
+        (layout and tiles: see the module docstring)
     Returns:
         dh_pre, dh_up (None unless gated): [R, max_width] like h_pre; d_routing_weights: [R] fp32, None without
         routing_weights.
@@ -693,13 +693,13 @@ def down_projection_backward(
     gemm_arguments = dict(
         role="down_backward", a=grad_out, b=w2, out=dh_pre, layout=layout, ragged_out=True,
         row_to_token=row_to_token, a_rows=sorted_grad_out,
-        blocks=blocks or gemm_blocks(grad_out.dtype, "down_backward", rows_x_hidden=num_rows * grad_out.shape[1],
+        tiles=tiles or gemm_tiles(grad_out.dtype, "down_backward", rows_x_hidden=num_rows * grad_out.shape[1],
                                      hidden=grad_out.shape[1]),
     )
     if not is_gated(activation) and fused_dh_pays_off(num_rows, grad_out.shape[1]):
         partials = None
         if routing_weights is not None:
-            column_tiles = layout.tiles_per_row_tile(gemm_arguments["blocks"].block_n)[0]
+            column_tiles = layout.tiles_per_row_tile(gemm_arguments["tiles"].tile_n)[0]
             partials = (d_routing_weights.view(num_rows, 1) if column_tiles == 1 else  # (R, T): rows' tiles' sums
                         torch.empty(num_rows, column_tiles, dtype=torch.float32, device=grad_out.device))
         _expert_rows_gemm_launch(**gemm_arguments, epilogue="act_backward", activation=activation, h_pre=h_pre,
@@ -736,7 +736,7 @@ def input_grad_rows(
     v1: torch.Tensor | None,
     layout: ExpertLayout,
     *,
-    blocks: GemmBlocks | None = None,
+    tiles: GemmTiles | None = None,
 ) -> torch.Tensor:
     """Gradient of each expert-sorted row's input: dx_rows[r] = dh_pre[r, :W_e] @ w1_e (+ dh_up[r, :W_e] @ v1_e).
 
@@ -744,7 +744,7 @@ def input_grad_rows(
         dh_pre: [R, max_width] fp32/fp16/bf16, from down_projection_backward.
         w1: [TW, H] like dh_pre.
         dh_up, v1: like dh_pre and w1, both given for a gated activation or both None.
-        (layout and blocks: see the module docstring)
+        (layout and tiles: see the module docstring)
     Returns:
         dx_rows: [R, H] of dh_pre.dtype (combine_rows sums them per token into dx).
     """
@@ -760,7 +760,7 @@ def input_grad_rows(
         _expert_rows_gemm_launch(
             role="input_grad", a=dh_pre, b=w1, a2=dh_up, b2=v1,
             second_product="none" if dh_up is None else "summed", out=dx_rows, layout=layout, ragged_out=False,
-            epilogue="store", blocks=blocks,
+            epilogue="store", tiles=tiles,
         )
     return dx_rows
 
@@ -775,7 +775,7 @@ def weight_grad(
     activation: str | None = None,
     routing_weights: torch.Tensor | None = None,
     routing_weight_index: torch.Tensor | None = None,
-    blocks: GemmBlocks | None = None,
+    tiles: GemmTiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight gradient of a projection: dw[width_off_e + m] = sum over rows r of e of hidden_rows[r, m] * token_rows[t],
     t = row_to_token[r].
@@ -797,7 +797,7 @@ def weight_grad(
         token_rows: [N, H] like hidden_rows, gathered per row by row_to_token; or, with row_to_token None, [R, H]:
             row r is the token row of expert-sorted row r.
         row_to_token: [R] int32/int64, or None (token_rows are sorted).
-        (layout and blocks: see the module docstring)
+        (layout and tiles: see the module docstring)
     Returns:
         dw, dw_2 (None without hidden_rows2, or with an activation): [TW, H] of hidden_rows.dtype; experts without
         rows get zeros.
@@ -834,13 +834,13 @@ def weight_grad(
         b_rows, role = "sorted_tma", "weight_grad_sorted"
     else:
         b_rows, role = "sorted", "weight_grad"
-    blocks = blocks or gemm_blocks(hidden_rows.dtype, role, gated=two_gradients, rows_x_hidden=num_rows * hidden,
+    tiles = tiles or gemm_tiles(hidden_rows.dtype, role, gated=two_gradients, rows_x_hidden=num_rows * hidden,
                                    hidden=hidden)
-    rows_desc = None  # a TMA descriptor of the sorted rows, in boxes of BLOCK_K rows x BLOCK_N columns
+    rows_desc = None  # a TMA descriptor of the sorted rows, in boxes of TILE_K rows x TILE_N columns
     if b_rows == "sorted_tma":
-        rows_desc = TensorDescriptor(token_rows, list(token_rows.shape), [hidden, 1], [blocks.block_k, blocks.block_n])
-    # The grid is exact: the tiles depend only on the widths and H, sum_e cdiv(W_e, BLOCK_M) * cdiv(H, BLOCK_N).
-    grid = (layout.tiles_per_row_tile(blocks.block_m)[1] * ceil_div(hidden, blocks.block_n),)
+        rows_desc = TensorDescriptor(token_rows, list(token_rows.shape), [hidden, 1], [tiles.tile_k, tiles.tile_n])
+    # The grid is exact: the tiles depend only on the widths and H, sum_e cdiv(W_e, TILE_M) * cdiv(H, TILE_N).
+    grid = (layout.tiles_per_row_tile(tiles.tile_m)[1] * ceil_div(hidden, tiles.tile_n),)
     traceable(_weight_grad_gemm)[grid](
         hidden_rows, hidden_rows2, token_rows, rows_desc,
         dw, dw_2,
@@ -852,6 +852,6 @@ def weight_grad(
         GATED=activation is not None and is_gated(activation),
         INDEXED_ROUTING_WEIGHTS=routing_weight_index is not None,
         B_ROWS=b_rows,
-        **_launch_options(hidden_rows.dtype, blocks, layout),
+        **_launch_options(hidden_rows.dtype, tiles, layout),
     )
     return dw, dw_2

@@ -1,8 +1,8 @@
 """Tile sizes, warps and pipeline stages of every kernel, per device kind and dtype, and the size thresholds of
 the large-problem paths, each with its reason; docs/tuning.md holds the measurements.
 
-No autotuning: every launcher takes `blocks: GemmBlocks | None` and falls back on
-`gemm_blocks(dtype, role, gated, rows_x_hidden)`, a table keyed on the role and a shape class measured on Hopper,
+No autotuning: every launcher takes `tiles: GemmTiles | None` and falls back on
+`gemm_tiles(dtype, role, gated, rows_x_hidden)`, a table keyed on the role and a shape class measured on Hopper,
 so an autotuner can pass its own choice without touching the kernels.
 """
 
@@ -15,17 +15,17 @@ from triton_moe.kernels.host import next_power_of_2, running_in_interpreter, tra
 
 
 @dataclass(frozen=True)
-class GemmBlocks:
-    """Tile shape of one grouped-GEMM launch: output tile block_m x block_n, reduction steps of block_k."""
+class GemmTiles:
+    """Tile shape of one grouped-GEMM launch: output tile tile_m x tile_n, reduction steps of tile_k."""
 
-    block_m: int
-    block_n: int
-    block_k: int
+    tile_m: int
+    tile_n: int
+    tile_k: int
     num_warps: int
     num_stages: int
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
+        for name in ("tile_m", "tile_n", "tile_k"):
             size = getattr(self, name)
             # tl.dot needs every dimension to be a power of two and at least 16.
             if size < 16 or size & (size - 1):
@@ -35,45 +35,45 @@ class GemmBlocks:
 # Each table row carries one line of reason; docs/tuning.md holds the measurements behind every choice.
 
 # The interpreter pays per program and per operation, not per flop: few programs of large tiles.
-INTERPRETER_BLOCKS = GemmBlocks(block_m=128, block_n=128, block_k=128, num_warps=1, num_stages=1)
+INTERPRETER_TILES = GemmTiles(tile_m=128, tile_n=128, tile_k=128, num_warps=1, num_stages=1)
 
-GPU_16BIT_ROLE_BLOCKS = {
-    "up": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # wide tiles win once the strides are declared
-    "down": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # multiples of 16 (layout.WIDTH_ALIGNMENT)
-    "down_backward": GemmBlocks(128, 256, 64, num_warps=8, num_stages=4),  # a 4th stage hides the gather's latency
-    "input_grad": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),
-    "weight_grad": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),  # reduces over rows: square tiles
-    "weight_grad_sorted": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),  # TMA rows feed the wider tile
+GPU_16BIT_ROLE_TILES = {
+    "up": GemmTiles(128, 256, 64, num_warps=8, num_stages=3),  # wide tiles win once the strides are declared
+    "down": GemmTiles(128, 256, 64, num_warps=8, num_stages=3),  # multiples of 16 (layout.WIDTH_ALIGNMENT)
+    "down_backward": GemmTiles(128, 256, 64, num_warps=8, num_stages=4),  # a 4th stage hides the gather's latency
+    "input_grad": GemmTiles(128, 256, 64, num_warps=8, num_stages=3),
+    "weight_grad": GemmTiles(128, 128, 64, num_warps=8, num_stages=4),  # reduces over rows: square tiles
+    "weight_grad_sorted": GemmTiles(128, 256, 64, num_warps=8, num_stages=3),  # TMA rows feed the wider tile
 }
 # A gated activation doubles the up projection's operand tiles and the weight gradient's outputs (dW1 with dV1):
 # 128x256 runs out of shared memory or registers there.
-GPU_16BIT_GATED_BLOCKS = {
-    "up": GemmBlocks(128, 128, 64, num_warps=8, num_stages=4),
-    "weight_grad": GemmBlocks(64, 128, 64, num_warps=4, num_stages=4),
-    "weight_grad_sorted": GemmBlocks(128, 128, 64, num_warps=8, num_stages=3),
+GPU_16BIT_GATED_TILES = {
+    "up": GemmTiles(128, 128, 64, num_warps=8, num_stages=4),
+    "weight_grad": GemmTiles(64, 128, 64, num_warps=4, num_stages=4),
+    "weight_grad_sorted": GemmTiles(128, 128, 64, num_warps=8, num_stages=3),
 }
-GEMM_ROLES = tuple(GPU_16BIT_ROLE_BLOCKS)
+GEMM_ROLES = tuple(GPU_16BIT_ROLE_TILES)
 # Past hidden 2048 the gathering GEMMs' 4-stage pipeline collapses: dA takes 3 there (up has 3 anyway).
 LONG_HIDDEN = 2048
-GPU_16BIT_LONG_HIDDEN_BLOCKS = {
-    "down_backward": GemmBlocks(128, 256, 64, num_warps=8, num_stages=3),
+GPU_16BIT_LONG_HIDDEN_TILES = {
+    "down_backward": GemmTiles(128, 256, 64, num_warps=8, num_stages=3),
 }
 
 # Small problems (the seed configs: hidden 256, 8192 to 32768 rows) make too few 128x256 tiles to fill the GPU:
 # 64-row tiles with 4 warps. The gated up and dW1 + dV1 keep the gated tiles above.
 SMALL_PROBLEM_ROWS_X_HIDDEN = 2**24  # rows * hidden below this is a small problem (seed configs: at most 2**23)
-GPU_16BIT_SMALL_BLOCKS = {
-    "up": GemmBlocks(64, 128, 64, num_warps=4, num_stages=3),
-    "down": GemmBlocks(64, 128, 64, num_warps=4, num_stages=3),
-    "down_backward": GemmBlocks(64, 128, 64, num_warps=4, num_stages=3),
-    "input_grad": GemmBlocks(64, 128, 64, num_warps=4, num_stages=3),
-    "weight_grad": GemmBlocks(128, 64, 64, num_warps=4, num_stages=3),  # as fast as 128x128 with 8 warps
-    "weight_grad_sorted": GemmBlocks(128, 128, 64, num_warps=4, num_stages=3),  # for a caller handing sorted rows
+GPU_16BIT_SMALL_TILES = {
+    "up": GemmTiles(64, 128, 64, num_warps=4, num_stages=3),
+    "down": GemmTiles(64, 128, 64, num_warps=4, num_stages=3),
+    "down_backward": GemmTiles(64, 128, 64, num_warps=4, num_stages=3),
+    "input_grad": GemmTiles(64, 128, 64, num_warps=4, num_stages=3),
+    "weight_grad": GemmTiles(128, 64, 64, num_warps=4, num_stages=3),  # as fast as 128x128 with 8 warps
+    "weight_grad_sorted": GemmTiles(128, 128, 64, num_warps=4, num_stages=3),  # for a caller handing sorted rows
 }
 
 # fp32 operands with input_precision="ieee" (TF32 would miss the 1e-4 accuracy target): the dot runs as FMAs on
 # the CUDA cores and holds both operand tiles in registers, so 64x64x32 with 4 warps avoids spills.
-GPU_FP32_BLOCKS = GemmBlocks(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
+GPU_FP32_TILES = GemmTiles(tile_m=64, tile_n=64, tile_k=32, num_warps=4, num_stages=3)
 
 # The permute kernels and the row pass walk whole rows: up to 1024 elements a step is 8 (fp32) or 16 (fp16)
 # contiguous bytes a thread with 4 warps, full-width memory transactions.
@@ -182,8 +182,8 @@ def weights_by_tma(weight: torch.Tensor, num_rows: int) -> bool:
             and tma_readable(weight))
 
 
-def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden: int | None = None,
-                hidden: int | None = None) -> GemmBlocks:
+def gemm_tiles(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden: int | None = None,
+                hidden: int | None = None) -> GemmTiles:
     """Default grouped-GEMM tiles for operands of `dtype` in `role` (one of GEMM_ROLES) on the current backend.
 
     rows_x_hidden: the launch's expert-sorted rows times the hidden size, and hidden: the hidden size; they pick the
@@ -192,16 +192,16 @@ def gemm_blocks(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidde
     if role not in GEMM_ROLES:
         raise ValueError(f"role must be one of {GEMM_ROLES}, got {role!r}")
     if running_in_interpreter():
-        return INTERPRETER_BLOCKS
+        return INTERPRETER_TILES
     if dtype == torch.float32:
-        return GPU_FP32_BLOCKS
-    if gated and role in GPU_16BIT_GATED_BLOCKS:
-        return GPU_16BIT_GATED_BLOCKS[role]
+        return GPU_FP32_TILES
+    if gated and role in GPU_16BIT_GATED_TILES:
+        return GPU_16BIT_GATED_TILES[role]
     if rows_x_hidden is not None and rows_x_hidden < SMALL_PROBLEM_ROWS_X_HIDDEN:
-        return GPU_16BIT_SMALL_BLOCKS[role]
+        return GPU_16BIT_SMALL_TILES[role]
     if hidden is not None and hidden > LONG_HIDDEN:
-        return GPU_16BIT_LONG_HIDDEN_BLOCKS.get(role, GPU_16BIT_ROLE_BLOCKS[role])
-    return GPU_16BIT_ROLE_BLOCKS[role]
+        return GPU_16BIT_LONG_HIDDEN_TILES.get(role, GPU_16BIT_ROLE_TILES[role])
+    return GPU_16BIT_ROLE_TILES[role]
 
 
 def permute_block_h(hidden: int) -> int:
