@@ -33,7 +33,7 @@ def triton_steps(layer, x):
     return {
         "routing (router GEMM, softmax, top-k, aux loss)": lambda: layer._route(x),
         "sort by expert": lambda: fused_sort_by_expert(o.routing.expert_indices, cfg.num_experts,
-                                                       o.routing.block_offsets),
+                                                       o.routing.sort_tables),
         "up GEMM (gather, activation and routing weight fused; x's rows copied where kept)":
             lambda: kernels.up_projection(x, o.w1, o.v1, sort.row_to_token, layout, cfg.activation, o.routing_weights,
                                           routing_weight_index=sort.row_to_flat, sorted_x=o.sorted_x),

@@ -169,7 +169,7 @@ def triton_operands(layer, x) -> SimpleNamespace:
     ops = SimpleNamespace(cfg=cfg, x=x, w1=layer.w1.detach(), w2=layer.w2.detach(),
                           v1=None if layer.v1 is None else layer.v1.detach())
     ops.routing = layer._route(x)
-    ops.sort = fused_sort_by_expert(ops.routing.expert_indices, cfg.num_experts, ops.routing.block_offsets)
+    ops.sort = fused_sort_by_expert(ops.routing.expert_indices, cfg.num_experts, ops.routing.sort_tables)
     num_rows = ops.sort.row_to_token.shape[0]
     ops.layout = kernels.ExpertLayout(ops.sort.expert_row_offsets, layer.expert_width_offsets, cfg.expert_widths,
                                       num_rows)

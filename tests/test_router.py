@@ -8,7 +8,7 @@ import torch
 from triton_moe.config import MoEConfig
 from triton_moe.kernels import route as route_kernels
 from triton_moe.kernels import sort as sort_kernels
-from triton_moe.router_ops import ExpertBlockOffsets, fused_route, fused_sort_by_expert
+from triton_moe.router_ops import SortTables, fused_route, fused_sort_by_expert
 from triton_moe.routing import ExpertSort, route, sort_by_expert
 from triton_moe import router_ops
 from conftest import DEVICE, HALF_DTYPES, RefuseLaunch, gpu_only
@@ -199,7 +199,7 @@ def test_fused_sort_matches_sort_by_expert(num_experts, top_k, num_tokens):
     with torch.no_grad():
         routing = fused_route(x, router_weight, make_config(num_experts, top_k))
     want = sort_by_expert(routing.expert_indices, num_experts)
-    assert_sorts_equal(fused_sort_by_expert(routing.expert_indices, num_experts, routing.block_offsets), want)
+    assert_sorts_equal(fused_sort_by_expert(routing.expert_indices, num_experts, routing.sort_tables), want)
     assert_sorts_equal(fused_sort_by_expert(routing.expert_indices, num_experts), want)
 
 
@@ -233,9 +233,9 @@ def test_every_loop_takes_several_steps(monkeypatch):
     assert_close("routing_weights", got.routing_weights, want.routing_weights)
     assert_close("aux_loss", got.aux_loss, want.aux_loss)
     want_sort = sort_by_expert(want.expert_indices, num_experts)
-    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.block_offsets), want_sort)
-    block_offsets = ExpertBlockOffsets(7, *sort_kernels.count_expert_blocks(got.expert_indices, num_experts, 7))
-    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, block_offsets), want_sort)
+    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.sort_tables), want_sort)
+    sort_tables = SortTables(7, *sort_kernels.count_expert_blocks(got.expert_indices, num_experts, 7))
+    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, sort_tables), want_sort)
 
 
 @pytest.mark.parametrize("num_tokens, block_tokens", [(150, 16), (1000, 32), (5000, 64)])
@@ -250,12 +250,12 @@ def test_small_batches_take_smaller_blocks(monkeypatch, num_tokens, block_tokens
     config = make_config(num_experts, top_k)
     x, router_weight = make_router_inputs(num_tokens, num_experts)
     got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
-    assert got.block_offsets.block_assignments == block_tokens * top_k
-    assert got.block_offsets.block_expert_starts.shape == (-(-num_tokens // block_tokens), num_experts)
+    assert got.sort_tables.block_assignments == block_tokens * top_k
+    assert got.sort_tables.block_expert_starts.shape == (-(-num_tokens // block_tokens), num_experts)
     assert torch.equal(got.expert_indices, want.expert_indices)
     assert_close("routing_weights", got.routing_weights, want.routing_weights)
     assert_close("aux_loss", got.aux_loss, want.aux_loss)
-    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.block_offsets),
+    assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.sort_tables),
                        sort_by_expert(want.expert_indices, num_experts))
 
 
@@ -312,8 +312,8 @@ def test_no_tokens_launches_nothing(monkeypatch):
     assert routing.aux_loss.item() == 0
     grads = torch.autograd.grad(routing.routing_weights.sum() + routing.aux_loss, (x, router_weight))
     assert grads[0].shape == (0, HIDDEN) and not grads[1].any()
-    for block_offsets in (routing.block_offsets, None):
-        sort = fused_sort_by_expert(routing.expert_indices, 8, block_offsets)
+    for sort_tables in (routing.sort_tables, None):
+        sort = fused_sort_by_expert(routing.expert_indices, 8, sort_tables)
         assert sort.row_to_flat.shape == (0,) and sort.row_expert.dtype == torch.int16
         assert not sort.tokens_per_expert.any() and sort.expert_row_offsets.shape == (9,)
         assert not sort.expert_row_offsets.any()
@@ -357,8 +357,8 @@ def test_launchers_name_the_bad_argument():
         ("ranks_in_block", lambda: sort_blocks(indices, starts, ranks[:2], row_offsets, 256)),
         ("expert_row_offsets", lambda: sort_blocks(indices, starts, ranks, row_offsets[:8], 256)),
         ("expert_row_offsets", lambda: sort_blocks(indices, starts, ranks, row_offsets.int(), 256)),
-        ("block_offsets", lambda: fused_sort_by_expert(
-            indices, 9, ExpertBlockOffsets(256, starts, ranks, tokens_per_expert, row_offsets))),
+        ("sort_tables", lambda: fused_sort_by_expert(
+            indices, 9, SortTables(256, starts, ranks, tokens_per_expert, row_offsets))),
     ]
     for name, call in cases:
         with pytest.raises(ValueError, match=name):
@@ -372,10 +372,10 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.triton_moe.route.default, (x, router_weight, 2, True, 0.5, 0.1))
     routing = fused_route(x, router_weight, make_config(8, 2))
     torch.library.opcheck(torch.ops.triton_moe.count_expert_blocks.default, (routing.expert_indices, 8, 16))
-    block_offsets = routing.block_offsets
+    sort_tables = routing.sort_tables
     torch.library.opcheck(torch.ops.triton_moe.sort_by_expert.default,
-                          (routing.expert_indices, block_offsets.block_expert_starts, block_offsets.ranks_in_block,
-                           block_offsets.expert_row_offsets, block_offsets.block_assignments))
+                          (routing.expert_indices, sort_tables.block_expert_starts, sort_tables.ranks_in_block,
+                           sort_tables.expert_row_offsets, sort_tables.block_assignments))
 
 
 def test_route_blocks_shrink_to_one_tile_for_small_batches(monkeypatch):

@@ -29,13 +29,13 @@ class MoEMLP(MoELayer):
         return fused_route(x, self.router.weight, self.config)
 
     def _count_tokens_per_expert(self, routing: FusedRouting) -> torch.Tensor:
-        return routing.block_offsets.tokens_per_expert  # counted by the route for the sort
+        return routing.sort_tables.tokens_per_expert  # counted by the route for the sort
 
     def _experts(self, x: torch.Tensor, routing: FusedRouting, intermediates: dict | None) -> torch.Tensor:
         cfg = self.config
         dtype = self.compute_dtype(x)
         # rows by expert, then token, then slot: routing.sort_by_expert's result, from the route's counts
-        sort = fused_sort_by_expert(routing.expert_indices, cfg.num_experts, routing.block_offsets)
+        sort = fused_sort_by_expert(routing.expert_indices, cfg.num_experts, routing.sort_tables)
         x, w1, w2 = x.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
         v1 = self.v1.to(dtype) if cfg.is_gated else None
         output = expert_mlp(x, routing.routing_weights.flatten(), w1, v1, w2, sort, self.expert_width_offsets,

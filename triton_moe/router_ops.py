@@ -5,7 +5,7 @@ autograd.Function for the route.
 
     fused_route(x, router_weight, config)        -> FusedRouting: routing.route's Routing, plus the per-block
                                                     counts, scanned, that spare the sort its counting passes
-    fused_sort_by_expert(expert_indices, E, block_offsets) -> routing.sort_by_expert's ExpertSort
+    fused_sort_by_expert(expert_indices, E, sort_tables) -> routing.sort_by_expert's ExpertSort
 Launches: the route's forward is the router GEMM and 2 kernels (top-k softmax; the scans of its per-block tables
 and the aux loss); its backward 1 kernel and the GEMM's two products (fp32; with bf16 on a GPU, also the stacked
 [W; W] and the sum of dW's two halves); the sort 1 kernel given the route's scans, 3 without.
@@ -26,10 +26,10 @@ from triton_moe.routing import ExpertSort, Routing, sort_key_dtype
 
 
 @dataclass
-class ExpertBlockOffsets:
-    """What the counting sort's scatter needs besides the indices, per block of flat assignments
-    f = token * k + slot: where each assignment's row goes is expert_row_offsets[e] + block_expert_starts[b, e] +
-    its rank in the block."""
+class SortTables:
+    """The counting sort's tables: what its scatter needs besides the indices. The flat assignments
+    f = token * k + slot go in sort blocks of block_assignments; each assignment's row is expert_row_offsets[e] +
+    block_expert_starts[b, e] + its rank in the block. ("block" in the route and the sort means such a block.)"""
 
     block_assignments: int  # flat assignments per block
     block_expert_starts: Tensor  # [cdiv(N*k, block_assignments), E] int32: assignments to e in the earlier blocks
@@ -42,7 +42,7 @@ class ExpertBlockOffsets:
 class FusedRouting(Routing):
     """A Routing, and what the route counted on the way for the sort."""
 
-    block_offsets: ExpertBlockOffsets  # the route's counts and their scans, for fused_sort_by_expert
+    sort_tables: SortTables  # the route's counts and their scans, for fused_sort_by_expert
 
 
 def _tensor_core_router(x: Tensor, router_weight: Tensor) -> bool:
@@ -228,7 +228,7 @@ def fused_route(x: Tensor, router_weight: Tensor, config: MoEConfig) -> FusedRou
 
     The fields of Routing have route's dtypes and values: the same expert_indices, the weights, logits and aux loss
     up to fp32 rounding. Gradients reach x and router_weight from routing_weights, aux_loss and router_logits.
-    block_offsets hands fused_sort_by_expert the route's per-block expert counts, scanned.
+    sort_tables hands fused_sort_by_expert the route's per-block expert counts, scanned.
     """
     top_k = config.num_active_experts
     # router_logits [N, E]; routing_weights, expert_indices [N, k]; aux_loss []; block_expert_starts [blocks, E];
@@ -237,29 +237,29 @@ def fused_route(x: Tensor, router_weight: Tensor, config: MoEConfig) -> FusedRou
         x, router_weight, top_k, config.normalize_weights, float(config.load_balance_coef),
         float(config.z_loss_coef))
     block_tokens = route_block_tokens(x.shape[0], router_weight.shape[0])
-    block_offsets = ExpertBlockOffsets(block_tokens * top_k, *sort_tables)
-    return FusedRouting(router_logits, routing_weights, expert_indices, aux_loss, block_offsets)
+    sort_tables = SortTables(block_tokens * top_k, *sort_tables)
+    return FusedRouting(router_logits, routing_weights, expert_indices, aux_loss, sort_tables)
 
 
 def fused_sort_by_expert(expert_indices: Tensor, num_experts: int,
-                         block_offsets: ExpertBlockOffsets | None = None) -> ExpertSort:
+                         sort_tables: SortTables | None = None) -> ExpertSort:
     """Sort the assignments of `expert_indices` [N, k] (int32/int64 in [0, num_experts)) by expert, stably: the
     ExpertSort of routing.sort_by_expert, field for field, dtype for dtype.
 
-    block_offsets: FusedRouting.block_offsets of the route that gave these indices, which spares the counting
+    sort_tables: FusedRouting.sort_tables of the route that gave these indices, which spares the counting
     launches; None counts here (any indices, a token may even list an expert twice).
     """
     compiling = torch.compiler.is_compiling()
-    if block_offsets is None:
+    if sort_tables is None:
         count = _count_expert_blocks if compiling else count_expert_blocks
-        block_offsets = ExpertBlockOffsets(SORT_BLOCK_ASSIGNMENTS,
+        sort_tables = SortTables(SORT_BLOCK_ASSIGNMENTS,
                                            *count(expert_indices, num_experts, SORT_BLOCK_ASSIGNMENTS))
-    elif block_offsets.tokens_per_expert.shape != (num_experts,):
-        raise ValueError(f"block_offsets must count num_experts = {num_experts} experts, got tokens_per_expert "
-                         f"of shape {tuple(block_offsets.tokens_per_expert.shape)}")
+    elif sort_tables.tokens_per_expert.shape != (num_experts,):
+        raise ValueError(f"sort_tables must count num_experts = {num_experts} experts, got tokens_per_expert "
+                         f"of shape {tuple(sort_tables.tokens_per_expert.shape)}")
     sort = _sort_by_expert if compiling else sort_by_expert_blocks
     row_to_flat, row_to_token, row_expert, flat_to_row = sort(
-        expert_indices, block_offsets.block_expert_starts, block_offsets.ranks_in_block,
-        block_offsets.expert_row_offsets, block_offsets.block_assignments)
-    return ExpertSort(row_to_flat, row_to_token, row_expert, flat_to_row, block_offsets.tokens_per_expert,
-                      block_offsets.expert_row_offsets)
+        expert_indices, sort_tables.block_expert_starts, sort_tables.ranks_in_block,
+        sort_tables.expert_row_offsets, sort_tables.block_assignments)
+    return ExpertSort(row_to_flat, row_to_token, row_expert, flat_to_row, sort_tables.tokens_per_expert,
+                      sort_tables.expert_row_offsets)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from triton_moe.kernels.host import ceil_div, check_tensor_dim, check_tensor_shape, next_power_of_2, traceable
-from triton_moe.kernels.sort import check_int, check_shape, launch_block_table, no_block_offsets
+from triton_moe.kernels.sort import check_int, check_shape, launch_block_table, no_sort_tables
 from triton_moe.kernels.tuning import (INTERPRETER_ROUTE_TILE_ELEMENTS, ROUTE_BACKWARD_ELEMENTS_PER_THREAD,
                                        ROUTE_BACKWARD_TILE_ELEMENTS, ROUTE_BLOCK_TOKENS, ROUTE_FORWARD_NUM_WARPS,
                                        ROUTE_MIN_BLOCKS, ROUTE_TILE_ELEMENTS, running_in_interpreter)
@@ -277,7 +277,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
     ranks_in_block = torch.empty((num_tokens, top_k), dtype=torch.int32, device=device)  # (N, k)
     if num_tokens == 0:
         aux_loss = torch.zeros((), dtype=torch.float32, device=device)
-        return (routing_weights, expert_indices, aux_loss, *no_block_offsets(num_experts, ranks_in_block))
+        return (routing_weights, expert_indices, aux_loss, *no_sort_tables(num_experts, ranks_in_block))
     block_expert_counts = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)  # (blocks, E)
     block_prob_sums = torch.empty((num_blocks, num_experts), dtype=torch.float32, device=device)  # (blocks, E)
     block_lse_sq_sums = torch.empty(num_blocks, dtype=torch.float32, device=device)  # (blocks,)

@@ -163,7 +163,7 @@ def _scatter_sorted_rows_kernel(
     tl.store(flat_to_row_ptr + flat, row, mask=mask)
 
 
-def no_block_offsets(num_experts, ranks_in_block):
+def no_sort_tables(num_experts, ranks_in_block):
     """What topk_softmax and count_expert_blocks return for the sort when there are no assignments: an empty table,
     the (empty) ranks, zero tokens per expert and zero row offsets."""
     device = ranks_in_block.device
@@ -237,7 +237,7 @@ def count_expert_blocks(expert_indices: torch.Tensor, num_experts: int,
     device = expert_indices.device
     ranks_in_block = torch.empty(expert_indices.shape, dtype=torch.int32, device=device)  # (N, k)
     if num_blocks == 0:
-        return no_block_offsets(num_experts, ranks_in_block)
+        return no_sort_tables(num_experts, ranks_in_block)
     block_expert_counts = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)  # (blocks, E)
     table_ticket = torch.empty((), dtype=torch.int32, device=device)  # zeroed by the counting kernel
     traceable(_count_expert_blocks_kernel)[(num_blocks,)](
