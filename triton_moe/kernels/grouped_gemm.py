@@ -66,6 +66,58 @@ def _store_zero_padding(out_ptr, rows, row_mask, tile_start, width, max_width, T
 
 
 @triton.jit
+def _act_forward_epilogue(acc, acc2, out_ptr, out2_ptr, out3_ptr, out_offsets, out_mask, rows, row_mask,
+                          routing_weights, col_tile, col_tiles, num_cols, max_width, ACTIVATION: tl.constexpr,
+                          GATED: tl.constexpr, HAS_ROUTING_WEIGHTS: tl.constexpr, ZERO_PADDING: tl.constexpr,
+                          TILE_M: tl.constexpr, TILE_N: tl.constexpr):
+    """The up projection's tile: h_pre = acc (and h_up = acc2), then act(h_pre[, h_up]) times the rows' routing
+    weights; the last column tile also zeroes the padding past the expert's width (ZERO_PADDING)."""
+    out_dtype = out_ptr.dtype.element_ty
+    # The activation reads h_pre (and h_up) as stored, so the backward pass recomputes exactly this h_act.
+    h_pre = acc.to(out_dtype)
+    tl.store(out_ptr + out_offsets, h_pre, mask=out_mask)
+    h_up = None
+    if GATED:
+        h_up = acc2.to(out_dtype)
+        tl.store(out2_ptr + out_offsets, h_up, mask=out_mask)
+        h_up = h_up.to(tl.float32)
+    h_act = activation_forward(h_pre.to(tl.float32), h_up, ACTIVATION)
+    if HAS_ROUTING_WEIGHTS:
+        # Scaled here, the routing weight costs the down projection nothing, and the down projection's weight
+        # gradient reads these same values as a plain operand.
+        h_act = h_act * routing_weights[:, None]
+    tl.store(out3_ptr + out_offsets, h_act.to(out_dtype), mask=out_mask)
+    if ZERO_PADDING and col_tile == col_tiles - 1:
+        tile_start = col_tile * TILE_N
+        _store_zero_padding(out_ptr, rows, row_mask, tile_start, num_cols, max_width, TILE_M, TILE_N)
+        if GATED:
+            _store_zero_padding(out2_ptr, rows, row_mask, tile_start, num_cols, max_width, TILE_M, TILE_N)
+        _store_zero_padding(out3_ptr, rows, row_mask, tile_start, num_cols, max_width, TILE_M, TILE_N)
+
+
+@triton.jit
+def _act_backward_epilogue(acc, out_ptr, h_pre_ptr, partials_ptr, out_offsets, out_mask, row_mask, routing_weights,
+                           weight_slots, col_tile, col_tiles, partial_tiles, ACTIVATION: tl.constexpr,
+                           HAS_ROUTING_WEIGHTS: tl.constexpr):
+    """The dA GEMM's tile of a one-projection activation: dh_pre = w_r * dA * act'(h_pre), and the tile's share of
+    each row's routing-weight gradient, sum_n dA * act(h_pre), into partials."""
+    out_dtype = out_ptr.dtype.element_ty
+    d_act = acc.to(out_dtype).to(tl.float32)  # rounded as the row pass reads dA
+    h_pre = tl.load(h_pre_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+    if HAS_ROUTING_WEIGHTS:
+        # Masked: past the width, B's TMA tiles may have put the next expert's products in dA.
+        partial = tl.sum(tl.where(out_mask, d_act * activation_forward(h_pre, None, ACTIVATION), 0.0), 1)
+        partial_offsets = weight_slots.to(tl.int64) * partial_tiles  # (TILE_M,)
+        tl.store(partials_ptr + partial_offsets + col_tile, partial, mask=row_mask)
+        if col_tile == col_tiles - 1:
+            for zero_tile in range(col_tiles, partial_tiles):
+                tl.store(partials_ptr + partial_offsets + zero_tile, tl.zeros_like(partial), mask=row_mask)
+        d_act = d_act * routing_weights[:, None]
+    d_act_d_pre, _ = activation_backward(h_pre, None, ACTIVATION)
+    tl.store(out_ptr + out_offsets, (d_act * d_act_d_pre).to(out_dtype), mask=out_mask)
+
+
+@triton.jit
 def _expert_rows_gemm(
     a_ptr, a2_ptr, b_ptr, b2_ptr, b_desc, b2_desc,
     out_ptr, out2_ptr, out3_ptr, a_rows_ptr, h_pre_ptr, partials_ptr,
@@ -177,6 +229,8 @@ def _expert_rows_gemm(
         b_step = TILE_K * hidden
         out_offsets = rows[:, None].to(tl.int64) * hidden + cols[None, :]  # (TILE_M, TILE_N)
 
+    routing_weights = None  # (TILE_M,) fp32 where an epilogue applies them
+    weight_slots = None  # (TILE_M,): each row's place in routing_weights
     if EPILOGUE != "store" and HAS_ROUTING_WEIGHTS:
         # Loaded before the K loop, the two dependent loads (slot, then weight) wait alongside the GEMM rather than
         # at its end, where nothing hides their latency.
@@ -185,6 +239,7 @@ def _expert_rows_gemm(
             weight_slots = tl.load(routing_weight_index_ptr + rows, mask=row_mask, other=0)
         routing_weights = tl.load(routing_weights_ptr + weight_slots, mask=row_mask, other=0.0)  # (TILE_M,)
     acc = tl.zeros((TILE_M, TILE_N), dtype=tl.float32)
+    acc2 = None
     if SECOND_PRODUCT == "shared_a":
         acc2 = tl.zeros((TILE_M, TILE_N), dtype=tl.float32)
     for k_start in range(0, reduce_size, TILE_K):
@@ -232,46 +287,18 @@ def _expert_rows_gemm(
             b_offsets += b_step
 
     out_mask = row_mask[:, None] & col_mask[None, :]
-    out_dtype = out_ptr.dtype.element_ty
     if EPILOGUE == "act_forward":
-        # The activation reads h_pre (and h_up) as stored, so the backward pass recomputes exactly this h_act.
-        h_pre = acc.to(out_dtype)
-        tl.store(out_ptr + out_offsets, h_pre, mask=out_mask)
-        h_up = None
-        if GATED:
-            h_up = acc2.to(out_dtype)
-            tl.store(out2_ptr + out_offsets, h_up, mask=out_mask)
-            h_up = h_up.to(tl.float32)
-        h_act = activation_forward(h_pre.to(tl.float32), h_up, ACTIVATION)
-        if HAS_ROUTING_WEIGHTS:
-            # Scaled here, the routing weight costs the down projection nothing, and the down projection's
-            # weight gradient reads these same values as a plain operand.
-            h_act = h_act * routing_weights[:, None]
-        tl.store(out3_ptr + out_offsets, h_act.to(out_dtype), mask=out_mask)
-        if ZERO_PADDING and col_tile == col_tiles - 1:
-            tile_start = col_tile * TILE_N
-            _store_zero_padding(out_ptr, rows, row_mask, tile_start, num_cols, max_width, TILE_M, TILE_N)
-            if GATED:
-                _store_zero_padding(out2_ptr, rows, row_mask, tile_start, num_cols, max_width, TILE_M, TILE_N)
-            _store_zero_padding(out3_ptr, rows, row_mask, tile_start, num_cols, max_width, TILE_M, TILE_N)
+        _act_forward_epilogue(acc, acc2, out_ptr, out2_ptr, out3_ptr, out_offsets, out_mask, rows, row_mask,
+                              routing_weights, col_tile, col_tiles, num_cols, max_width, ACTIVATION, GATED,
+                              HAS_ROUTING_WEIGHTS, ZERO_PADDING, TILE_M, TILE_N)
     elif EPILOGUE == "act_backward":
         tl.static_assert(RAGGED_OUT and not GATED, "act_backward: the dA GEMM of a one-projection activation")
-        d_act = acc.to(out_dtype).to(tl.float32)
-        h_pre = tl.load(h_pre_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
-        if HAS_ROUTING_WEIGHTS:
-            # Masked: past the width, B's TMA tiles may have put the next expert's products in dA.
-            partial = tl.sum(tl.where(out_mask, d_act * activation_forward(h_pre, None, ACTIVATION), 0.0), 1)
-            partial_offsets = weight_slots.to(tl.int64) * partial_tiles  # (TILE_M,)
-            tl.store(partials_ptr + partial_offsets + col_tile, partial, mask=row_mask)
-            if col_tile == col_tiles - 1:
-                for zero_tile in range(col_tiles, partial_tiles):
-                    tl.store(partials_ptr + partial_offsets + zero_tile, tl.zeros_like(partial), mask=row_mask)
-            d_act = d_act * routing_weights[:, None]
-        d_act_d_pre, _ = activation_backward(h_pre, None, ACTIVATION)
-        tl.store(out_ptr + out_offsets, (d_act * d_act_d_pre).to(out_dtype), mask=out_mask)
+        _act_backward_epilogue(acc, out_ptr, h_pre_ptr, partials_ptr, out_offsets, out_mask, row_mask,
+                               routing_weights, weight_slots, col_tile, col_tiles, partial_tiles, ACTIVATION,
+                               HAS_ROUTING_WEIGHTS)
     else:
         tl.static_assert(EPILOGUE == "store", "unknown epilogue")
-        tl.store(out_ptr + out_offsets, acc.to(out_dtype), mask=out_mask)
+        tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
