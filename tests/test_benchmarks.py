@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -26,3 +27,19 @@ def test_bench_fwd_bwd_writes_a_row_per_implementation(tmp_path):
     assert all(row["ms"] > 0 and row["tokens"] == 16 for row in rows)
     assert "skipped megablocks" in result.stdout
     assert "skipped scattermoe on 8exp_variable: ScatterMoE supports one expert width only" in result.stdout
+
+
+@pytest.mark.parametrize("options", [[], ["--large", "--activation", "swiglu"]], ids=["small", "large_swiglu"])
+def test_kernel_code_compiles_every_launch_and_finds_only_outputs_written(tmp_path, options):
+    """kernel_code.py compiles each launch of a forward + backward for sm_90 without a GPU, and torch.compile's
+    mutation analysis finds every kernel writing only its outputs (what it finds written beyond them, Inductor
+    would clone before the launch and write back after)."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "kernel_code.py"), "--out", str(tmp_path), "--tokens", "256", *options],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ptx_files = sorted(tmp_path.glob("*.ptx"))
+    assert len(ptx_files) >= 12  # route, sort, up, down, combine; route backward, dA, dW2, dX, combine, dW1
+    assert all(".entry" in path.read_text() for path in ptx_files)
+    if options:  # the large-problem paths: TMA loads of the weights and of the sorted rows
+        assert any("cp.async.bulk.tensor" in path.read_text() for path in ptx_files)

@@ -50,7 +50,7 @@ def _softmax_rows(logits_ptr, tokens, experts, num_tokens, num_experts):
 
 @triton.jit
 def _topk_softmax_kernel(
-    logits_ptr, expert_weights_ptr, expert_indices_ptr, ranks_in_block_ptr,
+    logits_ptr, routing_weights_ptr, expert_indices_ptr, ranks_in_block_ptr,
     block_prob_sums_ptr, block_expert_counts_ptr, block_lse_sq_sums_ptr, table_ticket_ptr,
     num_tokens, num_experts,
     TOP_K: tl.constexpr,
@@ -113,7 +113,7 @@ def _topk_softmax_kernel(
 
         out_offsets = tokens[:, None] * TOP_K + slots[None, :]  # (TILE_TOKENS, TOP_K_POW2)
         out_mask = token_mask[:, None] & (slots[None, :] < TOP_K)
-        tl.store(expert_weights_ptr + out_offsets, weights, mask=out_mask)
+        tl.store(routing_weights_ptr + out_offsets, weights, mask=out_mask)
         tl.store(expert_indices_ptr + out_offsets, indices.to(tl.int64), mask=out_mask)
         tl.store(ranks_in_block_ptr + out_offsets, ranks, mask=out_mask)
         takers_before += tl.sum(taken, axis=0)

@@ -1,0 +1,158 @@
+"""The machine code of the layer's Triton kernels, without a GPU: one forward + backward of MoEMLP runs on the CPU
+with every launch recorded instead of made, and each recorded launch is compiled for an NVIDIA target (sm_90 by
+default) with Triton's own compiler. Writes one PTX file per launch, with debug information and labels stripped,
+so that the folders of two trees compare with diff: a change meant to leave the kernels alone can be checked on a
+machine without a GPU. Also prints which arguments torch.compile's mutation analysis finds each launch writing
+(Inductor clones and writes back whatever it finds written), and exits 1 if it finds a kernel writing outside its
+outputs.
+
+    uv run python benchmarks/kernel_code.py --out runs/ptx
+    uv run python benchmarks/kernel_code.py --out runs/ptx_large --activation swiglu --large
+    diff -r runs/ptx_before runs/ptx
+
+--large takes the large-problem paths (TMA descriptors, sorted token rows, the fused dA epilogue) at a small shape.
+The PTX depends on the installed Triton; compare folders written by one Triton version.
+"""
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+# Before triton_moe.kernels is imported: real JIT kernels rather than the interpreter's.
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+# What each kernel writes: an argument outside its list that the mutation analysis finds written is an error (for
+# one handed to a @triton.jit helper whose results address a store, the analysis counts it as written).
+OUTPUTS = {
+    "_topk_softmax_kernel": {"routing_weights_ptr", "expert_indices_ptr", "ranks_in_block_ptr",
+                             "block_expert_counts_ptr", "block_prob_sums_ptr", "block_lse_sq_sums_ptr",
+                             "table_ticket_ptr"},
+    "_block_table_kernel": {"block_expert_starts_ptr", "tokens_per_expert_ptr", "expert_row_offsets_ptr",
+                            "chunk_balance_ptr", "table_ticket_ptr", "aux_loss_ptr"},
+    "_scatter_sorted_rows_kernel": {"row_to_flat_ptr", "row_to_token_ptr", "row_expert_ptr", "flat_to_row_ptr"},
+    "_expert_rows_gemm": {"out_ptr", "out2_ptr", "out3_ptr", "a_rows_ptr", "partials_ptr"},
+    "_weight_grad_gemm": {"out_ptr", "out2_ptr"},
+    "_activation_backward_rows": {"d_act_ptr", "dh_up_ptr", "d_routing_weights_ptr"},
+    "_gather_rows_kernel": {"rows_ptr"},
+    "_combine_rows_kernel": {"out_ptr"},
+    "_topk_softmax_backward_kernel": {"grad_logits_ptr"},
+}
+
+
+class _TargetOnlyDriver:
+    """What Triton's compiler asks of the driver when it only compiles: the target, a device, a stream."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+class _Recorder:
+    """Stands in for traceable(kernel): `kernel[grid](*args, **kwargs)` records the launch instead of making it."""
+
+    launches: list = []
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.launches.append((self.kernel, {**dict(zip(self.kernel.arg_names, args)), **kwargs}))
+        return record
+
+
+def _stripped_ptx(ptx: str) -> str:
+    """The PTX without its debug sections, line records, comments and debug labels, which move with the source."""
+    code = ptx.split(".section\t.debug")[0]
+    return "\n".join(line for line in code.splitlines() if not re.match(r"\s*(\.loc|\.file|//|\$L__tmp\d+:)", line))
+
+
+def _written_arguments(kernel, arguments: dict) -> list[str] | None:
+    """The arguments torch.compile's mutation analysis finds `kernel` writing; None for a launch no trace makes,
+    or where this torch has no analysis we know how to call."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if any(isinstance(value, TensorDescriptor) for value in arguments.values()):
+        return None  # a launch with TMA descriptors: the launchers make none inside a trace (tuning.tma_readable)
+    launch = {name: value for name, value in arguments.items() if name not in ("num_warps", "num_stages")}
+    try:
+        if hasattr(triton_kernel_wrap, "identify_accessed_tensors"):
+            accesses = triton_kernel_wrap.identify_accessed_tensors(kernel, launch, {})
+            return sorted(dep.name for dep in accesses.read_writes.writes)
+        return sorted(triton_kernel_wrap.identify_mutated_tensors(kernel, launch, {}))
+    except (AttributeError, TypeError) as error:  # another torch release's private API
+        print(f"no mutation analysis with this torch: {error}")
+        return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for the PTX files")
+    parser.add_argument("--activation", default="relu_squared", choices=["relu_squared", "gelu", "swiglu"])
+    parser.add_argument("--expert-sizes", default="4x512,4x256")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--large", action="store_true", help="take the large-problem paths")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for sm_90")
+    args = parser.parse_args(argv)
+
+    triton.runtime.driver.set_active(_TargetOnlyDriver(args.arch))
+    import triton_moe
+    from triton_moe.kernels import grouped_gemm, host, permute, route, sort, tuning
+
+    host._INTERPRETER = False  # bf16 CPU tensors stand in for the device's
+    tuning.running_in_interpreter = lambda: False
+    for module in (grouped_gemm, permute, route, sort):
+        module.traceable = _Recorder
+    if args.large:
+        tuning.has_tma = lambda device: True
+        for threshold in ("TMA_WEIGHTS_MIN_ROWS_X_HIDDEN", "SORTED_ROWS_MIN_ROWS_X_HIDDEN",
+                          "SMALL_PROBLEM_ROWS_X_HIDDEN", "FUSED_DH_MIN_ROWS_X_HIDDEN"):
+            setattr(tuning, threshold, 0)
+
+    config = triton_moe.MoEConfig(expert_sizes=args.expert_sizes, num_active_experts=args.top_k,
+                                  hidden_size=args.hidden, activation=args.activation)
+    torch.manual_seed(0)
+    layer = triton_moe.MoEMLP(config).to(torch.bfloat16)
+    x = torch.randn(args.tokens, args.hidden, dtype=torch.bfloat16, requires_grad=True)
+    (layer(x).float().sum() + layer.aux_loss).backward()  # the outputs are never computed: only launches recorded
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    misread = []  # arguments found written that the kernel only reads
+    for index, (kernel, arguments) in enumerate(_Recorder.launches):
+        compiled = kernel.warmup(grid=(1,), **arguments)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        name = f"{index:02d}{kernel.fn.__name__}"
+        (args.out / f"{name}.ptx").write_text(_stripped_ptx(compiled.asm["ptx"]))
+        written = _written_arguments(kernel, arguments)
+        print(f"{name}: writes {'(not analysed)' if written is None else written}")
+        outputs = OUTPUTS.get(kernel.fn.__name__)
+        if outputs is None:
+            print(f"{name}: not in OUTPUTS, not checked")
+        misread += [f"{name}.{argument}" for argument in written or () if outputs and argument not in outputs]
+    print(f"wrote {len(_Recorder.launches)} PTX files to {args.out}")
+    if misread:
+        print(f"the mutation analysis finds these inputs written: {misread}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
