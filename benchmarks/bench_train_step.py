@@ -4,7 +4,7 @@ under torch.compile and under torch.compile(mode="reduce-overhead") (CUDA graphs
     uv run python benchmarks/bench_train_step.py                        # both scales, every MLP and mode
     uv run python benchmarks/bench_train_step.py --scales seed --mlps dense triton_uniform --modes eager
 
-MLPs in every block of the GPT (benchmarks/gpt.py): a dense MLP of the MoE layers' active width (top-k times the
+MLPs in every block of the GPT (triton_moe/testing/gpt.py): a dense MLP of the MoE layers' active width (top-k times the
 mean expert width), the Triton layer with uniform and with variable widths of the same mean, the stk reference and
 the torch._grouped_mm layer, both on the variable widths. Reports the median ms per step (CUDA events around the
 whole step, the host time the GPU waits on included), tokens/s, the peak memory allocated during the timed steps

@@ -30,10 +30,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 # What each kernel writes: an argument outside its list that the mutation analysis finds written is an error (for
 # one handed to a @triton.jit helper whose results address a store, the analysis counts it as written).
 OUTPUTS = {
-    "_topk_softmax_kernel": {"routing_weights_ptr", "expert_indices_ptr", "ranks_in_block_ptr",
-                             "block_expert_counts_ptr", "block_prob_sums_ptr", "block_lse_sq_sums_ptr",
+    "_topk_softmax_kernel": {"routing_weights_ptr", "expert_indices_ptr", "ranks_in_segment_ptr",
+                             "segment_expert_counts_ptr", "segment_prob_sums_ptr", "segment_lse_sq_sums_ptr",
                              "table_ticket_ptr"},
-    "_block_table_kernel": {"block_expert_starts_ptr", "tokens_per_expert_ptr", "expert_row_offsets_ptr",
+    "_segment_table_kernel": {"segment_expert_starts_ptr", "tokens_per_expert_ptr", "expert_row_offsets_ptr",
                             "chunk_balance_ptr", "table_ticket_ptr", "aux_loss_ptr"},
     "_scatter_sorted_rows_kernel": {"row_to_flat_ptr", "row_to_token_ptr", "row_expert_ptr", "flat_to_row_ptr"},
     "_expert_rows_gemm": {"out_ptr", "out2_ptr", "out3_ptr", "a_rows_ptr", "partials_ptr"},

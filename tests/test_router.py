@@ -194,7 +194,7 @@ def test_bf16_router_gemms_run_on_the_tensor_cores(monkeypatch):
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
 @pytest.mark.parametrize("num_experts, top_k", EXPERTS_AND_TOP_K)
 def test_fused_sort_matches_sort_by_expert(num_experts, top_k, num_tokens):
-    """The route's block counts and the sort's own counting give sort_by_expert's ExpertSort exactly."""
+    """The route's segment counts and the sort's own counting give sort_by_expert's ExpertSort exactly."""
     x, router_weight = make_router_inputs(num_tokens, num_experts)
     with torch.no_grad():
         routing = fused_route(x, router_weight, make_config(num_experts, top_k))
@@ -216,42 +216,42 @@ def test_sort_of_any_indices(num_tokens, top_k, num_experts, index_dtype):
 
 
 def test_every_loop_takes_several_steps(monkeypatch):
-    """Tiles small enough that the route kernel walks several tiles a block, the table kernel several blocks a
-    program and its last program several steps of each final sum; blocks of the sort that do not hold a whole
+    """Tiles small enough that the route kernel walks several tiles a segment, the table kernel several segments a
+    program and its last program several steps of each final sum; segments of the sort that do not hold a whole
     number of tokens."""
-    monkeypatch.setattr(route_kernels, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile, 4 tiles a block
-    monkeypatch.setattr(route_kernels, "ROUTE_MIN_BLOCKS", 1)  # blocks of ROUTE_BLOCK_TOKENS however few
+    monkeypatch.setattr(route_kernels, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile, 4 tiles a segment
+    monkeypatch.setattr(route_kernels, "ROUTE_MIN_SEGMENTS", 1)  # segments of ROUTE_SEGMENT_TOKENS however few
     monkeypatch.setattr(sort_kernels, "TABLE_EXPERT_CHUNK", 4)  # 3 programs for 11 experts
-    monkeypatch.setattr(sort_kernels, "TABLE_TILE_ELEMENTS", 8)  # 2 blocks by 4 experts a step
-    monkeypatch.setattr(sort_kernels, "TABLE_SCAN_CHUNK", 2)  # 6 steps over the experts, 2 over chunks and blocks
+    monkeypatch.setattr(sort_kernels, "TABLE_TILE_ELEMENTS", 8)  # 2 segments by 4 experts a step
+    monkeypatch.setattr(sort_kernels, "TABLE_SCAN_CHUNK", 2)  # 6 steps over the experts, 2 over chunks and segments
     monkeypatch.setattr(sort_kernels, "ZERO_CHUNK", 4)
     num_experts, top_k = 11, 3
     config = make_config(num_experts, top_k)
-    x, router_weight = make_router_inputs(150, num_experts)  # 3 blocks, the last one partial
+    x, router_weight = make_router_inputs(150, num_experts)  # 3 segments, the last one partial
     got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
     assert torch.equal(got.expert_indices, want.expert_indices)
     assert_close("routing_weights", got.routing_weights, want.routing_weights)
     assert_close("aux_loss", got.aux_loss, want.aux_loss)
     want_sort = sort_by_expert(want.expert_indices, num_experts)
     assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, got.sort_tables), want_sort)
-    sort_tables = SortTables(7, *sort_kernels.count_expert_blocks(got.expert_indices, num_experts, 7))
+    sort_tables = SortTables(7, *sort_kernels.count_expert_segments(got.expert_indices, num_experts, 7))
     assert_sorts_equal(fused_sort_by_expert(got.expert_indices, num_experts, sort_tables), want_sort)
 
 
-@pytest.mark.parametrize("num_tokens, block_tokens", [(150, 16), (1000, 32), (5000, 64)])
-def test_small_batches_take_smaller_blocks(monkeypatch, num_tokens, block_tokens):
-    """Fewer than ROUTE_MIN_BLOCKS blocks of ROUTE_BLOCK_TOKENS: the route halves its blocks, down to one tile, and
-    the sort takes the route's counts with the matching block size."""
+@pytest.mark.parametrize("num_tokens, segment_tokens", [(150, 16), (1000, 32), (5000, 64)])
+def test_small_batches_take_smaller_segments(monkeypatch, num_tokens, segment_tokens):
+    """Fewer than ROUTE_MIN_SEGMENTS segments of ROUTE_SEGMENT_TOKENS: the route halves its segments, down to one
+    tile, and the sort takes the route's counts with the matching segment size."""
     monkeypatch.setattr(route_kernels, "INTERPRETER_ROUTE_TILE_ELEMENTS", 256)  # 16 tokens a tile, as above
     monkeypatch.setattr(route_kernels, "ROUTE_TILE_ELEMENTS", 256)  # the same on a GPU
-    monkeypatch.setattr(route_kernels, "ROUTE_MIN_BLOCKS", 32)
+    monkeypatch.setattr(route_kernels, "ROUTE_MIN_SEGMENTS", 32)
     num_experts, top_k = 11, 3
-    assert route_kernels.route_block_tokens(num_tokens, num_experts) == block_tokens
+    assert route_kernels.route_segment_tokens(num_tokens, num_experts) == segment_tokens
     config = make_config(num_experts, top_k)
     x, router_weight = make_router_inputs(num_tokens, num_experts)
     got, want = fused_route(x, router_weight, config), route(x, router_weight, config)
-    assert got.sort_tables.block_assignments == block_tokens * top_k
-    assert got.sort_tables.block_expert_starts.shape == (-(-num_tokens // block_tokens), num_experts)
+    assert got.sort_tables.segment_assignments == segment_tokens * top_k
+    assert got.sort_tables.segment_expert_starts.shape == (-(-num_tokens // segment_tokens), num_experts)
     assert torch.equal(got.expert_indices, want.expert_indices)
     assert_close("routing_weights", got.routing_weights, want.routing_weights)
     assert_close("aux_loss", got.aux_loss, want.aux_loss)
@@ -303,7 +303,7 @@ def test_results_are_reproducible():
 
 def test_no_tokens_launches_nothing(monkeypatch):
     for module, name in ((route_kernels, "_topk_softmax_kernel"), (route_kernels, "_topk_softmax_backward_kernel"),
-                         (sort_kernels, "_block_table_kernel"), (sort_kernels, "_count_expert_blocks_kernel"),
+                         (sort_kernels, "_segment_table_kernel"), (sort_kernels, "_count_expert_segments_kernel"),
                          (sort_kernels, "_scatter_sorted_rows_kernel")):
         monkeypatch.setattr(module, name, RefuseLaunch())
     x, router_weight = make_router_inputs(0, 8)
@@ -322,8 +322,8 @@ def test_no_tokens_launches_nothing(monkeypatch):
 def test_launchers_name_the_bad_argument():
     logits = torch.randn((4, 8), device=DEVICE)  # (N, E)
     indices = torch.zeros((4, 2), dtype=torch.int64, device=DEVICE)  # (N, k)
-    starts, ranks, tokens_per_expert, row_offsets = sort_kernels.count_expert_blocks(indices, 8)
-    sort_blocks = sort_kernels.sort_by_expert_blocks
+    starts, ranks, tokens_per_expert, row_offsets = sort_kernels.count_expert_segments(indices, 8)
+    sort_segments = sort_kernels.sort_by_expert_segments
     cases = [
         ("router_logits", lambda: route_kernels.topk_softmax(logits.double(), 2, True, 0.0, 0.0)),
         ("router_logits", lambda: route_kernels.topk_softmax(logits.T, 2, True, 0.0, 0.0)),
@@ -346,17 +346,17 @@ def test_launchers_name_the_bad_argument():
         ("split_dtype", lambda: route_kernels.topk_softmax_backward(
             torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
             torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0, split_dtype=torch.float32)),
-        ("expert_indices", lambda: sort_kernels.count_expert_blocks(indices.float(), 8)),
-        ("expert_indices", lambda: sort_kernels.count_expert_blocks(indices.T, 8)),
-        ("num_experts", lambda: sort_kernels.count_expert_blocks(indices, 0)),
-        ("block_assignments", lambda: sort_kernels.count_expert_blocks(indices, 8, 0)),
-        ("block_expert_starts", lambda: sort_blocks(indices, starts[:, :0], ranks, row_offsets, 256)),
-        ("block_expert_starts", lambda: sort_blocks(indices, starts, ranks, row_offsets, 4)),
-        ("block_expert_starts", lambda: sort_blocks(indices, starts.long(), ranks, row_offsets,
+        ("expert_indices", lambda: sort_kernels.count_expert_segments(indices.float(), 8)),
+        ("expert_indices", lambda: sort_kernels.count_expert_segments(indices.T, 8)),
+        ("num_experts", lambda: sort_kernels.count_expert_segments(indices, 0)),
+        ("segment_assignments", lambda: sort_kernels.count_expert_segments(indices, 8, 0)),
+        ("segment_expert_starts", lambda: sort_segments(indices, starts[:, :0], ranks, row_offsets, 256)),
+        ("segment_expert_starts", lambda: sort_segments(indices, starts, ranks, row_offsets, 4)),
+        ("segment_expert_starts", lambda: sort_segments(indices, starts.long(), ranks, row_offsets,
                                                                       256)),
-        ("ranks_in_block", lambda: sort_blocks(indices, starts, ranks[:2], row_offsets, 256)),
-        ("expert_row_offsets", lambda: sort_blocks(indices, starts, ranks, row_offsets[:8], 256)),
-        ("expert_row_offsets", lambda: sort_blocks(indices, starts, ranks, row_offsets.int(), 256)),
+        ("ranks_in_segment", lambda: sort_segments(indices, starts, ranks[:2], row_offsets, 256)),
+        ("expert_row_offsets", lambda: sort_segments(indices, starts, ranks, row_offsets[:8], 256)),
+        ("expert_row_offsets", lambda: sort_segments(indices, starts, ranks, row_offsets.int(), 256)),
         ("sort_tables", lambda: fused_sort_by_expert(
             indices, 9, SortTables(256, starts, ranks, tokens_per_expert, row_offsets))),
     ]
@@ -371,19 +371,19 @@ def test_custom_ops_pass_opcheck():
     x, router_weight = make_router_inputs(8, 8)
     torch.library.opcheck(torch.ops.triton_moe.route.default, (x, router_weight, 2, True, 0.5, 0.1))
     routing = fused_route(x, router_weight, make_config(8, 2))
-    torch.library.opcheck(torch.ops.triton_moe.count_expert_blocks.default, (routing.expert_indices, 8, 16))
+    torch.library.opcheck(torch.ops.triton_moe.count_expert_segments.default, (routing.expert_indices, 8, 16))
     sort_tables = routing.sort_tables
     torch.library.opcheck(torch.ops.triton_moe.sort_by_expert.default,
-                          (routing.expert_indices, sort_tables.block_expert_starts, sort_tables.ranks_in_block,
-                           sort_tables.expert_row_offsets, sort_tables.block_assignments))
+                          (routing.expert_indices, sort_tables.segment_expert_starts, sort_tables.ranks_in_segment,
+                           sort_tables.expert_row_offsets, sort_tables.segment_assignments))
 
 
-def test_route_blocks_shrink_to_one_tile_for_small_batches(monkeypatch):
-    """The seed configs' 4096 tokens: 128 experts take blocks of one 16-token tile (256 programs), 64 experts one
-    32-token tile (128 programs: no smaller block exists); 16384 tokens keep blocks of 64."""
+def test_route_segments_shrink_to_one_tile_for_small_batches(monkeypatch):
+    """The seed configs' 4096 tokens: 128 experts take segments of one 16-token tile (256 programs), 64 experts one
+    32-token tile (128 programs: no smaller segment exists); 16384 tokens keep segments of 64."""
     # the GPU's tiles
     monkeypatch.setattr(route_kernels, "INTERPRETER_ROUTE_TILE_ELEMENTS", route_kernels.ROUTE_TILE_ELEMENTS)
-    assert route_kernels.ROUTE_TILE_ELEMENTS == 2048 and route_kernels.ROUTE_MIN_BLOCKS == 256
-    assert route_kernels.route_block_tokens(4096, 128) == 16
-    assert route_kernels.route_block_tokens(4096, 64) == 32
-    assert route_kernels.route_block_tokens(16384, 128) == 64
+    assert route_kernels.ROUTE_TILE_ELEMENTS == 2048 and route_kernels.ROUTE_MIN_SEGMENTS == 256
+    assert route_kernels.route_segment_tokens(4096, 128) == 16
+    assert route_kernels.route_segment_tokens(4096, 64) == 32
+    assert route_kernels.route_segment_tokens(16384, 128) == 64

@@ -3,10 +3,10 @@ autograd, which torch.compile sees as opaque nodes, and the two functions the la
 custom ops' dispatch (as ops.expert_mlp does) and call the launchers directly, through an
 autograd.Function for the route.
 
-    fused_route(x, router_weight, config)        -> FusedRouting: routing.route's Routing, plus the per-block
+    fused_route(x, router_weight, config)        -> FusedRouting: routing.route's Routing, plus the per-segment
                                                     counts, scanned, that spare the sort its counting passes
     fused_sort_by_expert(expert_indices, E, sort_tables) -> routing.sort_by_expert's ExpertSort
-Launches: the route's forward is the router GEMM and 2 kernels (top-k softmax; the scans of its per-block tables
+Launches: the route's forward is the router GEMM and 2 kernels (top-k softmax; the scans of its per-segment tables
 and the aux loss); its backward 1 kernel and the GEMM's two products (fp32; with bf16 on a GPU, also the stacked
 [W; W] and the sum of dW's two halves); the sort 1 kernel given the route's scans, 3 without.
 """
@@ -19,8 +19,8 @@ from torch import Tensor
 
 from triton_moe.config import MoEConfig
 from triton_moe.kernels.host import ceil_div
-from triton_moe.kernels.route import route_block_tokens, topk_softmax, topk_softmax_backward
-from triton_moe.kernels.sort import SORT_BLOCK_ASSIGNMENTS, count_expert_blocks, sort_by_expert_blocks
+from triton_moe.kernels.route import route_segment_tokens, topk_softmax, topk_softmax_backward
+from triton_moe.kernels.sort import SORT_SEGMENT_ASSIGNMENTS, count_expert_segments, sort_by_expert_segments
 from triton_moe.ops import kernel_op
 from triton_moe.routing import ExpertSort, Routing, sort_key_dtype
 
@@ -28,12 +28,12 @@ from triton_moe.routing import ExpertSort, Routing, sort_key_dtype
 @dataclass
 class SortTables:
     """The counting sort's tables: what its scatter needs besides the indices. The flat assignments
-    f = token * k + slot go in sort blocks of block_assignments; each assignment's row is expert_row_offsets[e] +
-    block_expert_starts[b, e] + its rank in the block. ("block" in the route and the sort means such a block.)"""
+    f = token * k + slot go in segments of segment_assignments; each assignment's row is expert_row_offsets[e] +
+    segment_expert_starts[b, e] + its rank in the segment."""
 
-    block_assignments: int  # flat assignments per block
-    block_expert_starts: Tensor  # [cdiv(N*k, block_assignments), E] int32: assignments to e in the earlier blocks
-    ranks_in_block: Tensor  # [N, k] int32: rank of each assignment among its block's earlier ones to its expert
+    segment_assignments: int  # flat assignments per segment
+    segment_expert_starts: Tensor  # [cdiv(N*k, segment_assignments), E] int32: assignments to e in the earlier segments
+    ranks_in_segment: Tensor  # [N, k] int32: rank of each assignment among its segment's earlier ones to its expert
     tokens_per_expert: Tensor  # [E] int64
     expert_row_offsets: Tensor  # [E + 1] int64: exclusive scan of tokens_per_expert, the total at the end
 
@@ -105,7 +105,7 @@ def _route(
     z_loss_coef: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(router_logits [N, E] fp32, routing_weights [N, k] fp32, expert_indices [N, k] int64, aux_loss [] fp32,
-    block_expert_starts [blocks, E] int32, ranks_in_block [N, k] int32, tokens_per_expert [E] int64,
+    segment_expert_starts [segments, E] int32, ranks_in_segment [N, k] int32, tokens_per_expert [E] int64,
     expert_row_offsets [E + 1] int64); see route_forward and kernels.router.topk_softmax."""
     return route_forward(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef)
 
@@ -113,12 +113,12 @@ def _route(
 @_route.register_fake
 def _(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef):
     num_tokens, num_experts = x.shape[0], router_weight.shape[0]
-    num_blocks = ceil_div(num_tokens, route_block_tokens(num_tokens, num_experts))
+    num_segments = ceil_div(num_tokens, route_segment_tokens(num_tokens, num_experts))
     return (x.new_empty((num_tokens, num_experts), dtype=torch.float32),
             x.new_empty((num_tokens, top_k), dtype=torch.float32),
             x.new_empty((num_tokens, top_k), dtype=torch.int64),
             x.new_empty((), dtype=torch.float32),
-            x.new_empty((num_blocks, num_experts), dtype=torch.int32),
+            x.new_empty((num_segments, num_experts), dtype=torch.int32),
             x.new_empty((num_tokens, top_k), dtype=torch.int32),
             x.new_empty((num_experts,), dtype=torch.int64),
             x.new_empty((num_experts + 1,), dtype=torch.int64))
@@ -187,18 +187,18 @@ def _route_with_autograd(*inputs):
     return _route(*inputs) if torch.compiler.is_compiling() else Route.apply(*inputs)
 
 
-@kernel_op("triton_moe::count_expert_blocks")
-def _count_expert_blocks(expert_indices: Tensor, num_experts: int,
-                         block_assignments: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(block_expert_starts [blocks, E] int32, ranks_in_block [N, k] int32, tokens_per_expert [E] int64,
+@kernel_op("triton_moe::count_expert_segments")
+def _count_expert_segments(expert_indices: Tensor, num_experts: int,
+                         segment_assignments: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(segment_expert_starts [segments, E] int32, ranks_in_segment [N, k] int32, tokens_per_expert [E] int64,
     expert_row_offsets [E + 1] int64); see kernels.router."""
-    return count_expert_blocks(expert_indices, num_experts, block_assignments)
+    return count_expert_segments(expert_indices, num_experts, segment_assignments)
 
 
-@_count_expert_blocks.register_fake
-def _(expert_indices, num_experts, block_assignments):
-    num_blocks = ceil_div(expert_indices.numel(), block_assignments)
-    return (expert_indices.new_empty((num_blocks, num_experts), dtype=torch.int32),
+@_count_expert_segments.register_fake
+def _(expert_indices, num_experts, segment_assignments):
+    num_segments = ceil_div(expert_indices.numel(), segment_assignments)
+    return (expert_indices.new_empty((num_segments, num_experts), dtype=torch.int32),
             expert_indices.new_empty(expert_indices.shape, dtype=torch.int32),
             expert_indices.new_empty((num_experts,), dtype=torch.int64),
             expert_indices.new_empty((num_experts + 1,), dtype=torch.int64))
@@ -206,20 +206,20 @@ def _(expert_indices, num_experts, block_assignments):
 
 @kernel_op("triton_moe::sort_by_expert")
 def _sort_by_expert(
-    expert_indices: Tensor, block_expert_starts: Tensor, ranks_in_block: Tensor, expert_row_offsets: Tensor,
-    block_assignments: int,
+    expert_indices: Tensor, segment_expert_starts: Tensor, ranks_in_segment: Tensor, expert_row_offsets: Tensor,
+    segment_assignments: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(row_to_flat, row_to_token, row_expert, flat_to_row), fields of ExpertSort; see
-    kernels.router.sort_by_expert_blocks."""
-    return sort_by_expert_blocks(expert_indices, block_expert_starts, ranks_in_block, expert_row_offsets,
-                                 block_assignments)
+    kernels.router.sort_by_expert_segments."""
+    return sort_by_expert_segments(expert_indices, segment_expert_starts, ranks_in_segment, expert_row_offsets,
+                                 segment_assignments)
 
 
 @_sort_by_expert.register_fake
-def _(expert_indices, block_expert_starts, ranks_in_block, expert_row_offsets, block_assignments):
+def _(expert_indices, segment_expert_starts, ranks_in_segment, expert_row_offsets, segment_assignments):
     num_assignments = expert_indices.numel()
     rows = expert_indices.new_empty((num_assignments,), dtype=torch.int64)
-    row_expert = rows.new_empty((num_assignments,), dtype=sort_key_dtype(block_expert_starts.shape[1]))
+    row_expert = rows.new_empty((num_assignments,), dtype=sort_key_dtype(segment_expert_starts.shape[1]))
     return rows, torch.empty_like(rows), row_expert, torch.empty_like(rows)
 
 
@@ -228,16 +228,16 @@ def fused_route(x: Tensor, router_weight: Tensor, config: MoEConfig) -> FusedRou
 
     The fields of Routing have route's dtypes and values: the same expert_indices, the weights, logits and aux loss
     up to fp32 rounding. Gradients reach x and router_weight from routing_weights, aux_loss and router_logits.
-    sort_tables hands fused_sort_by_expert the route's per-block expert counts, scanned.
+    sort_tables hands fused_sort_by_expert the route's per-segment expert counts, scanned.
     """
     top_k = config.num_active_experts
-    # router_logits [N, E]; routing_weights, expert_indices [N, k]; aux_loss []; block_expert_starts [blocks, E];
-    # ranks_in_block [N, k]; tokens_per_expert [E]; expert_row_offsets [E + 1]
+    # router_logits [N, E]; routing_weights, expert_indices [N, k]; aux_loss []; segment_expert_starts [segments, E];
+    # ranks_in_segment [N, k]; tokens_per_expert [E]; expert_row_offsets [E + 1]
     router_logits, routing_weights, expert_indices, aux_loss, *sort_tables = _route_with_autograd(
         x, router_weight, top_k, config.normalize_weights, float(config.load_balance_coef),
         float(config.z_loss_coef))
-    block_tokens = route_block_tokens(x.shape[0], router_weight.shape[0])
-    sort_tables = SortTables(block_tokens * top_k, *sort_tables)
+    segment_tokens = route_segment_tokens(x.shape[0], router_weight.shape[0])
+    sort_tables = SortTables(segment_tokens * top_k, *sort_tables)
     return FusedRouting(router_logits, routing_weights, expert_indices, aux_loss, sort_tables)
 
 
@@ -251,15 +251,15 @@ def fused_sort_by_expert(expert_indices: Tensor, num_experts: int,
     """
     compiling = torch.compiler.is_compiling()
     if sort_tables is None:
-        count = _count_expert_blocks if compiling else count_expert_blocks
-        sort_tables = SortTables(SORT_BLOCK_ASSIGNMENTS,
-                                           *count(expert_indices, num_experts, SORT_BLOCK_ASSIGNMENTS))
+        count = _count_expert_segments if compiling else count_expert_segments
+        sort_tables = SortTables(SORT_SEGMENT_ASSIGNMENTS,
+                                           *count(expert_indices, num_experts, SORT_SEGMENT_ASSIGNMENTS))
     elif sort_tables.tokens_per_expert.shape != (num_experts,):
         raise ValueError(f"sort_tables must count num_experts = {num_experts} experts, got tokens_per_expert "
                          f"of shape {tuple(sort_tables.tokens_per_expert.shape)}")
-    sort = _sort_by_expert if compiling else sort_by_expert_blocks
+    sort = _sort_by_expert if compiling else sort_by_expert_segments
     row_to_flat, row_to_token, row_expert, flat_to_row = sort(
-        expert_indices, sort_tables.block_expert_starts, sort_tables.ranks_in_block,
-        sort_tables.expert_row_offsets, sort_tables.block_assignments)
+        expert_indices, sort_tables.segment_expert_starts, sort_tables.ranks_in_segment,
+        sort_tables.expert_row_offsets, sort_tables.segment_assignments)
     return ExpertSort(row_to_flat, row_to_token, row_expert, flat_to_row, sort_tables.tokens_per_expert,
                       sort_tables.expert_row_offsets)

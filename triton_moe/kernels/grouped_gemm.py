@@ -36,7 +36,7 @@ from triton_moe.kernels.activation import activation_backward, activation_forwar
 from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, traceable
 from triton_moe.kernels.layout import ExpertLayout
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, ROW_PASS_ELEMENTS, GemmTiles, gemm_tiles,
-                                       fused_dh_pays_off, permute_block_h, rows_per_program, tma_readable,
+                                       fused_dh_pays_off, permute_tile_h, rows_per_program, tma_readable,
                                        weights_by_tma)
 
 @triton.jit
@@ -420,24 +420,24 @@ def _activation_backward_rows(
     GATED: tl.constexpr,
     HAS_ROUTING_WEIGHTS: tl.constexpr,
     INDEXED_ROUTING_WEIGHTS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    TILE_ROWS: tl.constexpr,
+    TILE_W: tl.constexpr,
     UNIFORM_WIDTH: tl.constexpr,
     EXPERTS_POW2: tl.constexpr,
     WIDTH_MULTIPLE: tl.constexpr,
 ):
-    """BLOCK_ROWS expert-sorted rows of dA [R, max_width] (the gradient for the rows' unweighted activations), in place.
+    """TILE_ROWS expert-sorted rows of dA [R, max_width] (the gradient for the rows' unweighted activations), in place.
 
     With act = act(h_pre[, h_up]) recomputed in fp32: d_routing_weights[r] = sum_n dA * act (if HAS_ROUTING_WEIGHTS),
     then dA becomes dh_pre = routing_weights[r] * dA * d act / d h_pre, and dh_up = routing_weights[r] * dA *
-    d act / d h_up (GATED). Each row holds its expert's width of values; the rows are walked BLOCK_W columns a step.
+    d act / d h_up (GATED). Each row holds its expert's width of values; the rows are walked TILE_W columns a step.
     Row r's weight, and its gradient, sit at routing_weight_index[r] of routing_weights and d_routing_weights if
     INDEXED_ROUTING_WEIGHTS, else at r. UNIFORM_WIDTH > 0: every expert has that width, so every row is full,
     without looking up its expert (which compares the row with every expert's end).
     """
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,)
+    rows = tl.program_id(0) * TILE_ROWS + tl.arange(0, TILE_ROWS)  # (TILE_ROWS,)
     row_mask = rows < num_rows
-    row_offsets = rows.to(tl.int64) * max_width  # (BLOCK_ROWS,)
+    row_offsets = rows.to(tl.int64) * max_width  # (TILE_ROWS,)
     if UNIFORM_WIDTH > 0:
         width = tl.where(row_mask, UNIFORM_WIDTH, 0)
     else:
@@ -445,19 +445,19 @@ def _activation_backward_rows(
         is_expert = experts < num_experts
         expert_row_ends = tl.load(expert_row_offsets_ptr + experts + 1, mask=is_expert, other=0)  # (EXPERTS_POW2,)
         expert = tl.sum(((expert_row_ends[None, :] <= rows[:, None]) & is_expert[None, :]).to(tl.int32), 1)
-        expert = tl.where(row_mask, expert, 0)  # (BLOCK_ROWS,); rows past the end read expert 0's extent, unused
+        expert = tl.where(row_mask, expert, 0)  # (TILE_ROWS,); rows past the end read expert 0's extent, unused
         width = tl.load(expert_width_offsets_ptr + expert + 1) - tl.load(expert_width_offsets_ptr + expert)
         width = tl.where(row_mask, width, 0)
-    cols = tl.arange(0, BLOCK_W)  # (BLOCK_W,)
+    cols = tl.arange(0, TILE_W)  # (TILE_W,)
     if HAS_ROUTING_WEIGHTS:
         weight_slots = rows
         if INDEXED_ROUTING_WEIGHTS:
             weight_slots = tl.load(routing_weight_index_ptr + rows, mask=row_mask, other=0)
-        # (BLOCK_ROWS, 1)
+        # (TILE_ROWS, 1)
         routing_weights = tl.load(routing_weights_ptr + weight_slots, mask=row_mask, other=0.0)[:, None]
-        routing_weight_grads = tl.zeros((BLOCK_ROWS, BLOCK_W), dtype=tl.float32)
-    for col_start in range(0, tl.max(width, 0), BLOCK_W):
-        mask = cols[None, :] < width[:, None] - col_start  # (BLOCK_ROWS, BLOCK_W)
+        routing_weight_grads = tl.zeros((TILE_ROWS, TILE_W), dtype=tl.float32)
+    for col_start in range(0, tl.max(width, 0), TILE_W):
+        mask = cols[None, :] < width[:, None] - col_start  # (TILE_ROWS, TILE_W)
         offsets = row_offsets[:, None] + col_start + cols[None, :]
         d_act = tl.load(d_act_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         h_pre = tl.load(h_pre_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -736,9 +736,9 @@ def down_projection_backward(
             torch.sum(partials, dim=1, out=d_routing_weights)
         return dh_pre, dh_up, d_routing_weights
     _expert_rows_gemm_launch(**gemm_arguments, epilogue="store")
-    block_w = permute_block_h(layout.max_width)
-    block_rows = rows_per_program(block_w, ROW_PASS_ELEMENTS)
-    traceable(_activation_backward_rows)[(ceil_div(num_rows, block_rows),)](
+    block_w = permute_tile_h(layout.max_width)
+    tile_rows = rows_per_program(block_w, ROW_PASS_ELEMENTS)
+    traceable(_activation_backward_rows)[(ceil_div(num_rows, tile_rows),)](
         dh_pre, h_pre, h_up, routing_weights, routing_weight_index,
         dh_up, d_routing_weights,
         layout.expert_row_offsets, layout.expert_width_offsets,
@@ -747,8 +747,8 @@ def down_projection_backward(
         GATED=is_gated(activation),
         HAS_ROUTING_WEIGHTS=routing_weights is not None,
         INDEXED_ROUTING_WEIGHTS=routing_weight_index is not None,
-        BLOCK_ROWS=block_rows,
-        BLOCK_W=block_w,
+        TILE_ROWS=tile_rows,
+        TILE_W=block_w,
         UNIFORM_WIDTH=layout.max_width if layout.uniform else 0,
         **layout.facts.kernel_constants,
         num_warps=PERMUTE_NUM_WARPS,

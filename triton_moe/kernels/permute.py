@@ -9,35 +9,35 @@ import triton
 import triton.language as tl
 
 from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_dim, traceable
-from triton_moe.kernels.tuning import PERMUTE_NUM_WARPS, permute_block_h, rows_per_program
+from triton_moe.kernels.tuning import PERMUTE_NUM_WARPS, permute_tile_h, rows_per_program
 
 
 
 @triton.jit
-def _gather_rows_kernel(src_ptr, row_to_token_ptr, rows_ptr, num_rows, hidden, BLOCK_ROWS: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
-    """rows[r] = src[row_to_token[r]], for BLOCK_ROWS rows r a program."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,)
+def _gather_rows_kernel(src_ptr, row_to_token_ptr, rows_ptr, num_rows, hidden, TILE_ROWS: tl.constexpr,
+                        TILE_H: tl.constexpr):
+    """rows[r] = src[row_to_token[r]], for TILE_ROWS rows r a program."""
+    rows = tl.program_id(0).to(tl.int64) * TILE_ROWS + tl.arange(0, TILE_ROWS)  # (TILE_ROWS,)
     row_mask = rows < num_rows
     tokens = tl.load(row_to_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_H)
-    for col_start in range(0, hidden, BLOCK_H):
-        mask = row_mask[:, None] & (cols[None, :] < hidden - col_start)  # (BLOCK_ROWS, BLOCK_H)
+    cols = tl.arange(0, TILE_H)
+    for col_start in range(0, hidden, TILE_H):
+        mask = row_mask[:, None] & (cols[None, :] < hidden - col_start)  # (TILE_ROWS, TILE_H)
         values = tl.load(src_ptr + tokens[:, None] * hidden + col_start + cols[None, :], mask=mask)
         tl.store(rows_ptr + rows[:, None] * hidden + col_start + cols[None, :], values, mask=mask)
 
 
 @triton.jit
-def _combine_rows_kernel(rows_ptr, flat_to_row_ptr, out_ptr, num_tokens, hidden, top_k, BLOCK_TOKENS: tl.constexpr,
-                         BLOCK_H: tl.constexpr):
-    """out[t] = sum_{j < top_k} rows[flat_to_row[t * top_k + j]] in slot order, for BLOCK_TOKENS tokens t a
+def _combine_rows_kernel(rows_ptr, flat_to_row_ptr, out_ptr, num_tokens, hidden, top_k, TILE_TOKENS: tl.constexpr,
+                         TILE_H: tl.constexpr):
+    """out[t] = sum_{j < top_k} rows[flat_to_row[t * top_k + j]] in slot order, for TILE_TOKENS tokens t a
     program."""
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)  # (BLOCK_TOKENS,)
+    tokens = tl.program_id(0).to(tl.int64) * TILE_TOKENS + tl.arange(0, TILE_TOKENS)  # (TILE_TOKENS,)
     token_mask = tokens < num_tokens
-    cols = tl.arange(0, BLOCK_H)
-    for col_start in range(0, hidden, BLOCK_H):
-        mask = token_mask[:, None] & (cols[None, :] < hidden - col_start)  # (BLOCK_TOKENS, BLOCK_H)
-        acc = tl.zeros((BLOCK_TOKENS, BLOCK_H), dtype=tl.float32)
+    cols = tl.arange(0, TILE_H)
+    for col_start in range(0, hidden, TILE_H):
+        mask = token_mask[:, None] & (cols[None, :] < hidden - col_start)  # (TILE_TOKENS, TILE_H)
+        acc = tl.zeros((TILE_TOKENS, TILE_H), dtype=tl.float32)
         for slot in range(top_k):
             row = tl.load(flat_to_row_ptr + tokens * top_k + slot, mask=token_mask, other=0).to(tl.int64)
             acc += tl.load(rows_ptr + row[:, None] * hidden + col_start + cols[None, :], mask=mask,
@@ -60,10 +60,10 @@ def gather_rows(src: torch.Tensor, row_to_token: torch.Tensor) -> torch.Tensor:
     num_rows, hidden = row_to_token.shape[0], src.shape[1]
     rows = torch.empty((num_rows, hidden), dtype=src.dtype, device=src.device)  # (R, H)
     if num_rows > 0 and hidden > 0:
-        block_h = permute_block_h(hidden)
-        block_rows = rows_per_program(block_h, None)  # one row a program on a GPU
-        traceable(_gather_rows_kernel)[(ceil_div(num_rows, block_rows),)](
-            src, row_to_token, rows, num_rows, hidden, BLOCK_ROWS=block_rows, BLOCK_H=block_h,
+        tile_h = permute_tile_h(hidden)
+        tile_rows = rows_per_program(tile_h, None)  # one row a program on a GPU
+        traceable(_gather_rows_kernel)[(ceil_div(num_rows, tile_rows),)](
+            src, row_to_token, rows, num_rows, hidden, TILE_ROWS=tile_rows, TILE_H=tile_h,
             num_warps=PERMUTE_NUM_WARPS,
         )
     return rows
@@ -93,10 +93,10 @@ def combine_rows(rows: torch.Tensor, flat_to_row: torch.Tensor, top_k: int) -> t
     num_tokens, hidden = rows.shape[0] // top_k, rows.shape[1]
     out = torch.empty((num_tokens, hidden), dtype=rows.dtype, device=rows.device)  # (N, H)
     if num_tokens > 0 and hidden > 0:
-        block_h = permute_block_h(hidden)
-        block_tokens = rows_per_program(block_h, None)  # one token a program on a GPU
-        traceable(_combine_rows_kernel)[(ceil_div(num_tokens, block_tokens),)](
-            rows, flat_to_row, out, num_tokens, hidden, top_k, BLOCK_TOKENS=block_tokens, BLOCK_H=block_h,
+        tile_h = permute_tile_h(hidden)
+        tile_tokens = rows_per_program(tile_h, None)  # one token a program on a GPU
+        traceable(_combine_rows_kernel)[(ceil_div(num_tokens, tile_tokens),)](
+            rows, flat_to_row, out, num_tokens, hidden, top_k, TILE_TOKENS=tile_tokens, TILE_H=tile_h,
             num_warps=PERMUTE_NUM_WARPS,
         )
     return out

@@ -1,13 +1,13 @@
 """The route in a few launches: top-k softmax over router logits, the aux loss, the counts the expert sort takes,
 and the backward.
 
-Forward (N tokens, E experts, k slots; the tokens are cut into blocks of route_block_tokens(N, E)):
-    _topk_softmax_kernel       per block: softmax, top-k, (renormalised) weights, expert indices, and per block
+Forward (N tokens, E experts, k slots; the tokens are cut into segments of route_segment_tokens(N, E)):
+    _topk_softmax_kernel       per segment: softmax, top-k, (renormalised) weights, expert indices, and per segment
                                the partials of the aux loss (sums of probabilities, sums of lse²) and of the sort
-                               (assignment counts, each assignment's rank in its block)
-    sort._block_table_kernel   per chunk of experts: scans the [blocks, E] counts over the blocks (the sort's block
-                               starts, assignments per expert) and sums the aux loss's partials; the last program
-                               to finish scans the experts' totals (expert_row_offsets) and adds up the aux loss
+                               (assignment counts, each assignment's rank in its segment)
+    sort._segment_table_kernel per chunk of experts: scans the [segments, E] counts over the segments (the sort's
+                               segment starts, assignments per expert) and sums the aux loss's partials; the last
+                               program to finish scans the experts' totals (expert_row_offsets) and adds up the aux loss
 Backward:
     _topk_softmax_backward_kernel   per tile of tokens: recomputes the softmax from the logits -> grad of the logits
                                     (fp32, or split into two 16-bit halves for the router's tensor-core GEMMs)
@@ -20,10 +20,10 @@ import triton
 import triton.language as tl
 
 from triton_moe.kernels.host import ceil_div, check_tensor_dim, check_tensor_shape, next_power_of_2, traceable
-from triton_moe.kernels.sort import check_int, check_shape, launch_block_table, no_sort_tables
+from triton_moe.kernels.sort import check_int, check_shape, launch_segment_table, no_sort_tables
 from triton_moe.kernels.tuning import (INTERPRETER_ROUTE_TILE_ELEMENTS, ROUTE_BACKWARD_ELEMENTS_PER_THREAD,
-                                       ROUTE_BACKWARD_TILE_ELEMENTS, ROUTE_BLOCK_TOKENS, ROUTE_FORWARD_NUM_WARPS,
-                                       ROUTE_MIN_BLOCKS, ROUTE_TILE_ELEMENTS, running_in_interpreter)
+                                       ROUTE_BACKWARD_TILE_ELEMENTS, ROUTE_SEGMENT_TOKENS, ROUTE_FORWARD_NUM_WARPS,
+                                       ROUTE_MIN_SEGMENTS, ROUTE_TILE_ELEMENTS, running_in_interpreter)
 
 # The largest finite fp32: real experts whose logit is -inf still rank above padding and taken experts (-inf).
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
@@ -50,34 +50,35 @@ def _softmax_rows(logits_ptr, tokens, experts, num_tokens, num_experts):
 
 @triton.jit
 def _topk_softmax_kernel(
-    logits_ptr, routing_weights_ptr, expert_indices_ptr, ranks_in_block_ptr,
-    block_prob_sums_ptr, block_expert_counts_ptr, block_lse_sq_sums_ptr, table_ticket_ptr,
+    logits_ptr, routing_weights_ptr, expert_indices_ptr, ranks_in_segment_ptr,
+    segment_prob_sums_ptr, segment_expert_counts_ptr, segment_lse_sq_sums_ptr, table_ticket_ptr,
     num_tokens, num_experts,
     TOP_K: tl.constexpr,
     NORMALIZE: tl.constexpr,
-    BLOCK_TOKENS: tl.constexpr,
+    SEGMENT_TOKENS: tl.constexpr,
     TILE_TOKENS: tl.constexpr,
     EXPERTS_POW2: tl.constexpr,
     TOP_K_POW2: tl.constexpr,
 ):
-    """Softmax and top-k of one block of BLOCK_TOKENS tokens, TILE_TOKENS at a time, and the block's partials.
+    """Softmax and top-k of one segment of SEGMENT_TOKENS tokens, TILE_TOKENS at a time, and the segment's partials.
 
-    Writes routing_weights, expert_indices and ranks_in_block [N, k] (the rank of an assignment among the block's
-    earlier assignments to the same expert), and row `block` of block_prob_sums [blocks, E] fp32 (sum of the
-    probabilities over the block's tokens), block_expert_counts [blocks, E] int32 and block_lse_sq_sums [blocks].
-    Program 0 zeroes _block_table_kernel's counter, table_ticket.
+    Writes routing_weights, expert_indices and ranks_in_segment [N, k] (the rank of an assignment among the segment's
+    earlier assignments to the same expert), and row `segment` of segment_prob_sums [segments, E] fp32 (sum of the
+    probabilities over the segment's tokens), segment_expert_counts [segments, E] int32 and segment_lse_sq_sums
+    [segments].
+    Program 0 zeroes _segment_table_kernel's counter, table_ticket.
     """
-    block = tl.program_id(0)
-    if block == 0:
+    segment = tl.program_id(0)
+    if segment == 0:
         tl.store(table_ticket_ptr, 0)
     experts = tl.arange(0, EXPERTS_POW2)  # (EXPERTS_POW2,)
     slots = tl.arange(0, TOP_K_POW2)  # (TOP_K_POW2,)
     expert_mask = experts < num_experts
-    takers_before = tl.zeros((EXPERTS_POW2,), dtype=tl.int32)  # assignments of the block's earlier tiles
+    takers_before = tl.zeros((EXPERTS_POW2,), dtype=tl.int32)  # assignments of the segment's earlier tiles
     prob_sums = tl.zeros((EXPERTS_POW2,), dtype=tl.float32)
     lse_sq_sums = tl.zeros((TILE_TOKENS,), dtype=tl.float32)
-    for tile_start in range(0, BLOCK_TOKENS, TILE_TOKENS):
-        tokens = block.to(tl.int64) * BLOCK_TOKENS + tile_start + tl.arange(0, TILE_TOKENS)  # (TILE_TOKENS,)
+    for tile_start in range(0, SEGMENT_TOKENS, TILE_TOKENS):
+        tokens = segment.to(tl.int64) * SEGMENT_TOKENS + tile_start + tl.arange(0, TILE_TOKENS)  # (TILE_TOKENS,)
         token_mask = tokens < num_tokens
         probs, lse, logits = _softmax_rows(logits_ptr, tokens, experts, num_tokens, num_experts)
 
@@ -102,8 +103,8 @@ def _topk_softmax_kernel(
         if NORMALIZE:
             weights = weights / tl.sum(weights, axis=1)[:, None]
 
-        # A token takes each expert at most once, so an assignment's rank among the block's earlier ones with the
-        # same expert is the number of earlier tokens of the block that took that expert.
+        # A token takes each expert at most once, so an assignment's rank among the segment's earlier ones with the
+        # same expert is the number of earlier tokens of the segment that took that expert.
         taken = ((slot_of_expert >= 0) & token_mask[:, None]).to(tl.int32)  # (TILE_TOKENS, EXPERTS_POW2)
         earlier_takers = tl.cumsum(taken, axis=0) - taken + takers_before[None, :]
         ranks = tl.zeros((TILE_TOKENS, TOP_K_POW2), dtype=tl.int32)
@@ -115,15 +116,15 @@ def _topk_softmax_kernel(
         out_mask = token_mask[:, None] & (slots[None, :] < TOP_K)
         tl.store(routing_weights_ptr + out_offsets, weights, mask=out_mask)
         tl.store(expert_indices_ptr + out_offsets, indices.to(tl.int64), mask=out_mask)
-        tl.store(ranks_in_block_ptr + out_offsets, ranks, mask=out_mask)
+        tl.store(ranks_in_segment_ptr + out_offsets, ranks, mask=out_mask)
         takers_before += tl.sum(taken, axis=0)
         prob_sums += tl.sum(tl.where(token_mask[:, None], probs, 0.0), axis=0)
         lse_sq_sums += tl.where(token_mask, lse * lse, 0.0)
 
-    table_offsets = block.to(tl.int64) * num_experts + experts
-    tl.store(block_expert_counts_ptr + table_offsets, takers_before, mask=expert_mask)
-    tl.store(block_prob_sums_ptr + table_offsets, prob_sums, mask=expert_mask)
-    tl.store(block_lse_sq_sums_ptr + block, tl.sum(lse_sq_sums, axis=0))
+    table_offsets = segment.to(tl.int64) * num_experts + experts
+    tl.store(segment_expert_counts_ptr + table_offsets, takers_before, mask=expert_mask)
+    tl.store(segment_prob_sums_ptr + table_offsets, prob_sums, mask=expert_mask)
+    tl.store(segment_lse_sq_sums_ptr + segment, tl.sum(lse_sq_sums, axis=0))
 
 
 @triton.jit
@@ -203,9 +204,9 @@ def _topk_softmax_backward_kernel(
 
 
 def route_tile_tokens(num_experts: int) -> int:
-    """Tokens per tile of the route kernels for E experts: a power of two that divides ROUTE_BLOCK_TOKENS."""
+    """Tokens per tile of the route kernels for E experts: a power of two that divides ROUTE_SEGMENT_TOKENS."""
     tile_elements = INTERPRETER_ROUTE_TILE_ELEMENTS if running_in_interpreter() else ROUTE_TILE_ELEMENTS
-    return max(min(tile_elements // next_power_of_2(num_experts), ROUTE_BLOCK_TOKENS), 1)
+    return max(min(tile_elements // next_power_of_2(num_experts), ROUTE_SEGMENT_TOKENS), 1)
 
 
 def _backward_tiles(num_experts: int) -> tuple[int, int]:
@@ -214,21 +215,21 @@ def _backward_tiles(num_experts: int) -> tuple[int, int]:
     experts_pow2 = next_power_of_2(num_experts)
     if running_in_interpreter():
         return route_tile_tokens(num_experts), 1
-    tile_tokens = max(min(ROUTE_BACKWARD_TILE_ELEMENTS // experts_pow2, ROUTE_BLOCK_TOKENS), 1)
+    tile_tokens = max(min(ROUTE_BACKWARD_TILE_ELEMENTS // experts_pow2, ROUTE_SEGMENT_TOKENS), 1)
     threads = tile_tokens * experts_pow2 // ROUTE_BACKWARD_ELEMENTS_PER_THREAD
     return tile_tokens, min(max(threads // 32, 2), 8)
 
 
-def route_block_tokens(num_tokens: int, num_experts: int) -> int:
-    """Tokens per program of the route's forward: ROUTE_BLOCK_TOKENS, halved while fewer than ROUTE_MIN_BLOCKS
+def route_segment_tokens(num_tokens: int, num_experts: int) -> int:
+    """Tokens per program of the route's forward: ROUTE_SEGMENT_TOKENS, halved while fewer than ROUTE_MIN_SEGMENTS
     programs would run, down to one tile. A power of two, a multiple of route_tile_tokens(num_experts).
 
     Under torch.compile the sizes may be symbolic: the comparisons then guard on N, and the result is a plain int.
     """
-    block_tokens, tile_tokens = ROUTE_BLOCK_TOKENS, route_tile_tokens(int(num_experts))
-    while block_tokens > tile_tokens and ceil_div(num_tokens, block_tokens) < ROUTE_MIN_BLOCKS:
-        block_tokens //= 2
-    return block_tokens
+    segment_tokens, tile_tokens = ROUTE_SEGMENT_TOKENS, route_tile_tokens(int(num_experts))
+    while segment_tokens > tile_tokens and ceil_div(num_tokens, segment_tokens) < ROUTE_MIN_SEGMENTS:
+        segment_tokens //= 2
+    return segment_tokens
 
 
 def _check_coef(name, value):
@@ -252,10 +253,10 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
         routing_weights [N, k] fp32 and expert_indices [N, k] int64, in descending probability (ties: lowest
             expert first);
         aux_loss [] fp32;
-        then what sort_by_expert_blocks takes, with block_assignments = B * k for blocks of
-        B = route_block_tokens(N, E) tokens: block_expert_starts [cdiv(N, B), E] int32, the assignments to each
-            expert in the blocks before each block; ranks_in_block [N, k] int32, each assignment's rank among the
-            earlier ones of its block with the same expert; tokens_per_expert [E] int64 (the assignments of each
+        then what sort_by_expert_segments takes, with segment_assignments = B * k for segments of
+        B = route_segment_tokens(N, E) tokens: segment_expert_starts [cdiv(N, B), E] int32, the assignments to each
+            expert in the segments before each segment; ranks_in_segment [N, k] int32, each assignment's rank among the
+            earlier ones of its segment with the same expert; tokens_per_expert [E] int64 (the assignments of each
             expert: what topk_softmax_backward takes); expert_row_offsets [E + 1] int64, their exclusive scan.
     """
     check_tensor_dim("router_logits", router_logits, 2, (torch.float32,))
@@ -270,32 +271,32 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
     if num_tokens * top_k >= 2**31:
         raise ValueError(f"router_logits: N * top_k must be below 2**31 (int32 counts), got {num_tokens * top_k}")
     device = router_logits.device
-    block_tokens = route_block_tokens(num_tokens, num_experts)
-    num_blocks = ceil_div(num_tokens, block_tokens)
+    segment_tokens = route_segment_tokens(num_tokens, num_experts)
+    num_segments = ceil_div(num_tokens, segment_tokens)
     routing_weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=device)  # (N, k)
     expert_indices = torch.empty((num_tokens, top_k), dtype=torch.int64, device=device)  # (N, k)
-    ranks_in_block = torch.empty((num_tokens, top_k), dtype=torch.int32, device=device)  # (N, k)
+    ranks_in_segment = torch.empty((num_tokens, top_k), dtype=torch.int32, device=device)  # (N, k)
     if num_tokens == 0:
         aux_loss = torch.zeros((), dtype=torch.float32, device=device)
-        return (routing_weights, expert_indices, aux_loss, *no_sort_tables(num_experts, ranks_in_block))
-    block_expert_counts = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)  # (blocks, E)
-    block_prob_sums = torch.empty((num_blocks, num_experts), dtype=torch.float32, device=device)  # (blocks, E)
-    block_lse_sq_sums = torch.empty(num_blocks, dtype=torch.float32, device=device)  # (blocks,)
+        return (routing_weights, expert_indices, aux_loss, *no_sort_tables(num_experts, ranks_in_segment))
+    segment_expert_counts = torch.empty((num_segments, num_experts), dtype=torch.int32, device=device)  # (segments, E)
+    segment_prob_sums = torch.empty((num_segments, num_experts), dtype=torch.float32, device=device)  # (segments, E)
+    segment_lse_sq_sums = torch.empty(num_segments, dtype=torch.float32, device=device)  # (segments,)
     table_ticket = torch.empty((), dtype=torch.int32, device=device)  # zeroed by the route kernel
-    traceable(_topk_softmax_kernel)[(num_blocks,)](
-        router_logits, routing_weights, expert_indices, ranks_in_block,
-        block_prob_sums, block_expert_counts, block_lse_sq_sums, table_ticket,
+    traceable(_topk_softmax_kernel)[(num_segments,)](
+        router_logits, routing_weights, expert_indices, ranks_in_segment,
+        segment_prob_sums, segment_expert_counts, segment_lse_sq_sums, table_ticket,
         num_tokens, num_experts,
-        TOP_K=top_k, NORMALIZE=bool(normalize_weights), BLOCK_TOKENS=block_tokens,
+        TOP_K=top_k, NORMALIZE=bool(normalize_weights), SEGMENT_TOKENS=segment_tokens,
         TILE_TOKENS=route_tile_tokens(num_experts), EXPERTS_POW2=next_power_of_2(num_experts),
         TOP_K_POW2=next_power_of_2(top_k),
         num_warps=ROUTE_FORWARD_NUM_WARPS,
     )
     aux_loss = torch.empty((), dtype=torch.float32, device=device)
-    block_expert_starts, tokens_per_expert, expert_row_offsets = launch_block_table(
-        block_expert_counts, block_prob_sums, block_lse_sq_sums, table_ticket, aux_loss, num_tokens * top_k,
+    segment_expert_starts, tokens_per_expert, expert_row_offsets = launch_segment_table(
+        segment_expert_counts, segment_prob_sums, segment_lse_sq_sums, table_ticket, aux_loss, num_tokens * top_k,
         num_tokens, load_balance_coef, z_loss_coef)
-    return (routing_weights, expert_indices, aux_loss, block_expert_starts, ranks_in_block, tokens_per_expert,
+    return (routing_weights, expert_indices, aux_loss, segment_expert_starts, ranks_in_segment, tokens_per_expert,
             expert_row_offsets)
 
 

@@ -1,15 +1,16 @@
 """The expert sort: a stable counting sort of the (token, slot) assignments by expert, in a few launches.
 
-R = N * k assignments cut into blocks of B assignments:
-    _count_expert_blocks_kernel     per block: assignments per expert, and the rank of each assignment among the
-                                    earlier ones of its block with the same expert (the route gives both already:
-                                    route.py), then _block_table_kernel
-    _block_table_kernel             per chunk of experts: scans the [blocks, E] counts over the blocks (each block's
-                                    start per expert, assignments per expert); the last program to finish scans the
-                                    experts' totals (expert_row_offsets), and, for the route, adds up the aux loss
-    _scatter_sorted_rows_kernel     per assignment: row = expert_row_offsets[e] + block_expert_starts[b, e] + rank
+R = N * k assignments cut into segments of B assignments:
+    _count_expert_segments_kernel     per segment: assignments per expert, and the rank of each assignment among the
+                                    earlier ones of its segment with the same expert (the route gives both already:
+                                    route.py), then _segment_table_kernel
+    _segment_table_kernel             per chunk of experts: scans the [segments, E] counts over the segments (each
+                                    segment's start per expert, assignments per expert); the last program to finish
+                                    scans the experts' totals (expert_row_offsets), and, for the route, adds up the
+                                    aux loss
+    _scatter_sorted_rows_kernel     per assignment: row = expert_row_offsets[e] + segment_expert_starts[b, e] + rank
 Every reduction runs in a fixed order, so every result is bitwise reproducible: the one atomic, a counter, only
-elects which program of _block_table_kernel does the final sums. Every size follows from the input shapes, so
+elects which program of _segment_table_kernel does the final sums. Every size follows from the input shapes, so
 nothing synchronises with the host.
 """
 
@@ -19,26 +20,26 @@ import triton.language as tl
 
 from triton_moe.kernels.host import (INDEX_DTYPES, ceil_div, check_tensor_dim, check_tensor_shape, next_power_of_2,
                                      traceable)
-from triton_moe.kernels.tuning import (RANK_CHUNK, SCATTER_BLOCK, SORT_BLOCK_ASSIGNMENTS, SORT_NUM_WARPS,
+from triton_moe.kernels.tuning import (RANK_CHUNK, SCATTER_ASSIGNMENTS, SORT_SEGMENT_ASSIGNMENTS, SORT_NUM_WARPS,
                                        TABLE_EXPERT_CHUNK, TABLE_NUM_WARPS, TABLE_SCAN_CHUNK, TABLE_TILE_ELEMENTS,
                                        ZERO_CHUNK)
 from triton_moe.routing import sort_key_dtype
 
 
 @triton.jit
-def _block_table_kernel(
-    block_expert_counts_ptr, block_prob_sums_ptr, block_lse_sq_sums_ptr,
-    block_expert_starts_ptr, tokens_per_expert_ptr, expert_row_offsets_ptr, chunk_balance_ptr, table_ticket_ptr,
+def _segment_table_kernel(
+    segment_expert_counts_ptr, segment_prob_sums_ptr, segment_lse_sq_sums_ptr,
+    segment_expert_starts_ptr, tokens_per_expert_ptr, expert_row_offsets_ptr, chunk_balance_ptr, table_ticket_ptr,
     aux_loss_ptr,
-    num_blocks, num_experts, num_assignments, num_tokens, load_balance_coef, z_loss_coef,
+    num_segments, num_experts, num_assignments, num_tokens, load_balance_coef, z_loss_coef,
     AUX: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
+    SEGMENTS_PER_STEP: tl.constexpr,
     EXPERT_CHUNK: tl.constexpr,
     SCAN_CHUNK: tl.constexpr,
 ):
-    """One chunk of EXPERT_CHUNK experts of the [blocks, E] tables, its blocks BLOCK_ROWS at a time.
+    """One chunk of EXPERT_CHUNK experts of the [segments, E] tables, its segments SEGMENTS_PER_STEP at a time.
 
-    block_expert_starts[b, e] = sum_{b' < b} counts[b', e] (int32) and tokens_per_expert [E] int64. With AUX, also
+    segment_expert_starts[b, e] = sum_{b' < b} counts[b', e] (int32) and tokens_per_expert [E] int64. With AUX, also
     the chunk's share of the load-balancing sum, sum_e f_e * P_e with f_e = count_e / (N * k) and P_e = sum of p_e
     / N (num_assignments and num_tokens as floats, N > 0), into chunk_balance [chunks] fp32.
 
@@ -51,18 +52,18 @@ def _block_table_kernel(
     chunk = tl.program_id(0)
     experts = chunk * EXPERT_CHUNK + tl.arange(0, EXPERT_CHUNK)  # (EXPERT_CHUNK,)
     expert_mask = experts < num_experts
-    block_rows = tl.arange(0, BLOCK_ROWS)
-    counted = tl.zeros((EXPERT_CHUNK,), dtype=tl.int32)  # assignments in the blocks before the step
+    step_segments = tl.arange(0, SEGMENTS_PER_STEP)
+    counted = tl.zeros((EXPERT_CHUNK,), dtype=tl.int32)  # assignments in the segments before the step
     prob_sums = tl.zeros((EXPERT_CHUNK,), dtype=tl.float32)
-    for block_start in range(0, num_blocks, BLOCK_ROWS):
-        blocks = block_start + block_rows
-        offsets = blocks[:, None].to(tl.int64) * num_experts + experts[None, :]  # (BLOCK_ROWS, EXPERT_CHUNK)
-        mask = (blocks < num_blocks)[:, None] & expert_mask[None, :]
-        counts = tl.load(block_expert_counts_ptr + offsets, mask=mask, other=0)
-        tl.store(block_expert_starts_ptr + offsets, tl.cumsum(counts, axis=0) - counts + counted[None, :], mask=mask)
+    for segment_start in range(0, num_segments, SEGMENTS_PER_STEP):
+        segments = segment_start + step_segments
+        offsets = segments[:, None].to(tl.int64) * num_experts + experts[None, :]  # (SEGMENTS_PER_STEP, EXPERT_CHUNK)
+        mask = (segments < num_segments)[:, None] & expert_mask[None, :]
+        counts = tl.load(segment_expert_counts_ptr + offsets, mask=mask, other=0)
+        tl.store(segment_expert_starts_ptr + offsets, tl.cumsum(counts, axis=0) - counts + counted[None, :], mask=mask)
         counted += tl.sum(counts, axis=0)
         if AUX:
-            prob_sums += tl.sum(tl.load(block_prob_sums_ptr + offsets, mask=mask, other=0.0), axis=0)
+            prob_sums += tl.sum(tl.load(segment_prob_sums_ptr + offsets, mask=mask, other=0.0), axis=0)
     tl.store(tokens_per_expert_ptr + experts, counted.to(tl.int64), mask=expert_mask)
     if AUX:
         balance = (counted.to(tl.float32) / num_assignments) * (prob_sums / num_tokens)
@@ -89,50 +90,50 @@ def _block_table_kernel(
                 balance_sum += tl.load(chunk_balance_ptr + chunks, mask=chunks < num_chunks, other=0.0,
                                        cache_modifier=".cg")
             lse_sq_sums = tl.zeros((SCAN_CHUNK,), dtype=tl.float32)
-            for block_start in range(0, num_blocks, SCAN_CHUNK):
-                blocks = block_start + scan_experts
-                lse_sq_sums += tl.load(block_lse_sq_sums_ptr + blocks, mask=blocks < num_blocks, other=0.0)
+            for segment_start in range(0, num_segments, SCAN_CHUNK):
+                segments = segment_start + scan_experts
+                lse_sq_sums += tl.load(segment_lse_sq_sums_ptr + segments, mask=segments < num_segments, other=0.0)
             load_balance_loss = num_experts * tl.sum(balance_sum, axis=0)
             z_loss = tl.sum(lse_sq_sums, axis=0) / num_tokens
             tl.store(aux_loss_ptr, load_balance_coef * load_balance_loss + z_loss_coef * z_loss)
 
 
 @triton.jit
-def _count_expert_blocks_kernel(
-    expert_indices_ptr, block_expert_counts_ptr, ranks_in_block_ptr, table_ticket_ptr,
-    num_assignments, num_experts, block_assignments,
-    BLOCK_POW2: tl.constexpr,
+def _count_expert_segments_kernel(
+    expert_indices_ptr, segment_expert_counts_ptr, ranks_in_segment_ptr, table_ticket_ptr,
+    num_assignments, num_experts, segment_assignments,
+    SEGMENT_POW2: tl.constexpr,
     RANK_CHUNK: tl.constexpr,
     ZERO_CHUNK: tl.constexpr,
 ):
-    """One block of block_assignments flat assignments: row `block` of block_expert_counts [blocks, E] int32,
-    and for each assignment its rank among the block's earlier assignments to the same expert (ranks_in_block).
+    """One segment of segment_assignments flat assignments: row `segment` of segment_expert_counts [segments, E] int32,
+    and for each assignment its rank among the segment's earlier assignments to the same expert (ranks_in_segment).
 
-    Every pair of the block is compared, RANK_CHUNK columns at a time, which gives each assignment its rank and
-    its expert's count in the block without a [block, E] one-hot, for any E and any indices (a token may list an
+    Every pair of the segment is compared, RANK_CHUNK columns at a time, which gives each assignment its rank and
+    its expert's count in the segment without a [segment, E] one-hot, for any E and any indices (a token may list an
     expert twice). The row is zeroed, then each assignment writes its expert's count: the same value for all the
     assignments of one expert, so the order of those stores does not matter. Program 0 zeroes
-    _block_table_kernel's counter, table_ticket.
+    _segment_table_kernel's counter, table_ticket.
     """
-    block = tl.program_id(0).to(tl.int64)
-    if block == 0:
+    segment = tl.program_id(0).to(tl.int64)
+    if segment == 0:
         tl.store(table_ticket_ptr, 0)
-    block_start = block * block_assignments
-    lanes = tl.arange(0, BLOCK_POW2)  # (BLOCK_POW2,) position in the block
-    lane_mask = (lanes < block_assignments) & (block_start + lanes < num_assignments)
+    segment_start = segment * segment_assignments
+    lanes = tl.arange(0, SEGMENT_POW2)  # (SEGMENT_POW2,) position in the segment
+    lane_mask = (lanes < segment_assignments) & (segment_start + lanes < num_assignments)
     # Lanes past the end hold expert -1, which no real assignment has.
-    lane_experts = tl.load(expert_indices_ptr + block_start + lanes, mask=lane_mask, other=-1).to(tl.int32)
-    ranks = tl.zeros((BLOCK_POW2,), dtype=tl.int32)
-    counts = tl.zeros((BLOCK_POW2,), dtype=tl.int32)  # of each lane's expert in the block
-    for chunk_start in range(0, block_assignments, RANK_CHUNK):
+    lane_experts = tl.load(expert_indices_ptr + segment_start + lanes, mask=lane_mask, other=-1).to(tl.int32)
+    ranks = tl.zeros((SEGMENT_POW2,), dtype=tl.int32)
+    counts = tl.zeros((SEGMENT_POW2,), dtype=tl.int32)  # of each lane's expert in the segment
+    for chunk_start in range(0, segment_assignments, RANK_CHUNK):
         others = chunk_start + tl.arange(0, RANK_CHUNK)  # (RANK_CHUNK,)
-        other_mask = (others < block_assignments) & (block_start + others < num_assignments)
-        other_experts = tl.load(expert_indices_ptr + block_start + others, mask=other_mask, other=-1).to(tl.int32)
-        same = other_experts[None, :] == lane_experts[:, None]  # (BLOCK_POW2, RANK_CHUNK)
+        other_mask = (others < segment_assignments) & (segment_start + others < num_assignments)
+        other_experts = tl.load(expert_indices_ptr + segment_start + others, mask=other_mask, other=-1).to(tl.int32)
+        same = other_experts[None, :] == lane_experts[:, None]  # (SEGMENT_POW2, RANK_CHUNK)
         ranks += tl.sum((same & (others[None, :] < lanes[:, None])).to(tl.int32), axis=1)
         counts += tl.sum(same.to(tl.int32), axis=1)
-    tl.store(ranks_in_block_ptr + block_start + lanes, ranks, mask=lane_mask)
-    counts_row_ptr = block_expert_counts_ptr + block * num_experts
+    tl.store(ranks_in_segment_ptr + segment_start + lanes, ranks, mask=lane_mask)
+    counts_row_ptr = segment_expert_counts_ptr + segment * num_experts
     for expert_start in range(0, num_experts, ZERO_CHUNK):
         experts = expert_start + tl.arange(0, ZERO_CHUNK)
         tl.store(counts_row_ptr + experts, tl.zeros((ZERO_CHUNK,), dtype=tl.int32), mask=experts < num_experts)
@@ -143,59 +144,60 @@ def _count_expert_blocks_kernel(
 
 @triton.jit
 def _scatter_sorted_rows_kernel(
-    expert_indices_ptr, ranks_in_block_ptr, block_expert_starts_ptr, expert_row_offsets_ptr,
+    expert_indices_ptr, ranks_in_segment_ptr, segment_expert_starts_ptr, expert_row_offsets_ptr,
     row_to_flat_ptr, row_to_token_ptr, row_expert_ptr, flat_to_row_ptr,
-    num_assignments, num_experts, top_k, block_assignments,
-    BLOCK: tl.constexpr,
+    num_assignments, num_experts, top_k, segment_assignments,
+    ASSIGNMENTS_PER_PROGRAM: tl.constexpr,
 ):
-    """Each flat assignment f = token * top_k + slot of expert e, in block b = f // block_assignments, goes to
-    row = expert_row_offsets[e] + block_expert_starts[b, e] + ranks_in_block[f]; writes the four row maps."""
-    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    """Each flat assignment f = token * top_k + slot of expert e, in segment b = f // segment_assignments, goes to
+    row = expert_row_offsets[e] + segment_expert_starts[b, e] + ranks_in_segment[f]; writes the four row maps."""
+    # (ASSIGNMENTS_PER_PROGRAM,)
+    flat = tl.program_id(0).to(tl.int64) * ASSIGNMENTS_PER_PROGRAM + tl.arange(0, ASSIGNMENTS_PER_PROGRAM)
     mask = flat < num_assignments
     expert = tl.load(expert_indices_ptr + flat, mask=mask, other=0).to(tl.int64)
-    count_block = flat // block_assignments
+    count_segment = flat // segment_assignments
     row = (tl.load(expert_row_offsets_ptr + expert, mask=mask, other=0)
-           + tl.load(block_expert_starts_ptr + count_block * num_experts + expert, mask=mask, other=0)
-           + tl.load(ranks_in_block_ptr + flat, mask=mask, other=0))
+           + tl.load(segment_expert_starts_ptr + count_segment * num_experts + expert, mask=mask, other=0)
+           + tl.load(ranks_in_segment_ptr + flat, mask=mask, other=0))
     tl.store(row_to_flat_ptr + row, flat, mask=mask)
     tl.store(row_to_token_ptr + row, flat // top_k, mask=mask)
     tl.store(row_expert_ptr + row, expert.to(row_expert_ptr.dtype.element_ty), mask=mask)
     tl.store(flat_to_row_ptr + flat, row, mask=mask)
 
 
-def no_sort_tables(num_experts, ranks_in_block):
-    """What topk_softmax and count_expert_blocks return for the sort when there are no assignments: an empty table,
+def no_sort_tables(num_experts, ranks_in_segment):
+    """What topk_softmax and count_expert_segments return for the sort when there are no assignments: an empty table,
     the (empty) ranks, zero tokens per expert and zero row offsets."""
-    device = ranks_in_block.device
-    block_expert_starts = torch.empty((0, num_experts), dtype=torch.int32, device=device)  # (0, E)
+    device = ranks_in_segment.device
+    segment_expert_starts = torch.empty((0, num_experts), dtype=torch.int32, device=device)  # (0, E)
     tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=device)  # (E,)
     expert_row_offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)  # (E + 1,)
-    return block_expert_starts, ranks_in_block, tokens_per_expert, expert_row_offsets
+    return segment_expert_starts, ranks_in_segment, tokens_per_expert, expert_row_offsets
 
 
-def launch_block_table(block_expert_counts, block_prob_sums, block_lse_sq_sums, table_ticket, aux_loss,
+def launch_segment_table(segment_expert_counts, segment_prob_sums, segment_lse_sq_sums, table_ticket, aux_loss,
                         num_assignments, num_tokens, load_balance_coef, z_loss_coef):
-    """_block_table_kernel over block_expert_counts [blocks, E] (with the aux loss's partials unless they are
-    None): returns block_expert_starts [blocks, E] int32, tokens_per_expert [E] int64, expert_row_offsets [E + 1]
+    """_segment_table_kernel over segment_expert_counts [segments, E] (with the aux loss's partials unless they are
+    None): returns segment_expert_starts [segments, E] int32, tokens_per_expert [E] int64, expert_row_offsets [E + 1]
     int64, and writes aux_loss."""
-    num_blocks, num_experts = block_expert_counts.shape
-    device = block_expert_counts.device
-    block_expert_starts = torch.empty_like(block_expert_counts)  # (blocks, E)
+    num_segments, num_experts = segment_expert_counts.shape
+    device = segment_expert_counts.device
+    segment_expert_starts = torch.empty_like(segment_expert_counts)  # (segments, E)
     tokens_per_expert = torch.empty(num_experts, dtype=torch.int64, device=device)  # (E,)
     expert_row_offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=device)  # (E + 1,)
     expert_chunk = min(next_power_of_2(num_experts), TABLE_EXPERT_CHUNK)
     num_chunks = ceil_div(num_experts, expert_chunk)
     chunk_balance = torch.empty(num_chunks, dtype=torch.float32, device=device)  # (chunks,)
-    traceable(_block_table_kernel)[(num_chunks,)](
-        block_expert_counts, block_prob_sums, block_lse_sq_sums,
-        block_expert_starts, tokens_per_expert, expert_row_offsets, chunk_balance, table_ticket, aux_loss,
-        num_blocks, num_experts, float(num_assignments), float(num_tokens), float(load_balance_coef),
+    traceable(_segment_table_kernel)[(num_chunks,)](
+        segment_expert_counts, segment_prob_sums, segment_lse_sq_sums,
+        segment_expert_starts, tokens_per_expert, expert_row_offsets, chunk_balance, table_ticket, aux_loss,
+        num_segments, num_experts, float(num_assignments), float(num_tokens), float(load_balance_coef),
         float(z_loss_coef),
-        AUX=block_prob_sums is not None,
-        BLOCK_ROWS=min(next_power_of_2(num_blocks), TABLE_TILE_ELEMENTS // expert_chunk),
+        AUX=segment_prob_sums is not None,
+        SEGMENTS_PER_STEP=min(next_power_of_2(num_segments), TABLE_TILE_ELEMENTS // expert_chunk),
         EXPERT_CHUNK=expert_chunk, SCAN_CHUNK=TABLE_SCAN_CHUNK, num_warps=TABLE_NUM_WARPS,
     )
-    return block_expert_starts, tokens_per_expert, expert_row_offsets
+    return segment_expert_starts, tokens_per_expert, expert_row_offsets
 
 
 def check_shape(name, tensor, shape):
@@ -214,71 +216,71 @@ def check_assignments(expert_indices):
                          f"got {expert_indices.numel()}")
 
 
-def count_expert_blocks(expert_indices: torch.Tensor, num_experts: int,
-                        block_assignments: int = SORT_BLOCK_ASSIGNMENTS) -> tuple[torch.Tensor, ...]:
-    """What topk_softmax gives the sort, for any indices: per block of block_assignments flat assignments, the count
-    of each expert and each assignment's rank among the block's earlier assignments to the same expert, then their
+def count_expert_segments(expert_indices: torch.Tensor, num_experts: int,
+                        segment_assignments: int = SORT_SEGMENT_ASSIGNMENTS) -> tuple[torch.Tensor, ...]:
+    """What topk_softmax gives the sort, for any indices: per segment of segment_assignments flat assignments, the count
+    of each expert and each assignment's rank among the segment's earlier assignments to the same expert, then their
     scans; two launches (none when N * k = 0).
 
     Args:
         expert_indices: [N, k] int32/int64 in [0, num_experts); flat assignment f = token * k + slot.
         num_experts: E >= 1.
-        block_assignments: assignments per block, >= 1 (the rank costs grow with its square).
+        segment_assignments: assignments per segment, >= 1 (the rank costs grow with its square).
     Returns:
-        block_expert_starts [cdiv(N * k, block_assignments), E] int32, ranks_in_block [N, k] int32,
+        segment_expert_starts [cdiv(N * k, segment_assignments), E] int32, ranks_in_segment [N, k] int32,
         tokens_per_expert [E] int64 and expert_row_offsets [E + 1] int64, as topk_softmax returns them.
     """
     check_tensor_dim("expert_indices", expert_indices, 2, INDEX_DTYPES)
     check_int("num_experts", num_experts, 1)
-    check_int("block_assignments", block_assignments, 1)
+    check_int("segment_assignments", segment_assignments, 1)
     check_assignments(expert_indices)
     num_assignments = expert_indices.numel()
-    num_blocks = ceil_div(num_assignments, block_assignments)
+    num_segments = ceil_div(num_assignments, segment_assignments)
     device = expert_indices.device
-    ranks_in_block = torch.empty(expert_indices.shape, dtype=torch.int32, device=device)  # (N, k)
-    if num_blocks == 0:
-        return no_sort_tables(num_experts, ranks_in_block)
-    block_expert_counts = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)  # (blocks, E)
+    ranks_in_segment = torch.empty(expert_indices.shape, dtype=torch.int32, device=device)  # (N, k)
+    if num_segments == 0:
+        return no_sort_tables(num_experts, ranks_in_segment)
+    segment_expert_counts = torch.empty((num_segments, num_experts), dtype=torch.int32, device=device)  # (segments, E)
     table_ticket = torch.empty((), dtype=torch.int32, device=device)  # zeroed by the counting kernel
-    traceable(_count_expert_blocks_kernel)[(num_blocks,)](
-        expert_indices, block_expert_counts, ranks_in_block, table_ticket,
-        num_assignments, num_experts, block_assignments,
-        BLOCK_POW2=next_power_of_2(block_assignments), RANK_CHUNK=RANK_CHUNK, ZERO_CHUNK=ZERO_CHUNK,
+    traceable(_count_expert_segments_kernel)[(num_segments,)](
+        expert_indices, segment_expert_counts, ranks_in_segment, table_ticket,
+        num_assignments, num_experts, segment_assignments,
+        SEGMENT_POW2=next_power_of_2(segment_assignments), RANK_CHUNK=RANK_CHUNK, ZERO_CHUNK=ZERO_CHUNK,
         num_warps=SORT_NUM_WARPS,
     )
-    block_expert_starts, tokens_per_expert, expert_row_offsets = launch_block_table(
-        block_expert_counts, None, None, table_ticket, None, num_assignments, expert_indices.shape[0], 0.0, 0.0)
-    return block_expert_starts, ranks_in_block, tokens_per_expert, expert_row_offsets
+    segment_expert_starts, tokens_per_expert, expert_row_offsets = launch_segment_table(
+        segment_expert_counts, None, None, table_ticket, None, num_assignments, expert_indices.shape[0], 0.0, 0.0)
+    return segment_expert_starts, ranks_in_segment, tokens_per_expert, expert_row_offsets
 
 
-def sort_by_expert_blocks(expert_indices: torch.Tensor, block_expert_starts: torch.Tensor,
-                          ranks_in_block: torch.Tensor, expert_row_offsets: torch.Tensor,
-                          block_assignments: int) -> tuple[torch.Tensor, ...]:
-    """The stable sort of the assignments by expert, from their per-block starts and ranks; one launch (none when
+def sort_by_expert_segments(expert_indices: torch.Tensor, segment_expert_starts: torch.Tensor,
+                          ranks_in_segment: torch.Tensor, expert_row_offsets: torch.Tensor,
+                          segment_assignments: int) -> tuple[torch.Tensor, ...]:
+    """The stable sort of the assignments by expert, from their per-segment starts and ranks; one launch (none when
     N * k = 0).
 
     Args:
         expert_indices: [N, k] int32/int64 in [0, E); flat assignment f = token * k + slot.
-        block_expert_starts: [cdiv(N * k, block_assignments), E] int32, from count_expert_blocks or topk_softmax.
-        ranks_in_block: [N, k] int32, and expert_row_offsets: [E + 1] int64, from the same call.
-        block_assignments: the flat assignments per block of those counts.
+        segment_expert_starts: [cdiv(N * k, segment_assignments), E] int32, from count_expert_segments or topk_softmax.
+        ranks_in_segment: [N, k] int32, and expert_row_offsets: [E + 1] int64, from the same call.
+        segment_assignments: the flat assignments per segment of those counts.
     Returns (as the fields of routing.ExpertSort of the same names, whose dtypes they have):
         row_to_flat, row_to_token [N * k] int64; row_expert [N * k] int16 (int32 past 32767 experts);
         flat_to_row [N * k] int64.
     """
     check_tensor_dim("expert_indices", expert_indices, 2, INDEX_DTYPES)
-    check_int("block_assignments", block_assignments, 1)
+    check_int("segment_assignments", segment_assignments, 1)
     check_assignments(expert_indices)
-    check_tensor_dim("block_expert_starts", block_expert_starts, 2, (torch.int32,))
+    check_tensor_dim("segment_expert_starts", segment_expert_starts, 2, (torch.int32,))
     num_assignments = expert_indices.numel()
-    num_experts = block_expert_starts.shape[1]
+    num_experts = segment_expert_starts.shape[1]
     if num_experts < 1:
-        raise ValueError(f"block_expert_starts must have at least one expert column, got shape "
-                         f"{tuple(block_expert_starts.shape)}")
-    check_shape("block_expert_starts", block_expert_starts,
-                 (ceil_div(num_assignments, block_assignments), num_experts))
-    check_tensor_dim("ranks_in_block", ranks_in_block, 2, (torch.int32,))
-    check_shape("ranks_in_block", ranks_in_block, expert_indices.shape)
+        raise ValueError(f"segment_expert_starts must have at least one expert column, got shape "
+                         f"{tuple(segment_expert_starts.shape)}")
+    check_shape("segment_expert_starts", segment_expert_starts,
+                 (ceil_div(num_assignments, segment_assignments), num_experts))
+    check_tensor_dim("ranks_in_segment", ranks_in_segment, 2, (torch.int32,))
+    check_shape("ranks_in_segment", ranks_in_segment, expert_indices.shape)
     check_tensor_shape("expert_row_offsets", expert_row_offsets, (num_experts + 1,), (torch.int64,))
     device = expert_indices.device
     row_to_flat = torch.empty(num_assignments, dtype=torch.int64, device=device)  # (R,)
@@ -286,10 +288,10 @@ def sort_by_expert_blocks(expert_indices: torch.Tensor, block_expert_starts: tor
     row_expert = torch.empty(num_assignments, dtype=sort_key_dtype(num_experts), device=device)  # (R,)
     flat_to_row = torch.empty(num_assignments, dtype=torch.int64, device=device)  # (N * k,)
     if num_assignments > 0:
-        traceable(_scatter_sorted_rows_kernel)[(ceil_div(num_assignments, SCATTER_BLOCK),)](
-            expert_indices, ranks_in_block, block_expert_starts, expert_row_offsets,
+        traceable(_scatter_sorted_rows_kernel)[(ceil_div(num_assignments, SCATTER_ASSIGNMENTS),)](
+            expert_indices, ranks_in_segment, segment_expert_starts, expert_row_offsets,
             row_to_flat, row_to_token, row_expert, flat_to_row,
-            num_assignments, num_experts, expert_indices.shape[1], block_assignments,
-            BLOCK=SCATTER_BLOCK, num_warps=SORT_NUM_WARPS,
+            num_assignments, num_experts, expert_indices.shape[1], segment_assignments,
+            ASSIGNMENTS_PER_PROGRAM=SCATTER_ASSIGNMENTS, num_warps=SORT_NUM_WARPS,
         )
     return row_to_flat, row_to_token, row_expert, flat_to_row

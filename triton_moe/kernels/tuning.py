@@ -94,27 +94,27 @@ ROUTE_TILE_ELEMENTS = 2048
 ROUTE_FORWARD_NUM_WARPS = 4
 ROUTE_BACKWARD_TILE_ELEMENTS = 512
 ROUTE_BACKWARD_ELEMENTS_PER_THREAD = 8
-# 4x larger tiles keep the interpreter quick, and still take several tiles a block from 129 experts on.
+# 4x larger tiles keep the interpreter quick, and still take several tiles a segment from 129 experts on.
 INTERPRETER_ROUTE_TILE_ELEMENTS = 8192
-# Up to 64 tokens a program; a small batch takes smaller blocks, down to one tile, until ROUTE_MIN_BLOCKS
+# Up to 64 tokens a program; a small batch takes smaller segments, down to one tile, until ROUTE_MIN_SEGMENTS
 # programs run.
-ROUTE_BLOCK_TOKENS = 64
-ROUTE_MIN_BLOCKS = 256
-# The [blocks, E] tables are scanned over the blocks by one program per TABLE_EXPERT_CHUNK experts,
+ROUTE_SEGMENT_TOKENS = 64
+ROUTE_MIN_SEGMENTS = 256
+# The [segments, E] tables are scanned over the segments by one program per TABLE_EXPERT_CHUNK experts,
 # TABLE_TILE_ELEMENTS at a time (a single program walking a whole table waited on its loads); the last program
 # scans the experts' totals TABLE_SCAN_CHUNK at a time.
 TABLE_EXPERT_CHUNK = 16
 TABLE_TILE_ELEMENTS = 4096
 TABLE_SCAN_CHUNK = 1024
 TABLE_NUM_WARPS = 4
-# Without the route's counts, the sort counts blocks of 256 assignments itself. The rank of an assignment compares
-# it with every other of its block, 32 at a time: the work of a block grows with the square of its size.
-SORT_BLOCK_ASSIGNMENTS = 256
+# Without the route's counts, the sort counts segments of 256 assignments itself. The rank of an assignment compares
+# it with every other of its segment, 32 at a time: the work of a segment grows with the square of its size.
+SORT_SEGMENT_ASSIGNMENTS = 256
 RANK_CHUNK = 32
-# The counting zeroes its row of the [blocks, E] table 1024 experts a step, and the scatter moves 1024 assignments
+# The counting zeroes its row of the [segments, E] table 1024 experts a step, and the scatter moves 1024 assignments
 # a program: 8 elements per thread with 4 warps.
 ZERO_CHUNK = 1024
-SCATTER_BLOCK = 1024
+SCATTER_ASSIGNMENTS = 1024
 SORT_NUM_WARPS = 4
 
 
@@ -204,13 +204,13 @@ def gemm_tiles(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden
     return GPU_16BIT_ROLE_TILES[role]
 
 
-def permute_block_h(hidden: int) -> int:
+def permute_tile_h(hidden: int) -> int:
     """Columns handled per step by the permute kernels for rows of `hidden` elements."""
     return min(next_power_of_2(hidden), PERMUTE_MAX_BLOCK_H)
 
 
-def rows_per_program(block_h: int, gpu_elements: int | None) -> int:
-    """Rows a program of a row-wise kernel takes, `block_h` columns of each a step: about `gpu_elements` on a GPU
+def rows_per_program(tile_h: int, gpu_elements: int | None) -> int:
+    """Rows a program of a row-wise kernel takes, `tile_h` columns of each a step: about `gpu_elements` on a GPU
     (None: one row), INTERPRETER_ROW_ELEMENTS in the interpreter; a power of two."""
     elements = INTERPRETER_ROW_ELEMENTS if running_in_interpreter() else gpu_elements
-    return next_power_of_2(max(elements // block_h, 1)) if elements and elements > block_h else 1
+    return next_power_of_2(max(elements // tile_h, 1)) if elements and elements > tile_h else 1
