@@ -41,8 +41,13 @@ IMPLEMENTATIONS = {
     "stk_reference": reference.MoEMLP,
     "grouped_mm": GroupedMMMoE,
     "torch_loop": LoopMoE,
-    "megablocks": None,  # built by baselines.megablocks_dmoe where it imports
-    "scattermoe": None,  # built by baselines.scattermoe_moe where the scattermoe package is on the Python path
+    "megablocks": None,  # built by OPTIONAL_BASELINES where it imports
+    "scattermoe": None,  # built by OPTIONAL_BASELINES where the scattermoe package is on the Python path
+}
+# the baselines that may not build here: (config, device, dtype) -> (layer, None) or (None, why it is skipped)
+OPTIONAL_BASELINES = {
+    "megablocks": megablocks_dmoe,
+    "scattermoe": lambda config, dev, dtype: scattermoe_moe(config),
 }
 # speedup column -> the implementation it compares every row with: that one's ms / the row's ms, per config
 SPEEDUP_BASELINES = {"speedup_vs_reference": "stk_reference", "speedup_vs_scattermoe": "scattermoe"}
@@ -135,8 +140,8 @@ def make_config(name, activation) -> tuple[MoEConfig, int]:
 def build_layer(impl, config, dtype):
     """(layer, None), or (None, why this implementation is skipped for this config)."""
     dev = device()
-    if impl in ("megablocks", "scattermoe"):
-        layer, reason = megablocks_dmoe(config, dev, dtype) if impl == "megablocks" else scattermoe_moe(config)
+    if impl in OPTIONAL_BASELINES:
+        layer, reason = OPTIONAL_BASELINES[impl](config, dev, dtype)
         return (layer.to(dev, dtype), None) if layer is not None else (None, reason)
     cls = IMPLEMENTATIONS[impl]
     if impl == "grouped_mm" and (dev != "cuda" or not hasattr(torch, "_grouped_mm")):

@@ -88,7 +88,10 @@ def test_compiled_layer_takes_new_batch_sizes(name):
             (out.square().sum() + layer.aux_loss).backward()
             results.append([out.detach(), x.grad] + [p.grad for p in block.parameters()])
         for eager, compiled_result in zip(*results):
-            assert rel_l2_error(compiled_result, eager) < 1e-5
+            if ON_GPU:  # Inductor fuses the routing's elementwise ops and rounds them differently
+                assert rel_l2_error(compiled_result, eager) < 1e-5
+            else:
+                assert torch.equal(compiled_result, eager)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
