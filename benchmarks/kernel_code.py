@@ -12,6 +12,11 @@ outputs.
 
 --large takes the large-problem paths (TMA descriptors, sorted token rows, the fused dA epilogue) at a small shape.
 The PTX depends on the installed Triton; compare folders written by one Triton version.
+
+    uv run python benchmarks/kernel_code.py --direct-launch
+
+checks kernels.host.DirectLaunch instead: every launch of a forward + backward, with x aligned to 16 bytes and
+not, must reach the compiled kernels' launchers with the same kernel and arguments as through kernel[grid].
 """
 
 import argparse
@@ -101,9 +106,66 @@ def _written_arguments(kernel, arguments: dict) -> list[str] | None:
         return None
 
 
+def _launches_made(step) -> list:
+    """(compiled kernel, grid, arguments) of each launch `step()` makes, recorded at the compiled kernels'
+    launchers; tensors as (dtype, shape, 16-byte aligned)."""
+    from triton.compiler.compiler import CompiledKernel
+
+    made = []
+    describe = lambda value: ((value.dtype, tuple(value.shape), value.data_ptr() % 16 == 0)
+                              if isinstance(value, torch.Tensor) else value)
+    # run(grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *args)
+    record = lambda kernel: lambda *launch: made.append((kernel.hash, launch[:3], [describe(v) for v in launch[9:]]))
+    CompiledKernel._init_handles = lambda self: None  # nothing to load: no launch is made
+    CompiledKernel.run = property(record)
+    step()
+    return made
+
+
+def check_direct_launch(layer, x) -> int:
+    """DirectLaunch against kernel[grid]: the same compiled kernels with the same arguments, for x and for a copy
+    of x that is not 16-byte aligned (Triton specialises pointers on their alignment, so other kernels)."""
+    from triton.runtime.jit import JITFunction
+
+    from triton_moe.kernels import grouped_gemm, host, permute, route, sort
+
+    misaligned = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x)
+    steps = {"aligned": x, "misaligned": misaligned}
+    modules = (grouped_gemm, permute, route, sort)
+    failures, made = [], {}
+    for name, token_rows in steps.items():
+        token_rows = token_rows.detach().requires_grad_()
+        step = lambda: (layer(token_rows).float().sum() + layer.aux_loss).backward()
+        for module in modules:
+            module.traceable = lambda kernel: kernel
+        made[name] = _launches_made(step)
+        for module in modules:
+            module.traceable = host.traceable
+        first = _launches_made(step)  # DirectLaunch's first launches of these keys go through kernel[grid]
+        jit_runs = []
+        run = JITFunction.run
+        JITFunction.run = lambda self, *args, **kwargs: jit_runs.append(self) or run(self, *args, **kwargs)
+        again = _launches_made(step)
+        JITFunction.run = run
+        for label, launches in (("first", first), ("again", again)):
+            if launches != made[name]:
+                failures.append(f"{name}, {label} DirectLaunch: not kernel[grid]'s kernels and arguments")
+        if jit_runs:
+            failures.append(f"{name}: {len(jit_runs)} launches went through kernel[grid] on the second step")
+        print(f"{name}: {len(made[name])} launches, DirectLaunch's the same as kernel[grid]'s: "
+              f"{first == made[name] and again == made[name]}")
+    if [launch[0] for launch in made["aligned"]] == [launch[0] for launch in made["misaligned"]]:
+        failures.append("the misaligned x compiled no other kernel: the check cannot tell the keys apart")
+    for failure in failures:
+        print(failure, file=sys.stderr)
+    return 1 if failures else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for the PTX files")
+    parser.add_argument("--out", type=Path, help="folder for the PTX files")
+    parser.add_argument("--direct-launch", action="store_true",
+                        help="check kernels.host.DirectLaunch against kernel[grid] instead of writing PTX")
     parser.add_argument("--activation", default="relu_squared", choices=["relu_squared", "gelu", "swiglu"])
     parser.add_argument("--expert-sizes", default="4x512,4x256")
     parser.add_argument("--hidden", type=int, default=256)
@@ -112,6 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--large", action="store_true", help="take the large-problem paths")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for sm_90")
     args = parser.parse_args(argv)
+    if args.out is None and not args.direct_launch:
+        parser.error("--out is required unless --direct-launch")
 
     triton.runtime.driver.set_active(_TargetOnlyDriver(args.arch))
     import triton_moe
@@ -119,8 +183,6 @@ def main(argv=None) -> int:
 
     host._INTERPRETER = False  # bf16 CPU tensors stand in for the device's
     tuning.running_in_interpreter = lambda: False
-    for module in (grouped_gemm, permute, route, sort):
-        module.traceable = _Recorder
     if args.large:
         tuning.has_tma = lambda device: True
         for threshold in ("TMA_WEIGHTS_MIN_ROWS_X_HIDDEN", "SORTED_ROWS_MIN_ROWS_X_HIDDEN",
@@ -132,6 +194,10 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     layer = triton_moe.MoEMLP(config).to(torch.bfloat16)
     x = torch.randn(args.tokens, args.hidden, dtype=torch.bfloat16, requires_grad=True)
+    if args.direct_launch:
+        return check_direct_launch(layer, x)
+    for module in (grouped_gemm, permute, route, sort):
+        module.traceable = _Recorder
     (layer(x).float().sum() + layer.aux_loss).backward()  # the outputs are never computed: only launches recorded
 
     args.out.mkdir(parents=True, exist_ok=True)

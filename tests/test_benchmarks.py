@@ -43,3 +43,27 @@ def test_kernel_code_compiles_every_launch_and_finds_only_outputs_written(tmp_pa
     assert all(".entry" in path.read_text() for path in ptx_files)
     if options:  # the large-problem paths: TMA loads of the weights and of the sorted rows
         assert any("cp.async.bulk.tensor" in path.read_text() for path in ptx_files)
+
+
+def test_direct_launch_launches_what_kernel_grid_launches():
+    """kernels.host.DirectLaunch, which launches the layer's kernels in eager mode, reaches the compiled kernels'
+    launchers with the kernel and arguments Triton's kernel[grid] would, for x 16-byte aligned and not (kernels
+    compiled for sm_90 without a GPU, no launch made)."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "kernel_code.py"), "--direct-launch", "--tokens", "256"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("the same as kernel[grid]'s: True") == 2, result.stdout
+
+
+def test_bench_host_reports_the_host_time_and_what_the_launches_take():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_host.py"), "--configs", "8exp_variable", "--tokens", "16",
+         "--dtype", "float32", "--warmup", "0", "--repeats", "1", "--impls", "triton"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 8exp_variable | triton |"))
+    host_us, _, aten_ops, allocations, without_launches_us = row.strip(" |").split(" | ")[3:]
+    assert int(aten_ops) >= int(allocations) > 0
+    # the interpreter's launches run the kernels in Python: far more host time than the launchers' own
+    assert 0 < float(without_launches_us) < float(host_us)

@@ -11,6 +11,7 @@ and the aux loss); its backward 1 kernel and the GEMM's two products (fp32; with
 [W; W] and the sum of dW's two halves); the sort 1 kernel given the route's scans, 3 without.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,17 @@ def _tensor_core_router(x: Tensor, router_weight: Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and router_weight.dtype == torch.bfloat16
 
 
+def _autocast_off(device_type: str):
+    """A context with autocast off: torch.autocast(enabled=False) where autocast is on, else nothing (entering an
+    autocast context costs host time on every call, and the backward usually runs without autocast)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def router_gemm(x: Tensor, router_weight: Tensor) -> Tensor:
     """x [N, H] @ router_weight [E, H]^T -> logits [N, E] fp32, whatever autocast says."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         if _tensor_core_router(x, router_weight):
             return torch.mm(x, router_weight.t(), out_dtype=torch.float32)
         return F.linear(x.float(), router_weight.float())
@@ -83,7 +92,7 @@ def route_backward(
         grad_routing_weights, grad_aux_loss, router_logits, expert_indices, tokens_per_expert,
         normalize_weights, load_balance_coef, z_loss_coef, grad_router_logits,
         split_dtype=torch.bfloat16 if tensor_cores else None)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         if not tensor_cores:
             grad_x = (grad_logits @ router_weight.float()).to(x.dtype)  # (N, H)
             grad_router_weight = (grad_logits.t() @ x.float()).to(router_weight.dtype)  # (E, H)

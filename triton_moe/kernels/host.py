@@ -6,9 +6,11 @@ helpers are plain Python on purpose. (triton.cdiv and triton.next_power_of_2 are
 few µs a call on the host; per expert and per launch that came to most of a millisecond per step with 64 experts.)
 """
 
+import inspect
 import os
 
 import torch
+from triton.runtime import driver
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Triton reads TRITON_INTERPRET once, when it decorates the kernels at import; this module reads it once too.
@@ -31,10 +33,85 @@ def tracing() -> bool:
 
 
 def traceable(kernel):
-    """`kernel`, or torch.library.wrap_triton(kernel) inside a trace, so that Inductor sees the launch and makes it
-    from its generated code. Eager calls take the kernel as it is: the wrapper's dispatch costs host time on every
-    launch."""
-    return torch.library.wrap_triton(kernel) if tracing() else kernel
+    """What launches `kernel` as `traceable(kernel)[grid](*args, **kwargs)`: inside a trace,
+    torch.library.wrap_triton(kernel), so that Inductor sees the launch and makes it from its generated code; on a
+    GPU, the kernel's DirectLaunch; under the interpreter, the kernel itself."""
+    if tracing():
+        return torch.library.wrap_triton(kernel)
+    if _INTERPRETER:
+        return kernel
+    launch = _DIRECT_LAUNCHES.get(kernel)
+    if launch is None:
+        launch = _DIRECT_LAUNCHES[kernel] = DirectLaunch(kernel)
+    return launch
+
+
+class DirectLaunch:
+    """`kernel[grid](*args, **kwargs)` for eager launches, with less host time per launch.
+
+    Triton's JITFunction.run binds and specialises every argument, builds a cache key from the specialisation and
+    the options, and reads its settings, before it calls the compiled kernel's launcher: on a small batch that
+    Python is a large part of the layer's step. A DirectLaunch keys the compiled kernel by what Triton specialises
+    on (each tensor's dtype and 16-byte alignment; each int's equality to 1, divisibility by 16 and width; the
+    compile-time arguments and launch options), and launches it through CompiledKernel[grid]. The first launch of
+    each key, and any launch with an argument it does not key (a TMA descriptor), goes through kernel[grid].
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self._parameters = inspect.signature(kernel.fn).parameters
+        self._selected = {}  # launch key -> (compiled kernel, the keyword arguments' names in signature order)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid, args, kwargs):
+        key = self.key(args, kwargs)
+        selected = None if key is None else self._selected.get(key)
+        if selected is None:
+            compiled = self.kernel[grid](*args, **kwargs)
+            if key is not None:
+                self._selected[key] = (compiled, self._keyword_names(len(args), kwargs))
+            return
+        compiled, keyword_names = selected
+        compiled[(grid + (1, 1))[:3]](*args, *[kwargs[name] for name in keyword_names])
+
+    @staticmethod
+    def key(args, kwargs):
+        """What selects the compiled kernel, or None for arguments that only Triton's own launch handles."""
+        try:
+            return driver.active.get_current_device(), tuple(map(_argument_key, args)), tuple(kwargs.items())
+        except _Unkeyed:
+            return None
+
+    def _keyword_names(self, num_positional, kwargs):
+        names = list(self._parameters)[num_positional:]
+        missing = [name for name in names if name not in kwargs]
+        if missing:  # the launchers pass every argument: defaults would need their own handling
+            raise ValueError(f"{self.kernel.fn.__name__} launched without {missing}")
+        return names
+
+
+class _Unkeyed(Exception):
+    pass
+
+
+_INT32_RANGE = range(-2**31, 2**31)
+
+
+def _argument_key(value):
+    """What Triton's specialisation of one runtime argument depends on."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    kind = type(value)
+    if kind is int:
+        return value == 1, value % 16 == 0, value in _INT32_RANGE
+    if value is None or kind is bool or kind is float:
+        return value if kind is not float else float
+    raise _Unkeyed
+
+
+_DIRECT_LAUNCHES = {}  # kernel -> its DirectLaunch
 
 
 INDEX_DTYPES = (torch.int32, torch.int64)
