@@ -86,7 +86,7 @@ class MoELayer(nn.Module):
         self._check_aux_loss_reaches_autograd()
         routing = self._route(x_flat)
         self.aux_loss = routing.aux_loss
-        self.tokens_per_expert = self._count_tokens_per_expert(routing).detach()
+        self.tokens_per_expert = self._count_tokens_per_expert(routing)  # int64: never part of autograd
         output = self._experts_or_empty(x_flat, routing, None)  # [N, hidden]
         return output.view(x.shape).to(x.dtype)
 
@@ -118,7 +118,7 @@ class MoELayer(nn.Module):
         x_flat = self._flatten_input(x)
         routing = self._route(x_flat)
         self.aux_loss = routing.aux_loss
-        self.tokens_per_expert = self._count_tokens_per_expert(routing).detach()
+        self.tokens_per_expert = self._count_tokens_per_expert(routing)  # int64: never part of autograd
         intermediates = {
             "router_logits": routing.router_logits,
             "expert_indices": routing.expert_indices,
