@@ -72,9 +72,16 @@ def without_launches_us(step, warmup: int, repeats: int) -> float:
             module.traceable = traceable
 
 
+def _extra_arguments(parser):
+    parser.set_defaults(impls=["triton", "grouped_mm"], configs=["seed"])
+    parser.add_argument("--calling-thread-backward", action="store_true",
+                        help="run the backward in the calling thread instead of autograd's device thread "
+                             "(torch.autograd.set_multithreading_enabled(False))")
+
+
 def main():
-    args = parse_args(__doc__.split("\n\n")[0],
-                      extra=lambda parser: parser.set_defaults(impls=["triton", "grouped_mm"], configs=["seed"]))
+    args = parse_args(__doc__.split("\n\n")[0], extra=_extra_arguments)
+    torch.autograd.set_multithreading_enabled(not args.calling_thread_backward)
     env = environment()
     print(f"# bench_host: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print(f"# command: {env['command']}")

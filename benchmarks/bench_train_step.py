@@ -75,6 +75,9 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, graph recording)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--row-timeout", type=int, default=240, help="seconds one row may take, warm-up included")
+    parser.add_argument("--calling-thread-backward", action="store_true",
+                        help="run the backward in the calling thread instead of autograd's device thread "
+                             "(torch.autograd.set_multithreading_enabled(False)), as bench_fwd_bwd.py can")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_train_step.json"))
     args = parser.parse_args()
     for name in ("warmup", "steps", "row_timeout"):
@@ -118,6 +121,7 @@ def time_limit(seconds: int):
 
 def time_row(scale: Scale, mlp: str, mode: str, batches, args) -> dict:
     model = build_model(scale, mlp)
+    torch.autograd.set_multithreading_enabled(not args.calling_thread_backward)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     forward = model if mode == "eager" else torch.compile(
         model, mode="reduce-overhead" if mode == "reduce-overhead" else None)
