@@ -134,6 +134,8 @@ def main():
             if not args.profile and not args.kernels:
                 print("| impl | fwd+bwd ms |\n|---|---:|")
             for impl, steps_of in (("triton", triton_steps), ("stk_reference", reference_steps)):
+                if impl not in args.impls:
+                    continue
                 torch.manual_seed(0)
                 layer, reason = build_layer(impl, config, dtype)
                 if layer is None:
