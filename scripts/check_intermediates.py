@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from compare import CONFIGS, DEVICE, cases, compare, flat, parse_arguments, report
+from triton_moe.testing.compare import CONFIGS, DEVICE, cases, compare, flat, parse_arguments, report
 from triton_moe.testing.faults import inject_fault
 from triton_moe.testing.ground_truth import run_layer
 

@@ -13,7 +13,7 @@ defect (triton_moe.testing.faults); the script must then fail.
 
 import sys
 
-from compare import DEVICE, cases, compare, parse_arguments, report
+from triton_moe.testing.compare import DEVICE, cases, compare, parse_arguments, report
 from triton_moe.testing.faults import inject_fault
 from triton_moe.testing.ground_truth import run_with_loop
 

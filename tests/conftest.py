@@ -37,17 +37,20 @@ DTYPES = [torch.float32, *HALF_DTYPES]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_script(relative_path: str):
-    """A script of the repository (scripts/, benchmarks/, examples/) as a module, for its main() and helpers: its
-    folder is importable while it loads, as when Python runs it, so that it finds the modules beside it."""
+def load_script(relative_path: str, siblings: tuple[str, ...] = ()):
+    """A script of the repository (scripts/, benchmarks/, examples/) as a module, for its main() and helpers.
+    siblings: the modules beside it that it imports by name (nanoGPT's train.py imports model.py), loaded first from
+    their files and registered under those names, so that nothing is added to the import path."""
     path = ROOT / relative_path
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    for name in siblings:
+        sys.modules[name] = _module_from_file(path.parent / f"{name}.py", name)
+    return _module_from_file(path, path.stem)
+
+
+def _module_from_file(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
+    spec.loader.exec_module(module)
     return module
 
 

@@ -5,7 +5,7 @@ from conftest import load_script
 
 from triton_moe import active_parameters
 
-train = load_script("examples/nanogpt/train.py")
+train = load_script("examples/nanogpt/train.py", siblings=("model",))
 GPT, GPTConfig = train.GPT, train.GPTConfig
 
 TINY = ["--device", "cpu", "--batch-size", "2", "--block-size", "16", "--n-layer", "1", "--n-embd", "32",

@@ -1,5 +1,5 @@
-"""What check_intermediates.py and grad_similarity.py share: the configs they sweep, twin layers with the same
-weights, and one row of a comparison table."""
+"""What scripts/check_intermediates.py and scripts/grad_similarity.py share: the configs they sweep, twin layers
+with the same weights, and one row of a comparison table."""
 
 import argparse
 
