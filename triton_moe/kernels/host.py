@@ -69,8 +69,8 @@ class DirectLaunch:
         key = self.key(args, kwargs)
         selected = None if key is None else self._selected.get(key)
         if selected is None:
-            compiled = self.kernel[grid](*args, **kwargs)
-            if key is not None:
+            compiled = self.kernel[grid](*args, **kwargs)  # None where Triton compiles asynchronously
+            if key is not None and compiled is not None:
                 self._selected[key] = (compiled, self._keyword_names(len(args), kwargs))
             return
         compiled, keyword_names = selected
@@ -104,10 +104,12 @@ def _argument_key(value):
     if isinstance(value, torch.Tensor):
         return value.dtype, value.data_ptr() % 16 == 0
     kind = type(value)
-    if kind is int:
-        return value == 1, value % 16 == 0, value in _INT32_RANGE
-    if value is None or kind is bool or kind is float:
-        return value if kind is not float else float
+    if kind is int:  # i32, i64 or u64 by its range; 1 becomes a constant
+        return value == 1, value % 16 == 0, value in _INT32_RANGE, value < 2**63
+    if kind is float:
+        return float  # fp32 whatever its value
+    if value is None or kind is bool:
+        return value
     raise _Unkeyed
 
 
