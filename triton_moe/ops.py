@@ -72,8 +72,11 @@ def _expert_mlp_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out [N, H], h_pre [R, max_width], h_up [R, max_width] or [0] unless gated, h_act_weighted [R, max_width] or
     [0] where the backward recomputes it (_keeps_weighted_activations), sorted_x [R, H] (x's rows in expert-sorted
-    order, which dW1 then reads instead of gathering x) or [0, H] without keep_sorted_x)."""
+    order, which dW1 then reads instead of gathering x) or [0, H] without keep_sorted_x or where the copy does not
+    pay off (tuning.sorted_rows_pay_off: decided here and in the fake, not in the traced caller, so that Dynamo
+    never traces the tuning's cached device queries))."""
     layout = _layout(row_to_token, expert_row_offsets, expert_width_offsets, expert_widths)
+    keep_sorted_x = keep_sorted_x and sorted_rows_pay_off(x, layout.num_rows)
     sorted_x = x.new_empty((layout.num_rows if keep_sorted_x else 0, x.shape[1]))  # (R, H), written by the up GEMM
     h_pre, h_up, h_act_weighted = up_projection(
         x, w1, v1, row_to_token, layout, activation, routing_weights, routing_weight_index=row_to_flat,
@@ -127,6 +130,7 @@ NUM_TENSOR_INPUTS = 10  # x, routing_weights, w1, v1, w2, then the five layout t
 def _(x, routing_weights, w1, v1, w2, row_to_token, row_to_flat, flat_to_row, expert_row_offsets,
       expert_width_offsets, expert_widths, activation, keep_sorted_x):
     hidden_shape = (row_to_token.shape[0], max(expert_widths))  # (R, max_width)
+    keep_sorted_x = keep_sorted_x and sorted_rows_pay_off(x, row_to_token.shape[0])
     sorted_x = x.new_empty((row_to_token.shape[0] if keep_sorted_x else 0, x.shape[1]))
     h_act_weighted = x.new_empty(hidden_shape if _keeps_weighted_activations(x, row_to_token.shape[0]) else 0)
     return (torch.empty_like(x), x.new_empty(hidden_shape), x.new_empty(0) if v1 is None else x.new_empty(hidden_shape),
@@ -201,11 +205,9 @@ def expert_mlp(x: Tensor, routing_weights: Tensor, w1: Tensor, v1: Tensor | None
     differentiable in x, routing_weights and the weights. keep_sorted_x: let the forward keep x's rows in
     expert-sorted order for dW1 where that pays off (MoEConfig's field of that name).
     """
-    num_rows = sort.row_to_token.shape[0]
     # Kept only for a backward that computes dW1: not under no_grad, nor with w1 (and v1) frozen.
     keep_sorted_x = (keep_sorted_x and torch.is_grad_enabled()
-                   and any(weight is not None and weight.requires_grad for weight in (w1, v1))
-                   and sorted_rows_pay_off(x, num_rows))
+                     and any(weight is not None and weight.requires_grad for weight in (w1, v1)))
     return _expert_mlp(x, routing_weights, w1, v1, w2, sort.row_to_token, sort.row_to_flat, sort.flat_to_row,
                        sort.expert_row_offsets, expert_width_offsets, list(expert_widths), activation,
                        keep_sorted_x)[0]
