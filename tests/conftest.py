@@ -72,10 +72,11 @@ def nan_filled_outputs(monkeypatch):
 
 def use_problem_size_kernels(size, monkeypatch):
     """Make the launchers take the kernels of `size` ("large" or "small") problems whatever the sizes at hand:
-    tuning's size thresholds (sorted token rows for the weight gradients, weights by TMA, dA's fused epilogue) at
-    0 or out of reach."""
+    tuning's size thresholds (sorted token rows for the weight gradients, weights by TMA, dA's fused epilogue, the
+    persistent kernel) at 0 or out of reach."""
     threshold = {"large": 0, "small": 2**62}[size]
-    for constant in ("SORTED_ROWS_MIN_ROWS_X_HIDDEN", "TMA_WEIGHTS_MIN_ROWS_X_HIDDEN", "FUSED_DH_MIN_ROWS_X_HIDDEN"):
+    for constant in ("SORTED_ROWS_MIN_ROWS_X_HIDDEN", "TMA_WEIGHTS_MIN_ROWS_X_HIDDEN", "FUSED_DH_MIN_ROWS_X_HIDDEN",
+                     "PERSISTENT_MIN_ROWS_X_HIDDEN"):
         monkeypatch.setattr(triton_moe.kernels.tuning, constant, threshold)
 
 

@@ -18,7 +18,7 @@ from triton_moe.kernels import (
     weight_grad,
 )
 from triton_moe.kernels import grouped_gemm, host, tuning
-from conftest import DEVICE, DTYPES, HALF_DTYPES, RefuseLaunch
+from conftest import DEVICE, DTYPES, HALF_DTYPES, RefuseLaunch, gpu_only
 
 pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
 
@@ -449,6 +449,79 @@ def test_weight_grad_token_rows_three_ways(case, gated, monkeypatch):
     for way in (by_tma, by_pointers):
         for got, want in zip(way, gathered, strict=True):
             assert (got is None and want is None) or same(got, want)
+
+
+# Cases for the persistent kernel of the expert width -> hidden GEMMs (kernels/persistent.py), which takes widths
+# that are multiples of its K step, or one width: (expert widths, hidden, tokens, top_k, experts the tokens may pick)
+PERSISTENT_CASES = {
+    "widths_multiple_of_k_step": ([128, 64, 192, 64], 96, 40, 2, None),
+    "expert_without_tokens": ([128, 64, 192, 64], 64, 24, 2, [0, 2, 3]),
+    "one_width_not_multiple": ([48, 48, 48], 64, 30, 2, None),
+    "single_token": ([64, 128, 64], 32, 1, 2, None),
+    # more tiles than the GPU's programs (one per SM): programs walk several tiles
+    "many_tiles": ([128, 256, 64, 192], 512, 4096, 2, None),
+}
+# Under the interpreter, tiles small enough that the test cases take several tiles, K steps and tiles a program.
+PERSISTENT_TEST_TILES = GemmTiles(32, 64, 32, num_warps=1, num_stages=1) if DEVICE == "cpu" else None
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", [pytest.param(case, marks=gpu_only) if case == "many_tiles" else case
+                                  for case in PERSISTENT_CASES])
+def test_persistent_kernel_same_results(case, dtype, monkeypatch):
+    """down_projection and input_grad_rows of one product through the persistent, warp-specialised kernel (as for
+    large 16-bit problems on Hopper) agree with the fp64 loop, and bit for bit with the portable kernel at the same
+    K step. The hidden activations hold NaN past each width: a K step that read them would show."""
+    if not tuning.has_warp_specialization(torch.device(DEVICE)):
+        pytest.skip("this GPU takes the portable kernel")
+    expert_widths, hidden, num_tokens, top_k, allowed_experts = PERSISTENT_CASES[case]
+    generator = torch.Generator().manual_seed(0)
+    routing = make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator)
+    h_act, dh_pre = random_hidden(routing, dtype, generator), random_hidden(routing, dtype, generator)
+    w2, w1 = random_weight(routing, hidden, dtype, generator), random_weight(routing, hidden, dtype, generator)
+    tiles = PERSISTENT_TEST_TILES
+
+    def run():
+        return (down_projection(h_act, w2, routing.layout, tiles=tiles),
+                input_grad_rows(dh_pre, w1, None, None, routing.layout, tiles=tiles))
+
+    monkeypatch.setattr(tuning, "PERSISTENT_MIN_ROWS_X_HIDDEN", 0)
+    portable_kernel = grouped_gemm._expert_rows_gemm
+    monkeypatch.setattr(grouped_gemm, "_expert_rows_gemm", RefuseLaunch())  # the persistent kernel or a failure
+    y, dx_rows = run()
+    assert_close(y, reference_down_projection(h_act, w2, routing), dtype)
+    x = random((num_tokens, hidden), dtype, generator)  # (N, H): the reference's dW1 needs the token rows
+    assert_close(dx_rows, reference_up_backward(dh_pre, None, x, w1, None, routing)[0], dtype)
+
+    monkeypatch.setattr(tuning, "PERSISTENT_MIN_ROWS_X_HIDDEN", 2**62)
+    monkeypatch.setattr(grouped_gemm, "_expert_rows_gemm", portable_kernel)
+    # the portable kernel at the persistent tiles' K step: the same sums in the same order
+    k_step = (tiles or tuning.PERSISTENT_TILES).tile_k
+    portable_tiles = tiles or GemmTiles(64, 128, k_step, num_warps=4, num_stages=3)
+    portable_y = down_projection(h_act, w2, routing.layout, tiles=portable_tiles)
+    portable_dx_rows = input_grad_rows(dh_pre, w1, None, None, routing.layout, tiles=portable_tiles)
+    assert same(y, portable_y) and same(dx_rows, portable_dx_rows)
+
+
+def test_persistent_kernel_only_where_it_serves(monkeypatch):
+    """The persistent kernel takes 16-bit matrices TMA can read, with widths its K steps cannot overrun; every other
+    case keeps the portable kernel."""
+    device = torch.device(DEVICE)
+    if not tuning.has_warp_specialization(device):
+        pytest.skip("this GPU takes the portable kernel")
+    monkeypatch.setattr(tuning, "PERSISTENT_MIN_ROWS_X_HIDDEN", 0)
+    hidden_rows = torch.zeros(8, 128, dtype=torch.float16, device=device)  # (R, max_width)
+    weight = torch.zeros(192, 64, dtype=torch.float16, device=device)  # (TW, H)
+    takes = tuning.takes_persistent_kernel
+    assert takes(hidden_rows, weight, (64, 128), None)
+    assert takes(hidden_rows, weight[:, :48].contiguous(), (64, 128), None)  # H < a tile
+    assert takes(hidden_rows[:, :40].contiguous(), weight[:120], (40, 40, 40), None)  # one width
+    assert not takes(hidden_rows, weight, (64, 128), GemmTiles(32, 64, 128, 1, 1))  # 64 is no multiple of 128
+    assert not takes(hidden_rows[:, :48].contiguous(), weight[:64], (16, 48), None)  # widths past a K step
+    assert not takes(hidden_rows.float(), weight.float(), (64, 128), None)  # fp32: FMA tiles
+    assert not takes(hidden_rows[:, :36].contiguous(), weight[:72], (36, 36), None)  # rows of 72 bytes
+    monkeypatch.setattr(tuning, "PERSISTENT_MIN_ROWS_X_HIDDEN", 8 * 64 + 1)
+    assert not takes(hidden_rows, weight, (64, 128), None)  # a small problem
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

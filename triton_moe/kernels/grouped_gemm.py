@@ -17,7 +17,9 @@ H hidden; hidden activations are [R, max_width] matrices, see layout.py):
   A a hidden-activation matrix, B gathered from a [N, H] source, or the [R, H] token rows already in expert-sorted
   order (the copies above), which load by TMA from Hopper on. Roles: dW2 (A = the weighted activations the forward
   kept, B = grad_out's rows), dW1 (B = x's rows; + dV1 in the same launch).
-Both accumulate in fp32 and never use atomics, so every result is bitwise reproducible. A third, row-wise kernel,
+On Hopper, large 16-bit problems run the expert width -> hidden GEMMs of one product (down, dX rows) in
+`persistent.py`'s warp-specialised kernel instead, with the same sums in the same order. Every GEMM accumulates
+in fp32 and never uses atomics, so every result is bitwise reproducible. A third, row-wise kernel,
 `_activation_backward_rows`, finishes the down projection's backward on dA where the dA GEMM does not (gated
 activations, small problems): the activation's derivative, the routing weight and the routing weight's gradient
 (a whole row's dot product, so no partial sums).
@@ -35,9 +37,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
 from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, traceable
 from triton_moe.kernels.layout import ExpertLayout
-from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, ROW_PASS_ELEMENTS, GemmTiles, gemm_tiles,
-                                       fused_dh_pays_off, permute_tile_h, rows_per_program, tma_readable,
-                                       weights_by_tma)
+from triton_moe.kernels.persistent import persistent_rows_gemm
+from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, PERSISTENT_TILES, ROW_PASS_ELEMENTS, GemmTiles, gemm_tiles,
+                                       fused_dh_pays_off, permute_tile_h, rows_per_program, takes_persistent_kernel,
+                                       tma_readable, weights_by_tma)
 
 @triton.jit
 def _expert_of_tile(tile_id, tiles_per_expert, experts):
@@ -574,6 +577,16 @@ def _expert_rows_gemm_launch(
     )
 
 
+def _hidden_rows_gemm(role, a, b, out, layout: ExpertLayout, tiles):
+    """out = the expert width -> hidden GEMM of one product (down; dX rows without a gate): the persistent kernel
+    where tuning.takes_persistent_kernel says so (large 16-bit problems on Hopper), else the portable one."""
+    if takes_persistent_kernel(a, b, layout.expert_widths, tiles):
+        persistent_rows_gemm(a, b, out, layout, tiles or PERSISTENT_TILES)
+    else:
+        _expert_rows_gemm_launch(role=role, a=a, b=b, out=out, layout=layout, ragged_out=False, epilogue="store",
+                                 tiles=tiles)
+
+
 def up_projection(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -653,8 +666,7 @@ def down_projection(
     layout.check_weight("w2", w2, w2.shape[-1], h_act.dtype)
     y = torch.empty((layout.num_rows, w2.shape[1]), dtype=h_act.dtype, device=h_act.device)  # (R, H)
     if layout.num_rows > 0:
-        _expert_rows_gemm_launch(role="down", a=h_act, b=w2, out=y, layout=layout, ragged_out=False,
-                                 epilogue="store", tiles=tiles)
+        _hidden_rows_gemm("down", h_act, w2, y, layout, tiles)
     return y
 
 
@@ -783,11 +795,12 @@ def input_grad_rows(
         layout.check_hidden("dh_up", dh_up, (dh_pre.dtype,))
         layout.check_weight("v1", v1, w1.shape[1], dh_pre.dtype)
     dx_rows = torch.empty((layout.num_rows, w1.shape[1]), dtype=dh_pre.dtype, device=dh_pre.device)  # (R, H)
-    if layout.num_rows > 0:
+    if layout.num_rows > 0 and dh_up is None:
+        _hidden_rows_gemm("input_grad", dh_pre, w1, dx_rows, layout, tiles)
+    elif layout.num_rows > 0:
         _expert_rows_gemm_launch(
-            role="input_grad", a=dh_pre, b=w1, a2=dh_up, b2=v1,
-            second_product="none" if dh_up is None else "summed", out=dx_rows, layout=layout, ragged_out=False,
-            epilogue="store", tiles=tiles,
+            role="input_grad", a=dh_pre, b=w1, a2=dh_up, b2=v1, second_product="summed", out=dx_rows, layout=layout,
+            ragged_out=False, epilogue="store", tiles=tiles,
         )
     return dx_rows
 
