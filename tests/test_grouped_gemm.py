@@ -454,7 +454,7 @@ def test_weight_grad_token_rows_three_ways(case, gated, monkeypatch):
 # Cases for the persistent kernel of the expert width -> hidden GEMMs (kernels/persistent.py), which takes widths
 # that are multiples of its K step, or one width: (expert widths, hidden, tokens, top_k, experts the tokens may pick)
 PERSISTENT_CASES = {
-    "widths_multiple_of_k_step": ([128, 64, 192, 64], 96, 40, 2, None),
+    "widths_multiple_of_k_step": ([128, 64, 192, 64], 96, 100, 2, None),  # several K steps of each GEMM
     "expert_without_tokens": ([128, 64, 192, 64], 64, 24, 2, [0, 2, 3]),
     "one_width_not_multiple": ([48, 48, 48], 64, 30, 2, None),
     "single_token": ([64, 128, 64], 32, 1, 2, None),
@@ -468,60 +468,76 @@ PERSISTENT_TEST_TILES = GemmTiles(32, 64, 32, num_warps=1, num_stages=1) if DEVI
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", [pytest.param(case, marks=gpu_only) if case == "many_tiles" else case
                                   for case in PERSISTENT_CASES])
-def test_persistent_kernel_same_results(case, dtype, monkeypatch):
-    """down_projection and input_grad_rows of one product through the persistent, warp-specialised kernel (as for
-    large 16-bit problems on Hopper) agree with the fp64 loop, and bit for bit with the portable kernel at the same
-    K step. The hidden activations hold NaN past each width: a K step that read them would show."""
+def test_persistent_kernels_same_results(case, dtype, monkeypatch):
+    """down_projection, input_grad_rows of one product and weight_grad of one output over sorted rows through the
+    persistent, warp-specialised kernels (as for large 16-bit problems on Hopper) agree with the fp64 loop, and bit
+    for bit with the portable kernels at the same K step. The hidden activations hold NaN past each width: a K step
+    of the row GEMM that read them would show, as would a weight gradient's K step that summed the next expert's
+    rows."""
     if not tuning.has_warp_specialization(torch.device(DEVICE)):
-        pytest.skip("this GPU takes the portable kernel")
+        pytest.skip("this GPU takes the portable kernels")
     expert_widths, hidden, num_tokens, top_k, allowed_experts = PERSISTENT_CASES[case]
     generator = torch.Generator().manual_seed(0)
     routing = make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator)
     h_act, dh_pre = random_hidden(routing, dtype, generator), random_hidden(routing, dtype, generator)
     w2, w1 = random_weight(routing, hidden, dtype, generator), random_weight(routing, hidden, dtype, generator)
+    x = random((num_tokens, hidden), dtype, generator)  # (N, H)
+    x_rows = sorted_rows(x, routing)  # (R, H)
     tiles = PERSISTENT_TEST_TILES
 
-    def run():
+    def run(tiles):
         return (down_projection(h_act, w2, routing.layout, tiles=tiles),
-                input_grad_rows(dh_pre, w1, None, None, routing.layout, tiles=tiles))
+                input_grad_rows(dh_pre, w1, None, None, routing.layout, tiles=tiles),
+                weight_grad(dh_pre, None, x_rows, None, routing.layout, tiles=tiles)[0])
 
     monkeypatch.setattr(tuning, "PERSISTENT_MIN_ROWS_X_HIDDEN", 0)
-    portable_kernel = grouped_gemm._expert_rows_gemm
-    monkeypatch.setattr(grouped_gemm, "_expert_rows_gemm", RefuseLaunch())  # the persistent kernel or a failure
-    y, dx_rows = run()
+    portable_kernels = grouped_gemm._expert_rows_gemm, grouped_gemm._weight_grad_gemm
+    # the persistent kernels or a failure
+    monkeypatch.setattr(grouped_gemm, "_expert_rows_gemm", RefuseLaunch())
+    monkeypatch.setattr(grouped_gemm, "_weight_grad_gemm", RefuseLaunch())
+    y, dx_rows, dw1 = run(tiles)
     assert_close(y, reference_down_projection(h_act, w2, routing), dtype)
-    x = random((num_tokens, hidden), dtype, generator)  # (N, H): the reference's dW1 needs the token rows
-    assert_close(dx_rows, reference_up_backward(dh_pre, None, x, w1, None, routing)[0], dtype)
+    expected_dx_rows, expected_dw1, _ = reference_up_backward(dh_pre, None, x, w1, None, routing)
+    assert_close(dx_rows, expected_dx_rows, dtype)
+    assert_close(dw1, expected_dw1, dtype)
 
     monkeypatch.setattr(tuning, "PERSISTENT_MIN_ROWS_X_HIDDEN", 2**62)
-    monkeypatch.setattr(grouped_gemm, "_expert_rows_gemm", portable_kernel)
-    # the portable kernel at the persistent tiles' K step: the same sums in the same order
+    monkeypatch.setattr(grouped_gemm, "_expert_rows_gemm", portable_kernels[0])
+    monkeypatch.setattr(grouped_gemm, "_weight_grad_gemm", portable_kernels[1])
+    # the portable kernels at the persistent tiles' K step: the same sums in the same order
     k_step = (tiles or tuning.PERSISTENT_TILES).tile_k
-    portable_tiles = tiles or GemmTiles(64, 128, k_step, num_warps=4, num_stages=3)
-    portable_y = down_projection(h_act, w2, routing.layout, tiles=portable_tiles)
-    portable_dx_rows = input_grad_rows(dh_pre, w1, None, None, routing.layout, tiles=portable_tiles)
-    assert same(y, portable_y) and same(dx_rows, portable_dx_rows)
+    for got, want in zip((y, dx_rows, dw1), run(tiles or GemmTiles(64, 128, k_step, num_warps=4, num_stages=3)),
+                         strict=True):
+        assert same(got, want)
 
 
-def test_persistent_kernel_only_where_it_serves(monkeypatch):
-    """The persistent kernel takes 16-bit matrices TMA can read, with widths its K steps cannot overrun; every other
-    case keeps the portable kernel."""
+def test_persistent_kernels_only_where_they_serve(monkeypatch):
+    """The persistent kernels take large 16-bit problems with matrices TMA can read, and the row GEMM widths its K
+    steps cannot overrun; every other case keeps the portable kernels (as do two weight gradients in one launch and
+    gathered token rows, whatever the size)."""
     device = torch.device(DEVICE)
     if not tuning.has_warp_specialization(device):
-        pytest.skip("this GPU takes the portable kernel")
+        pytest.skip("this GPU takes the portable kernels")
     monkeypatch.setattr(tuning, "PERSISTENT_MIN_ROWS_X_HIDDEN", 0)
     hidden_rows = torch.zeros(8, 128, dtype=torch.float16, device=device)  # (R, max_width)
     weight = torch.zeros(192, 64, dtype=torch.float16, device=device)  # (TW, H)
     takes = tuning.takes_persistent_kernel
-    assert takes(hidden_rows, weight, (64, 128), None)
-    assert takes(hidden_rows, weight[:, :48].contiguous(), (64, 128), None)  # H < a tile
-    assert takes(hidden_rows[:, :40].contiguous(), weight[:120], (40, 40, 40), None)  # one width
-    assert not takes(hidden_rows, weight, (64, 128), GemmTiles(32, 64, 128, 1, 1))  # 64 is no multiple of 128
-    assert not takes(hidden_rows[:, :48].contiguous(), weight[:64], (16, 48), None)  # widths past a K step
-    assert not takes(hidden_rows.float(), weight.float(), (64, 128), None)  # fp32: FMA tiles
-    assert not takes(hidden_rows[:, :36].contiguous(), weight[:72], (36, 36), None)  # rows of 72 bytes
+    assert takes(hidden_rows, weight) and takes(hidden_rows, weight[:, :48].contiguous())  # H below a tile too
+    assert not takes(hidden_rows.float(), weight.float())  # fp32: FMA tiles
+    assert not takes(hidden_rows[:, :36].contiguous(), weight)  # rows of 72 bytes
     monkeypatch.setattr(tuning, "PERSISTENT_MIN_ROWS_X_HIDDEN", 8 * 64 + 1)
-    assert not takes(hidden_rows, weight, (64, 128), None)  # a small problem
+    assert not takes(hidden_rows, weight)  # a small problem
+    fits = tuning.widths_fit_k_steps
+    assert fits((64, 128), 64) and fits((40, 40, 40), 64)  # multiples of the K step; one width
+    assert not fits((64, 128), 128) and not fits((16, 48), 16 * 3)
+
+    monkeypatch.setattr(tuning, "PERSISTENT_MIN_ROWS_X_HIDDEN", 0)
+    monkeypatch.setattr(grouped_gemm, "persistent_weight_grad", RefuseLaunch())  # a call fails (it is not callable)
+    routing = make_routing([64, 128], 16, 2, None, torch.Generator().manual_seed(0))
+    rows = torch.zeros(routing.num_rows, 64, dtype=torch.float16, device=device)  # (R, H)
+    hidden = torch.zeros(routing.layout.hidden_shape, dtype=torch.float16, device=device)
+    weight_grad(hidden, hidden, rows, None, routing.layout)  # dW1 + dV1
+    weight_grad(hidden, None, rows[:16], routing.row_to_token, routing.layout)  # gathered rows
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

@@ -17,8 +17,9 @@ H hidden; hidden activations are [R, max_width] matrices, see layout.py):
   A a hidden-activation matrix, B gathered from a [N, H] source, or the [R, H] token rows already in expert-sorted
   order (the copies above), which load by TMA from Hopper on. Roles: dW2 (A = the weighted activations the forward
   kept, B = grad_out's rows), dW1 (B = x's rows; + dV1 in the same launch).
-On Hopper, large 16-bit problems run the expert width -> hidden GEMMs of one product (down, dX rows) in
-`persistent.py`'s warp-specialised kernel instead, with the same sums in the same order. Every GEMM accumulates
+On Hopper, large 16-bit problems run the expert width -> hidden GEMMs of one product (down, dX rows), and the
+weight gradients of one output over sorted rows, in `persistent.py`'s warp-specialised kernels instead, with the
+same sums in the same order. Every GEMM accumulates
 in fp32 and never uses atomics, so every result is bitwise reproducible. A third, row-wise kernel,
 `_activation_backward_rows`, finishes the down projection's backward on dA where the dA GEMM does not (gated
 activations, small problems): the activation's derivative, the routing weight and the routing weight's gradient
@@ -37,10 +38,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
 from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, traceable
 from triton_moe.kernels.layout import ExpertLayout
-from triton_moe.kernels.persistent import persistent_rows_gemm
+from triton_moe.kernels.persistent import persistent_rows_gemm, persistent_weight_grad
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, PERSISTENT_TILES, ROW_PASS_ELEMENTS, GemmTiles, gemm_tiles,
                                        fused_dh_pays_off, permute_tile_h, rows_per_program, takes_persistent_kernel,
-                                       tma_readable, weights_by_tma)
+                                       tma_readable, weights_by_tma, widths_fit_k_steps)
 
 @triton.jit
 def _expert_of_tile(tile_id, tiles_per_expert, experts):
@@ -580,8 +581,9 @@ def _expert_rows_gemm_launch(
 def _hidden_rows_gemm(role, a, b, out, layout: ExpertLayout, tiles):
     """out = the expert width -> hidden GEMM of one product (down; dX rows without a gate): the persistent kernel
     where tuning.takes_persistent_kernel says so (large 16-bit problems on Hopper), else the portable one."""
-    if takes_persistent_kernel(a, b, layout.expert_widths, tiles):
-        persistent_rows_gemm(a, b, out, layout, tiles or PERSISTENT_TILES)
+    persistent_tiles = tiles or PERSISTENT_TILES
+    if takes_persistent_kernel(a, b) and widths_fit_k_steps(layout.expert_widths, persistent_tiles.tile_k):
+        persistent_rows_gemm(a, b, out, layout, persistent_tiles)
     else:
         _expert_rows_gemm_launch(role=role, a=a, b=b, out=out, layout=layout, ragged_out=False, epilogue="store",
                                  tiles=tiles)
@@ -867,6 +869,10 @@ def weight_grad(
         return dw, None if hidden_rows2 is None or activation is not None else torch.zeros_like(dw)
     two_gradients = hidden_rows2 is not None and activation is None
     dw = hidden_rows.new_empty(shape)  # (TW, H)
+    if (row_to_token is None and hidden_rows2 is None and activation is None
+            and takes_persistent_kernel(hidden_rows, token_rows)):
+        persistent_weight_grad(hidden_rows, token_rows, dw, layout, tiles or PERSISTENT_TILES)
+        return dw, None
     dw_2 = torch.empty_like(dw) if two_gradients else None  # (TW, H)
     if row_to_token is not None:
         b_rows, role = "gathered", "weight_grad"

@@ -183,36 +183,38 @@ def weights_by_tma(weight: torch.Tensor, num_rows: int) -> bool:
 
 
 # Large 16-bit problems on Hopper run the GEMMs of the expert width -> hidden layout (down, dX rows of one product)
-# in the persistent, warp-specialised kernel of kernels/persistent.py, both operands by TMA: its producer loads the
-# next tile while the consumers store the last. 128x256x64 in 3 stages measured best of the shapes tried at the
-# hidden-2048 configs; Triton's Hopper warp specialisation takes effect with 4 warps only (it makes them 12).
+# and the weight gradients of one output over sorted token rows (dW2, dW1 without a gate) in the persistent,
+# warp-specialised kernels of kernels/persistent.py, both operands by TMA: their producer loads the next tile while
+# the consumers store the last. 128x256x64 in 3 stages measured best of the shapes tried at the hidden-2048
+# configs; Triton's Hopper warp specialisation takes effect with 4 warps only (it makes them 12).
 PERSISTENT_TILES = GemmTiles(128, 256, 64, num_warps=4, num_stages=3)
 PERSISTENT_MIN_ROWS_X_HIDDEN = SMALL_PROBLEM_ROWS_X_HIDDEN
-# The persistent kernel's tiles are listed on the device first, this many a program.
+# The persistent kernels' tiles are listed on the device first, this many a program.
 TILE_TABLE_BLOCK = 64
 
 
 @functools.lru_cache(maxsize=16)
 def has_warp_specialization(device: torch.device) -> bool:
     """Whether Triton's warp specialisation of a TMA loop serves `device`: Hopper (sm_90), where it is measured, and
-    the interpreter, which runs the same kernel without it (so the CPU tests cover it)."""
+    the interpreter, which runs the same kernels without it (so the CPU tests cover them)."""
     if running_in_interpreter():
         return True
     return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] == 9
 
 
-def takes_persistent_kernel(a: torch.Tensor, b: torch.Tensor, expert_widths: tuple[int, ...],
-                         tiles: GemmTiles | None) -> bool:
-    """Whether the expert width -> hidden GEMM of the [R, max_width] hidden activations `a` and the [TW, H] weight
-    `b` takes the persistent kernel (kernels/persistent.py; with `tiles`, or PERSISTENT_TILES where None): a large
-    16-bit problem on Hopper, outside a trace (Inductor launches the portable kernel, whose tiles need no
-    descriptors), both matrices readable by TMA, and every width a multiple of the tiles' K step or one width (TMA
-    reads past a width only where the columns are outside the matrix)."""
-    tile_k = (tiles or PERSISTENT_TILES).tile_k
-    return (a.shape[0] * b.shape[1] >= PERSISTENT_MIN_ROWS_X_HIDDEN and a.element_size() == 2
-            and has_warp_specialization(a.device) and b.shape[0] < 2**31
-            and (len(set(expert_widths)) == 1 or all(width % tile_k == 0 for width in expert_widths))
-            and tma_readable(a) and tma_readable(b))
+def takes_persistent_kernel(hidden_rows: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether a GEMM of the [R, max_width] hidden activations `hidden_rows` with `other` (a [TW, H] weight, or [R, H]
+    sorted token rows) takes a persistent kernel (kernels/persistent.py): a large 16-bit problem on Hopper, outside a
+    trace (Inductor launches the portable kernels, whose tiles need no descriptors), both matrices readable by TMA.
+    The row GEMM also needs widths_fit_k_steps."""
+    return (hidden_rows.shape[0] * other.shape[1] >= PERSISTENT_MIN_ROWS_X_HIDDEN and hidden_rows.element_size() == 2
+            and has_warp_specialization(hidden_rows.device) and tma_readable(hidden_rows) and tma_readable(other))
+
+
+def widths_fit_k_steps(expert_widths: tuple[int, ...], tile_k: int) -> bool:
+    """Whether K steps of `tile_k` over each expert's width end at it (every width a multiple), or past it only
+    outside the hidden activations (one width): what the persistent row GEMM's TMA loads need."""
+    return len(set(expert_widths)) == 1 or all(width % tile_k == 0 for width in expert_widths)
 
 
 def gemm_tiles(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden: int | None = None,
