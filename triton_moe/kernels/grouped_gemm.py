@@ -19,15 +19,15 @@ H hidden; hidden activations are [R, max_width] matrices, see layout.py):
   kept, B = grad_out's rows), dW1 (B = x's rows; + dV1 in the same launch).
 On Hopper, large 16-bit problems run the expert width -> hidden GEMMs of one product (down, dX rows), and the
 weight gradients of one output over sorted rows, in `persistent.py`'s warp-specialised kernels instead, with the
-same sums in the same order. Every GEMM accumulates
-in fp32 and never uses atomics, so every result is bitwise reproducible. A third, row-wise kernel,
-`_activation_backward_rows`, finishes the down projection's backward on dA where the dA GEMM does not (gated
-activations, small problems): the activation's derivative, the routing weight and the routing weight's gradient
-(a whole row's dot product, so no partial sums).
+same sums in the same order. Every GEMM accumulates in fp32 and never uses atomics, so every result is bitwise
+reproducible. A third, row-wise kernel, `_activation_backward_rows`, finishes the down projection's backward on dA
+where the dA GEMM does not (gated activations, small problems): the activation's derivative, the routing weight and
+the routing weight's gradient (a whole row's dot product, so no partial sums).
 
 Every launcher takes the batch's `layout.ExpertLayout` (row and width offsets, widths, R) and `tiles`, the tile
-sizes (tuning.gemm_tiles(dtype, role, ...) when None: each launcher is one role). All tensors are contiguous and
-on one device; float operands of one call share one dtype (fp32, fp16, bf16).
+sizes of whichever kernel the launch takes (when None: tuning.gemm_tiles(dtype, role, ...), each launcher being one
+role, or tuning.PERSISTENT_TILES for a persistent kernel). All tensors are contiguous and on one device; float
+operands of one call share one dtype (fp32, fp16, bf16).
 """
 
 import torch
