@@ -20,9 +20,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness import (DTYPES, build_layer, environment, forward_backward_step, kernel_launches, make_config,
                      parse_args, synchronize)
-from triton_moe.kernels import grouped_gemm, permute, route, sort
+from triton_moe.kernels import grouped_gemm, permute, persistent, route, sort
 
-KERNEL_MODULES = (grouped_gemm, permute, route, sort)  # the modules whose launchers call traceable(kernel)
+KERNEL_MODULES = (grouped_gemm, permute, persistent, route, sort)  # the modules whose launchers call traceable(kernel)
 ALLOCATIONS = ("aten.empty", "aten.empty_like", "aten.new_empty", "aten.zeros", "aten.new_zeros", "aten.zeros_like",
                "aten.empty_strided", "aten.ones_like")
 
