@@ -10,8 +10,10 @@ outputs.
     uv run python benchmarks/kernel_code.py --out runs/ptx_large --activation swiglu --large
     diff -r runs/ptx_before runs/ptx
 
---large takes the large-problem paths (TMA descriptors, sorted token rows, the fused dA epilogue) at a small shape.
-The PTX depends on the installed Triton; compare folders written by one Triton version.
+--large takes the large-problem paths (TMA descriptors, sorted token rows, the fused dA epilogue, the persistent
+kernels) at a small shape. Each launch's line says how many warps its kernel compiled to: the persistent kernels'
+warp specialisation makes their 4 warps 12, and falls back to 4 silently where it cannot split the loop. The PTX
+depends on the installed Triton; compare folders written by one Triton version.
 
     uv run python benchmarks/kernel_code.py --direct-launch
 
@@ -47,6 +49,9 @@ OUTPUTS = {
     "_gather_rows_kernel": {"rows_ptr"},
     "_combine_rows_kernel": {"out_ptr"},
     "_topk_softmax_backward_kernel": {"grad_logits_ptr"},
+    "_tile_table_kernel": {"tile_table_ptr", "num_tiles_ptr"},
+    "_persistent_rows_gemm": {"out_ptr"},
+    "_persistent_weight_grad": {"out_ptr"},
 }
 
 
@@ -127,11 +132,11 @@ def check_direct_launch(layer, x) -> int:
     of x that is not 16-byte aligned (Triton specialises pointers on their alignment, so other kernels)."""
     from triton.runtime.jit import JITFunction
 
-    from triton_moe.kernels import grouped_gemm, host, permute, route, sort
+    from triton_moe.kernels import grouped_gemm, host, permute, persistent, route, sort
 
     misaligned = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x)
     steps = {"aligned": x, "misaligned": misaligned}
-    modules = (grouped_gemm, permute, route, sort)
+    modules = (grouped_gemm, permute, persistent, route, sort)
     failures, made = [], {}
     for name, token_rows in steps.items():
         token_rows = token_rows.detach().requires_grad_()
@@ -179,14 +184,16 @@ def main(argv=None) -> int:
 
     triton.runtime.driver.set_active(_TargetOnlyDriver(args.arch))
     import triton_moe
-    from triton_moe.kernels import grouped_gemm, host, permute, route, sort, tuning
+    from triton_moe.kernels import grouped_gemm, host, permute, persistent, route, sort, tuning
 
     host._INTERPRETER = False  # bf16 CPU tensors stand in for the device's
     tuning.running_in_interpreter = lambda: False
     if args.large:
         tuning.has_tma = lambda device: True
+        tuning.has_warp_specialization = lambda device: True
+        persistent._num_programs = lambda device: 132  # an H100's or H200's SMs
         for threshold in ("TMA_WEIGHTS_MIN_ROWS_X_HIDDEN", "SORTED_ROWS_MIN_ROWS_X_HIDDEN",
-                          "SMALL_PROBLEM_ROWS_X_HIDDEN", "FUSED_DH_MIN_ROWS_X_HIDDEN"):
+                          "SMALL_PROBLEM_ROWS_X_HIDDEN", "FUSED_DH_MIN_ROWS_X_HIDDEN", "PERSISTENT_MIN_ROWS_X_HIDDEN"):
             setattr(tuning, threshold, 0)
 
     config = triton_moe.MoEConfig(expert_sizes=args.expert_sizes, num_active_experts=args.top_k,
@@ -196,7 +203,7 @@ def main(argv=None) -> int:
     x = torch.randn(args.tokens, args.hidden, dtype=torch.bfloat16, requires_grad=True)
     if args.direct_launch:
         return check_direct_launch(layer, x)
-    for module in (grouped_gemm, permute, route, sort):
+    for module in (grouped_gemm, permute, persistent, route, sort):
         module.traceable = _Recorder
     (layer(x).float().sum() + layer.aux_loss).backward()  # the outputs are never computed: only launches recorded
 
@@ -208,7 +215,7 @@ def main(argv=None) -> int:
         name = f"{index:02d}{kernel.fn.__name__}"
         (args.out / f"{name}.ptx").write_text(_stripped_ptx(compiled.asm["ptx"]))
         written = _written_arguments(kernel, arguments)
-        print(f"{name}: writes {'(not analysed)' if written is None else written}")
+        print(f"{name}: {compiled.metadata.num_warps} warps, writes {'(not analysed)' if written is None else written}")
         outputs = OUTPUTS.get(kernel.fn.__name__)
         if outputs is None:
             print(f"{name}: not in OUTPUTS, not checked")

@@ -33,7 +33,8 @@ def test_bench_fwd_bwd_writes_a_row_per_implementation(tmp_path):
 def test_kernel_code_compiles_every_launch_and_finds_only_outputs_written(tmp_path, options):
     """kernel_code.py compiles each launch of a forward + backward for sm_90 without a GPU, and torch.compile's
     mutation analysis finds every kernel writing only its outputs (what it finds written beyond them, Inductor
-    would clone before the launch and write back after)."""
+    would clone before the launch and write back after). The large-problem paths' persistent kernels compile
+    warp-specialised (the specialisation drops out silently where it cannot split their loops)."""
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "kernel_code.py"), "--out", str(tmp_path), "--tokens", "256", *options],
         capture_output=True, text=True, timeout=600)
@@ -43,6 +44,9 @@ def test_kernel_code_compiles_every_launch_and_finds_only_outputs_written(tmp_pa
     assert all(".entry" in path.read_text() for path in ptx_files)
     if options:  # the large-problem paths: TMA loads of the weights and of the sorted rows
         assert any("cp.async.bulk.tensor" in path.read_text() for path in ptx_files)
+        # the persistent kernels (down; dW2 of SwiGLU), warp-specialised: Triton makes their 4 warps 12
+        assert "_persistent_rows_gemm: 12 warps" in result.stdout, result.stdout
+        assert "_persistent_weight_grad: 12 warps" in result.stdout, result.stdout
 
 
 def test_direct_launch_launches_what_kernel_grid_launches():
