@@ -179,7 +179,8 @@ def test_capture_in_cuda_graphs(name, kernels, monkeypatch):
     """Forward and backward replay from CUDA graphs and give the eager results bit for bit, with equal and with
     variable widths; also with the kernels of large problems forced at this size (the weight gradients reading
     sorted token rows by TMA, the row GEMMs reading the weights by TMA, whose descriptors the graph captures; dA's
-    fused epilogue and the sum of its partials)."""
+    fused epilogue and the sum of its partials; on Hopper the persistent kernels, whose descriptors' scratch memory
+    the graph's pool holds)."""
     if kernels == "large-problem":
         use_problem_size_kernels("large", monkeypatch)
     layer = make_layer(triton_moe.MoEMLP, seed_config(name), torch.bfloat16)
