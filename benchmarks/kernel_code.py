@@ -127,16 +127,24 @@ def _launches_made(step) -> list:
     return made
 
 
+def _launcher_modules() -> tuple:
+    """The kernel modules whose launchers launch through their module's `traceable` (imported late: after the
+    driver is set)."""
+    from triton_moe.kernels import grouped_gemm, permute, persistent, route, sort
+
+    return grouped_gemm, permute, persistent, route, sort
+
+
 def check_direct_launch(layer, x) -> int:
     """DirectLaunch against kernel[grid]: the same compiled kernels with the same arguments, for x and for a copy
     of x that is not 16-byte aligned (Triton specialises pointers on their alignment, so other kernels)."""
     from triton.runtime.jit import JITFunction
 
-    from triton_moe.kernels import grouped_gemm, host, permute, persistent, route, sort
+    from triton_moe.kernels import host
 
     misaligned = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x)
     steps = {"aligned": x, "misaligned": misaligned}
-    modules = (grouped_gemm, permute, persistent, route, sort)
+    modules = _launcher_modules()
     failures, made = [], {}
     for name, token_rows in steps.items():
         token_rows = token_rows.detach().requires_grad_()
@@ -184,7 +192,7 @@ def main(argv=None) -> int:
 
     triton.runtime.driver.set_active(_TargetOnlyDriver(args.arch))
     import triton_moe
-    from triton_moe.kernels import grouped_gemm, host, permute, persistent, route, sort, tuning
+    from triton_moe.kernels import host, persistent, tuning
 
     host._INTERPRETER = False  # bf16 CPU tensors stand in for the device's
     tuning.running_in_interpreter = lambda: False
@@ -203,7 +211,7 @@ def main(argv=None) -> int:
     x = torch.randn(args.tokens, args.hidden, dtype=torch.bfloat16, requires_grad=True)
     if args.direct_launch:
         return check_direct_launch(layer, x)
-    for module in (grouped_gemm, permute, persistent, route, sort):
+    for module in _launcher_modules():
         module.traceable = _Recorder
     (layer(x).float().sum() + layer.aux_loss).backward()  # the outputs are never computed: only launches recorded
 
