@@ -429,6 +429,72 @@ def test_gathering_gemms_copy_their_rows(case, activation, dtype):
             assert (got is None and want is None) or same(got, want)
 
 
+# Cases with many rows per expert, so that K steps of 16 rows make several runs of each: (expert widths, hidden,
+# tokens, top_k, experts the tokens may pick)
+ROW_SPLIT_CASES = {
+    "mixed_widths": ([64, 16, 200, 48], 96, 150, 2, None),
+    "expert_without_tokens": ([64, 16, 200, 48], 32, 100, 2, [0, 2, 3]),
+    "single_token": ([32, 48, 16, 200, 64], 96, 1, 2, None),
+}
+ROW_SPLIT_TILES = GemmTiles(32, 32, 16, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("token_rows", ["gathered", "sorted_tma", "sorted"])
+@pytest.mark.parametrize("operand", ["dW1", "dW1 + dV1", "dW2 from h_pre"])
+@pytest.mark.parametrize("case", ROW_SPLIT_CASES)
+def test_weight_grad_row_splits(case, operand, token_rows, monkeypatch):
+    """Each expert's rows split into runs, summed by a second launch (what small problems with few tiles take):
+    the fp64 loop's gradients for every split, experts with fewer runs than splits (and without rows) included,
+    for each way of reading the token rows and each operand; the runs' fp32 workspace starts as NaN."""
+    expert_widths, hidden, num_tokens, top_k, allowed_experts = ROW_SPLIT_CASES[case]
+    generator = torch.Generator().manual_seed(0)
+    routing = make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator)
+    dtype = torch.float32
+    x = random((num_tokens, hidden), dtype, generator)
+    dh_pre, dh_up = random_hidden(routing, dtype, generator), random_hidden(routing, dtype, generator)
+    w1, v1 = random_weight(routing, hidden, dtype, generator), random_weight(routing, hidden, dtype, generator)
+    if token_rows == "gathered":
+        rows, row_to_token = x, routing.row_to_token
+    else:
+        rows, row_to_token = sorted_rows(x, routing), None
+        if token_rows == "sorted":
+            monkeypatch.setattr(grouped_gemm, "tma_readable", lambda matrix: False)
+    if operand == "dW2 from h_pre":  # the weighted activation, recomputed on load: dW2 with x's rows as grad_out
+        activation, h_up = "swiglu", dh_up
+        h_act_weighted = (F.silu(dh_pre.double()) * dh_up.double() * routing.routing_weights.double()[:, None])
+        expected = reference_up_backward(h_act_weighted, None, x, w1, None, routing)[1:2]
+        options = dict(activation=activation, routing_weights=routing.flat_weights,
+                       routing_weight_index=routing.row_to_flat)
+        hidden_rows2 = h_up
+    else:
+        gated = operand == "dW1 + dV1"
+        hidden_rows2 = dh_up if gated else None
+        expected = reference_up_backward(dh_pre, hidden_rows2, x, w1, v1 if gated else None, routing)[1:1 + 1 + gated]
+        options = {}
+    for row_splits in (3, 8):
+        gradients = weight_grad(dh_pre, hidden_rows2, rows, row_to_token, routing.layout, tiles=ROW_SPLIT_TILES,
+                                row_splits=row_splits, **options)
+        for got, want in zip(gradients, expected):
+            assert_close(got, want, dtype)
+        assert gradients[1] is None or len(expected) == 2
+
+
+def test_weight_grad_row_splits_where_tiles_are_few(monkeypatch):
+    """tuning.weight_grad_row_splits splits 16-bit small problems on a GPU whose tiles leave SMs idle, as far as
+    the mean rows per expert allow, and nothing else."""
+    monkeypatch.setattr(tuning, "running_in_interpreter", lambda: False)
+    monkeypatch.setattr(tuning, "multiprocessors", lambda device: 132)
+    gpu = torch.device("cuda")
+    splits = tuning.weight_grad_row_splits
+    # 8 experts x 384 at hidden 256 in 128x64 tiles: 96 tiles, 2048 rows per expert in K steps of 64
+    assert splits(96, 16384, 8, 64, torch.bfloat16, gpu) == min(4 * 132 // 96, 2048 // 64 // 8, 8) == 4
+    assert splits(1024, 16384, 8, 64, torch.float16, gpu) == 1  # the tiles fill the GPU
+    assert splits(96, 8 * 64 * 16, 8, 64, torch.bfloat16, gpu) == 2  # 16 K steps per expert: runs of at least 8
+    assert splits(96, 16384, 8, 64, torch.float32, gpu) == 1  # fp32: no split
+    assert splits(96, 16384, 8, 64, torch.bfloat16, torch.device("cpu")) == 1
+    assert splits(2, 10**6, 1, 64, torch.bfloat16, gpu) == tuning.MAX_ROW_SPLITS
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("case", ["mixed_widths", "expert_without_tokens", "single_token"])
 def test_weight_grad_token_rows_three_ways(case, gated, monkeypatch):
@@ -491,6 +557,8 @@ def test_persistent_kernels_same_results(case, dtype, monkeypatch):
                 weight_grad(dh_pre, None, x_rows, None, routing.layout, tiles=tiles)[0])
 
     monkeypatch.setattr(tuning, "PERSISTENT_MIN_ROWS_X_HIDDEN", 0)
+    # the portable weight gradient sums each expert's rows in one run, as the persistent kernel does
+    monkeypatch.setattr(grouped_gemm, "weight_grad_row_splits", lambda *args: 1)
     portable_kernels = grouped_gemm._expert_rows_gemm, grouped_gemm._weight_grad_gemm
     # the persistent kernels or a failure
     monkeypatch.setattr(grouped_gemm, "_expert_rows_gemm", RefuseLaunch())

@@ -16,7 +16,9 @@ H hidden; hidden activations are [R, max_width] matrices, see layout.py):
 - `_weight_grad_gemm`: per expert e, dW[width_off_e + m, n] = sum over rows r of e of A[r, m] * B[token(r), n],
   A a hidden-activation matrix, B gathered from a [N, H] source, or the [R, H] token rows already in expert-sorted
   order (the copies above), which load by TMA from Hopper on. Roles: dW2 (A = the weighted activations the forward
-  kept, B = grad_out's rows), dW1 (B = x's rows; + dV1 in the same launch).
+  kept, B = grad_out's rows), dW1 (B = x's rows; + dV1 in the same launch). Its tiles follow from the widths and H
+  alone; where they are too few to fill the GPU (few experts, small H), each expert's rows split into runs whose
+  fp32 sums `_sum_row_splits` adds up in order.
 On Hopper, large 16-bit problems run the expert width -> hidden GEMMs of one product (down, dX rows), and the
 weight gradients of one output over sorted rows, in `persistent.py`'s warp-specialised kernels instead, with the
 same sums in the same order. Every GEMM accumulates in fp32 and never uses atomics, so every result is bitwise
@@ -39,9 +41,10 @@ from triton_moe.kernels.activation import activation_backward, activation_forwar
 from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, traceable
 from triton_moe.kernels.layout import ExpertLayout
 from triton_moe.kernels.persistent import persistent_rows_gemm, persistent_weight_grad
-from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, PERSISTENT_TILES, ROW_PASS_ELEMENTS, GemmTiles, gemm_tiles,
-                                       fused_dh_pays_off, permute_tile_h, rows_per_program, takes_persistent_kernel,
-                                       tma_readable, weights_by_tma, widths_fit_k_steps)
+from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, PERSISTENT_TILES, ROW_PASS_ELEMENTS, SUM_SPLITS_ELEMENTS,
+                                       GemmTiles, gemm_tiles, fused_dh_pays_off, permute_tile_h, rows_per_program,
+                                       takes_persistent_kernel, tma_readable, weight_grad_row_splits, weights_by_tma,
+                                       widths_fit_k_steps)
 
 @triton.jit
 def _expert_of_tile(tile_id, tiles_per_expert, experts):
@@ -308,10 +311,11 @@ def _expert_rows_gemm(
 @triton.jit
 def _weight_grad_gemm(
     a_ptr, a2_ptr, b_ptr, b_desc,
-    out_ptr, out2_ptr,
+    out_ptr, out2_ptr, partials_ptr,
     routing_weights_ptr, routing_weight_index_ptr,
     row_to_token_ptr, expert_row_offsets_ptr, expert_width_offsets_ptr,
-    num_experts, hidden, max_width,
+    num_experts, hidden, max_width, total_width,
+    ROW_SPLITS: tl.constexpr,
     SECOND_OUTPUT: tl.constexpr,
     A_ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
@@ -338,8 +342,12 @@ def _weight_grad_gemm(
         "sorted_tma": the same through b_desc, a TMA descriptor of B with [TILE_K, TILE_N] boxes, unmasked: an
             expert's last step reads the next expert's first rows (zeros past R), which A's masked zeros cancel.
             (Only a non-finite value there would leak in, as 0 * inf.)
+    With ROW_SPLITS > 1 the grid's second axis splits each expert's rows into ROW_SPLITS runs of whole K steps, and
+    program (tile, s) stores its run's fp32 sum to partials [1 or 2 outputs, ROW_SPLITS, TW, H] at (output, s),
+    which _sum_row_splits adds up in order: more programs where an exact grid of tiles would leave SMs idle.
     """
     tile_id = tl.program_id(0)
+    row_split = tl.program_id(1)
     # The tiles depend only on the widths and H: the grid is exact and every program owns a tile.
     experts = tl.arange(0, EXPERTS_POW2)
     is_expert = experts < num_experts
@@ -354,6 +362,10 @@ def _weight_grad_gemm(
     # mutation analysis counts a pointer handed to a helper as written when the helper's results address a store.
     row_start = tl.load(expert_row_offsets_ptr + expert)
     num_rows = tl.load(expert_row_offsets_ptr + expert + 1) - row_start
+    # This program's run of the expert's rows: whole K steps, the last run ending at the expert's last row
+    split_rows = tl.cdiv(tl.cdiv(num_rows, ROW_SPLITS), TILE_K) * TILE_K
+    k_begin = row_split * split_rows
+    k_end = tl.minimum(num_rows, k_begin + split_rows)
     width_start = tl.load(expert_width_offsets_ptr + expert)
     # Every width is a multiple of WIDTH_MULTIPLE. Loaded from memory, the compiler cannot know it: without the
     # hint the masks of each hidden-activation row split its accesses into 2-byte ones.
@@ -368,16 +380,16 @@ def _weight_grad_gemm(
     ks = tl.arange(0, TILE_K)  # (TILE_K,) row within a step over the expert's rows
     m_mask = ms < width
     n_mask = ns < hidden
-    a_offsets = (row_start + ks[None, :]).to(tl.int64) * max_width + ms[:, None]  # (TILE_M, TILE_K): Aᵀ
+    a_offsets = (row_start + k_begin + ks[None, :]).to(tl.int64) * max_width + ms[:, None]  # (TILE_M, TILE_K): Aᵀ
     # TMA coordinates are int32: R < 2^31 rows (the launcher checks), so are the expert's first row and H.
-    b_row = row_start.to(tl.int32)
+    b_row = (row_start + k_begin).to(tl.int32)
     b_col = (hidden_tile * TILE_N).to(tl.int32)
 
     acc = tl.zeros((TILE_M, TILE_N), dtype=tl.float32)
     if SECOND_OUTPUT:
         acc2 = tl.zeros((TILE_M, TILE_N), dtype=tl.float32)
-    for k_start in range(0, num_rows, TILE_K):
-        k_mask = ks < num_rows - k_start
+    for k_start in range(k_begin, k_end, TILE_K):
+        k_mask = ks < num_rows - k_start  # a run ends at a K step's end, or at the expert's last row
         if B_ROWS == "sorted_tma":
             b = b_desc.load([b_row, b_col])
             b_row += TILE_K
@@ -409,9 +421,33 @@ def _weight_grad_gemm(
 
     out_offsets = (width_start + ms[:, None]).to(tl.int64) * hidden + ns[None, :]  # (TILE_M, TILE_N)
     out_mask = m_mask[:, None] & n_mask[None, :]
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if ROW_SPLITS == 1:
+        tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if SECOND_OUTPUT:
+            tl.store(out2_ptr + out_offsets, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        gradient_size = total_width.to(tl.int64) * hidden
+        tl.store(partials_ptr + row_split * gradient_size + out_offsets, acc, mask=out_mask)
+        if SECOND_OUTPUT:
+            tl.store(partials_ptr + (ROW_SPLITS + row_split) * gradient_size + out_offsets, acc2, mask=out_mask)
+
+
+@triton.jit
+def _sum_row_splits(partials_ptr, out_ptr, out2_ptr, gradient_size, ROW_SPLITS: tl.constexpr,
+                    SECOND_OUTPUT: tl.constexpr, BLOCK: tl.constexpr):
+    """out (and out2) = the sum over s, in order, of the weight gradient's partials [1 or 2, ROW_SPLITS, TW, H]
+    fp32, rounded once to out's dtype; one block of BLOCK elements a program."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    mask = offsets < gradient_size
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for row_split in tl.static_range(ROW_SPLITS):
+        acc += tl.load(partials_ptr + row_split * gradient_size + offsets, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
     if SECOND_OUTPUT:
-        tl.store(out2_ptr + out_offsets, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
+        acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
+        for row_split in tl.static_range(ROW_SPLITS):
+            acc2 += tl.load(partials_ptr + (ROW_SPLITS + row_split) * gradient_size + offsets, mask=mask, other=0.0)
+        tl.store(out2_ptr + offsets, acc2.to(out2_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -818,6 +854,7 @@ def weight_grad(
     routing_weights: torch.Tensor | None = None,
     routing_weight_index: torch.Tensor | None = None,
     tiles: GemmTiles | None = None,
+    row_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight gradient of a projection: dw[width_off_e + m] = sum over rows r of e of hidden_rows[r, m] * token_rows[t],
     t = row_to_token[r].
@@ -839,6 +876,8 @@ def weight_grad(
         token_rows: [N, H] like hidden_rows, gathered per row by row_to_token; or, with row_to_token None, [R, H]:
             row r is the token row of expert-sorted row r.
         row_to_token: [R] int32/int64, or None (token_rows are sorted).
+        row_splits: runs each expert's rows are split into, summed in fp32 by a second launch (None:
+            tuning.weight_grad_row_splits, which splits where the tiles alone would leave the GPU idle).
         (layout and tiles: see the module docstring)
     Returns:
         dw, dw_2 (None without hidden_rows2, or with an activation): [TW, H] of hidden_rows.dtype; experts without
@@ -886,13 +925,22 @@ def weight_grad(
     if b_rows == "sorted_tma":
         rows_desc = TensorDescriptor(token_rows, list(token_rows.shape), [hidden, 1], [tiles.tile_k, tiles.tile_n])
     # The grid is exact: the tiles depend only on the widths and H, sum_e cdiv(W_e, TILE_M) * cdiv(H, TILE_N).
-    grid = (layout.tiles_per_row_tile(tiles.tile_m)[1] * ceil_div(hidden, tiles.tile_n),)
-    traceable(_weight_grad_gemm)[grid](
+    num_tiles = layout.tiles_per_row_tile(tiles.tile_m)[1] * ceil_div(hidden, tiles.tile_n)
+    if row_splits is None:
+        row_splits = weight_grad_row_splits(num_tiles, num_rows, layout.num_experts, tiles.tile_k, hidden_rows.dtype,
+                                            hidden_rows.device)
+    elif row_splits < 1:
+        raise ValueError(f"row_splits must be >= 1, got {row_splits}")
+    partials = None  # (gradients, row_splits, TW, H) fp32: each run's sum
+    if row_splits > 1:
+        partials = torch.empty((1 + two_gradients, row_splits, *shape), dtype=torch.float32, device=dw.device)
+    traceable(_weight_grad_gemm)[(num_tiles, row_splits)](
         hidden_rows, hidden_rows2, token_rows, rows_desc,
-        dw, dw_2,
+        dw, dw_2, partials,
         routing_weights, routing_weight_index,
         row_to_token, layout.expert_row_offsets, layout.expert_width_offsets,
-        layout.num_experts, hidden, layout.max_width,
+        layout.num_experts, hidden, layout.max_width, layout.total_width,
+        ROW_SPLITS=row_splits,
         SECOND_OUTPUT=two_gradients,
         A_ACTIVATION=activation,
         GATED=activation is not None and is_gated(activation),
@@ -900,4 +948,11 @@ def weight_grad(
         B_ROWS=b_rows,
         **_launch_options(hidden_rows.dtype, tiles, layout),
     )
+    if row_splits > 1:
+        gradient_size = dw.numel()
+        block = rows_per_program(1, SUM_SPLITS_ELEMENTS)
+        traceable(_sum_row_splits)[(ceil_div(gradient_size, block),)](
+            partials, dw, dw_2, gradient_size, ROW_SPLITS=row_splits, SECOND_OUTPUT=two_gradients, BLOCK=block,
+            num_warps=PERMUTE_NUM_WARPS,
+        )
     return dw, dw_2

@@ -23,7 +23,6 @@ descriptors end at the expert's last row, so that a K step past it reads zeros, 
 reach only output rows the store masks.
 """
 
-import functools
 from contextlib import contextmanager
 
 import torch
@@ -33,7 +32,7 @@ from triton.runtime import _allocation
 
 from triton_moe.kernels.host import ceil_div, running_in_interpreter, traceable
 from triton_moe.kernels.layout import ExpertLayout
-from triton_moe.kernels.tuning import TILE_TABLE_BLOCK, GemmTiles
+from triton_moe.kernels.tuning import TILE_TABLE_BLOCK, GemmTiles, multiprocessors
 
 
 @triton.jit
@@ -159,12 +158,11 @@ def _descriptor_scratch():
         _allocation._allocator.reset(token)
 
 
-@functools.lru_cache(maxsize=16)
 def _num_programs(device: torch.device) -> int:
     """Programs of a persistent launch: one per SM; a few under the interpreter, each walking several tiles."""
     if running_in_interpreter():
         return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return multiprocessors(device)
 
 
 def _tile_table(offsets: torch.Tensor, layout: ExpertLayout, col_tiles: int, max_tiles: int, tile_m: int):

@@ -71,6 +71,16 @@ GPU_16BIT_SMALL_TILES = {
     "weight_grad_sorted": GemmTiles(128, 128, 64, num_warps=4, num_stages=3),  # for a caller handing sorted rows
 }
 
+# A weight gradient's tiles follow from the widths and H alone (8 experts of 384 at hidden 256 make 96 of 128x64),
+# each summing over its expert's rows, thousands of them in a small problem: where the tiles fill fewer than
+# ROW_SPLIT_PROGRAMS_PER_SM programs per SM, each expert's rows split into runs of at least ROW_SPLIT_MIN_K_STEPS K
+# steps (at the mean rows per expert), up to MAX_ROW_SPLITS, and a second launch adds the runs' fp32 sums,
+# SUM_SPLITS_ELEMENTS a program. 16-bit operands on a GPU only: the fp32 path is for accuracy, not speed.
+ROW_SPLIT_PROGRAMS_PER_SM = 4
+ROW_SPLIT_MIN_K_STEPS = 8
+MAX_ROW_SPLITS = 8
+SUM_SPLITS_ELEMENTS = 1024
+
 # fp32 operands with input_precision="ieee" (TF32 would miss the 1e-4 accuracy target): the dot runs as FMAs on
 # the CUDA cores and holds both operand tiles in registers, so 64x64x32 with 4 warps avoids spills.
 GPU_FP32_TILES = GemmTiles(tile_m=64, tile_n=64, tile_k=32, num_warps=4, num_stages=3)
@@ -191,6 +201,24 @@ PERSISTENT_TILES = GemmTiles(128, 256, 64, num_warps=4, num_stages=3)
 PERSISTENT_MIN_ROWS_X_HIDDEN = SMALL_PROBLEM_ROWS_X_HIDDEN
 # The persistent kernels' tiles are listed on the device first, this many a program.
 TILE_TABLE_BLOCK = 64
+
+
+@functools.lru_cache(maxsize=16)
+def multiprocessors(device: torch.device) -> int:
+    """The SMs of CUDA `device`."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def weight_grad_row_splits(num_tiles: int, num_rows: int, num_experts: int, tile_k: int, dtype: torch.dtype,
+                           device: torch.device) -> int:
+    """Runs each expert's rows split into for a weight gradient of `num_tiles` tiles over `num_rows` rows of
+    `num_experts` experts, in K steps of `tile_k`, of `dtype` operands on `device` (see ROW_SPLIT_PROGRAMS_PER_SM):
+    1 under the interpreter (whose tests pass their own), for fp32, and on a CPU."""
+    if running_in_interpreter() or dtype == torch.float32 or device.type != "cuda":
+        return 1
+    programs = ROW_SPLIT_PROGRAMS_PER_SM * multiprocessors(device)
+    mean_k_steps = num_rows // (num_experts * tile_k)
+    return max(1, min(programs // num_tiles, mean_k_steps // ROW_SPLIT_MIN_K_STEPS, MAX_ROW_SPLITS))
 
 
 @functools.lru_cache(maxsize=16)
