@@ -95,7 +95,8 @@ def test_compiled_graphs_read_nothing_back_to_the_host(name):
     """The forward and backward graphs AOT autograd makes of the layer hold no host read of a device value
     (aten._local_scalar_dense, what .item(), int() or .tolist() of a tensor become): nothing in them waits on the
     device, so CUDA graphs can hold them. On a GPU the expert MLP's custom ops are decomposed into the Triton
-    kernels they launch, which Inductor then launches itself; under the interpreter they stay opaque custom ops."""
+    kernels they launch, which Inductor then launches itself; under the interpreter they stay opaque custom ops. And
+    the forward hands the backward no empty tensor (the activations or row copies it did not keep)."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
@@ -127,6 +128,10 @@ def test_compiled_graphs_read_nothing_back_to_the_host(name):
         assert torch.ops.aten._local_scalar_dense.default not in graph_targets
         # the kernels write only their outputs: no input of the graph is written back
         assert torch.ops.aten.copy_.default not in graph_targets
+    # nothing empty goes from the forward to the backward: each tensor that does costs host work at both ends of
+    # every CUDA-graph replay
+    backward_inputs = [node.meta["val"] for node in graphs[1].graph.nodes if node.op == "placeholder"]
+    assert all(value.numel() > 0 for value in backward_inputs if isinstance(value, torch.Tensor))
 
 
 @pytest.fixture

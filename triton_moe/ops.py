@@ -89,13 +89,14 @@ def _expert_mlp_forward(
 
 
 def _expert_mlp_backward(
-    grad_out: Tensor, x: Tensor, sorted_x: Tensor, routing_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
-    h_pre: Tensor, h_up: Tensor | None, h_act_weighted: Tensor, row_to_token: Tensor, row_to_flat: Tensor,
+    grad_out: Tensor, x: Tensor, sorted_x: Tensor | None, routing_weights: Tensor, w1: Tensor, v1: Tensor | None,
+    w2: Tensor, h_pre: Tensor, h_up: Tensor | None, h_act_weighted: Tensor | None, row_to_token: Tensor, row_to_flat: Tensor,
     flat_to_row: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor, expert_widths: list[int],
     activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx [N, H], d_routing_weights [N*k] fp32, dw1, dv1 ([0] unless gated), dw2 [TW, H]). sorted_x: the forward's,
-    [R, H] or [0, H] (then dW1 gathers x's rows)."""
+    """(dx [N, H], d_routing_weights [N*k] fp32, dw1, dv1 ([0] unless gated), dw2 [TW, H]). sorted_x: the forward's
+    [R, H], or None where it kept none (then dW1 gathers x's rows); h_act_weighted: the forward's, or None where it
+    kept none (then dW2 recomputes it)."""
     layout = _layout(row_to_token, expert_row_offsets, expert_width_offsets, expert_widths)
     # dW2 reads grad_out's rows sorted, written by the dA GEMM on the way, where that pays off (large problems)
     sorted_grad_out = None
@@ -106,7 +107,7 @@ def _expert_mlp_backward(
         routing_weight_index=row_to_flat, sorted_grad_out=sorted_grad_out)  # (R, max_width) each; (N*k,)
     # the token rows each weight gradient reads: (sorted copy, None), or (token rows, row_to_token) to gather them
     dw2_rows = (grad_out, row_to_token) if sorted_grad_out is None else (sorted_grad_out, None)
-    if h_act_weighted.shape[0] > 0:
+    if h_act_weighted is not None:
         dw2, _ = weight_grad(h_act_weighted, None, *dw2_rows, layout)  # (TW, H)
     else:  # from h_pre, h_act_weighted recomputed as the GEMM loads it
         dw2, _ = weight_grad(h_pre, h_up, *dw2_rows, layout, activation=activation, routing_weights=routing_weights,
@@ -114,7 +115,7 @@ def _expert_mlp_backward(
     del sorted_grad_out, dw2_rows
     dx_rows = input_grad_rows(dh_pre, w1, dh_up, v1, layout)  # (R, H)
     dx = combine_rows(dx_rows, flat_to_row, _top_k(x, flat_to_row))  # (N, H)
-    dw1_rows = (x, row_to_token) if sorted_x.shape[0] == 0 else (sorted_x, None)
+    dw1_rows = (x, row_to_token) if sorted_x is None else (sorted_x, None)
     dw1, dv1 = weight_grad(dh_pre, dh_up, *dw1_rows, layout)  # (TW, H) each
     return dx, d_routing_weights, dw1, w1.new_empty(0) if dv1 is None else dv1, dw2
 
@@ -149,8 +150,11 @@ def _setup_context(ctx, inputs, output):
     x, routing_weights, w1, v1, w2, *layout_tensors = inputs[:NUM_TENSOR_INPUTS]
     expert_widths, activation, _ = inputs[NUM_TENSOR_INPUTS:]
     _, h_pre, h_up, h_act_weighted, sorted_x = output
-    ctx.save_for_backward(x, sorted_x, routing_weights, w1, v1, w2, h_pre, None if v1 is None else h_up, h_act_weighted,
-                          *layout_tensors)
+    # The empty outputs are not saved (the backward takes None for them): under torch.compile each saved tensor is
+    # an output of the forward graph and an input of the backward graph, with host work at both ends every step.
+    saved_or_none = lambda tensor: tensor if tensor.shape[0] > 0 else None
+    ctx.save_for_backward(x, saved_or_none(sorted_x), routing_weights, w1, v1, w2, h_pre,
+                          None if v1 is None else h_up, saved_or_none(h_act_weighted), *layout_tensors)
     ctx.host_arguments = (expert_widths, activation)
     ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(h_pre, h_up, h_act_weighted, sorted_x)
