@@ -90,9 +90,9 @@ def _expert_mlp_forward(
 
 def _expert_mlp_backward(
     grad_out: Tensor, x: Tensor, sorted_x: Tensor | None, routing_weights: Tensor, w1: Tensor, v1: Tensor | None,
-    w2: Tensor, h_pre: Tensor, h_up: Tensor | None, h_act_weighted: Tensor | None, row_to_token: Tensor, row_to_flat: Tensor,
-    flat_to_row: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor, expert_widths: list[int],
-    activation: str,
+    w2: Tensor, h_pre: Tensor, h_up: Tensor | None, h_act_weighted: Tensor | None, row_to_token: Tensor,
+    row_to_flat: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor,
+    expert_widths: list[int], activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx [N, H], d_routing_weights [N*k] fp32, dw1, dv1 ([0] unless gated), dw2 [TW, H]). sorted_x: the forward's
     [R, H], or None where it kept none (then dW1 gathers x's rows); h_act_weighted: the forward's, or None where it
