@@ -426,10 +426,12 @@ def _weight_grad_gemm(
         if SECOND_OUTPUT:
             tl.store(out2_ptr + out_offsets, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
     else:
-        gradient_size = total_width.to(tl.int64) * hidden
-        tl.store(partials_ptr + row_split * gradient_size + out_offsets, acc, mask=out_mask)
+        # int64 from the program id on (a scalar argument may reach the compiler as a Python int)
+        partial_offsets = row_split.to(tl.int64) * total_width * hidden + out_offsets
+        tl.store(partials_ptr + partial_offsets, acc, mask=out_mask)
         if SECOND_OUTPUT:
-            tl.store(partials_ptr + (ROW_SPLITS + row_split) * gradient_size + out_offsets, acc2, mask=out_mask)
+            partial_offsets = (ROW_SPLITS + row_split).to(tl.int64) * total_width * hidden + out_offsets
+            tl.store(partials_ptr + partial_offsets, acc2, mask=out_mask)
 
 
 @triton.jit
@@ -437,17 +439,20 @@ def _sum_row_splits(partials_ptr, out_ptr, out2_ptr, gradient_size, ROW_SPLITS: 
                     SECOND_OUTPUT: tl.constexpr, BLOCK: tl.constexpr):
     """out (and out2) = the sum over s, in order, of the weight gradient's partials [1 or 2, ROW_SPLITS, TW, H]
     fp32, rounded once to out's dtype; one block of BLOCK elements a program."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
-    mask = offsets < gradient_size
+    elements = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    mask = elements < gradient_size
+    partial_offsets = elements  # (BLOCK,) int64: into one run's partials, then the next run's
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for row_split in tl.static_range(ROW_SPLITS):
-        acc += tl.load(partials_ptr + row_split * gradient_size + offsets, mask=mask, other=0.0)
-    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    if SECOND_OUTPUT:
+    for _ in tl.static_range(ROW_SPLITS):
+        acc += tl.load(partials_ptr + partial_offsets, mask=mask, other=0.0)
+        partial_offsets += gradient_size
+    tl.store(out_ptr + elements, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SECOND_OUTPUT:  # the second gradient's partials follow the first's
         acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
-        for row_split in tl.static_range(ROW_SPLITS):
-            acc2 += tl.load(partials_ptr + (ROW_SPLITS + row_split) * gradient_size + offsets, mask=mask, other=0.0)
-        tl.store(out2_ptr + offsets, acc2.to(out2_ptr.dtype.element_ty), mask=mask)
+        for _ in tl.static_range(ROW_SPLITS):
+            acc2 += tl.load(partials_ptr + partial_offsets, mask=mask, other=0.0)
+            partial_offsets += gradient_size
+        tl.store(out2_ptr + elements, acc2.to(out2_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
