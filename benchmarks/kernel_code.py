@@ -44,7 +44,8 @@ OUTPUTS = {
                             "chunk_balance_ptr", "table_ticket_ptr", "aux_loss_ptr"},
     "_scatter_sorted_rows_kernel": {"row_to_flat_ptr", "row_to_token_ptr", "row_expert_ptr", "flat_to_row_ptr"},
     "_expert_rows_gemm": {"out_ptr", "out2_ptr", "out3_ptr", "a_rows_ptr", "partials_ptr"},
-    "_weight_grad_gemm": {"out_ptr", "out2_ptr"},
+    "_weight_grad_gemm": {"out_ptr", "out2_ptr", "partials_ptr"},
+    "_sum_row_splits": {"out_ptr", "out2_ptr"},
     "_activation_backward_rows": {"d_act_ptr", "dh_up_ptr", "d_routing_weights_ptr"},
     "_gather_rows_kernel": {"rows_ptr"},
     "_combine_rows_kernel": {"out_ptr"},
@@ -185,6 +186,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--large", action="store_true", help="take the large-problem paths")
+    parser.add_argument("--row-splits", type=int, default=None,
+                        help="split the weight gradients' rows into this many runs (default: tuning's choice)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for sm_90")
     args = parser.parse_args(argv)
     if args.out is None and not args.direct_launch:
@@ -196,6 +199,10 @@ def main(argv=None) -> int:
 
     host._INTERPRETER = False  # bf16 CPU tensors stand in for the device's
     tuning.running_in_interpreter = lambda: False
+    if args.row_splits is not None:
+        from triton_moe.kernels import grouped_gemm
+
+        grouped_gemm.weight_grad_row_splits = lambda *problem: args.row_splits
     if args.large:
         tuning.has_tma = lambda device: True
         tuning.has_warp_specialization = lambda device: True

@@ -29,12 +29,15 @@ def test_bench_fwd_bwd_writes_a_row_per_implementation(tmp_path):
     assert "skipped scattermoe on 8exp_variable: ScatterMoE supports one expert width only" in result.stdout
 
 
-@pytest.mark.parametrize("options", [[], ["--large", "--activation", "swiglu"]], ids=["small", "large_swiglu"])
+@pytest.mark.parametrize("options", [[], ["--large", "--activation", "swiglu"],
+                                     ["--row-splits", "3", "--activation", "swiglu"]],
+                         ids=["small", "large_swiglu", "row_splits_swiglu"])
 def test_kernel_code_compiles_every_launch_and_finds_only_outputs_written(tmp_path, options):
     """kernel_code.py compiles each launch of a forward + backward for sm_90 without a GPU, and torch.compile's
     mutation analysis finds every kernel writing only its outputs (what it finds written beyond them, Inductor
     would clone before the launch and write back after). The large-problem paths' persistent kernels compile
-    warp-specialised (the specialisation drops out silently where it cannot split their loops)."""
+    warp-specialised (the specialisation drops out silently where it cannot split their loops). With the weight
+    gradients in runs of rows, both gradients and the runs' sums compile and write only their outputs."""
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "kernel_code.py"), "--out", str(tmp_path), "--tokens", "256", *options],
         capture_output=True, text=True, timeout=600)
@@ -42,7 +45,9 @@ def test_kernel_code_compiles_every_launch_and_finds_only_outputs_written(tmp_pa
     ptx_files = sorted(tmp_path.glob("*.ptx"))
     assert len(ptx_files) >= 12  # route, sort, up, down, combine; route backward, dA, dW2, dX, combine, dW1
     assert all(".entry" in path.read_text() for path in ptx_files)
-    if options:  # the large-problem paths: TMA loads of the weights and of the sorted rows
+    if "--row-splits" in options:  # the weight gradients in runs of rows (dW2, dW1 + dV1), then the runs' sums
+        assert result.stdout.count("_sum_row_splits: 4 warps") == 2, result.stdout
+    if "--large" in options:  # the large-problem paths: TMA loads of the weights and of the sorted rows
         assert any("cp.async.bulk.tensor" in path.read_text() for path in ptx_files)
         # the persistent kernels (down; dW2 of SwiGLU), warp-specialised: Triton makes their 4 warps 12
         assert "_persistent_rows_gemm: 12 warps" in result.stdout, result.stdout
