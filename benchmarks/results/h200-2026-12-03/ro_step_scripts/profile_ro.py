@@ -24,8 +24,8 @@ for mode in modes:
         fwd = model if mode == "eager" else torch.compile(model, mode="reduce-overhead" if mode == "reduce-overhead" else None)
         def step(i):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = fwd(*batches[i % 4])
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+                _, loss = fwd(*batches[i % 4])  # noqa: F821 (bound in the loop above)
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()  # noqa: F821
         for i in range(8): step(i)
         torch.cuda.synchronize()
         walls, hosts = [], []

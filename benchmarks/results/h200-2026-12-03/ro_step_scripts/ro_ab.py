@@ -2,7 +2,7 @@
 turn (round-robin), so that the host's pace, which drifts between processes and over minutes, moves every model
 alike: dense, and the MoE layers with the weight gradients' row splits (tuning's choice) and without (forced to 1).
 Wall ms per step (CUDA events), medians over the rounds."""
-import statistics, sys, time
+import statistics, sys
 import torch
 sys.path.insert(0, "benchmarks")
 import bench_train_step as b

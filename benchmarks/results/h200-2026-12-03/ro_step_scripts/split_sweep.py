@@ -1,7 +1,7 @@
 """Row splits of the weight gradients at small problems: the layer's forward + backward from a CUDA graph
 (device time) and the weight-gradient kernels' device time, per fixed split and tuning's choice; then the seed GPT
 step under mode="reduce-overhead" with tuning's splits and with none, alternating."""
-import statistics, sys, time
+import sys
 import torch
 sys.path.insert(0, "benchmarks")
 import harness
