@@ -796,6 +796,8 @@ def test_invalid_arguments_raise_value_error():
                     routing_weights=routing.routing_weights)
     with pytest.raises(ValueError, match="routing_weights are for"):
         weight_grad(hidden_rows, None, x, row_to_token, layout, routing_weights=routing.routing_weights)
+    with pytest.raises(ValueError, match="row_splits"):
+        weight_grad(hidden_rows, None, x, row_to_token, layout, row_splits=0)
     with pytest.raises(ValueError, match="tile_n"):
         GemmTiles(tile_m=32, tile_n=8, tile_k=32, num_warps=1, num_stages=1)
 

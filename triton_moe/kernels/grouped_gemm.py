@@ -889,6 +889,8 @@ def weight_grad(
         rows get zeros.
     """
     layout.check_hidden("hidden_rows", hidden_rows, FLOAT_DTYPES)
+    if row_splits is not None and row_splits < 1:
+        raise ValueError(f"row_splits must be >= 1, got {row_splits}")
     if activation is not None:
         check_activation(activation)
         _check_gated_pair("hidden_rows2", hidden_rows2, activation,
@@ -934,8 +936,6 @@ def weight_grad(
     if row_splits is None:
         row_splits = weight_grad_row_splits(num_tiles, num_rows, layout.num_experts, tiles.tile_k, hidden_rows.dtype,
                                             hidden_rows.device)
-    elif row_splits < 1:
-        raise ValueError(f"row_splits must be >= 1, got {row_splits}")
     partials = None  # (gradients, row_splits, TW, H) fp32: each run's sum
     if row_splits > 1:
         partials = torch.empty((1 + two_gradients, row_splits, *shape), dtype=torch.float32, device=dw.device)
