@@ -460,12 +460,11 @@ def test_weight_grad_row_splits(case, operand, token_rows, monkeypatch):
         if token_rows == "sorted":
             monkeypatch.setattr(grouped_gemm, "tma_readable", lambda matrix: False)
     if operand == "dW2 from h_pre":  # the weighted activation, recomputed on load: dW2 with x's rows as grad_out
-        activation, h_up = "swiglu", dh_up
         h_act_weighted = (F.silu(dh_pre.double()) * dh_up.double() * routing.routing_weights.double()[:, None])
         expected = reference_up_backward(h_act_weighted, None, x, w1, None, routing)[1:2]
-        options = dict(activation=activation, routing_weights=routing.flat_weights,
+        options = dict(activation="swiglu", routing_weights=routing.flat_weights,
                        routing_weight_index=routing.row_to_flat)
-        hidden_rows2 = h_up
+        hidden_rows2 = dh_up  # h_up, the gate's partner
     else:
         gated = operand == "dW1 + dV1"
         hidden_rows2 = dh_up if gated else None

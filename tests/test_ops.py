@@ -217,4 +217,3 @@ def test_frozen_up_projection_keeps_no_sorted_rows(weight_grad_reads, monkeypatc
     layer(make_input((3, 8, 32), torch.float32)).square().sum().backward()
     assert weight_grad_reads == ["sorted", "gathered"]  # dW2, then dW1 (computed, unused)
     assert layer.w1.grad is None and layer.w2.grad is not None
-

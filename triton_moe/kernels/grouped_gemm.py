@@ -348,7 +348,7 @@ def _weight_grad_gemm(
     """
     tile_id = tl.program_id(0)
     row_split = tl.program_id(1)
-    # The tiles depend only on the widths and H: the grid is exact and every program owns a tile.
+    # The tiles depend only on the widths and H: the grid is exact and every program owns a tile (and a run).
     experts = tl.arange(0, EXPERTS_POW2)
     is_expert = experts < num_experts
     widths = tl.load(expert_width_offsets_ptr + experts + 1, mask=is_expert, other=0) - tl.load(
