@@ -353,7 +353,10 @@ def graphed_forward_backward_step(layer, x):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=capture_stream):
         step()
-    return graph.replay
+
+    def replay(step=step):  # step holds the copy's parameters and the inputs, which the graph reads but does not own
+        graph.replay()
+    return replay
 
 
 def kernel_launches(step) -> tuple[list[tuple[str, int, float]], float]:
