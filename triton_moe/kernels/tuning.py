@@ -67,11 +67,12 @@ GPU_16BIT_SMALL_TILES = {
     "down": GemmTiles(64, 128, 64, num_warps=4, num_stages=3),
     "down_backward": GemmTiles(64, 128, 64, num_warps=4, num_stages=3),
     "input_grad": GemmTiles(64, 128, 64, num_warps=4, num_stages=3),
-    "weight_grad": GemmTiles(128, 64, 64, num_warps=4, num_stages=3),  # as fast as 128x128 with 8 warps
+    # 64x64 output tiles make more programs of an exact grid; K steps of 128 rows halve the steps of each
+    "weight_grad": GemmTiles(64, 64, 128, num_warps=4, num_stages=3),
     "weight_grad_sorted": GemmTiles(128, 128, 64, num_warps=4, num_stages=3),  # for a caller handing sorted rows
 }
 
-# A weight gradient's tiles follow from the widths and H alone (8 experts of 384 at hidden 256 make 96 of 128x64),
+# A weight gradient's tiles follow from the widths and H alone (8 experts of 384 at hidden 256 make 192 of 64x64),
 # each summing over its expert's rows, thousands of them in a small problem: where the tiles fill fewer than
 # ROW_SPLIT_PROGRAMS_PER_SM programs per SM, each expert's rows split into runs of at least ROW_SPLIT_MIN_K_STEPS K
 # steps (at the mean rows per expert), up to MAX_ROW_SPLITS, and a second launch adds the runs' fp32 sums,
