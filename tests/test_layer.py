@@ -75,6 +75,30 @@ def test_aux_loss_sums_layers_of_a_model():
     assert triton_moe.aux_loss(nn.Linear(2, 2)).item() == 0
 
 
+def test_aux_loss_detaching_the_layers_keeps_the_gradient_in_the_sum():
+    """aux_loss(model, detach_layers=True): the same sum, through which the routers get the same gradients; each
+    layer keeps its aux loss's value without gradient, and a later call returns the sum without gradient."""
+    config = seed_config("8exp_variable")
+    model = nn.Sequential(*[make_layer(cls, config, torch.float32, seed=i) for i, cls in enumerate(IMPLEMENTATIONS)])
+    x = make_input((12, 256), torch.float32)
+    results = []
+    for detach_layers in (False, True):
+        model.zero_grad(set_to_none=True)
+        model(x)
+        values = [layer.aux_loss.detach().clone() for layer in model]
+        total = triton_moe.aux_loss(model, detach_layers=detach_layers)
+        assert all(layer.aux_loss.requires_grad != detach_layers for layer in model)
+        assert all(torch.equal(layer.aux_loss, value) for layer, value in zip(model, values))
+        total.backward()
+        results.append((total.detach(), [layer.router.weight.grad.clone() for layer in model]))
+    (plain_total, plain_grads), (total, grads) = results
+    assert torch.equal(total, plain_total)
+    for grad, plain_grad in zip(grads, plain_grads):
+        assert torch.equal(grad, plain_grad) and grad.abs().sum() > 0
+    later = triton_moe.aux_loss(model)
+    assert torch.equal(later, total) and not later.requires_grad
+
+
 def test_deepcopy_after_a_training_forward(layer):
     """An EMA model or a best-model snapshot: the copy has the same weights and output, and no aux loss of its own
     until it runs."""

@@ -134,6 +134,51 @@ def test_compiled_graphs_read_nothing_back_to_the_host(name):
     assert all(value.numel() > 0 for value in backward_inputs if isinstance(value, torch.Tensor))
 
 
+class _TwoBlocks(torch.nn.Module):
+    """Two blocks of compile_block's kind whose forward returns a loss with the layers' aux losses in it, as a
+    nanoGPT forward does."""
+
+    def __init__(self, config, detach_layers):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(compile_block(config)[0], compile_block(config)[0])
+        self.detach_layers = detach_layers
+
+    def forward(self, x):
+        return self.blocks(x).square().sum() + triton_moe.aux_loss(self, detach_layers=self.detach_layers)
+
+
+def test_compiled_backward_takes_no_gradient_of_detached_aux_losses():
+    """A compiled forward that sums the aux losses with detach_layers=True hands its backward graph one gradient
+    (the loss's) instead of one more per layer (each layer's aux_loss, which leaves the graph as module state: AOT
+    autograd fills its missing gradient with zeros on every step). The gradients are the same either way."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    config = CONFIGS["variable"]
+    results = []
+    for detach_layers in (False, True):
+        torch._dynamo.reset()
+        backward_graphs = []
+
+        def keep_graph(graph_module, example_inputs):
+            return graph_module
+
+        def keep_backward(graph_module, example_inputs):
+            backward_graphs.append(graph_module)
+            return graph_module
+
+        torch.manual_seed(0)
+        model = _TwoBlocks(config, detach_layers).to(DEVICE)
+        backend = aot_autograd(fw_compiler=keep_graph, bw_compiler=keep_backward)
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        compiled(make_input((3, 8, config.hidden_size), torch.float32)).backward()
+        [backward] = backward_graphs
+        tangents = [node for node in backward.graph.nodes if node.op == "placeholder" and "tangents" in node.name]
+        assert len(tangents) == (1 if detach_layers else 3)
+        results.append([param.grad for param in model.parameters()])
+    for grad, plain_grad in zip(*reversed(results)):
+        assert torch.equal(grad, plain_grad)
+
+
 @pytest.fixture
 def weight_grad_reads(monkeypatch):
     """The token rows of each weight_grad call the expert MLP makes, in order: "gathered" or "sorted". Skips where

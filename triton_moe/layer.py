@@ -197,11 +197,22 @@ class MoELayer(nn.Module):
                 f"hidden_size={cfg.hidden_size}, activation={cfg.activation!r}")
 
 
-def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of the last forward's weighted auxiliary losses over all MoE layers of `model` (0 if none ran)."""
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoELayer) and m.aux_loss is not None]
-    if not losses:
+def aux_loss(model: nn.Module, detach_layers: bool = False) -> torch.Tensor:
+    """Sum of the last forward's weighted auxiliary losses over all MoE layers of `model` (0 if none ran).
+
+    detach_layers: also leave each layer's `aux_loss` without gradient (its value stays, for logging), so that the
+    sum returned here is the only way from the aux losses to the gradients: the call that puts them into the loss.
+    Inside a forward that torch.compile compiles, this keeps the layers' aux losses, which leave the compiled graph
+    as module state, out of its backward: AOTAutograd otherwise hands that backward a zero gradient for each of
+    them every step, a launch and a copy each under CUDA graphs. A later call returns the sum without gradient.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.aux_loss is not None]
+    if not layers:
         param = next(model.parameters(), None)
         return torch.zeros((), device=param.device if param is not None else None)
-    return torch.stack(losses).sum()
+    total = torch.stack([layer.aux_loss for layer in layers]).sum()
+    if detach_layers:
+        for layer in layers:
+            layer.aux_loss = layer.aux_loss.detach()
+    return total
 

@@ -132,7 +132,9 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss + aux_loss(self)
+        # detach_layers: the sum is the aux losses' one way into the loss, which spares a compiled backward a zero
+        # gradient per layer (triton_moe.aux_loss)
+        return logits, loss + aux_loss(self, detach_layers=True)
 
 
 # ---------------------------------------------------------------- the byte-level corpus it trains on
