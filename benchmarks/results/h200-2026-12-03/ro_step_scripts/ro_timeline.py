@@ -15,7 +15,7 @@ for mlp in ("dense", "triton_uniform", "triton_variable"):
     model = b.build_model(scale, mlp)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fwd = torch.compile(model, mode="reduce-overhead")
-    def step(i):
+    def step(i, fwd=fwd, opt=opt):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = fwd(*batches[i % 8])
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
