@@ -159,7 +159,7 @@ def test_compiled_backward_takes_no_gradient_of_detached_aux_losses():
         torch._dynamo.reset()
         backward_graphs = []
 
-        def keep_graph(graph_module, example_inputs):
+        def as_is(graph_module, example_inputs):
             return graph_module
 
         def keep_backward(graph_module, example_inputs):
@@ -168,7 +168,7 @@ def test_compiled_backward_takes_no_gradient_of_detached_aux_losses():
 
         torch.manual_seed(0)
         model = _TwoBlocks(config, detach_layers).to(DEVICE)
-        backend = aot_autograd(fw_compiler=keep_graph, bw_compiler=keep_backward)
+        backend = aot_autograd(fw_compiler=as_is, bw_compiler=keep_backward)
         compiled = torch.compile(model, backend=backend, fullgraph=True)
         compiled(make_input((3, 8, config.hidden_size), torch.float32)).backward()
         [backward] = backward_graphs

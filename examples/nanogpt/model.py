@@ -146,7 +146,7 @@ class GPT(nn.Module):
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
             if self.training:  # MoE: (4) the experts' aux loss trains the routers; eval reports cross-entropy
-                loss = loss + aux_loss(self, detach_layers=True)  # the layers' own copies leave no extra gradient
+                loss = loss + aux_loss(self, detach_layers=True)  # the layers keep theirs without gradient
         else:
             logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
             loss = None
