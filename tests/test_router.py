@@ -122,8 +122,8 @@ def test_aux_loss_left_out_of_the_loss():
     for name, got_grad, want_grad in zip(("x", "router_weight"), *grads):
         assert_close(f"grad of {name}", got_grad, want_grad)
     logits = (x @ router_weight.T).detach()  # (N, E)
-    _, expert_indices, _, _, _, tokens_per_expert, _ = route_kernels.topk_softmax(logits, 8, True, 0.5, 0.1)
-    arguments = (logits, expert_indices, tokens_per_expert, True, 0.5, 0.1)
+    *_, expert_row_offsets = route_kernels.topk_softmax(logits, 8, True, 0.5, 0.1)
+    arguments = (logits, expert_row_offsets, True, 0.5, 0.1)
     without = route_kernels.topk_softmax_backward(upstream, None, *arguments)
     with_zero = route_kernels.topk_softmax_backward(upstream, torch.zeros((), device=DEVICE), *arguments)
     assert torch.equal(without, with_zero)
@@ -136,10 +136,10 @@ def test_split_gradient_keeps_twice_the_precision(split_dtype):
     num_tokens, num_experts, top_k = 300, 64, 8
     x, router_weight = make_router_inputs(num_tokens, num_experts)
     logits = (x @ router_weight.T).detach()  # (N, E)
-    _, expert_indices, _, _, _, tokens_per_expert, _ = route_kernels.topk_softmax(logits, top_k, True, 0.5, 0.1)
+    *_, expert_row_offsets = route_kernels.topk_softmax(logits, top_k, True, 0.5, 0.1)
     grad_weights = torch.randn((num_tokens, top_k), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     grad_aux = torch.tensor(3.0, device=DEVICE)
-    arguments = (grad_weights, grad_aux, logits, expert_indices, tokens_per_expert, True, 0.5, 0.1)
+    arguments = (grad_weights, grad_aux, logits, expert_row_offsets, True, 0.5, 0.1)
     want = route_kernels.topk_softmax_backward(*arguments)  # (N, E) fp32
     halves = route_kernels.topk_softmax_backward(*arguments, split_dtype=split_dtype)  # (N, 2E)
     assert halves.shape == (num_tokens, 2 * num_experts) and halves.dtype == split_dtype
@@ -274,6 +274,39 @@ def test_ties_do_not_change_the_weights():
     assert_close("routing_weights", got.routing_weights, want.routing_weights)
 
 
+def test_backward_picks_the_forward_experts_among_ties():
+    """The backward picks each token's experts again from the logits: among exact ties, the ones the forward took
+    (the lowest), so the gradient reaches the logits of the experts whose weights the loss used."""
+    num_experts, top_k = 16, 4
+    generator = torch.Generator().manual_seed(0)
+    x = torch.eye(HIDDEN)[torch.randint(0, HIDDEN, (64,), generator=generator)].to(DEVICE).requires_grad_()
+    router_weight = torch.randint(0, 3, (num_experts, HIDDEN), generator=generator).float().to(DEVICE)
+    router_weight.requires_grad_()
+    upstream = torch.randn((64, top_k), generator=generator).to(DEVICE)  # (N, k): a different gradient per slot
+    routing = fused_route(x, router_weight, make_config(num_experts, top_k))
+    got = torch.autograd.grad((routing.routing_weights * upstream).sum(), (x, router_weight))
+    # The same weights in torch, at the experts the forward took.
+    probs = torch.softmax(x @ router_weight.T, dim=1)  # (N, E)
+    weights = probs.gather(1, routing.expert_indices)  # (N, k)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    want = torch.autograd.grad((weights * upstream).sum(), (x, router_weight))
+    for name, got_grad, want_grad in zip(("x", "router_weight"), got, want):
+        assert_close(f"grad of {name}", got_grad, want_grad)
+
+
+def test_route_keeps_no_indices_for_its_backward():
+    """The route's backward takes x, the router weight, the logits and expert_row_offsets (which the expert MLP
+    keeps as well): not the [N, k] expert indices nor the counts, one tensor each less between a compiled forward
+    and its backward."""
+    x, router_weight = make_router_inputs(37, 8)
+    routing = fused_route(x, router_weight, make_config(8, 2))
+    saved = routing.routing_weights.grad_fn.saved_tensors
+    want = (x, router_weight, routing.router_logits, routing.sort_tables.expert_row_offsets)
+    assert len(saved) == len(want)
+    for saved_tensor, want_tensor in zip(saved, want):
+        assert saved_tensor.data_ptr() == want_tensor.data_ptr()
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the softmax of a row of -inf is NaN
 def test_infinite_and_nan_logits_pick_real_distinct_experts():
     """-inf logits rank above padding and taken experts, NaN above everything (as torch.topk ranks NaN): every
@@ -332,20 +365,23 @@ def test_launchers_name_the_bad_argument():
         ("top_k", lambda: route_kernels.topk_softmax(logits, 0, True, 0.0, 0.0)),
         ("z_loss_coef", lambda: route_kernels.topk_softmax(logits, 2, True, 0.0, -1.0)),
         ("grad_routing_weights", lambda: route_kernels.topk_softmax_backward(
-            torch.zeros((4, 3), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
-            torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
+            torch.zeros((4, 9), device=DEVICE), torch.zeros((), device=DEVICE), logits, row_offsets, True, 0.0, 0.0)),
+        ("grad_routing_weights", lambda: route_kernels.topk_softmax_backward(
+            torch.zeros((3, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, row_offsets, True, 0.0, 0.0)),
         ("grad_aux_loss", lambda: route_kernels.topk_softmax_backward(
-            torch.zeros((4, 2), device=DEVICE), torch.zeros(1, device=DEVICE), logits, indices,
-            torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
-        ("tokens_per_expert", lambda: route_kernels.topk_softmax_backward(
-            torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
-            torch.zeros(7, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0)),
+            torch.zeros((4, 2), device=DEVICE), torch.zeros(1, device=DEVICE), logits, row_offsets, True, 0.0, 0.0)),
+        ("expert_row_offsets", lambda: route_kernels.topk_softmax_backward(
+            torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, row_offsets[:8], True, 0.0,
+            0.0)),
+        ("expert_row_offsets", lambda: route_kernels.topk_softmax_backward(
+            torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, row_offsets.int(), True,
+            0.0, 0.0)),
         ("grad_router_logits", lambda: route_kernels.topk_softmax_backward(
-            torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
-            torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0, grad_router_logits=logits[:, :7])),
+            torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, row_offsets, True, 0.0, 0.0,
+            grad_router_logits=logits[:, :7])),
         ("split_dtype", lambda: route_kernels.topk_softmax_backward(
-            torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, indices,
-            torch.zeros(8, dtype=torch.int64, device=DEVICE), True, 0.0, 0.0, split_dtype=torch.float32)),
+            torch.zeros((4, 2), device=DEVICE), torch.zeros((), device=DEVICE), logits, row_offsets, True, 0.0, 0.0,
+            split_dtype=torch.float32)),
         ("expert_indices", lambda: sort_kernels.count_expert_segments(indices.float(), 8)),
         ("expert_indices", lambda: sort_kernels.count_expert_segments(indices.T, 8)),
         ("num_experts", lambda: sort_kernels.count_expert_segments(indices, 0)),

@@ -82,15 +82,15 @@ def route_forward(x: Tensor, router_weight: Tensor, top_k: int, normalize_weight
 
 def route_backward(
     grad_routing_weights: Tensor, grad_aux_loss: Tensor | None, grad_router_logits: Tensor | None, x: Tensor,
-    router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, tokens_per_expert: Tensor,
-    normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
+    router_weight: Tensor, router_logits: Tensor, expert_row_offsets: Tensor, normalize_weights: bool,
+    load_balance_coef: float, z_loss_coef: float,
 ) -> tuple[Tensor, Tensor]:
     """(grad_x [N, H], grad_router_weight [E, H]) in their inputs' dtypes: the top-k softmax's backward kernel,
     then the router GEMM's two products."""
     tensor_cores = _tensor_core_router(x, router_weight)
     grad_logits = topk_softmax_backward(  # (N, E) fp32, or (N, 2E) bf16: hi | lo
-        grad_routing_weights, grad_aux_loss, router_logits, expert_indices, tokens_per_expert,
-        normalize_weights, load_balance_coef, z_loss_coef, grad_router_logits,
+        grad_routing_weights, grad_aux_loss, router_logits, expert_row_offsets, normalize_weights,
+        load_balance_coef, z_loss_coef, grad_router_logits,
         split_dtype=torch.bfloat16 if tensor_cores else None)
     with _autocast_off(x.device.type):
         if not tensor_cores:
@@ -136,24 +136,28 @@ def _(x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef
 @torch.library.custom_op("triton_moe::route_backward", mutates_args=())
 def _route_backward(
     grad_routing_weights: Tensor, grad_aux_loss: Tensor | None, grad_router_logits: Tensor | None, x: Tensor,
-    router_weight: Tensor, router_logits: Tensor, expert_indices: Tensor, tokens_per_expert: Tensor,
-    normalize_weights: bool, load_balance_coef: float, z_loss_coef: float,
+    router_weight: Tensor, router_logits: Tensor, expert_row_offsets: Tensor, normalize_weights: bool,
+    load_balance_coef: float, z_loss_coef: float,
 ) -> tuple[Tensor, Tensor]:
     """(grad_x [N, H], grad_router_weight [E, H]); see route_backward."""
     return route_backward(grad_routing_weights, grad_aux_loss, grad_router_logits, x, router_weight, router_logits,
-                          expert_indices, tokens_per_expert, normalize_weights, load_balance_coef, z_loss_coef)
+                          expert_row_offsets, normalize_weights, load_balance_coef, z_loss_coef)
 
 
 @_route_backward.register_fake
-def _(grad_routing_weights, grad_aux_loss, grad_router_logits, x, router_weight, router_logits, expert_indices,
-      tokens_per_expert, normalize_weights, load_balance_coef, z_loss_coef):
+def _(grad_routing_weights, grad_aux_loss, grad_router_logits, x, router_weight, router_logits, expert_row_offsets,
+      normalize_weights, load_balance_coef, z_loss_coef):
     return torch.empty_like(x), torch.empty_like(router_weight)
 
 
 def _setup_context(ctx, inputs, output):
-    x, router_weight, _, normalize_weights, load_balance_coef, z_loss_coef = inputs
-    router_logits, _, expert_indices, _, _, _, tokens_per_expert, _ = output
-    ctx.save_for_backward(x, router_weight, router_logits, expert_indices, tokens_per_expert)
+    x, router_weight, top_k, normalize_weights, load_balance_coef, z_loss_coef = inputs
+    router_logits, *_, expert_row_offsets = output
+    # The backward picks the experts again from the logits, and counts them from expert_row_offsets, which the
+    # expert MLP keeps too: under torch.compile each saved tensor is an output of the forward graph and an input of
+    # the backward graph, with host work at both ends every step.
+    ctx.save_for_backward(x, router_weight, router_logits, expert_row_offsets)
+    ctx.top_k = top_k
     ctx.loss_arguments = (normalize_weights, load_balance_coef, z_loss_coef)
     # Autograd would otherwise hand the backward zero gradients for the five index and count outputs: a launch each.
     ctx.set_materialize_grads(False)
@@ -163,14 +167,14 @@ def _backward(ctx, grads, backward) -> tuple:
     """The autograd backward of the route, its work done by `backward` (the custom op or the plain function);
     grads: the gradients of the route's eight outputs: the logits', the weights' and the aux loss's are used."""
     grad_router_logits, grad_routing_weights, _, grad_aux_loss = grads[:4]
-    x, router_weight, router_logits, expert_indices, tokens_per_expert = ctx.saved_tensors
+    x, router_weight, router_logits, expert_row_offsets = ctx.saved_tensors
     if grad_routing_weights is None:  # only the aux loss (or the logits) reached the loss
-        grad_routing_weights = router_logits.new_zeros(expert_indices.shape)
+        grad_routing_weights = router_logits.new_zeros((router_logits.shape[0], ctx.top_k))
     # None for the aux loss (left out of the loss) or the logits: the kernel skips that term.
     contiguous = lambda grad: None if grad is None else grad.contiguous()
     grad_x, grad_router_weight = backward(
         grad_routing_weights.contiguous(), contiguous(grad_aux_loss), contiguous(grad_router_logits), x,
-        router_weight, router_logits, expert_indices, tokens_per_expert, *ctx.loss_arguments)
+        router_weight, router_logits, expert_row_offsets, *ctx.loss_arguments)
     return grad_x, grad_router_weight, None, None, None, None
 
 

@@ -9,8 +9,9 @@ Forward (N tokens, E experts, k slots; the tokens are cut into segments of route
                                segment starts, assignments per expert) and sums the aux loss's partials; the last
                                program to finish scans the experts' totals (expert_row_offsets) and adds up the aux loss
 Backward:
-    _topk_softmax_backward_kernel   per tile of tokens: recomputes the softmax from the logits -> grad of the logits
-                                    (fp32, or split into two 16-bit halves for the router's tensor-core GEMMs)
+    _topk_softmax_backward_kernel   per tile of tokens: recomputes the softmax and the top-k picks from the logits
+                                    -> grad of the logits (fp32, or split into two 16-bit halves for the router's
+                                    tensor-core GEMMs)
 Every reduction runs in a fixed order, so every result is bitwise reproducible. Every size follows from the input
 shapes, so nothing synchronises with the host.
 """
@@ -49,6 +50,19 @@ def _softmax_rows(logits_ptr, tokens, experts, num_tokens, num_experts):
 
 
 @triton.jit
+def _top_k_scores(logits, expert_mask):
+    """What the top k are picked on, slot by slot (argmax, ties to the lowest expert, the pick then set to -inf).
+
+    Softmax is monotonic, so the top k are picked on the logits, exactly, whatever rounding the exponential has
+    here or in torch. Like torch.topk on probabilities, NaN ranks above everything, ties go to the lowest expert,
+    and a real expert even at logit -inf ranks above padding and taken experts: every pick is a real, new expert.
+    The forward and the backward pick from these scores alike, so the backward finds the forward's experts.
+    """
+    scores = tl.where(logits != logits, float("inf"), tl.maximum(logits, -_FP32_MAX))
+    return tl.where(expert_mask[None, :], scores, float("-inf"))
+
+
+@triton.jit
 def _topk_softmax_kernel(
     logits_ptr, routing_weights_ptr, expert_indices_ptr, ranks_in_segment_ptr,
     segment_prob_sums_ptr, segment_expert_counts_ptr, segment_lse_sq_sums_ptr, table_ticket_ptr,
@@ -82,12 +96,7 @@ def _topk_softmax_kernel(
         token_mask = tokens < num_tokens
         probs, lse, logits = _softmax_rows(logits_ptr, tokens, experts, num_tokens, num_experts)
 
-        # Softmax is monotonic, so the top k are picked on the logits, exactly, whatever rounding the exponential
-        # has here or in torch. Like torch.topk on probabilities, NaN ranks above everything, ties go to the lowest
-        # expert, and a real expert even at logit -inf ranks above padding and taken experts: every pick is a
-        # real, new expert.
-        scores = tl.where(logits != logits, float("inf"), tl.maximum(logits, -_FP32_MAX))
-        scores = tl.where(expert_mask[None, :], scores, float("-inf"))  # (TILE_TOKENS, EXPERTS_POW2)
+        scores = _top_k_scores(logits, expert_mask)  # (TILE_TOKENS, EXPERTS_POW2)
         slot_of_expert = tl.full((TILE_TOKENS, EXPERTS_POW2), -1, tl.int32)  # the slot that took (token, expert)
         weights = tl.zeros((TILE_TOKENS, TOP_K_POW2), dtype=tl.float32)
         indices = tl.zeros((TILE_TOKENS, TOP_K_POW2), dtype=tl.int32)
@@ -129,7 +138,7 @@ def _topk_softmax_kernel(
 
 @triton.jit
 def _topk_softmax_backward_kernel(
-    grad_weights_ptr, grad_aux_loss_ptr, logits_ptr, expert_indices_ptr, tokens_per_expert_ptr,
+    grad_weights_ptr, grad_aux_loss_ptr, logits_ptr, expert_row_offsets_ptr,
     grad_logits_in_ptr, grad_logits_ptr,
     num_tokens, num_experts, prob_sum_grad_scale, lse_sq_grad_scale,
     TOP_K: tl.constexpr,
@@ -142,6 +151,10 @@ def _topk_softmax_backward_kernel(
 ):
     """grad_logits of one tile of TILE_TOKENS tokens, from the weights' gradient and (if HAS_GRAD_AUX) the aux
     loss's, plus the logits' own gradient at grad_logits_in_ptr when HAS_GRAD_LOGITS_IN.
+
+    The experts of each token's slots are picked again from the logits, as the forward picked them (_top_k_scores),
+    and each expert's assignments are the difference of expert_row_offsets [E + 1]: the forward's expert_indices and
+    tokens_per_expert need not be kept for the backward.
 
     Stored as fp32 [N, E], or with SPLIT as [N, 2E] of grad_logits_ptr's 16-bit dtype: hi = the gradient rounded,
     in columns [0, E), and lo = the gradient minus hi, rounded, in columns [E, 2E), so that hi + lo keeps about
@@ -157,16 +170,18 @@ def _topk_softmax_backward_kernel(
     experts = tl.arange(0, EXPERTS_POW2)  # (EXPERTS_POW2,)
     token_mask = tokens < num_tokens
     expert_mask = experts < num_experts
-    probs, lse, _ = _softmax_rows(logits_ptr, tokens, experts, num_tokens, num_experts)
+    probs, lse, logits = _softmax_rows(logits_ptr, tokens, experts, num_tokens, num_experts)
+    scores = _top_k_scores(logits, expert_mask)  # (TILE_TOKENS, EXPERTS_POW2)
 
     grad_selected = tl.zeros((TILE_TOKENS, EXPERTS_POW2), dtype=tl.float32)  # g_j at the expert of slot j
     chosen_any = tl.zeros((TILE_TOKENS, EXPERTS_POW2), dtype=tl.int1)
     selected_sum = tl.zeros((TILE_TOKENS,), dtype=tl.float32)  # S
     grad_dot_selected = tl.zeros((TILE_TOKENS,), dtype=tl.float32)  # sum_j g_j s_j
     for slot in range(TOP_K):  # not unrolled, as in the forward
-        expert = tl.load(expert_indices_ptr + tokens * TOP_K + slot, mask=token_mask, other=0)
+        expert = tl.argmax(scores, axis=1, tie_break_left=True)  # (TILE_TOKENS,)
         grad = tl.load(grad_weights_ptr + tokens * TOP_K + slot, mask=token_mask, other=0.0)
         chosen = experts[None, :] == expert[:, None]  # (TILE_TOKENS, EXPERTS_POW2)
+        scores = tl.where(chosen, float("-inf"), scores)
         grad_selected = tl.where(chosen, grad[:, None], grad_selected)
         chosen_any = chosen_any | chosen
         if NORMALIZE:
@@ -182,7 +197,8 @@ def _topk_softmax_backward_kernel(
     if HAS_GRAD_AUX:
         grad_aux = tl.load(grad_aux_loss_ptr)
         # d aux / d(sum over tokens of p_e) is proportional to the (constant) count of expert e.
-        counts = tl.load(tokens_per_expert_ptr + experts, mask=expert_mask, other=0).to(tl.float32)
+        counts = (tl.load(expert_row_offsets_ptr + experts + 1, mask=expert_mask, other=0)
+                  - tl.load(expert_row_offsets_ptr + experts, mask=expert_mask, other=0)).to(tl.float32)
         grad_probs += (grad_aux * prob_sum_grad_scale) * counts[None, :]
     grad_probs_dot = tl.sum(probs * grad_probs, axis=1)  # (TILE_TOKENS,)
     grad_logits = probs * (grad_probs - grad_probs_dot[:, None])
@@ -256,8 +272,8 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
         then what sort_by_expert_segments takes, with segment_assignments = B * k for segments of
         B = route_segment_tokens(N, E) tokens: segment_expert_starts [cdiv(N, B), E] int32, the assignments to each
             expert in the segments before each segment; ranks_in_segment [N, k] int32, each assignment's rank among the
-            earlier ones of its segment with the same expert; tokens_per_expert [E] int64 (the assignments of each
-            expert: what topk_softmax_backward takes); expert_row_offsets [E + 1] int64, their exclusive scan.
+            earlier ones of its segment with the same expert; tokens_per_expert [E] int64, the assignments of each
+            expert; expert_row_offsets [E + 1] int64, their exclusive scan (what topk_softmax_backward takes).
     """
     check_tensor_dim("router_logits", router_logits, 2, (torch.float32,))
     num_tokens, num_experts = router_logits.shape
@@ -301,17 +317,17 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, normalize_weights: boo
 
 
 def topk_softmax_backward(grad_routing_weights: torch.Tensor, grad_aux_loss: torch.Tensor,
-                          router_logits: torch.Tensor, expert_indices: torch.Tensor,
-                          tokens_per_expert: torch.Tensor, normalize_weights: bool, load_balance_coef: float,
-                          z_loss_coef: float, grad_router_logits: torch.Tensor | None = None,
+                          router_logits: torch.Tensor, expert_row_offsets: torch.Tensor, normalize_weights: bool,
+                          load_balance_coef: float, z_loss_coef: float, grad_router_logits: torch.Tensor | None = None,
                           split_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Gradient of topk_softmax's routing_weights and aux_loss with respect to the logits, in one launch.
 
     Args:
-        grad_routing_weights: [N, k] fp32.
+        grad_routing_weights: [N, k] fp32; k is topk_softmax's top_k.
         grad_aux_loss: [] fp32, read on the device; None when the aux loss had no gradient (it is left out).
-        router_logits: [N, E] fp32, expert_indices [N, k] int64 and tokens_per_expert [E] int64 as given
-            to and returned by topk_softmax; normalize_weights and the coefficients as given to it.
+        router_logits: [N, E] fp32 as given to topk_softmax, and expert_row_offsets [E + 1] int64 as it returned
+            them; normalize_weights and the coefficients as given to it. The kernel picks each token's experts
+            again from the logits, as topk_softmax did.
         grad_router_logits: None, or [N, E] fp32, a gradient the logits received directly, added to the result.
         split_dtype: None, or torch.bfloat16 / torch.float16: return the gradient g as two 16-bit halves side by
             side, hi = g rounded to split_dtype and lo = (g - hi) rounded, so that a 16-bit GEMM of [hi | lo]
@@ -321,17 +337,15 @@ def topk_softmax_backward(grad_routing_weights: torch.Tensor, grad_aux_loss: tor
     """
     check_tensor_dim("router_logits", router_logits, 2, (torch.float32,))
     num_tokens, num_experts = router_logits.shape
-    check_tensor_dim("expert_indices", expert_indices, 2, (torch.int64,))
-    if expert_indices.shape[0] != num_tokens or not 1 <= expert_indices.shape[1] <= num_experts:
-        raise ValueError(f"expert_indices must be [N, k] with N = {num_tokens} and 1 <= k <= {num_experts}, "
-                         f"got shape {tuple(expert_indices.shape)}")
-    top_k = expert_indices.shape[1]
     check_tensor_dim("grad_routing_weights", grad_routing_weights, 2, (torch.float32,))
-    check_shape("grad_routing_weights", grad_routing_weights, expert_indices.shape)
+    if grad_routing_weights.shape[0] != num_tokens or not 1 <= grad_routing_weights.shape[1] <= num_experts:
+        raise ValueError(f"grad_routing_weights must be [N, k] with N = {num_tokens} and 1 <= k <= {num_experts}, "
+                         f"got shape {tuple(grad_routing_weights.shape)}")
+    top_k = grad_routing_weights.shape[1]
     if grad_aux_loss is not None:
         check_tensor_dim("grad_aux_loss", grad_aux_loss, 0, (torch.float32,))
-    check_tensor_dim("tokens_per_expert", tokens_per_expert, 1, (torch.int64,))
-    check_shape("tokens_per_expert", tokens_per_expert, (num_experts,))
+    check_tensor_dim("expert_row_offsets", expert_row_offsets, 1, (torch.int64,))
+    check_shape("expert_row_offsets", expert_row_offsets, (num_experts + 1,))
     if grad_router_logits is not None:
         check_tensor_shape("grad_router_logits", grad_router_logits, router_logits.shape, (torch.float32,))
     if split_dtype not in (None, torch.bfloat16, torch.float16):
@@ -348,8 +362,7 @@ def topk_softmax_backward(grad_routing_weights: torch.Tensor, grad_aux_loss: tor
     # aux_loss = load_balance_coef * E * sum_e (count_e / (N k)) (prob_sum_e / N) + z_loss_coef * lse_sq_sum / N.
     prob_sum_grad_scale = load_balance_coef * num_experts / (num_tokens * top_k * num_tokens)
     traceable(_topk_softmax_backward_kernel)[(ceil_div(num_tokens, tile_tokens),)](
-        grad_routing_weights, grad_aux_loss, router_logits, expert_indices, tokens_per_expert,
-        grad_router_logits, grad_logits,
+        grad_routing_weights, grad_aux_loss, router_logits, expert_row_offsets, grad_router_logits, grad_logits,
         num_tokens, num_experts, prob_sum_grad_scale, z_loss_coef / num_tokens,
         TOP_K=top_k, NORMALIZE=bool(normalize_weights), HAS_GRAD_AUX=grad_aux_loss is not None,
         HAS_GRAD_LOGITS_IN=grad_router_logits is not None, SPLIT=split_dtype is not None, TILE_TOKENS=tile_tokens,
