@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from triton_moe.kernels import (
     ExpertLayout,
@@ -592,6 +593,17 @@ def test_persistent_kernels_only_where_they_serve(monkeypatch):
     assert takes(hidden_rows, weight) and takes(hidden_rows, weight[:, :48].contiguous())  # H below a tile too
     assert not takes(hidden_rows.float(), weight.float())  # fp32: FMA tiles
     assert not takes(hidden_rows[:, :36].contiguous(), weight)  # rows of 72 bytes
+    storage = torch.zeros(192 * 64 + 1, dtype=torch.float16, device=device)
+    assert not takes(hidden_rows, storage[1:].view(192, 64))  # a start 2 bytes past 16-byte alignment
+    # Inside a trace (torch.compile), without addresses: by the offset into the storage. Host-side descriptors
+    # (tma_readable) are never made there.
+    with FakeTensorMode():
+        fake_rows = torch.empty(8, 128, dtype=torch.float16, device=device)  # (R, max_width)
+        fake_storage = torch.empty(192 * 64 + 8, dtype=torch.float16, device=device)
+        assert takes(fake_rows, fake_storage[:192 * 64].view(192, 64))
+        assert takes(fake_rows, fake_storage[8:].view(192, 64))  # 16 bytes in
+        assert not takes(fake_rows, fake_storage[1:192 * 64 + 1].view(192, 64))
+        assert not tuning.tma_readable(fake_storage[:192 * 64].view(192, 64))
     monkeypatch.setattr(tuning, "PERSISTENT_MIN_ROWS_X_HIDDEN", 8 * 64 + 1)
     assert not takes(hidden_rows, weight)  # a small problem
     fits = tuning.widths_fit_k_steps

@@ -253,6 +253,40 @@ def test_large_problem_kernels_leave_the_layer_as_it_was(name, activation, dtype
             assert torch.equal(large[key], small[key]), key
 
 
+def test_compiled_layer_takes_the_persistent_kernels(monkeypatch):
+    """Under torch.compile a large 16-bit problem on Hopper takes the persistent kernels, as eagerly: Inductor's
+    code launches them (down and dX; dW2 and dW1 over the sorted rows), with tuning's thresholds at 0 for this size.
+    The output and every gradient agree with eager's within bf16 rounding (eagerly the gathering GEMMs read the
+    weights by TMA, in a trace by pointers; Inductor fuses the routing's elementwise ops)."""
+    from torch._inductor.utils import run_and_get_code
+
+    if not ON_GPU or not triton_moe.kernels.tuning.has_warp_specialization(torch.device(DEVICE)):
+        pytest.skip("Inductor launches the persistent kernels on Hopper only")
+    torch._dynamo.reset()
+    use_problem_size_kernels("large", monkeypatch)
+    config = CONFIGS["uniform"]
+    layer = make_layer(triton_moe.MoEMLP, config, torch.bfloat16)
+    x = make_input((24, config.hidden_size), torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True)
+    results = []
+    for run in (layer, compiled):
+        def forward_backward(run=run):
+            layer.zero_grad(set_to_none=True)
+            x_leaf = x.clone().requires_grad_()
+            out = run(x_leaf)
+            (out.float().square().sum() + layer.aux_loss).backward()
+            return [out.detach(), x_leaf.grad] + [param.grad for param in layer.parameters()]
+        if run is compiled:
+            result, codes = run_and_get_code(forward_backward)
+            code = "\n".join(codes)
+            assert code.count("_persistent_rows_gemm") and code.count("_persistent_weight_grad"), code[-3000:]
+        else:
+            result = forward_backward()
+        results.append(result)
+    for eager, compiled_result in zip(*results):
+        assert rel_l2_error(compiled_result, eager) < 1e-2
+
+
 def test_frozen_up_projection_keeps_no_sorted_rows(weight_grad_reads, monkeypatch):
     """With w1 frozen the forward keeps no copy of x's rows (dW1 is not needed), while dW2 still reads grad_out's
     sorted rows; the sorted path is forced at this size."""

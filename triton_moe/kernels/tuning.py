@@ -10,6 +10,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from triton_moe.kernels.host import next_power_of_2, running_in_interpreter, tracing
 
@@ -150,14 +151,31 @@ def tma_reads_rows(num_rows: int, row_bytes: int, device: torch.device) -> bool:
     return has_tma(device) and row_bytes % 16 == 0 and num_rows < 2**31
 
 
+def _starts_aligned(matrix: torch.Tensor) -> bool:
+    """Whether `matrix` starts 16-byte aligned. Inside a trace (torch.compile), where a tensor has no address: where
+    its offset into its storage is a multiple of 16 bytes, for Inductor allocates its buffers aligned, and copies a
+    graph input that is not aligned where its code assumes it is."""
+    if tracing():
+        return statically_known_true(matrix.storage_offset() * matrix.element_size() % 16 == 0)
+    return matrix.data_ptr() % 16 == 0
+
+
 def tma_readable(matrix: torch.Tensor) -> bool:
-    """Whether contiguous [rows, cols] `matrix` can be read through a TMA descriptor (its start 16-byte aligned).
-    Never inside a trace: torch.library.wrap_triton does not carry host-side descriptors into the graph on every
-    torch release, so a traced launch reads by pointers."""
+    """Whether contiguous [rows, cols] `matrix` can be read through a TMA descriptor made on the host (its start
+    16-byte aligned). Never inside a trace: there (torch 2.11, triton 3.6) the layer's launches with host-side
+    descriptors failed to compile, functionalisation writing back into a weight that requires grad, so a traced
+    launch reads by pointers."""
     if tracing():
         return False
+    return kernel_tma_readable(matrix)
+
+
+def kernel_tma_readable(matrix: torch.Tensor) -> bool:
+    """Whether a kernel can read contiguous [rows, cols] `matrix` through a TMA descriptor it makes itself (on the
+    device, as the persistent kernels do): its start 16-byte aligned (_starts_aligned, inside a trace too) and its
+    rows what TMA reads."""
     row_bytes = matrix.shape[1] * matrix.element_size()
-    return matrix.data_ptr() % 16 == 0 and tma_reads_rows(matrix.shape[0], row_bytes, matrix.device)
+    return _starts_aligned(matrix) and tma_reads_rows(matrix.shape[0], row_bytes, matrix.device)
 
 
 def sorted_rows_pay_off(token_rows: torch.Tensor, num_rows: int) -> bool:
@@ -233,11 +251,12 @@ def has_warp_specialization(device: torch.device) -> bool:
 
 def takes_persistent_kernel(hidden_rows: torch.Tensor, other: torch.Tensor) -> bool:
     """Whether a GEMM of the [R, max_width] hidden activations `hidden_rows` with `other` (a [TW, H] weight, or [R, H]
-    sorted token rows) takes a persistent kernel (kernels/persistent.py): a large 16-bit problem on Hopper, outside a
-    trace (Inductor launches the portable kernels, whose tiles need no descriptors), both matrices readable by TMA.
-    The row GEMM also needs widths_fit_k_steps."""
+    sorted token rows) takes a persistent kernel (kernels/persistent.py): a large 16-bit problem on Hopper, both
+    matrices readable by the kernel's own TMA descriptors, eagerly and under torch.compile alike. The row GEMM also
+    needs widths_fit_k_steps."""
     return (hidden_rows.shape[0] * other.shape[1] >= PERSISTENT_MIN_ROWS_X_HIDDEN and hidden_rows.element_size() == 2
-            and has_warp_specialization(hidden_rows.device) and tma_readable(hidden_rows) and tma_readable(other))
+            and has_warp_specialization(hidden_rows.device) and kernel_tma_readable(hidden_rows)
+            and kernel_tma_readable(other))
 
 
 def widths_fit_k_steps(expert_widths: tuple[int, ...], tile_k: int) -> bool:
