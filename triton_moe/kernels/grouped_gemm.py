@@ -41,8 +41,8 @@ from triton_moe.kernels.activation import activation_backward, activation_forwar
 from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, traceable
 from triton_moe.kernels.layout import ExpertLayout
 from triton_moe.kernels.persistent import persistent_rows_gemm, persistent_weight_grad
-from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, PERSISTENT_TILES, ROW_PASS_ELEMENTS, SUM_SPLITS_ELEMENTS,
-                                       GemmTiles, gemm_tiles, fused_dh_pays_off, permute_tile_h, rows_per_program,
+from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, PERSISTENT_TILES, SUM_SPLITS_ELEMENTS, GemmTiles,
+                                       gemm_tiles, fused_dh_pays_off, row_pass_tiles, rows_per_program,
                                        takes_persistent_kernel, tma_readable, weight_grad_row_splits, weights_by_tma,
                                        widths_fit_k_steps)
 
@@ -791,8 +791,7 @@ def down_projection_backward(
             torch.sum(partials, dim=1, out=d_routing_weights)
         return dh_pre, dh_up, d_routing_weights
     _expert_rows_gemm_launch(**gemm_arguments, epilogue="store")
-    block_w = permute_tile_h(layout.max_width)
-    tile_rows = rows_per_program(block_w, ROW_PASS_ELEMENTS)
+    block_w, tile_rows, num_warps = row_pass_tiles(layout.max_width)
     traceable(_activation_backward_rows)[(ceil_div(num_rows, tile_rows),)](
         dh_pre, h_pre, h_up, routing_weights, routing_weight_index,
         dh_up, d_routing_weights,
@@ -806,7 +805,7 @@ def down_projection_backward(
         TILE_W=block_w,
         UNIFORM_WIDTH=layout.max_width if layout.uniform else 0,
         **layout.facts.kernel_constants,
-        num_warps=PERMUTE_NUM_WARPS,
+        num_warps=num_warps,
     )
     return dh_pre, dh_up, d_routing_weights
 

@@ -87,13 +87,16 @@ SUM_SPLITS_ELEMENTS = 1024
 # the CUDA cores and holds both operand tiles in registers, so 64x64x32 with 4 warps avoids spills.
 GPU_FP32_TILES = GemmTiles(tile_m=64, tile_n=64, tile_k=32, num_warps=4, num_stages=3)
 
-# The permute kernels and the row pass walk whole rows: up to 1024 elements a step is 8 (fp32) or 16 (fp16)
-# contiguous bytes a thread with 4 warps, full-width memory transactions.
+# The permute kernels walk whole rows: up to 1024 elements a step is 8 (fp32) or 16 (fp16) contiguous bytes a
+# thread with 4 warps, full-width memory transactions.
 PERMUTE_MAX_BLOCK_H = 1024
 PERMUTE_NUM_WARPS = 4
-# The row pass takes several short rows a program, about 2048 elements in all: one row of 256 a program left 2
-# elements a thread.
-ROW_PASS_ELEMENTS = 2048
+# The row pass takes several short rows a program, ROW_PASS_TILE_W columns of each a step and ROW_PASS_ELEMENTS in
+# all (8 rows of 128 columns), with 8 warps: each program looks up its rows' experts once (variable widths) and steps
+# over only the columns its rows' widths reach.
+ROW_PASS_TILE_W = 128
+ROW_PASS_ELEMENTS = 1024
+ROW_PASS_NUM_WARPS = 8
 # The interpreter's time follows the number of programs: there the row-wise kernels (the row pass, the combine,
 # the gather) take up to this many elements a program.
 INTERPRETER_ROW_ELEMENTS = 2**16
@@ -290,6 +293,13 @@ def gemm_tiles(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden
 def permute_tile_h(hidden: int) -> int:
     """Columns handled per step by the permute kernels for rows of `hidden` elements."""
     return min(next_power_of_2(hidden), PERMUTE_MAX_BLOCK_H)
+
+
+def row_pass_tiles(max_width: int) -> tuple[int, int, int]:
+    """(columns a step, rows a program, warps) of the activation backward's row pass over rows of up to
+    `max_width`."""
+    tile_w = min(next_power_of_2(max_width), ROW_PASS_TILE_W)
+    return tile_w, rows_per_program(tile_w, ROW_PASS_ELEMENTS), ROW_PASS_NUM_WARPS
 
 
 def rows_per_program(tile_h: int, gpu_elements: int | None) -> int:
