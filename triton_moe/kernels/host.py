@@ -78,11 +78,28 @@ class DirectLaunch:
 
     @staticmethod
     def key(args, kwargs):
-        """What selects the compiled kernel, or None for arguments that only Triton's own launch handles."""
-        try:
-            return driver.active.get_current_device(), tuple(map(_argument_key, args)), tuple(kwargs.items())
-        except _Unkeyed:
-            return None
+        """What selects the compiled kernel, or None for arguments that only Triton's own launch handles: the
+        device, what Triton specialises each runtime argument on, and the keyword arguments (compile-time arguments
+        and launch options). One loop without a call per argument: it runs for every launch."""
+        parts = []
+        append = parts.append
+        for value in args:
+            kind = value.__class__
+            if kind is torch.Tensor or kind is torch.nn.Parameter:
+                append(value.dtype)
+                append(value.data_ptr() & 15)  # Triton specialises on 16-byte alignment
+            elif kind is int:  # 1 becomes a constant; divisibility by 16; i32, i64 or u64 by its range
+                append((value == 1, (value & 15) == 0, -2**31 <= value < 2**31, value < 2**63))
+            elif kind is float:
+                append(float)  # fp32 whatever its value
+            elif value is None or kind is bool:
+                append(value)
+            elif isinstance(value, torch.Tensor):
+                append(value.dtype)
+                append(value.data_ptr() & 15)
+            else:  # a TMA descriptor
+                return None
+        return driver.active.get_current_device(), tuple(parts), tuple(kwargs.items())
 
     def _keyword_names(self, num_positional, kwargs):
         names = list(self._parameters)[num_positional:]
@@ -90,27 +107,6 @@ class DirectLaunch:
         if missing:  # the launchers pass every argument: defaults would need their own handling
             raise ValueError(f"{self.kernel.fn.__name__} launched without {missing}")
         return names
-
-
-class _Unkeyed(Exception):
-    pass
-
-
-_INT32_RANGE = range(-2**31, 2**31)
-
-
-def _argument_key(value):
-    """What Triton's specialisation of one runtime argument depends on."""
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    kind = type(value)
-    if kind is int:  # i32, i64 or u64 by its range; 1 becomes a constant
-        return value == 1, value % 16 == 0, value in _INT32_RANGE, value < 2**63
-    if kind is float:
-        return float  # fp32 whatever its value
-    if value is None or kind is bool:
-        return value
-    raise _Unkeyed
 
 
 _DIRECT_LAUNCHES = {}  # kernel -> its DirectLaunch
