@@ -495,6 +495,22 @@ def test_weight_grad_row_splits_where_tiles_are_few(monkeypatch):
     assert splits(2, 10**6, 1, 64, torch.bfloat16, gpu) == tuning.MAX_ROW_SPLITS
 
 
+@pytest.mark.parametrize("case", ["equal_widths", "mixed_widths"])
+def test_weight_grad_tiles_know_the_gradient_of_one_width(case, monkeypatch):
+    """weight_grad hands tuning.gemm_tiles its gradient's elements (total width x hidden) where the experts have one
+    width, and None with several widths, which keep the small problems' 64x64 tile."""
+    routing, dh_pre, _, x, _, _ = random_up_grad_inputs(case, False, torch.float32)
+    asked = []
+    choose = grouped_gemm.gemm_tiles
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("uniform_weight_elements"))
+        return choose(*args, **kwargs)
+    monkeypatch.setattr(grouped_gemm, "gemm_tiles", recording)
+    dw, _ = weight_grad(dh_pre, None, x, routing.row_to_token, routing.layout)
+    assert asked == [dw.numel() if case == "equal_widths" else None]
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("case", ["mixed_widths", "expert_without_tokens", "single_token"])
 def test_weight_grad_token_rows_three_ways(case, gated, monkeypatch):
@@ -848,3 +864,12 @@ def test_gpu_tiles_by_shape_class(monkeypatch):
     for role in ("up", "down", "input_grad", "weight_grad"):
         assert tuning.gemm_tiles(bf16, role, rows_x_hidden=2**27, hidden=4096) == tuning.GPU_16BIT_ROLE_TILES[role]
     assert tuning.gemm_tiles(torch.float32, "up", hidden=4096) == tuning.GPU_FP32_TILES
+    # A small problem's weight gradient: 64x64 tiles, 128x128 from 2^22 elements with one width (64 x 256 at 256)
+    small_dw = dict(rows_x_hidden=4096 * 8 * 256, hidden=256)
+    assert tuning.gemm_tiles(bf16, "weight_grad", **small_dw) == tuning.GPU_16BIT_SMALL_TILES["weight_grad"]
+    assert tuning.gemm_tiles(bf16, "weight_grad", uniform_weight_elements=8 * 512 * 256,
+                             **small_dw) == tuning.GPU_16BIT_SMALL_TILES["weight_grad"]
+    large_dw = tuning.gemm_tiles(bf16, "weight_grad", uniform_weight_elements=64 * 256 * 256, **small_dw)
+    assert (large_dw.tile_m, large_dw.tile_n) == (128, 128)
+    assert tuning.gemm_tiles(bf16, "weight_grad", gated=True, uniform_weight_elements=64 * 256 * 256,
+                             **small_dw) == tuning.GPU_16BIT_GATED_TILES["weight_grad"]

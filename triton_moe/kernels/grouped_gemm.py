@@ -926,7 +926,7 @@ def weight_grad(
     else:
         b_rows, role = "sorted", "weight_grad"
     tiles = tiles or gemm_tiles(hidden_rows.dtype, role, gated=two_gradients, rows_x_hidden=num_rows * hidden,
-                                   hidden=hidden)
+                                hidden=hidden, uniform_weight_elements=dw.numel() if layout.uniform else None)
     rows_desc = None  # a TMA descriptor of the sorted rows, in boxes of TILE_K rows x TILE_N columns
     if b_rows == "sorted_tma":
         rows_desc = TensorDescriptor(token_rows, list(token_rows.shape), [hidden, 1], [tiles.tile_k, tiles.tile_n])

@@ -72,6 +72,11 @@ GPU_16BIT_SMALL_TILES = {
     "weight_grad": GemmTiles(64, 64, 128, num_warps=4, num_stages=3),
     "weight_grad_sorted": GemmTiles(128, 128, 64, num_warps=4, num_stages=3),  # for a caller handing sorted rows
 }
+# A weight gradient of one width with at least 2^22 elements (64 experts of 256 at hidden 256 and more) has over a
+# thousand 64x64 tiles, enough programs for 128x128 ones, which read each operand row half as often. With several
+# widths the larger tile measured faster at one config and slower at another: those keep 64x64.
+SMALL_WEIGHT_GRAD_LARGE_TILE_ELEMENTS = 2**22
+GPU_16BIT_SMALL_LARGE_WEIGHT_GRAD_TILES = GemmTiles(128, 128, 64, num_warps=4, num_stages=3)
 
 # A weight gradient's tiles follow from the widths and H alone (8 experts of 384 at hidden 256 make 192 of 64x64),
 # each summing over its expert's rows, thousands of them in a small problem: where the tiles fill fewer than
@@ -269,11 +274,12 @@ def widths_fit_k_steps(expert_widths: tuple[int, ...], tile_k: int) -> bool:
 
 
 def gemm_tiles(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden: int | None = None,
-                hidden: int | None = None) -> GemmTiles:
+                hidden: int | None = None, uniform_weight_elements: int | None = None) -> GemmTiles:
     """Default grouped-GEMM tiles for operands of `dtype` in `role` (one of GEMM_ROLES) on the current backend.
 
     rows_x_hidden: the launch's expert-sorted rows times the hidden size, and hidden: the hidden size; they pick the
-    shape class (None: large, and at most LONG_HIDDEN).
+    shape class (None: large, and at most LONG_HIDDEN). uniform_weight_elements: for a weight gradient of experts
+    of one width, its elements (total width times hidden), which pick its tile in a small problem.
     """
     if role not in GEMM_ROLES:
         raise ValueError(f"role must be one of {GEMM_ROLES}, got {role!r}")
@@ -284,6 +290,9 @@ def gemm_tiles(dtype: torch.dtype, role: str, gated: bool = False, rows_x_hidden
     if gated and role in GPU_16BIT_GATED_TILES:
         return GPU_16BIT_GATED_TILES[role]
     if rows_x_hidden is not None and rows_x_hidden < SMALL_PROBLEM_ROWS_X_HIDDEN:
+        if (role == "weight_grad" and uniform_weight_elements is not None
+                and uniform_weight_elements >= SMALL_WEIGHT_GRAD_LARGE_TILE_ELEMENTS):
+            return GPU_16BIT_SMALL_LARGE_WEIGHT_GRAD_TILES
         return GPU_16BIT_SMALL_TILES[role]
     if hidden is not None and hidden > LONG_HIDDEN:
         return GPU_16BIT_LONG_HIDDEN_TILES.get(role, GPU_16BIT_ROLE_TILES[role])
