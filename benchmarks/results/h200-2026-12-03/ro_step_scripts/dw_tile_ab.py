@@ -9,7 +9,8 @@ import triton_moe
 from triton_moe.kernels import grouped_gemm
 from triton_moe.kernels.tuning import GemmTiles
 new_tiles = grouped_gemm.gemm_tiles
-OLD = GemmTiles(128, 64, 64, 4, 3)
+# argv[1]: another tile for the old side, e.g. 128,128,64,4,3 (the 2026-12-04 run); without it, 2026-12-03's
+OLD = GemmTiles(*map(int, sys.argv[1].split(","))) if len(sys.argv) > 1 else GemmTiles(128, 64, 64, 4, 3)
 from triton_moe.kernels.tuning import GPU_16BIT_SMALL_TILES
 def old_tiles(dtype, role, **kw):
     tiles = new_tiles(dtype, role, **kw)
@@ -19,6 +20,9 @@ CONFIGS = [("8x512", 2, 4096, "relu_squared"), ("4x512,4x256", 2, 4096, "relu_sq
            ("64x256", 8, 4096, "relu_squared"), ("16x512,32x256,16x128", 8, 4096, "relu_squared"),
            ("128x256", 8, 4096, "relu_squared"), ("32x512,64x256,32x128", 8, 4096, "relu_squared"),
            ("8x384", 2, 8192, "relu_squared"), ("4x512,4x256", 2, 8192, "relu_squared"), ("8x384", 2, 8192, "swiglu")]
+if len(sys.argv) > 2:  # a name filter, e.g. "top-8" (the 2026-12-04 run)
+    CONFIGS = [c for c in CONFIGS if sys.argv[2] in f"{c[0]} top-{c[1]}"]
+    print(f"# old = {OLD}")
 print("| config | tokens | act | dW µs old | dW µs new | graph µs old | graph µs new | grad rel diff |")
 print("|---|---:|---|---:|---:|---:|---:|---:|")
 for sizes, k, tokens, act in CONFIGS:
