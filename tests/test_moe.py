@@ -3,6 +3,7 @@ output, the aux loss and every gradient; widths the reference cannot do; determi
 
 import pytest
 import torch
+import triton
 
 from triton_moe import reference
 import triton_moe
@@ -259,3 +260,42 @@ def test_never_synchronises(name):
         (out.float().sum() + layer.aux_loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu_only
+@pytest.mark.parametrize("name", GRAPH_CONFIGS)
+def test_direct_launches_give_kernel_grid_results_bit_for_bit(name, monkeypatch):
+    """The eager launches of kernels.host.DirectLaunch, through the C launcher where the installed Triton is one it
+    knows, give what Triton's own kernel[grid] launches give, bit for bit; a launch hook (a profiler's) still sees
+    every launch."""
+    from triton import knobs
+
+    from triton_moe.kernels import grouped_gemm, host, permute, persistent, route, sort
+
+    layer = make_layer(triton_moe.MoEMLP, seed_config(name), torch.bfloat16)
+    x = make_input((NUM_TOKENS, 256), torch.bfloat16).requires_grad_()
+    grad_out = make_input((NUM_TOKENS, 256), torch.bfloat16)
+
+    def results():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        out = layer(x)
+        (out.float() * grad_out.float()).sum().add(layer.aux_loss).backward()
+        return [out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+
+    first, direct = results(), results()  # the first launch of each key goes through kernel[grid]
+    launchers = [launcher for launch in host._DIRECT_LAUNCHES.values() for launcher, _ in launch._selected.values()]
+    if triton.__version__.startswith(host.C_LAUNCH_TRITON_RELEASES):
+        assert any(launcher.__name__ == "through_c_launcher" for launcher in launchers)
+    hooked = []
+    knobs.runtime.launch_enter_hook.add(hooked.append)
+    try:
+        with_hook = results()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hooked.append)
+    assert len(hooked) >= 10  # the route, the sort and the expert MLP's kernels, forward and backward
+    for module in (grouped_gemm, permute, persistent, route, sort):
+        monkeypatch.setattr(module, "traceable", lambda kernel: kernel)
+    for got in (first, direct, with_hook):
+        for want_tensor, got_tensor in zip(results(), got):
+            assert torch.equal(want_tensor, got_tensor)

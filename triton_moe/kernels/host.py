@@ -10,6 +10,8 @@ import inspect
 import os
 
 import torch
+import triton
+from triton import knobs
 from triton.runtime import driver
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,35 +54,43 @@ class DirectLaunch:
     Triton's JITFunction.run binds and specialises every argument, builds a cache key from the specialisation and
     the options, and reads its settings, before it calls the compiled kernel's launcher: on a small batch that
     Python is a large part of the layer's step. A DirectLaunch keys the compiled kernel by what Triton specialises
-    on (each tensor's dtype and 16-byte alignment; each int's equality to 1, divisibility by 16 and width; the
-    compile-time arguments and launch options), and launches it through CompiledKernel[grid]. The first launch of
+    on (each tensor's dtype and 16-byte alignment, each host scalar's value, the compile-time arguments and launch
+    options), and launches it through the compiled kernel's C launcher (_compiled_launcher). The first launch of
     each key, and any launch with an argument it does not key (a TMA descriptor), goes through kernel[grid].
     """
 
     def __init__(self, kernel):
         self.kernel = kernel
         self._parameters = inspect.signature(kernel.fn).parameters
-        self._selected = {}  # launch key -> (compiled kernel, the keyword arguments' names in signature order)
+        self._selected = {}  # launch key -> (launcher of the compiled kernel, keyword arguments' names in order)
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args, kwargs):
-        key = self.key(args, kwargs)
+        device = driver.active.get_current_device()
+        key = self.key(device, args, kwargs)
         selected = None if key is None else self._selected.get(key)
         if selected is None:
             compiled = self.kernel[grid](*args, **kwargs)  # None where Triton compiles asynchronously
             if key is not None and compiled is not None:
-                self._selected[key] = (compiled, self._keyword_names(len(args), kwargs))
+                if len(self._selected) >= MAX_LAUNCH_KEYS:  # host scalars of ever new values: keep the dict bounded
+                    self._selected.clear()
+                self._selected[key] = (_compiled_launcher(compiled), self._keyword_names(len(args), kwargs))
             return
-        compiled, keyword_names = selected
-        compiled[(grid + (1, 1))[:3]](*args, *[kwargs[name] for name in keyword_names])
+        launcher, keyword_names = selected
+        launcher(grid, device, (*args, *[kwargs[name] for name in keyword_names]))
 
     @staticmethod
-    def key(args, kwargs):
+    def key(device, args, kwargs):
         """What selects the compiled kernel, or None for arguments that only Triton's own launch handles: the
         device, what Triton specialises each runtime argument on, and the keyword arguments (compile-time arguments
-        and launch options). One loop without a call per argument: it runs for every launch."""
+        and launch options). One loop without a call per argument: it runs for every launch.
+
+        Host scalars are keyed by their value, a finer key than Triton's (an int's equality to 1, divisibility by
+        16 and width; fp32 for any float) and, for ints, a cheaper one: the launchers' scalars are sizes and
+        coefficients, the same on every step of a run.
+        """
         parts = []
         append = parts.append
         for value in args:
@@ -88,18 +98,16 @@ class DirectLaunch:
             if kind is torch.Tensor or kind is torch.nn.Parameter:
                 append(value.dtype)
                 append(value.data_ptr() & 15)  # Triton specialises on 16-byte alignment
-            elif kind is int:  # 1 becomes a constant; divisibility by 16; i32, i64 or u64 by its range
-                append((value == 1, (value & 15) == 0, -2**31 <= value < 2**31, value < 2**63))
-            elif kind is float:
-                append(float)  # fp32 whatever its value
-            elif value is None or kind is bool:
+            elif kind is int:
                 append(value)
+            elif value is None or kind is bool or kind is float:
+                append((kind, value))  # apart from the ints 0 and 1
             elif isinstance(value, torch.Tensor):
                 append(value.dtype)
                 append(value.data_ptr() & 15)
             else:  # a TMA descriptor
                 return None
-        return driver.active.get_current_device(), tuple(parts), tuple(kwargs.items())
+        return device, tuple(parts), tuple(kwargs.items())
 
     def _keyword_names(self, num_positional, kwargs):
         names = list(self._parameters)[num_positional:]
@@ -107,6 +115,50 @@ class DirectLaunch:
         if missing:  # the launchers pass every argument: defaults would need their own handling
             raise ValueError(f"{self.kernel.fn.__name__} launched without {missing}")
         return names
+
+
+MAX_LAUNCH_KEYS = 4096  # compiled kernels a DirectLaunch remembers before it starts over
+
+# The Triton releases whose CUDA launcher DirectLaunch calls itself: CudaLauncher.launch's positional arguments are
+# Triton's internals, checked on a GPU for each release listed here. Other releases launch through CompiledKernel.
+C_LAUNCH_TRITON_RELEASES = ("3.6.",)
+
+
+def _compiled_launcher(compiled):
+    """`launch(grid, device, arguments)`: the compiled kernel's launch with every argument in signature order.
+
+    CompiledKernel[grid] builds a runner for each launch, which reads the current stream, builds the launch
+    metadata for the launch hooks (profilers) and calls the CudaLauncher, which allocates the kernel's scratch
+    memory and calls the C launcher. For a kernel without scratch memory, on a Triton release listed in
+    C_LAUNCH_TRITON_RELEASES, this calls the C launcher directly, unless a launch hook is set; otherwise it takes
+    CompiledKernel[grid].
+    """
+    def through_compiled_kernel(grid, device, arguments):
+        compiled[(grid + (1, 1))[:3]](*arguments)
+
+    runtime = knobs.runtime
+    compiled._init_handles()  # loads the kernel, and makes its CudaLauncher `run`
+    run = compiled.run
+    if (not triton.__version__.startswith(C_LAUNCH_TRITON_RELEASES) or not hasattr(run, "launch")
+            or getattr(run, "global_scratch_size", 1) != 0 or getattr(run, "profile_scratch_size", 1) != 0):
+        return through_compiled_kernel
+    c_launch, function, packed_metadata = run.launch, compiled.function, compiled.packed_metadata
+    cooperative, pdl = run.launch_cooperative_grid, run.launch_pdl
+    current_stream = driver.active.get_current_stream
+
+    def through_c_launcher(grid, device, arguments):
+        # Launch hooks (a profiler's) are chains of calls, which need the launch metadata once they hold any; an
+        # object without `calls` is a hook set the older way.
+        if getattr(runtime.launch_enter_hook, "calls", True) or getattr(runtime.launch_exit_hook, "calls", True):
+            through_compiled_kernel(grid, device, arguments)
+            return
+        grid = grid + (1, 1)
+        # (grid, stream, function, cooperative, pdl, global and profile scratch, packed metadata, launch metadata,
+        # enter and exit hooks, the kernel's arguments), as CudaLauncher.__call__ passes them
+        c_launch(grid[0], grid[1], grid[2], current_stream(device), function, cooperative, pdl, None, None,
+                 packed_metadata, None, None, None, *arguments)
+
+    return through_c_launcher
 
 
 _DIRECT_LAUNCHES = {}  # kernel -> its DirectLaunch
