@@ -20,8 +20,9 @@ CONFIGS = {
 }
 
 
-def op_arguments(config, activation, num_tokens=24):
-    """Arguments of triton_moe::expert_mlp for a random routing, as MoEMLP passes them (fp32, requiring grad)."""
+def op_arguments(config, activation, num_tokens=24, compute_dtype=torch.float32):
+    """Arguments of triton_moe::expert_mlp for a random routing, as MoEMLP passes them (fp32, requiring grad; the
+    GEMMs in compute_dtype)."""
     config = dataclasses.replace(config, activation=activation)
     layer = make_layer(triton_moe.MoEMLP, config, torch.float32)
     x = make_input((num_tokens, config.hidden_size), torch.float32)
@@ -31,15 +32,42 @@ def op_arguments(config, activation, num_tokens=24):
     tensors = [x.requires_grad_(), routing.routing_weights.flatten().detach().requires_grad_(),
                layer.w1.detach().clone().requires_grad_(), v1, layer.w2.detach().clone().requires_grad_()]
     return (*tensors, sort.row_to_token, sort.row_to_flat, sort.flat_to_row, sort.expert_row_offsets,
-            layer.expert_width_offsets, config.expert_widths, activation, True)
+            layer.expert_width_offsets, config.expert_widths, activation, True, compute_dtype)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_forward_op_passes_opcheck(name, activation, compute_dtype):
+    """Schema, fake-tensor shapes, autograd registration and AOT dispatch of the op and, through its autograd, of
+    triton_moe::expert_mlp_backward; with fp32 inputs and fp16 GEMMs, also of the casts the forward makes and the
+    copies it returns."""
+    torch.library.opcheck(torch.ops.triton_moe.expert_mlp.default,
+                          op_arguments(CONFIGS[name], activation, compute_dtype=compute_dtype))
 
 
 @pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_forward_op_passes_opcheck(name, activation):
-    """Schema, fake-tensor shapes, autograd registration and AOT dispatch of the op and, through its autograd, of
-    triton_moe::expert_mlp_backward."""
-    torch.library.opcheck(torch.ops.triton_moe.expert_mlp.default, op_arguments(CONFIGS[name], activation))
+def test_inputs_of_another_dtype_are_cast_inside(name, activation):
+    """fp32 x and weights with fp16 GEMMs (autocast's case) give what fp16 copies of them give: the output, dx and
+    the weight gradients come back in fp32 from the same fp32 sums (not rounded to fp16 on the way), so that they
+    equal the fp16 results once rounded to fp16, and the routing weights' gradient is the same."""
+    args32 = op_arguments(CONFIGS[name], activation, compute_dtype=torch.float16)
+    tensors16 = [None if tensor is None else tensor.detach().to(torch.float16).requires_grad_(tensor.requires_grad)
+                 for tensor in args32[:5]]
+    tensors16[1] = args32[1].detach().clone().requires_grad_()  # the routing weights stay fp32
+    args16 = (*tensors16, *args32[5:])
+    grad_out = make_input((args32[0].shape[0], args32[0].shape[1]), torch.float16, seed=3)
+    results = []
+    for args, grad in ((args32, grad_out.float()), (args16, grad_out)):
+        out = triton_moe.ops._expert_mlp(*args)[0]
+        out.backward(grad)
+        results.append([out.detach()] + [tensor.grad for tensor in args[:5] if tensor is not None])
+    for index, (got, want) in enumerate(zip(*results)):
+        assert got.dtype == torch.float32
+        assert torch.equal(got.to(want.dtype), want)
+        if index != 2:  # the output, dx and the weight gradients: fp32 sums, not fp16 values cast back
+            assert not torch.equal(got.to(want.dtype).float(), got)
 
 
 def compile_block(config):

@@ -175,10 +175,8 @@ class ExpertParallelMoEMLP(MoELayer):
         # and the combine of top_k = 1 with unit weights writes each output back to its row.
         sort = sort_by_expert(expert_of_row[:, None], num_local)
         unit_weights = torch.ones(received.shape[0], device=received.device, dtype=torch.float32)
-        w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
-        v1 = self.v1.to(dtype) if self.config.is_gated else None
-        return expert_mlp(received, unit_weights, w1, v1, w2, sort, self.local_width_offsets, self.local_widths,
-                          self.config.activation, self.config.keep_sorted_x)
+        return expert_mlp(received, unit_weights, self.w1, self.v1, self.w2, sort, self.local_width_offsets,
+                          self.local_widths, self.config.activation, self.config.keep_sorted_x, dtype)
 
     def load_global_state_dict(self, state_dict: dict) -> None:
         """Load a single-process layer's state_dict: the router and this rank's experts' rows."""

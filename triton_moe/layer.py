@@ -140,7 +140,8 @@ class MoELayer(nn.Module):
         return counts.scatter_add_(0, indices, torch.ones_like(indices))
 
     def _experts(self, x: torch.Tensor, routing: Routing, intermediates: dict | None) -> torch.Tensor:
-        """Expert MLPs and the weighted combine: x [N, hidden] (N >= 1) -> [N, hidden] in the compute dtype.
+        """Expert MLPs and the weighted combine: x [N, hidden] (N >= 1) -> [N, hidden] in the compute dtype or in
+        x's (forward casts it to x's).
 
         When `intermediates` is a dict, add tokens_per_expert, row_to_token, sorted_x, h_pre, h_act, (h_up),
         y_expert to it.

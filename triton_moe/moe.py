@@ -36,12 +36,15 @@ class MoEMLP(MoELayer):
         dtype = self.compute_dtype(x)
         # rows by expert, then token, then slot: routing.sort_by_expert's result, from the route's counts
         sort = fused_sort_by_expert(routing.expert_indices, cfg.num_experts, routing.sort_tables)
-        x, w1, w2 = x.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
-        v1 = self.v1.to(dtype) if cfg.is_gated else None
-        output = expert_mlp(x, routing.routing_weights.flatten(), w1, v1, w2, sort, self.expert_width_offsets,
-                            cfg.expert_widths, cfg.activation, cfg.keep_sorted_x)  # [N, H]
+        # x and the weights in their own dtypes: expert_mlp casts them to the compute dtype inside, and writes the
+        # output in x's dtype
+        output = expert_mlp(x, routing.routing_weights.flatten(), self.w1, self.v1, self.w2, sort,
+                            self.expert_width_offsets, cfg.expert_widths, cfg.activation, cfg.keep_sorted_x,
+                            dtype)  # [N, H]
         if intermediates is not None:
-            intermediates.update(self._debug_intermediates(x, w1, v1, w2, sort))
+            v1 = self.v1.to(dtype) if cfg.is_gated else None
+            intermediates.update(self._debug_intermediates(x.to(dtype), self.w1.to(dtype), v1, self.w2.to(dtype),
+                                                           sort))
         return output
 
     @torch.no_grad()

@@ -859,6 +859,7 @@ def weight_grad(
     routing_weight_index: torch.Tensor | None = None,
     tiles: GemmTiles | None = None,
     row_splits: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight gradient of a projection: dw[width_off_e + m] = sum over rows r of e of hidden_rows[r, m] * token_rows[t],
     t = row_to_token[r].
@@ -882,14 +883,20 @@ def weight_grad(
         row_to_token: [R] int32/int64, or None (token_rows are sorted).
         row_splits: runs each expert's rows are split into, summed in fp32 by a second launch (None:
             tuning.weight_grad_row_splits, which splits where the tiles alone would leave the GPU idle).
+        out_dtype: the gradients' dtype, fp32/fp16/bf16 (None: hidden_rows.dtype): the fp32 sums are rounded once
+            to it (fp32 for the fp32 parameters of a layer computing in bf16), except in the persistent kernel
+            (large 16-bit problems on Hopper), which rounds them to hidden_rows.dtype first.
         (layout and tiles: see the module docstring)
     Returns:
-        dw, dw_2 (None without hidden_rows2, or with an activation): [TW, H] of hidden_rows.dtype; experts without
-        rows get zeros.
+        dw, dw_2 (None without hidden_rows2, or with an activation): [TW, H] of out_dtype; experts without rows get
+        zeros.
     """
     layout.check_hidden("hidden_rows", hidden_rows, FLOAT_DTYPES)
     if row_splits is not None and row_splits < 1:
         raise ValueError(f"row_splits must be >= 1, got {row_splits}")
+    out_dtype = hidden_rows.dtype if out_dtype is None else out_dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
     if activation is not None:
         check_activation(activation)
         _check_gated_pair("hidden_rows2", hidden_rows2, activation,
@@ -910,14 +917,17 @@ def weight_grad(
     num_rows, hidden = layout.num_rows, token_rows.shape[1]
     shape = (layout.total_width, hidden)
     if num_rows == 0:
-        dw = hidden_rows.new_zeros(shape)  # (TW, H)
+        dw = hidden_rows.new_zeros(shape, dtype=out_dtype)  # (TW, H)
         return dw, None if hidden_rows2 is None or activation is not None else torch.zeros_like(dw)
     two_gradients = hidden_rows2 is not None and activation is None
-    dw = hidden_rows.new_empty(shape)  # (TW, H)
     if (row_to_token is None and hidden_rows2 is None and activation is None
             and takes_persistent_kernel(hidden_rows, token_rows)):
+        # The persistent kernel's epilogue holds a 16-bit tile in shared memory beside its pipeline; a 32-bit one
+        # does not fit, so a 32-bit gradient is its 16-bit result cast.
+        dw = hidden_rows.new_empty(shape)  # (TW, H)
         persistent_weight_grad(hidden_rows, token_rows, dw, layout, tiles or PERSISTENT_TILES)
-        return dw, None
+        return dw.to(out_dtype), None
+    dw = hidden_rows.new_empty(shape, dtype=out_dtype)  # (TW, H)
     dw_2 = torch.empty_like(dw) if two_gradients else None  # (TW, H)
     if row_to_token is not None:
         b_rows, role = "gathered", "weight_grad"

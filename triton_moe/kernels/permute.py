@@ -69,29 +69,35 @@ def gather_rows(src: torch.Tensor, row_to_token: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def combine_rows(rows: torch.Tensor, flat_to_row: torch.Tensor, top_k: int) -> torch.Tensor:
+def combine_rows(rows: torch.Tensor, flat_to_row: torch.Tensor, top_k: int,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sum each token's top_k expert-sorted rows: out[t] = sum_{j < top_k} rows[flat_to_row[t * top_k + j]].
 
-    The sum runs in slot order j = 0 .. top_k - 1 in fp32 and is stored in rows.dtype.
+    The sum runs in slot order j = 0 .. top_k - 1 in fp32 and is stored in out_dtype (default rows.dtype), rounded
+    once.
 
     Args:
         rows: [R, H] fp32/fp16/bf16, R = N * top_k.
         flat_to_row: [N * top_k] int32/int64, the expert-sorted row of assignment t * top_k + j.
         top_k: experts per token, >= 1.
+        out_dtype: fp32/fp16/bf16, or None for rows.dtype.
     Returns:
-        out: [N, H] of rows.dtype.
+        out: [N, H] of out_dtype.
     """
     check_tensor_dim("rows", rows, 2, FLOAT_DTYPES)
     check_tensor_dim("flat_to_row", flat_to_row, 1, INDEX_DTYPES)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    out_dtype = rows.dtype if out_dtype is None else out_dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
     if flat_to_row.shape[0] != rows.shape[0] or rows.shape[0] % top_k != 0:
         raise ValueError(
             f"flat_to_row must have R = N * top_k entries like rows; got {flat_to_row.shape[0]} entries, "
             f"{rows.shape[0]} rows, top_k {top_k}"
         )
     num_tokens, hidden = rows.shape[0] // top_k, rows.shape[1]
-    out = torch.empty((num_tokens, hidden), dtype=rows.dtype, device=rows.device)  # (N, H)
+    out = torch.empty((num_tokens, hidden), dtype=out_dtype, device=rows.device)  # (N, H)
     if num_tokens > 0 and hidden > 0:
         tile_h = permute_tile_h(hidden)
         tile_tokens = rows_per_program(tile_h, None)  # one token a program on a GPU
