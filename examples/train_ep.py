@@ -13,6 +13,7 @@ checkpoint that `triton_moe/testing/gpt.py`'s GPT with `triton_moe.MoEMLP` loads
 
 import argparse
 import functools
+import gc
 import os
 import time
 from pathlib import Path
@@ -101,6 +102,10 @@ def main():
     if rank == 0 and args.save:
         torch.save(checkpoint, args.save)
         print(f"wrote the single-process checkpoint {args.save}")
+    # FSDP's modules hold its device mesh's process groups: released here, before destroy_process_group, their gloo
+    # threads end with them; left to the interpreter's exit, their teardown can abort the process.
+    del model, gpt, optimizer, params
+    gc.collect()
     dist.destroy_process_group()
 
 
