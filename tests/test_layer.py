@@ -32,6 +32,12 @@ def test_integer_input(layer):
         layer(torch.ones(4, 256, dtype=torch.int64, device=DEVICE))
 
 
+def test_float64_input_says_which_dtypes_the_kernels_take():
+    layer = make_layer(triton_moe.MoEMLP, seed_config("8exp_variable"), torch.float32).double()
+    with pytest.raises(ValueError, match=r"x's dtype .*torch.bfloat16, got torch.float64"):
+        layer(make_input((4, 256), torch.float64))
+
+
 def test_one_dimensional_input(layer):
     with pytest.raises(ValueError, match="at least 2 dims"):
         layer(make_input((256,), torch.float32))

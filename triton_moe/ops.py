@@ -247,7 +247,8 @@ def expert_mlp(x: Tensor, routing_weights: Tensor, w1: Tensor, v1: Tensor | None
         raise ValueError(f"w1, v1 and w2 must have one dtype, got {sorted(map(str, weight_dtypes))}")
     compute_dtype = x.dtype if compute_dtype is None else compute_dtype
     if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"compute_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {compute_dtype}")
+        raise ValueError(f"compute_dtype (x's dtype where autocast is off) must be torch.float32, torch.float16 or "
+                         f"torch.bfloat16, got {compute_dtype}")
     # Kept only for a backward that computes dW1: not under no_grad, nor with w1 (and v1) frozen.
     keep_sorted_x = (keep_sorted_x and torch.is_grad_enabled()
                      and any(weight is not None and weight.requires_grad for weight in (w1, v1)))
