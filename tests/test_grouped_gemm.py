@@ -873,3 +873,21 @@ def test_gpu_tiles_by_shape_class(monkeypatch):
     assert (large_dw.tile_m, large_dw.tile_n) == (128, 128)
     assert tuning.gemm_tiles(bf16, "weight_grad", gated=True, uniform_weight_elements=64 * 256 * 256,
                              **small_dw) == tuning.GPU_16BIT_GATED_TILES["weight_grad"]
+
+
+def test_direct_launch_keys_apart_what_triton_compiles_apart():
+    """kernels.host.DirectLaunch.key, which picks the compiled kernel of an eager launch: arguments Triton compiles
+    different kernels for get different keys (a tensor's dtype or 16-byte alignment, a host int against a bool, a
+    float or None of equal value, the compile-time arguments), and a TMA descriptor no key (Triton launches it)."""
+    from triton_moe.kernels.host import DirectLaunch
+
+    key = lambda *args, **kwargs: DirectLaunch.key(0, args, kwargs)
+    storage = torch.zeros(64)
+    aligned, misaligned = storage[:16], storage[1:17]
+    assert key(aligned, 16) == key(torch.zeros(16), 16)
+    assert key(aligned, 16) != key(misaligned, 16)
+    assert key(aligned, 16) != key(aligned.half(), 16)
+    for first, second in [(1, True), (0, False), (1, 1.0), (0, None), (16, 17)]:
+        assert key(aligned, first) != key(aligned, second)
+    assert key(aligned, 1, BLOCK=64) != key(aligned, 1, BLOCK=128)
+    assert key(aligned, object()) is None
