@@ -29,7 +29,7 @@ from triton_moe import reference
 import triton_moe
 from baselines import GroupedMMMoE
 from triton_moe.testing.gpt import GPT, GPTConfig, dense_mlp, get_batch, load_bytes
-from harness import environment
+from harness import call_ms, environment
 from triton_moe import MoEConfig
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "classics.txt"
@@ -139,14 +139,7 @@ def time_row(scale: Scale, mlp: str, mode: str, batches, args) -> dict:
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - begin
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for index in range(args.steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(*batches[(args.warmup + index) % len(batches)])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [call_ms(lambda: step(*batches[(args.warmup + index) % len(batches)])) for index in range(args.steps)]
     ms = statistics.median(times)
     tokens = scale.batch_size * scale.block_size
     return dict(ms=ms, tokens_per_s=tokens / ms * 1e3, peak_memory_mib=torch.cuda.max_memory_allocated() / 2**20,

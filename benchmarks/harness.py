@@ -89,24 +89,46 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+def call_ms(fn) -> float:
+    """Wall time of one fn() in ms: CUDA events on a GPU (the device's work finished), perf_counter on the CPU."""
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
 def time_ms(fn, warmup: int, repeats: int) -> float:
-    """Median wall time of fn() in ms: CUDA events on a GPU, perf_counter on the CPU."""
+    """Median wall time of fn() in ms (call_ms)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+    return statistics.median(call_ms(fn) for _ in range(repeats))
+
+
+def round_robin_ms(steps: dict, rounds: int) -> dict:
+    """{label: [ms of each call]} of steps[label](index) for index in range(rounds), the labels taken in turn in
+    each round: a drift of the host's pace during the run then falls on every label alike, which comparisons of
+    host-bound steps (A against B, MoE against dense) need."""
+    times = {label: [] for label in steps}
+    for index in range(rounds):
+        for label, step in steps.items():
+            times[label].append(call_ms(lambda: step(index)))
+    return times
+
+
+def print_round_robin(times: dict, baseline: str) -> None:
+    """Per label of round_robin_ms's times: the median ms, its ratio to the baseline label's median, the quartiles."""
+    reference = statistics.median(times[baseline])
+    for label, label_times in times.items():
+        median = statistics.median(label_times)
+        quartiles = statistics.quantiles(label_times, n=4)
+        print(f"{label:14s} {median:.3f} ms  ({median / reference:.3f}x)  p25 {quartiles[0]:.3f} "
+              f"p75 {quartiles[2]:.3f}")
 
 
 def back_to_back_ms(fn, warmup: int, repeats: int) -> float:

@@ -76,3 +76,18 @@ def test_bench_host_reports_the_host_time_and_what_the_launches_take():
     assert int(aten_ops) >= int(allocations) > 0
     # the interpreter's launches run the kernels in Python: far more host time than the launchers' own
     assert 0 < float(without_launches_us) < float(host_us)
+
+
+def test_round_robin_takes_the_steps_in_turn_and_reports_against_the_baseline(capsys):
+    sys.path.insert(0, str(BENCHMARKS))
+    from harness import print_round_robin, round_robin_ms
+
+    calls = []
+    steps = {label: (lambda index, label=label: calls.append((label, index))) for label in ("dense", "moe")}
+    times = round_robin_ms(steps, 3)
+    assert calls == [("dense", 0), ("moe", 0), ("dense", 1), ("moe", 1), ("dense", 2), ("moe", 2)]
+    assert [len(label_times) for label_times in times.values()] == [3, 3]
+    print_round_robin({"dense": [2.0, 2.0, 2.0], "moe": [3.0, 3.0, 3.0]}, "dense")
+    lines = capsys.readouterr().out.splitlines()
+    assert "(1.000x)" in lines[0] and "(1.500x)" in lines[1] and lines[1].startswith("moe")
+

@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, "benchmarks")
 sys.path.insert(0, ".carry/s19")
 import bench_train_step as b  # noqa: E402
+from harness import print_round_robin, round_robin_ms  # noqa: E402
 import old_host  # noqa: E402
 from triton_moe import MoEMLP  # noqa: E402
 from triton_moe.config import MoEConfig  # noqa: E402
@@ -123,15 +124,6 @@ for label, mlp, version in [("dense", "dense", "new"), ("uniform old", "triton_u
         step(i)
     steps[label] = step
 torch.cuda.synchronize()
-times = {label: [] for label in steps}
-for r in range(3 * rounds):
-    for label, step in steps.items():
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); step(r); e.record(); e.synchronize()
-        times[label].append(s.elapsed_time(e))
-dense = statistics.median(times["dense"])
+times = round_robin_ms(steps, 3 * rounds)
 print(f"# eager seed GPT, {3 * rounds} rounds, median ms per step (MoE tax vs dense)")
-for label, ts in times.items():
-    med = statistics.median(ts)
-    q = statistics.quantiles(ts, n=4)
-    print(f"{label:14s} {med:.3f} ms  ({med / dense:.3f}x)  p25 {q[0]:.3f} p75 {q[2]:.3f}")
+print_round_robin(times, "dense")
