@@ -45,10 +45,12 @@ def test_validate_training_fails_on_each_fault(fault, tmp_path):
 def test_fault_is_undone_on_exit():
     import triton_moe.moe
 
-    original = triton_moe.moe.expert_mlp
+    original, route_and_experts = triton_moe.moe.expert_mlp, triton_moe.MoEMLP._route_and_experts
     with pytest.raises(RuntimeError), inject_fault("w1_grad_scale"):
         assert triton_moe.moe.expert_mlp is not original
+        assert triton_moe.MoEMLP._route_and_experts is not route_and_experts
         raise RuntimeError
     assert triton_moe.moe.expert_mlp is original
+    assert triton_moe.MoEMLP._route_and_experts is route_and_experts
     with pytest.raises(ValueError, match="unknown fault"), inject_fault("no_such_fault"):
         pass

@@ -7,7 +7,7 @@ import triton
 
 from triton_moe import reference
 import triton_moe
-from conftest import (DEVICE, DTYPES, HALF_DTYPES, SEED_CONFIGS, assert_close, assert_grads_match,
+from conftest import (DEVICE, DTYPES, HALF_DTYPES, ON_GPU, SEED_CONFIGS, assert_close, assert_grads_match,
                       assert_intermediates_match, gpu_only, make_input, make_layer, run_against_loop,
                       seed_config, use_problem_size_kernels)
 from triton_moe import MoEConfig
@@ -165,6 +165,48 @@ def step_results(forward, layer, x, grad_out):
     ((out.float() * grad_out.float()).sum() + 100.0 * aux).backward()
     return dict(out=out.detach().clone(), aux=aux.detach().clone(), x=x.grad.clone(),
                 **{name: param.grad.clone() for name, param in layer.named_parameters()})
+
+
+@pytest.mark.parametrize("case, loss_terms, kernels", [
+    ("variable relu_squared", "output and aux loss", "small-problem"),
+    ("variable relu_squared", "output and aux loss", "large-problem"),
+    ("uniform swiglu", "output and aux loss", "large-problem"),
+    ("variable relu_squared autocast", "output and aux loss", "small-problem"),
+    ("uniform swiglu frozen up-projections", "output", "small-problem"),
+    ("variable relu_squared", "output", "small-problem"),
+    ("variable relu_squared", "aux loss", "small-problem"),
+])
+def test_one_node_eager_path_matches_the_two_node_path_bit_for_bit(case, loss_terms, kernels, monkeypatch):
+    """The eager forward runs route, sort and experts as one autograd node (layer_ops.moe_layer);
+    forward_with_intermediates runs the route's and the expert MLP's nodes (the custom ops' eager paths, which
+    torch.compile takes). Output, aux loss, counts and every gradient bit for bit, whichever terms reach the loss;
+    under autocast too (x and the weights cast inside, x kept in both dtypes), and with w1 and v1 frozen."""
+    if kernels == "large-problem":
+        use_problem_size_kernels("large", monkeypatch)
+    widths, activation = case.split()[:2]
+    config = seed_config("8exp_variable" if widths == "variable" else "8exp_uniform", activation=activation,
+                         load_balance_coef=0.3, z_loss_coef=0.01)
+    layer = make_layer(triton_moe.MoEMLP, config, torch.float32)
+    if "frozen" in case:
+        for weight in (layer.w1, layer.v1):
+            weight.requires_grad_(False)
+    autocast_dtype = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter computes bf16 in fp32
+    grad_out = make_input((40, 256), torch.float32, seed=1)
+    results = []
+    for forward in (layer, lambda x: layer.forward_with_intermediates(x)["output"]):
+        layer.zero_grad(set_to_none=True)
+        x = make_input((40, 256), torch.float32).requires_grad_()
+        with torch.autocast(DEVICE, dtype=autocast_dtype, enabled="autocast" in case):
+            out = forward(x)
+        loss = {"output and aux loss": (out * grad_out).sum() + layer.aux_loss,
+                "output": (out * grad_out).sum(), "aux loss": layer.aux_loss}[loss_terms]
+        loss.backward()
+        results.append([out, layer.aux_loss, layer.tokens_per_expert, x.grad, layer.router.weight.grad]
+                       + [p.grad for p in (layer.w1, layer.v1, layer.w2) if p is not None])
+    assert results[0][3] is not None and results[0][4] is not None  # x and the router have gradients
+    for index, (one_node, two_nodes) in enumerate(zip(*results)):
+        assert (one_node is None) == (two_nodes is None), index
+        assert one_node is None or torch.equal(one_node, two_nodes), index
 
 
 def assert_bitwise_equal(eager, replayed):

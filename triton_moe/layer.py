@@ -84,11 +84,15 @@ class MoELayer(nn.Module):
         """x [..., hidden] -> [..., hidden], same dtype; the weighted aux loss is kept on `self.aux_loss`."""
         x_flat = self._flatten_input(x)  # [N, hidden]
         self._check_aux_loss_reaches_autograd()
-        routing = self._route(x_flat)
-        self.aux_loss = routing.aux_loss
-        self.tokens_per_expert = self._count_tokens_per_expert(routing)  # int64: never part of autograd
-        output = self._experts_or_empty(x_flat, routing, None)  # [N, hidden]
+        output, self.aux_loss, self.tokens_per_expert = self._route_and_experts(x_flat)  # output [N, hidden]
         return output.view(x.shape).to(x.dtype)
+
+    def _route_and_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(output [N, hidden], aux_loss [], tokens_per_expert [E] int64) of x [N, hidden] (N >= 0): _route, then
+        _experts. A subclass may run the two as one (MoEMLP's eager path) with the same results."""
+        routing = self._route(x)
+        tokens_per_expert = self._count_tokens_per_expert(routing)  # int64: never part of autograd
+        return self._experts_or_empty(x, routing, None), routing.aux_loss, tokens_per_expert
 
     def _check_aux_loss_reaches_autograd(self):
         """Warn when the forward is a recomputation whose first run had autograd off: reentrant checkpointing

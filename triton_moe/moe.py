@@ -4,8 +4,10 @@ One forward (N tokens, k = top-k, E experts of widths W_e, R = N * k rows):
     route            x [N, H] -> routing_weights, expert_indices [N, k], aux_loss      (router_ops.fused_route)
     sort by expert   -> row_to_token [R], expert_row_offsets [E+1]             (router_ops.fused_sort_by_expert)
     expert_mlp       gather + up + activation * routing weight, down, combine -> [N, H] (ops.py -> kernels/)
-No sparse topology and no padding of the rows: each kernel program finds its (expert, row tile, column tile) from
-the offsets (kernels/layout.py). Any width >= 1 works, and experts of different widths share one layer.
+Eager, the three run as one autograd node (layer_ops.moe_layer); under torch.compile, as the custom ops of
+router_ops.py and ops.py. No sparse topology and no padding of the rows: each kernel program finds its (expert,
+row tile, column tile) from the offsets (kernels/layout.py). Any width >= 1 works, and experts of different
+widths share one layer.
 """
 
 import torch
@@ -13,6 +15,7 @@ import torch
 from triton_moe.config import MoEConfig
 from triton_moe.kernels import ExpertLayout, down_projection, gather_rows, up_projection
 from triton_moe.layer import MoELayer
+from triton_moe.layer_ops import moe_layer
 from triton_moe.ops import expert_mlp
 from triton_moe.router_ops import FusedRouting, fused_route, fused_sort_by_expert
 
@@ -23,6 +26,14 @@ class MoEMLP(MoELayer):
     def __init__(self, config: MoEConfig):
         super().__init__(config)
         self.register_buffer("expert_width_offsets", torch.tensor(config.expert_width_offsets), persistent=False)
+
+    def _route_and_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eager: the route, the sort and the expert MLP as one autograd node (layer_ops.moe_layer), for less host
+        time per step. Under torch.compile, and without tokens: _route, then _experts, over the custom ops."""
+        if torch.compiler.is_compiling() or x.shape[0] == 0:
+            return super()._route_and_experts(x)
+        return moe_layer(x, self.router.weight, self.w1, self.v1, self.w2, self.expert_width_offsets, self.config,
+                         self.compute_dtype(x))
 
     def _route(self, x: torch.Tensor) -> FusedRouting:
         """routing.route's results in two kernels after the router GEMM, plus the counts the sort reuses."""

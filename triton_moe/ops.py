@@ -81,7 +81,7 @@ def _in_compute_dtype(tensor: Tensor | None, compute_dtype: torch.dtype) -> tupl
 # run the same two functions without the custom ops' dispatch (ExpertMLP). A custom op returns no None and no alias
 # of an input: the unused h_up of a non-gated activation, its gradient dv1, and the compute-dtype copies of inputs
 # that already are in the compute dtype, are 1-D empty tensors.
-def _expert_mlp_forward(
+def expert_mlp_forward(
     x: Tensor, routing_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
     row_to_token: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor,
     expert_width_offsets: Tensor, expert_widths: list[int], activation: str, keep_sorted_x: bool,
@@ -110,7 +110,7 @@ def _expert_mlp_forward(
             *(x.new_empty(0) if copy is None else copy for copy in (x_copy, w1_copy, v1_copy, w2_copy)))
 
 
-def _expert_mlp_backward(
+def expert_mlp_backward(
     grad_out: Tensor, x: Tensor, sorted_x: Tensor | None, routing_weights: Tensor, w1: Tensor, v1: Tensor | None,
     w2: Tensor, h_pre: Tensor, h_up: Tensor | None, h_act_weighted: Tensor | None, row_to_token: Tensor,
     row_to_flat: Tensor, flat_to_row: Tensor, expert_row_offsets: Tensor, expert_width_offsets: Tensor,
@@ -144,8 +144,8 @@ def _expert_mlp_backward(
     return dx, d_routing_weights, dw1, dw1.new_empty(0) if dv1 is None else dv1, dw2
 
 
-_forward_op = kernel_op("triton_moe::expert_mlp")(_expert_mlp_forward)
-_backward_op = kernel_op("triton_moe::expert_mlp_backward")(_expert_mlp_backward)
+_forward_op = kernel_op("triton_moe::expert_mlp")(expert_mlp_forward)
+_backward_op = kernel_op("triton_moe::expert_mlp_backward")(expert_mlp_backward)
 
 
 NUM_TENSOR_INPUTS = 10  # x, routing_weights, w1, v1, w2, then the five layout tensors; then the host arguments
@@ -175,20 +175,27 @@ def _(grad_out, x, sorted_x, routing_weights, w1, v1, w2, h_pre, h_up, h_act_wei
             else dw(v1), dw(w2))
 
 
-def _setup_context(ctx, inputs, output):
+def saved_for_backward(inputs: tuple, output: tuple) -> tuple[tuple, tuple]:
+    """(the tensors the backward reads, its host arguments) of the forward's inputs and outputs, in the order
+    expert_mlp_backward takes them after grad_out. The empty outputs are None (the backward takes None for them):
+    under torch.compile each saved tensor is an output of the forward graph and an input of the backward graph, with
+    host work at both ends every step."""
     x, routing_weights, w1, v1, w2, *layout_tensors = inputs[:NUM_TENSOR_INPUTS]
     expert_widths, activation, _, _ = inputs[NUM_TENSOR_INPUTS:]
     _, h_pre, h_up, h_act_weighted, sorted_x, *copies = output
-    # The empty outputs are not saved (the backward takes None for them): under torch.compile each saved tensor is
-    # an output of the forward graph and an input of the backward graph, with host work at both ends every step.
     saved_or_none = lambda tensor: tensor if tensor.shape[0] > 0 else None
     # the GEMMs' operands: the compute-dtype copy of each input, or the input itself where no copy was made
     x, w1, v1, w2 = (original if copy.dim() == 1 else copy for original, copy in zip((x, w1, v1, w2), copies))
-    ctx.save_for_backward(x, saved_or_none(sorted_x), routing_weights, w1, v1, w2, h_pre,
-                          None if v1 is None else h_up, saved_or_none(h_act_weighted), *layout_tensors)
-    ctx.host_arguments = (expert_widths, activation, inputs[2].dtype)  # the weights' dtype: their gradients'
+    tensors = (x, saved_or_none(sorted_x), routing_weights, w1, v1, w2, h_pre, None if v1 is None else h_up,
+               saved_or_none(h_act_weighted), *layout_tensors)
+    return tensors, (expert_widths, activation, inputs[2].dtype)  # the weights' dtype: their gradients'
+
+
+def _setup_context(ctx, inputs, output):
+    saved_tensors, ctx.host_arguments = saved_for_backward(inputs, output)
+    ctx.save_for_backward(*saved_tensors)
     ctx.num_inputs = len(inputs)
-    ctx.mark_non_differentiable(h_pre, h_up, h_act_weighted, sorted_x, *copies)
+    ctx.mark_non_differentiable(*output[1:])
     # Autograd would otherwise hand the backward zero gradients for the hidden activations: a matrix each.
     ctx.set_materialize_grads(False)
 
@@ -209,23 +216,41 @@ _forward_op.register_autograd(lambda ctx, *grads: _backward(ctx, grads, _backwar
 
 
 class ExpertMLP(torch.autograd.Function):
-    """The eager path: the custom op's forward, setup_context and backward as plain Python, without the custom
-    op's dispatch, whose host time (schema conversions, the autograd and backend layers, the alias check) is a large
-    part of a small layer's step (docs/tuning.md). Under torch.compile the custom op runs instead (_expert_mlp)."""
+    """The eager path of expert_mlp: the custom op's forward, setup_context and backward as plain Python, without
+    the custom op's dispatch, whose host time (schema conversions, the autograd and backend layers, the alias check)
+    is a large part of a small layer's step (docs/tuning.md). Under torch.compile the custom op runs instead
+    (_expert_mlp)."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _expert_mlp_forward(*inputs)
+        output = expert_mlp_forward(*inputs)
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, *grads):
-        return _backward(ctx, grads, _expert_mlp_backward)
+        return _backward(ctx, grads, expert_mlp_backward)
 
 
 def _expert_mlp(*inputs):
     return _forward_op(*inputs) if torch.compiler.is_compiling() else ExpertMLP.apply(*inputs)
+
+
+def checked_host_arguments(x: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, keep_sorted_x: bool,
+                           compute_dtype: torch.dtype | None) -> tuple[bool, torch.dtype]:
+    """(keep_sorted_x, compute_dtype) as the forward takes them, after checking the weights' and compute dtypes:
+    keep_sorted_x only for a backward that computes dW1 (not under no_grad, nor with w1 and v1 frozen), and
+    compute_dtype x's where it is None."""
+    weight_dtypes = {weight.dtype for weight in (w1, v1, w2) if weight is not None}
+    if len(weight_dtypes) != 1:
+        raise ValueError(f"w1, v1 and w2 must have one dtype, got {sorted(map(str, weight_dtypes))}")
+    compute_dtype = x.dtype if compute_dtype is None else compute_dtype
+    if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"compute_dtype (x's dtype where autocast is off) must be torch.float32, torch.float16 or "
+                         f"torch.bfloat16, got {compute_dtype}")
+    keep_sorted_x = (keep_sorted_x and torch.is_grad_enabled()
+                     and any(weight is not None and weight.requires_grad for weight in (w1, v1)))
+    return keep_sorted_x, compute_dtype
 
 
 def expert_mlp(x: Tensor, routing_weights: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, sort: ExpertSort,
@@ -242,16 +267,7 @@ def expert_mlp(x: Tensor, routing_weights: Tensor, w1: Tensor, v1: Tensor | None
     differentiable in x, routing_weights and the weights. keep_sorted_x: let the forward keep x's rows in
     expert-sorted order for dW1 where that pays off (MoEConfig's field of that name).
     """
-    weight_dtypes = {weight.dtype for weight in (w1, v1, w2) if weight is not None}
-    if len(weight_dtypes) != 1:
-        raise ValueError(f"w1, v1 and w2 must have one dtype, got {sorted(map(str, weight_dtypes))}")
-    compute_dtype = x.dtype if compute_dtype is None else compute_dtype
-    if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"compute_dtype (x's dtype where autocast is off) must be torch.float32, torch.float16 or "
-                         f"torch.bfloat16, got {compute_dtype}")
-    # Kept only for a backward that computes dW1: not under no_grad, nor with w1 (and v1) frozen.
-    keep_sorted_x = (keep_sorted_x and torch.is_grad_enabled()
-                     and any(weight is not None and weight.requires_grad for weight in (w1, v1)))
+    keep_sorted_x, compute_dtype = checked_host_arguments(x, w1, v1, w2, keep_sorted_x, compute_dtype)
     return _expert_mlp(x, routing_weights, w1, v1, w2, sort.row_to_token, sort.row_to_flat, sort.flat_to_row,
                        sort.expert_row_offsets, expert_width_offsets, list(expert_widths), activation,
                        keep_sorted_x, compute_dtype)[0]

@@ -1,7 +1,8 @@
 """Routing and the expert sort over the Triton kernels of kernels/router.py: torch.library custom ops with their
 autograd, which torch.compile sees as opaque nodes, and the two functions the layer calls. Eager calls skip the
 custom ops' dispatch (as ops.expert_mlp does) and call the launchers directly, through an
-autograd.Function for the route.
+autograd.Function for the route; MoEMLP's eager forward calls route_forward and route_backward from its own
+autograd node (layer_ops.py).
 
     fused_route(x, router_weight, config)        -> FusedRouting: routing.route's Routing, plus the per-segment
                                                     counts, scanned, that spare the sort its counting passes

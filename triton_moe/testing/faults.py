@@ -3,8 +3,11 @@
     with inject_fault("w1_grad_scale"):
         loss = model(x).sum(); loss.backward()      # every triton_moe.MoEMLP in here runs with the defect
 
-The defect wraps `triton_moe.moe.expert_mlp` (the autograd Function's entry point) for the duration of the
-`with`: the kernels and the library's code path are untouched, and nothing in triton_moe imports this module.
+The defect wraps `triton_moe.moe.expert_mlp` (the expert MLP's autograd entry point) for the duration of the
+`with`, and the layer takes its two-node path (the route's node, then expert_mlp's: MoELayer._route_and_experts)
+instead of the eager one-node path, which runs the same kernels without calling expert_mlp
+(test_one_node_eager_path_matches_the_two_node_path_bit_for_bit). The kernels are untouched, and nothing in
+triton_moe imports this module.
 It lives in the package, not in scripts/ or benchmarks/, because the tools of both folders import it.
 """
 
@@ -13,6 +16,8 @@ import contextlib
 import torch
 
 import triton_moe.moe
+from triton_moe.layer import MoELayer
+from triton_moe.moe import MoEMLP
 
 FAULTS = {
     "w1_grad_scale": "the gradient of w1 multiplied by 0.3",
@@ -75,12 +80,14 @@ def inject_fault(name: str | None):
         return
     if name not in FAULTS:
         raise ValueError(f"unknown fault {name!r}; choose one of {sorted(FAULTS)}")
-    original = triton_moe.moe.expert_mlp
+    original, route_and_experts = triton_moe.moe.expert_mlp, MoEMLP._route_and_experts
     triton_moe.moe.expert_mlp = _faulty(name, original)
+    MoEMLP._route_and_experts = MoELayer._route_and_experts
     try:
         yield
     finally:
         triton_moe.moe.expert_mlp = original
+        MoEMLP._route_and_experts = route_and_experts
 
 
 def add_fault_argument(parser):
