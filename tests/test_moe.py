@@ -191,11 +191,11 @@ def test_one_node_eager_path_matches_the_two_node_path_bit_for_bit(case, loss_te
         for weight in (layer.w1, layer.v1):
             weight.requires_grad_(False)
     autocast_dtype = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter computes bf16 in fp32
-    grad_out = make_input((40, 256), torch.float32, seed=1)
+    grad_out = make_input((5, 8, 256), torch.float32, seed=1)
     results = []
     for forward in (layer, lambda x: layer.forward_with_intermediates(x)["output"]):
         layer.zero_grad(set_to_none=True)
-        x = make_input((40, 256), torch.float32).requires_grad_()
+        x = make_input((5, 8, 256), torch.float32).requires_grad_()  # 40 tokens
         with torch.autocast(DEVICE, dtype=autocast_dtype, enabled="autocast" in case):
             out = forward(x)
         loss = {"output and aux loss": (out * grad_out).sum() + layer.aux_loss,

@@ -82,17 +82,20 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden] -> [..., hidden], same dtype; the weighted aux loss is kept on `self.aux_loss`."""
-        x_flat = self._flatten_input(x)  # [N, hidden]
+        self._check_input(x)
         self._check_aux_loss_reaches_autograd()
-        output, self.aux_loss, self.tokens_per_expert = self._route_and_experts(x_flat)  # output [N, hidden]
-        return output.view(x.shape).to(x.dtype)
+        output, self.aux_loss, self.tokens_per_expert = self._route_and_experts(x)  # output [..., hidden]
+        return output.to(x.dtype)
 
     def _route_and_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(output [N, hidden], aux_loss [], tokens_per_expert [E] int64) of x [N, hidden] (N >= 0): _route, then
-        _experts. A subclass may run the two as one (MoEMLP's eager path) with the same results."""
-        routing = self._route(x)
+        """(output [..., hidden], aux_loss [], tokens_per_expert [E] int64) of x [..., hidden], checked: _route,
+        then _experts, on x's tokens flattened to [N, hidden] (N >= 0). A subclass may run the two as one (MoEMLP's
+        eager path) with the same results."""
+        x_flat = self._flatten_input(x)  # [N, hidden]
+        routing = self._route(x_flat)
         tokens_per_expert = self._count_tokens_per_expert(routing)  # int64: never part of autograd
-        return self._experts_or_empty(x, routing, None), routing.aux_loss, tokens_per_expert
+        output = self._experts_or_empty(x_flat, routing, None)  # [N, hidden]
+        return output.view(x.shape), routing.aux_loss, tokens_per_expert
 
     def _check_aux_loss_reaches_autograd(self):
         """Warn when the forward is a recomputation whose first run had autograd off: reentrant checkpointing
@@ -119,6 +122,7 @@ class MoELayer(nn.Module):
         h_up (swiglu only: x v1ᵀ per expert), y_expert [N*k, hidden] (down projection before the routing
         weight), output [..., hidden], aux_loss [].
         """
+        self._check_input(x)
         x_flat = self._flatten_input(x)
         routing = self._route(x_flat)
         self.aux_loss = routing.aux_loss
@@ -181,7 +185,11 @@ class MoELayer(nn.Module):
             return torch.float32
         return dtype
 
-    def _flatten_input(self, x) -> torch.Tensor:
+    def _flatten_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., hidden], checked, as [N, hidden], contiguous (a copy only where x is not)."""
+        return x.reshape(-1, self.config.hidden_size).contiguous()
+
+    def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -194,7 +202,6 @@ class MoELayer(nn.Module):
             )
         if x.device != self.w1.device:
             raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w1.device}")
-        return x.reshape(-1, self.config.hidden_size).contiguous()
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -2,13 +2,13 @@
 (kernels/sort.py) and the expert MLP (ops.expert_mlp_forward) forward, and their backwards in reverse.
 
     moe_layer(x, router_weight, w1, v1, w2, expert_width_offsets, config, compute_dtype)
-        -> (out [N, H] in x's dtype, aux_loss [] fp32, tokens_per_expert [E] int64)
+        -> (out [..., H] in x's dtype, aux_loss [] fp32, tokens_per_expert [E] int64), x [..., H]
 
 The same functions in the same order as the route's and the expert MLP's own autograd (router_ops.fused_route,
 router_ops.fused_sort_by_expert, ops.expert_mlp), so the same kernels give the same bits; what it saves is host
-time: one node instead of two, no dataclasses between them, no view of the routing weights in the graph. On a
-nanoGPT-sized step the host's time is the step's. torch.compile takes the custom ops of those two modules instead:
-this is the eager path only.
+time: one node instead of two, no dataclasses between them, no views in the graph (of x's tokens, of the output,
+of the routing weights). On a nanoGPT-sized step the host's time is the step's. torch.compile takes the custom ops
+of those two modules instead: this is the eager path only.
 """
 
 import torch
@@ -30,6 +30,9 @@ class MoELayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, router_weight, w1, v1, w2, expert_width_offsets, expert_widths, activation, keep_sorted_x,
                 compute_dtype, top_k, normalize_weights, load_balance_coef, z_loss_coef):
+        # x [..., H] flattened here, and the output and x's gradient shaped back, leave no view nodes in the graph.
+        ctx.x_shape = x.shape
+        x = x.reshape(-1, x.shape[-1]).contiguous()  # (N, H)
         # router_logits [N, E] fp32; routing_weights, expert_indices [N, k]; aux_loss []; segment_expert_starts
         # [segments, E]; ranks_in_segment [N, k]; tokens_per_expert [E]; expert_row_offsets [E + 1]
         (router_logits, routing_weights, expert_indices, aux_loss, segment_expert_starts, ranks_in_segment,
@@ -50,7 +53,7 @@ class MoELayerFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(tokens_per_expert)
         # Autograd would otherwise hand the backward a zero aux-loss gradient when the loss leaves the aux loss out.
         ctx.set_materialize_grads(False)
-        return expert_outputs[0], aux_loss, tokens_per_expert
+        return expert_outputs[0].view(ctx.x_shape), aux_loss, tokens_per_expert
 
     @staticmethod
     def backward(ctx, grad_out, grad_aux_loss, _):
@@ -64,21 +67,22 @@ class MoELayerFunction(torch.autograd.Function):
             grad_routing_weights = torch.zeros_like(routing_weights)  # (N*k,)
         else:
             grad_x, grad_routing_weights, grad_w1, grad_v1, grad_w2 = expert_mlp_backward(
-                grad_out.contiguous(), *expert_saved, *ctx.expert_host_arguments)
+                grad_out.reshape(x.shape).contiguous(), *expert_saved, *ctx.expert_host_arguments)
             if expert_saved[4] is None:  # no v1: its gradient is a placeholder
                 grad_v1 = None
         grad_x_router, grad_router_weight = route_backward(
             grad_routing_weights.view(num_tokens, -1), None if grad_aux_loss is None else grad_aux_loss.contiguous(),
             None, x, router_weight, router_logits, expert_row_offsets, *ctx.route_arguments)
         grad_x = grad_x_router if grad_x is None else grad_x.add_(grad_x_router)
-        return (grad_x, grad_router_weight, grad_w1, grad_v1, grad_w2) + (None,) * (_NUM_INPUTS - 5)
+        grads = (grad_x.view(ctx.x_shape), grad_router_weight, grad_w1, grad_v1, grad_w2)
+        return grads + (None,) * (_NUM_INPUTS - len(grads))
 
 
 def moe_layer(x: Tensor, router_weight: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
               expert_width_offsets: Tensor, config: MoEConfig, compute_dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """(out [N, H] in x's dtype, aux_loss [] fp32, tokens_per_expert [E] int64) of tokens x [N, H], N >= 1, through
-    MoEMLP's router and experts, as router_ops.fused_route, router_ops.fused_sort_by_expert and ops.expert_mlp give
-    them; differentiable in x, router_weight and the weights (out and aux_loss)."""
+    """(out [..., H] in x's dtype, aux_loss [] fp32, tokens_per_expert [E] int64) of tokens x [..., H] (at least
+    one token) through MoEMLP's router and experts, as router_ops.fused_route, router_ops.fused_sort_by_expert and
+    ops.expert_mlp give them; differentiable in x, router_weight and the weights (out and aux_loss)."""
     keep_sorted_x, compute_dtype = checked_host_arguments(x, w1, v1, w2, config.keep_sorted_x, compute_dtype)
     return MoELayerFunction.apply(
         x, router_weight, w1, v1, w2, expert_width_offsets, config.expert_widths, config.activation, keep_sorted_x,

@@ -30,7 +30,7 @@ class MoEMLP(MoELayer):
     def _route_and_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Eager: the route, the sort and the expert MLP as one autograd node (layer_ops.moe_layer), for less host
         time per step. Under torch.compile, and without tokens: _route, then _experts, over the custom ops."""
-        if torch.compiler.is_compiling() or x.shape[0] == 0:
+        if torch.compiler.is_compiling() or x.numel() == 0:
             return super()._route_and_experts(x)
         return moe_layer(x, self.router.weight, self.w1, self.v1, self.w2, self.expert_width_offsets, self.config,
                          self.compute_dtype(x))
