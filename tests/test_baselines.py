@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import triton_moe
-from conftest import assert_close, load_script, make_input, make_layer
+from conftest import DEVICE, assert_close, load_script, make_input, make_layer
 from triton_moe.config import MoEConfig
 
 baselines = load_script("benchmarks/baselines.py")
@@ -49,7 +49,7 @@ def compare_with_moe_mlp(config):
     """Output, aux loss and every gradient of ScatterMoEMoE against MoEMLP on the same weights and input; our
     weights' gradients are put in ScatterMoE's layout by the same scattermoe_weights that maps the weights."""
     ours = make_layer(triton_moe.MoEMLP, config, torch.float32)
-    theirs = baselines.ScatterMoEMoE(ours)
+    theirs = baselines.ScatterMoEMoE(ours).to(DEVICE)  # its modules are made on the CPU
     x = make_input((NUM_TOKENS, config.hidden_size), torch.float32)
     upstream = make_input(x.shape, torch.float32, seed=1)
     want_output, want_aux, want = outputs_and_grads(ours, x, upstream)

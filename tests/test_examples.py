@@ -1,7 +1,8 @@
 """examples/nanogpt: nanoGPT's model and training loop with MoEMLP train, checkpoint and resume on the CPU."""
 
+import pytest
 import torch
-from conftest import load_script
+from conftest import ON_GPU, load_script
 
 from triton_moe import active_parameters
 
@@ -12,6 +13,11 @@ TINY = ["--device", "cpu", "--batch-size", "2", "--block-size", "16", "--n-layer
         "--moe-experts", "2x64,2x32", "--eval-interval", "2", "--eval-iters", "1"]
 
 
+# The example's CPU runs need Triton's interpreter, which a process that sees a GPU does not take.
+cpu_only = pytest.mark.skipif(ON_GPU, reason="runs the example on the CPU, through Triton's interpreter")
+
+
+@cpu_only
 def test_resumed_training_matches_uninterrupted(tmp_path):
     """4 steps in one run, against 2 steps, a checkpoint, and 2 more from it in a new model and optimizer: the same
     losses and weights (fp32 on the CPU is deterministic)."""
@@ -26,6 +32,7 @@ def test_resumed_training_matches_uninterrupted(tmp_path):
     assert checkpoint["model_args"]["moe_experts"] == "2x64,2x32" and checkpoint["iter_num"] == 4
 
 
+@cpu_only
 def test_model_follows_nanogpt_init_and_optimizer_groups():
     model = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=32, moe_experts="2x64,2x32"))
     mlp = model.transformer.h[0].mlp

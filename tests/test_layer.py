@@ -49,6 +49,15 @@ def test_non_contiguous_input_is_handled(layer):
     torch.testing.assert_close(layer(x), layer(x.contiguous()), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda cls: cls.__module__)
+def test_cpu_tensors_without_the_interpreter_are_refused(cls, monkeypatch):
+    """On a machine with a GPU, Triton runs no kernel on CPU tensors: a ValueError that says so, before any launch."""
+    layer = cls(seed_config("8exp_variable"))  # on the CPU
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="on the CPU.*TRITON_INTERPRET=1"):
+        layer(torch.randn(4, 256))
+
+
 def test_no_tokens_gives_empty_output_and_zero_grads(layer):
     x = make_input((0, 256), torch.float32).requires_grad_()
     out = layer(x)

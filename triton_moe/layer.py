@@ -202,6 +202,12 @@ class MoELayer(nn.Module):
             )
         if x.device != self.w1.device:
             raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w1.device}")
+        # Without the interpreter, Triton would fail at the first launch on a CPU tensor, deep in its launcher.
+        if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "x and the layer are on the CPU, where the Triton kernels run only through Triton's interpreter, "
+                "which this process does not use (a CUDA device is visible): move the model and its inputs to the "
+                "GPU, or set TRITON_INTERPRET=1 in the environment before triton_moe is imported")
 
     def extra_repr(self) -> str:
         cfg = self.config
