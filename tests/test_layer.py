@@ -54,6 +54,7 @@ def test_cpu_tensors_without_the_interpreter_are_refused(cls, monkeypatch):
     """On a machine with a GPU, Triton runs no kernel on CPU tensors: a ValueError that says so, before any launch."""
     layer = cls(seed_config("8exp_variable"))  # on the CPU
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match="on the CPU.*TRITON_INTERPRET=1"):
         layer(torch.randn(4, 256))
 

@@ -202,8 +202,9 @@ class MoELayer(nn.Module):
             )
         if x.device != self.w1.device:
             raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w1.device}")
-        # Without the interpreter, Triton would fail at the first launch on a CPU tensor, deep in its launcher.
-        if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # A process that sees a GPU runs Triton without its interpreter (triton_moe.kernels picks it only where no
+        # CUDA device is visible), and would fail at the first launch on a CPU tensor, deep in Triton's launcher.
+        if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available():
             raise ValueError(
                 "x and the layer are on the CPU, where the Triton kernels run only through Triton's interpreter, "
                 "which this process does not use (a CUDA device is visible): move the model and its inputs to the "
