@@ -48,7 +48,8 @@ class MoELayerFunction(torch.autograd.Function):
         expert_outputs = expert_mlp_forward(*expert_inputs)
         expert_saved, ctx.expert_host_arguments = saved_for_backward(expert_inputs, expert_outputs)
         # x in its own dtype for the router's gradients; the expert MLP keeps its compute-dtype copy (or x again)
-        ctx.save_for_backward(x, router_weight, router_logits, *expert_saved)
+        ctx.save_for_backward(x, router_weight, router_logits, expert_row_offsets, *expert_saved)
+        ctx.top_k, ctx.gated = top_k, v1 is not None
         ctx.route_arguments = (normalize_weights, load_balance_coef, z_loss_coef)
         ctx.mark_non_differentiable(tokens_per_expert)
         # Autograd would otherwise hand the backward a zero aux-loss gradient when the loss leaves the aux loss out.
@@ -57,18 +58,15 @@ class MoELayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_aux_loss, _):
-        x, router_weight, router_logits, *expert_saved = ctx.saved_tensors
-        # expert_saved: x in the compute dtype, sorted_x, the routing weights [N*k], w1, v1, w2, h_pre, h_up,
-        # h_act_weighted, then the layout tensors: row_to_token, row_to_flat, flat_to_row, expert_row_offsets, ...
-        routing_weights, expert_row_offsets = expert_saved[2], expert_saved[12]
+        x, router_weight, router_logits, expert_row_offsets, *expert_saved = ctx.saved_tensors
         num_tokens = x.shape[0]
         if grad_out is None:  # only the aux loss reached the loss
             grad_x = grad_w1 = grad_v1 = grad_w2 = None
-            grad_routing_weights = torch.zeros_like(routing_weights)  # (N*k,)
+            grad_routing_weights = router_logits.new_zeros(num_tokens * ctx.top_k)  # (N*k,)
         else:
             grad_x, grad_routing_weights, grad_w1, grad_v1, grad_w2 = expert_mlp_backward(
                 grad_out.reshape(x.shape).contiguous(), *expert_saved, *ctx.expert_host_arguments)
-            if expert_saved[4] is None:  # no v1: its gradient is a placeholder
+            if not ctx.gated:  # no v1: its gradient is a placeholder
                 grad_v1 = None
         grad_x_router, grad_router_weight = route_backward(
             grad_routing_weights.view(num_tokens, -1), None if grad_aux_loss is None else grad_aux_loss.contiguous(),
