@@ -76,13 +76,20 @@ class MoELayerFunction(torch.autograd.Function):
         return grads + (None,) * (_NUM_INPUTS - len(grads))
 
 
+def layer_host_arguments(x: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, expert_width_offsets: Tensor,
+                         config: MoEConfig, compute_dtype: torch.dtype) -> tuple:
+    """MoELayerFunction's arguments after the weights, checked: expert_width_offsets [E + 1] (the one tensor among
+    them), then host values."""
+    keep_sorted_x, compute_dtype = checked_host_arguments(x, w1, v1, w2, config.keep_sorted_x, compute_dtype)
+    return (expert_width_offsets, config.expert_widths, config.activation, keep_sorted_x, compute_dtype,
+            config.num_active_experts, config.normalize_weights, float(config.load_balance_coef),
+            float(config.z_loss_coef))
+
+
 def moe_layer(x: Tensor, router_weight: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor,
               expert_width_offsets: Tensor, config: MoEConfig, compute_dtype: torch.dtype) -> tuple[Tensor, ...]:
     """(out [..., H] in x's dtype, aux_loss [] fp32, tokens_per_expert [E] int64) of tokens x [..., H] (at least
     one token) through MoEMLP's router and experts, as router_ops.fused_route, router_ops.fused_sort_by_expert and
     ops.expert_mlp give them; differentiable in x, router_weight and the weights (out and aux_loss)."""
-    keep_sorted_x, compute_dtype = checked_host_arguments(x, w1, v1, w2, config.keep_sorted_x, compute_dtype)
     return MoELayerFunction.apply(
-        x, router_weight, w1, v1, w2, expert_width_offsets, config.expert_widths, config.activation, keep_sorted_x,
-        compute_dtype, config.num_active_experts, config.normalize_weights, float(config.load_balance_coef),
-        float(config.z_loss_coef))
+        x, router_weight, w1, v1, w2, *layer_host_arguments(x, w1, v1, w2, expert_width_offsets, config, compute_dtype))
