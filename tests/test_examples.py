@@ -1,8 +1,9 @@
-"""examples/nanogpt: nanoGPT's model and training loop with MoEMLP train, checkpoint and resume on the CPU."""
+"""examples/nanogpt: nanoGPT's model and training loop with MoEMLP train, checkpoint and resume on the CPU; on a GPU,
+its MoE layers replayed from CUDA graphs train as eager ones."""
 
 import pytest
 import torch
-from conftest import ON_GPU, load_script
+from conftest import ON_GPU, gpu_only, load_script
 
 from triton_moe import active_parameters
 
@@ -51,3 +52,18 @@ def test_model_follows_nanogpt_init_and_optimizer_groups():
     _, eval_loss = model(x, x)
     assert train_loss > eval_loss  # the aux loss in the training loss only
     assert active_parameters(model) == dense_equivalent
+
+
+@gpu_only
+def test_cuda_graphs_train_as_eager(tmp_path):
+    """--cuda-graphs: the MoE layers replay from CUDA graphs in every training step (evaluation, without gradients,
+    runs them eagerly), with the eager run's losses and weights bit for bit."""
+    gpu = [*TINY, "--device", "cuda", "--max-iters", "6"]
+    runs = [train.main([*gpu, "--out-dir", str(tmp_path / name), *flags])
+            for name, flags in (("eager", []), ("eager_again", []), ("graphs", ["--cuda-graphs"]))]
+    assert runs[0]["losses"] == runs[1]["losses"]  # the premise: an eager GPU run repeats itself bit for bit
+    assert runs[2]["losses"] == runs[0]["losses"]
+    for (name, want), got in zip(runs[0]["model"].state_dict().items(), runs[2]["model"].state_dict().values()):
+        assert torch.equal(got, want), name
+    replays = [block.mlp.cuda_graphs.replays for block in runs[2]["model"].transformer.h]
+    assert replays == [6]

@@ -1,9 +1,10 @@
 """nanoGPT's training loop, trimmed, around examples/nanogpt/model.py: byte-level text, AdamW, eval, checkpoints
-that resume, MFU of the active parameters, torch.compile.
+that resume, MFU of the active parameters, torch.compile, the MoE layers replayed from CUDA graphs.
 
     uv run python examples/nanogpt/train.py --max-iters 20 --out-dir runs/nanogpt          # CPU: a tiny model
     uv run python examples/nanogpt/train.py --max-iters 40 --out-dir runs/nanogpt --resume # 20 more steps
     python examples/nanogpt/train.py --device cuda --n-layer 6 --n-embd 384 --moe-experts 4x1536,4x768 --compile
+    python examples/nanogpt/train.py --device cuda --n-layer 6 --n-embd 384 --moe-experts 4x1536,4x768 --cuda-graphs
 
 What a nanoGPT train.py needs for MoE, marked `# MoE:`: the MoE keys go into model_args, so that a checkpoint
 rebuilds and resumes the same model (nanoGPT's resume copies a fixed list of keys from the checkpoint: add them
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from model import GPT, GPTConfig  # model.py beside this script, as in nanoGPT
 
-from triton_moe import expert_load
+from triton_moe import enable_cuda_graphs, expert_load
 
 DATA = Path(__file__).resolve().parent.parent.parent / "data" / "classics.txt"
 # MoE: the model_args a checkpoint carries and a resume restores, the MoE keys among them
@@ -49,6 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (as nanoGPT does)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the MoE layers from CUDA graphs in eager steps (triton_moe.enable_cuda_graphs): "
+                             "less host time a step, the same results")
     return parser.parse_args(argv)
 
 
@@ -88,6 +92,8 @@ def main(argv=None) -> dict:
         model_args["bias"], model_args["vocab_size"] = False, 256
         model = GPT(GPTConfig(**model_args))
     model.to(args.device)
+    if args.cuda_graphs:
+        enable_cuda_graphs(model)  # MoE: eager steps replay the MoE layers from CUDA graphs
     optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (0.9, 0.95), args.device)
     if args.resume:
         optimizer.load_state_dict(checkpoint["optimizer"])
