@@ -1,4 +1,5 @@
 """The whole training step of a nanoGPT-style GPT (forward, backward, fused AdamW) with each MLP, in eager mode,
+in eager mode with the MoE layers replayed from CUDA graphs (triton_moe.enable_cuda_graphs; the Triton layer only),
 under torch.compile and under torch.compile(mode="reduce-overhead") (CUDA graphs).
 
     uv run python benchmarks/bench_train_step.py                        # both scales, every MLP and mode
@@ -64,7 +65,9 @@ SCALES = {
                    uniform=[(128, 768)], variable=[(32, 1024), (64, 768), (32, 512)]),
 }
 MLPS = ("dense", "triton_uniform", "triton_variable", "stk_reference", "grouped_mm")
-MODES = ("eager", "compile", "reduce-overhead")
+MODES = ("eager", "eager-graphs", "compile", "reduce-overhead")
+# What "eager-graphs" runs: the MLPs enable_cuda_graphs graphs, and dense as in eager, the baseline of the MoE tax
+TRITON_MLPS = ("triton_uniform", "triton_variable")
 
 
 def parse_args():
@@ -123,7 +126,9 @@ def time_row(scale: Scale, mlp: str, mode: str, batches, args) -> dict:
     model = build_model(scale, mlp)
     torch.autograd.set_multithreading_enabled(not args.calling_thread_backward)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    forward = model if mode == "eager" else torch.compile(
+    if mode == "eager-graphs":
+        triton_moe.enable_cuda_graphs(model)
+    forward = model if mode in ("eager", "eager-graphs") else torch.compile(
         model, mode="reduce-overhead" if mode == "reduce-overhead" else None)
 
     def step(inputs, targets):
@@ -160,6 +165,8 @@ def main():
                    for _ in range(8)]
         for mode in args.modes:
             for mlp in args.mlps:
+                if mode == "eager-graphs" and mlp not in (*TRITON_MLPS, "dense"):
+                    continue
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
                 label = f"{scale_name} {mlp} {mode}"
@@ -211,7 +218,7 @@ def plot(rows, path: Path):
         for offset, mode in enumerate(MODES):
             values = [next((row["ms"] for row in rows if (row["scale"], row["mlp"], row["mode"]) == (scale, mlp, mode)),
                            0.0) for mlp in mlps]
-            axis.bar([i + 0.27 * (offset - 1) for i in range(len(mlps))], values, width=0.27, label=mode)
+            axis.bar([i + 0.2 * (offset - 1.5) for i in range(len(mlps))], values, width=0.2, label=mode)
         axis.set_xticks(range(len(mlps)), [mlp.replace("_", "\n") for mlp in mlps], fontsize=8)
         axis.set_ylabel("ms per training step")
         axis.set_title(f"{scale}")
