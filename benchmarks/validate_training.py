@@ -47,7 +47,7 @@ from tqdm import tqdm
 from triton_moe import reference
 import triton_moe
 from triton_moe.testing.gpt import GPT, GPTConfig, get_batch, load_bytes
-from triton_moe import MoEConfig, MoELayer, expert_load
+from triton_moe import MoEConfig, MoELayer, enable_cuda_graphs, expert_load
 from triton_moe.testing.faults import add_fault_argument, inject_fault
 from triton_moe.testing.ground_truth import cosine, rel_l2_error
 
@@ -110,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", choices=COMPILE_MODES, default="none",
                         help="train the Triton model under torch.compile: 'default', or 'reduce-overhead' (CUDA "
                              "graphs); the reference trains eagerly")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="train the Triton model eagerly with its MoE layers replayed from CUDA graphs "
+                             "(triton_moe.enable_cuda_graphs); GPU only, with --compile none")
     parser.add_argument("--control", action="store_true", help="also train the reference a second time and report "
                         "how far it drifts from the first (the drift of non-determinism alone); no bound")
     add_fault_argument(parser)
@@ -153,6 +156,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--dtype bfloat16 needs a GPU (bf16 is broken in Triton's CPU interpreter)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible")
+    if args.cuda_graphs and (args.device != "cuda" or args.compile != "none"):
+        parser.error(f"--cuda-graphs needs --device cuda and --compile none, got --device {args.device} and "
+                     f"--compile {args.compile}")
     if not args.data.is_file():
         parser.error(f"--data {args.data} is not a file")
     if args.data.stat().st_size < args.block_size + 2:
@@ -383,6 +389,8 @@ def main(argv=None) -> int:
              f"{args.dtype} on {device_name(args.device)}")
     if args.compile != "none":
         title += f", triton under torch.compile (mode {args.compile})"
+    if args.cuda_graphs:
+        title += ", triton's MoE layers replayed from CUDA graphs"
     if args.inject_fault:
         title += f", fault {args.inject_fault} injected into triton"
     print(f"{title}; {num_params / 1e6:.2f}M parameters, {len(data) / 1e3:.0f} kB of {args.data.name}, "
@@ -396,6 +404,8 @@ def main(argv=None) -> int:
         model = GPT(config, mlp_cls)
         model.load_state_dict(initial_state)
         model.to(args.device)
+        if args.cuda_graphs and name == "triton":
+            enable_cuda_graphs(model)
         initial_params = {key: param.detach().clone() for key, param in model.named_parameters()}
         wandb_run, log = wandb_logger(args, name, group) if args.wandb else (None, None)
         with inject_fault(args.inject_fault if name == "triton" else None):

@@ -95,6 +95,7 @@ def test_rejects_bf16_on_cpu(capsys):
     (["--batch-size", "0"], "--batch-size"),
     (["--steps", "0"], "--steps"),
     (["--warmup-steps", "-1"], "--warmup-steps"),
+    (["--cuda-graphs"], "--cuda-graphs"),  # on the CPU
 ])
 def test_command_line_mistakes_are_usage_errors(arguments, flag, capsys):
     """A mistaken flag exits with argparse's status 2 and one error line that names it, before any training."""
