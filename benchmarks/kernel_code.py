@@ -29,6 +29,9 @@ from pathlib import Path
 
 # Before triton_moe.kernels is imported: real JIT kernels rather than the interpreter's.
 os.environ["TRITON_INTERPRET"] = "0"
+# Before torch is imported: no GPU, on any machine. The layer runs on CPU tensors here, which it refuses outside the
+# interpreter where a GPU is visible (MoELayer._check_input): the launches are recorded, not made.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import torch  # noqa: E402
 import triton  # noqa: E402
