@@ -266,12 +266,14 @@ def model_gradients(model: GPT, inputs, targets, args) -> dict:
 
 class GradientCheck:
     """At chosen steps of the reference run: the reference model's weights loaded into a reference twin and a
-    Triton twin (so that the training model is not touched), the step's batch through both, their gradients
-    compared. Records one entry per checked step."""
+    Triton twin (so that the training model is not touched; with --cuda-graphs, its MoE layers replayed), the step's
+    batch through both, their gradients compared. Records one entry per checked step."""
 
     def __init__(self, config: GPTConfig, args):
         self.args = args
         self.twins = {name: GPT(config, mlp_cls).to(args.device) for name, mlp_cls in IMPLEMENTATIONS.items()}
+        if args.cuda_graphs:  # the gradients compared are then the replayed layers'
+            enable_cuda_graphs(self.twins["triton"])
         self.results = []
 
     def __call__(self, step: int, model: GPT, inputs, targets):
