@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 import triton_moe
 from conftest import ON_GPU, gpu_only, make_input, make_layer, seed_config
+from triton_moe.layer_graphs import MAX_SIGNATURES
 
 NUM_TOKENS = 96
 CONFIGS = {
@@ -161,6 +162,22 @@ def test_forwards_that_do_not_replay():
         for layer in (eager, graphed):
             layer.zero_grad(set_to_none=True)
     assert graphed.cuda_graphs.replays == 3 and graphed.cuda_graphs.signatures == 2
+
+
+@gpu_only
+def test_signatures_past_the_limit_run_eagerly():
+    """A layer captures MAX_SIGNATURES token counts; the next one runs the eager node, with eager's results, and the
+    captured ones still replay."""
+    eager, graphed = eager_and_graphed(CONFIGS["uniform"])
+    limit = MAX_SIGNATURES
+    x, grad_out = new_batch(0)
+    token_counts = [NUM_TOKENS - 8 * index for index in range(limit + 1)] + [NUM_TOKENS]
+    for num_tokens in token_counts:
+        assert_bitwise_equal(step(eager, x[:num_tokens], grad_out[:num_tokens]),
+                             step(graphed, x[:num_tokens], grad_out[:num_tokens]))
+        for layer in (eager, graphed):
+            layer.zero_grad(set_to_none=True)
+    assert graphed.cuda_graphs.signatures == limit and graphed.cuda_graphs.replays == limit + 1
 
 
 @gpu_only
