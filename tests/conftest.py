@@ -145,6 +145,15 @@ def assert_intermediates_match(got: dict, want: dict, dtype):
                          torch.cat([w.flatten() for w in want[name]]), dtype)
 
 
+def assert_bitwise_equal(eager: dict, other: dict):
+    """The results of two runs by name (output, aux loss, gradients): eager's, and a compiled, graphed or replayed
+    run's, equal bit for bit; the router's gradient, which the aux loss reaches, is not zero."""
+    assert eager.keys() == other.keys()
+    assert eager["router.weight"].abs().sum() > 0
+    for name in eager:
+        assert torch.equal(eager[name], other[name]), name
+
+
 def assert_grads_match(got_grads: dict, want_grads: dict, dtype):
     assert got_grads.keys() == want_grads.keys()
     for name in want_grads:

@@ -9,7 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import triton_moe
-from conftest import ON_GPU, gpu_only, make_input, make_layer, seed_config
+from conftest import ON_GPU, assert_bitwise_equal, gpu_only, make_input, make_layer, seed_config
 from triton_moe.layer_graphs import MAX_SIGNATURES
 
 NUM_TOKENS = 96
@@ -40,13 +40,6 @@ def step(layer, x, grad_out, loss_terms="output and aux loss", autocast=False):
     return dict(out=out.detach().clone(), aux=layer.aux_loss.detach().clone(),
                 counts=layer.tokens_per_expert.clone(), x=x.grad.clone(),
                 **{name: param.grad.clone() for name, param in layer.named_parameters() if param.grad is not None})
-
-
-def assert_bitwise_equal(eager: dict, graphed: dict):
-    assert eager.keys() == graphed.keys()
-    assert eager["router.weight"].abs().sum() > 0
-    for name in eager:
-        assert torch.equal(eager[name], graphed[name]), name
 
 
 def new_batch(seed):

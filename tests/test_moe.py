@@ -7,9 +7,9 @@ import triton
 
 from triton_moe import reference
 import triton_moe
-from conftest import (DEVICE, DTYPES, HALF_DTYPES, ON_GPU, SEED_CONFIGS, assert_close, assert_grads_match,
-                      assert_intermediates_match, gpu_only, make_input, make_layer, run_against_loop,
-                      seed_config, use_problem_size_kernels)
+from conftest import (DEVICE, DTYPES, HALF_DTYPES, ON_GPU, SEED_CONFIGS, assert_bitwise_equal, assert_close,
+                      assert_grads_match, assert_intermediates_match, gpu_only, make_input, make_layer,
+                      run_against_loop, seed_config, use_problem_size_kernels)
 from triton_moe import MoEConfig
 from triton_moe.testing.ground_truth import cosine, rel_l2_error
 
@@ -207,12 +207,6 @@ def test_one_node_eager_path_matches_the_two_node_path_bit_for_bit(case, loss_te
     for index, (one_node, two_nodes) in enumerate(zip(*results)):
         assert (one_node is None) == (two_nodes is None), index
         assert one_node is None or torch.equal(one_node, two_nodes), index
-
-
-def assert_bitwise_equal(eager, replayed):
-    assert eager["router.weight"].abs().sum() > 0  # the gradient the aux loss reaches
-    for name in eager:
-        assert torch.equal(eager[name], replayed[name]), name
 
 
 @gpu_only
