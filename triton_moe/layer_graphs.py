@@ -25,7 +25,8 @@ aux loss, the counts and the gradients never alias a graph's static tensors, whi
 Each layer captures into a memory pool of its own. Between a forward replay and its backward's replay no other
 graph of the layer replays (the rule above), so the pool may place one graph's temporaries where another graph's
 static tensors lie without a replay ever overwriting what is still to be read. A backward whose forward's
-activations a later replay has overwritten (a second backward through a retained graph) raises a RuntimeError.
+activations a later replay has overwritten (a second backward through a retained graph) raises a RuntimeError, as
+does one whose weights changed in place since the forward where the eager node's backward would raise it.
 """
 
 import weakref
@@ -55,6 +56,39 @@ class _SavedForBackward:
         pass
 
 
+class GraphCapture:
+    """What LayerGraphs asks of CUDA: whether a forward of x can replay here, a capturing stream and a memory pool
+    for a layer, and a function's warm-up and capture. (tests/test_layer_graphs.py puts an emulation in its place
+    to check the replay rules on the CPU.)"""
+
+    def can_replay(self, x: Tensor) -> bool:
+        """x on the current CUDA device (a graph replays on its stream), and no capture of another graph going on."""
+        return (x.is_cuda and x.get_device() == torch.cuda.current_device()
+                and not torch.cuda.is_current_stream_capturing())
+
+    def stream_and_pool(self, device: torch.device) -> tuple:
+        return torch.cuda.Stream(device), torch.cuda.graph_pool_handle()
+
+    def warm_up(self, function, stream, device: torch.device):
+        """function() on the capturing stream: lazy initialisation (kernel compilation, library handles and their
+        workspaces) then stays out of the capture."""
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            function()
+
+    def capture(self, function, stream, pool, device: torch.device) -> tuple:
+        """(graph, what function() returned: the static tensors its replays rewrite)."""
+        graph = torch.cuda.CUDAGraph()
+        # "thread_local": CUDA calls of other threads (a data loader's) may go on while the layer captures.
+        with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool, stream=stream,
+                                                         capture_error_mode="thread_local"):
+            static_results = function()
+        return graph, static_results
+
+
+GRAPH_CAPTURE = GraphCapture()
+
+
 class _CapturedSignature:
     """One input signature's two graphs: the forward, and the backward of a loss that holds both the output and the
     aux loss; the static tensors they read and write."""
@@ -65,8 +99,9 @@ class _CapturedSignature:
         self.static_grad_aux_loss = torch.ones((), dtype=torch.float32, device=x.device)
         self.saved = _SavedForBackward()
 
-        def forward():  # (out, aux_loss, tokens_per_expert)
-            return MoELayerFunction.forward(self.saved, self.static_x, *weights, *host_arguments)
+        def forward():  # (out, aux_loss, tokens_per_expert), and the saved tensors: what a replay rewrites
+            outputs = MoELayerFunction.forward(self.saved, self.static_x, *weights, *host_arguments)
+            return outputs, self.saved.saved_tensors
 
         def backward():  # (grad_x, grad_router_weight, grad_w1, grad_v1, grad_w2)
             return MoELayerFunction.backward(self.saved, self.static_grad_out, self.static_grad_aux_loss, None)[:5]
@@ -74,19 +109,14 @@ class _CapturedSignature:
         # The capture runs the kernels as the eager node runs them under Function.apply, without autograd; autocast
         # is off for it, since the node takes its compute dtype as an argument and leaves autocast's ops aside.
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            # A warm-up on the capturing stream first, which keeps lazy initialisation (kernel compilation, library
-            # handles and their workspaces) out of the capture.
-            stream.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(stream):
-                forward()
-                backward()
-            self.forward_graph = torch.cuda.CUDAGraph()
-            # "thread_local": CUDA calls of other threads (a data loader's) may go on while the layer captures.
-            with torch.cuda.graph(self.forward_graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                self.static_outputs = forward()
-            self.backward_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.backward_graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                self.static_grads = backward()
+            GRAPH_CAPTURE.warm_up(lambda: (forward(), backward()), stream, x.device)
+            self.forward_graph, (self.static_outputs, _) = GRAPH_CAPTURE.capture(forward, stream, pool, x.device)
+            self.backward_graph, self.static_grads = GRAPH_CAPTURE.capture(backward, stream, pool, x.device)
+        # The weights the backward reads as they are, not through a copy the forward made: as the eager node's
+        # saved tensors, an in-place change of one of them between a forward and its backward is an error.
+        self.weights_read_by_backward = [index for index, weight in enumerate(weights)
+                                         if weight is not None
+                                         and any(saved is weight for saved in self.saved.saved_tensors)]
 
 
 def storage_pointers(*tensors: Tensor | None) -> tuple[int, ...]:
@@ -94,12 +124,16 @@ def storage_pointers(*tensors: Tensor | None) -> tuple[int, ...]:
     return tuple(0 if tensor is None else tensor.data_ptr() for tensor in tensors)
 
 
+WEIGHT_NAMES = ("router.weight", "w1", "v1", "w2")  # the weights in the order the graphs take them
+
+
 class _Replay:
     """One forward replay, until its backward has run."""
 
-    def __init__(self, number: int, weight_pointers: tuple):
+    def __init__(self, number: int, weight_pointers: tuple, weight_versions: tuple):
         self.number = number
         self.weight_pointers = weight_pointers  # where the replay read the weights and the width offsets
+        self.weight_versions = weight_versions  # the _version of each weight the backward reads as it is
         self.backward_done = False
 
 
@@ -132,12 +166,12 @@ class LayerGraphs:
 
     def _captured_for(self, x: Tensor, weights: tuple, host_arguments: tuple) -> _CapturedSignature | None:
         """The graphs of x's signature, captured now if they are not yet; None where the eager node has to run."""
-        if not (x.is_cuda and torch.is_grad_enabled()
+        if not (torch.is_grad_enabled()
                 and (x.requires_grad or any(w is not None and w.requires_grad for w in weights))):
             return None
         if (self._waiting_for_backward() or torch._C._current_graph_task_id() != -1
                 or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-                or torch.cuda.is_current_stream_capturing() or x.get_device() != torch.cuda.current_device()):
+                or not GRAPH_CAPTURE.can_replay(x)):
             return None
         expert_width_offsets, keep_sorted_x, compute_dtype = host_arguments[0], host_arguments[3], host_arguments[4]
         pointers = storage_pointers(*weights, expert_width_offsets)
@@ -149,30 +183,37 @@ class LayerGraphs:
         captured = self._captured.get(signature)
         if captured is None and len(self._captured) < MAX_SIGNATURES:
             if self._pool is None:
-                self._stream = torch.cuda.Stream(x.device)
-                self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.device(x.device):
-                captured = _CapturedSignature(x, weights, host_arguments, self._stream, self._pool)
-            self._captured[signature] = captured
+                self._stream, self._pool = GRAPH_CAPTURE.stream_and_pool(x.device)
+            captured = self._captured[signature] = _CapturedSignature(x, weights, host_arguments, self._stream,
+                                                                      self._pool)
         return captured
 
     def _waiting_for_backward(self) -> bool:
         replay = None if self._last_replay is None else self._last_replay()
         return replay is not None and not replay.backward_done
 
-    def start_replay(self) -> _Replay:
+    def start_replay(self, captured: _CapturedSignature, weights: tuple) -> _Replay:
         self.replays += 1
-        replay = _Replay(self.replays, self._weight_pointers)
+        versions = tuple(weights[index]._version for index in captured.weights_read_by_backward)
+        replay = _Replay(self.replays, self._weight_pointers, versions)
         self._last_replay = weakref.ref(replay)
         return replay
 
-    def check_activations_of(self, replay: _Replay):
+    def check_backward_of(self, replay: _Replay, captured: _CapturedSignature, weights: tuple):
+        """Raise where the replay's backward would read what is gone or changed: its activations, overwritten by a
+        later replay, or a weight changed in place since its forward (an error in the eager node's backward too)."""
         if replay.number != self.replays:
             raise RuntimeError(
                 "a backward through an MoEMLP layer replayed from CUDA graphs ran after a later forward of the layer "
                 "had replayed: the activations it needs are gone (a second backward through a retained graph?). "
                 "Run one backward per forward, or turn the layer's graphs off with "
                 "triton_moe.enable_cuda_graphs(model, False)")
+        for index, version in zip(captured.weights_read_by_backward, replay.weight_versions):
+            if weights[index]._version != version:
+                raise RuntimeError(
+                    f"one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: the MoEMLP layer's {WEIGHT_NAMES[index]} changed between its forward and its "
+                    "backward (an optimizer step before the backward?)")
 
 
 class _ReplayedLayer(torch.autograd.Function):
@@ -184,8 +225,8 @@ class _ReplayedLayer(torch.autograd.Function):
     def forward(ctx, graphs, captured, x, router_weight, w1, v1, w2, expert_width_offsets):
         captured.static_x.copy_(x)
         captured.forward_graph.replay()
-        ctx.graphs, ctx.captured, ctx.replay = graphs, captured, graphs.start_replay()
         ctx.weights = (router_weight, w1, v1, w2, expert_width_offsets)
+        ctx.graphs, ctx.captured, ctx.replay = graphs, captured, graphs.start_replay(captured, ctx.weights)
         out, aux_loss, tokens_per_expert = (tensor.clone() for tensor in captured.static_outputs)
         ctx.mark_non_differentiable(tokens_per_expert)
         ctx.set_materialize_grads(False)
@@ -194,7 +235,7 @@ class _ReplayedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_aux_loss, _):
         captured = ctx.captured
-        ctx.graphs.check_activations_of(ctx.replay)
+        ctx.graphs.check_backward_of(ctx.replay, captured, ctx.weights)
         if (grad_out is not None and grad_aux_loss is not None
                 and storage_pointers(*ctx.weights) == ctx.replay.weight_pointers):
             captured.static_grad_out.copy_(grad_out)
