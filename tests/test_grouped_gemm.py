@@ -413,20 +413,23 @@ def test_down_weight_grad_from_weighted_activations(case, activation, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
+@pytest.mark.parametrize("tiles", ["default", "32x32x16"])
 @pytest.mark.parametrize("case", CASES)
-def test_gathering_gemms_copy_their_rows(case, activation, dtype):
+def test_gathering_gemms_copy_their_rows(case, tiles, activation, dtype):
     """up_projection's sorted_x and down_projection_backward's sorted_grad_out are exactly the token rows they gather,
-    in expert-sorted order, and asking for them leaves every other output as it was, bit for bit."""
+    in expert-sorted order, and asking for them leaves every other output as it was, bit for bit. The small tiles
+    make several K steps and column tiles (on the CPU too), which take turns at the copy."""
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
     _, _, _, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
+    tiles = None if tiles == "default" else GemmTiles(32, 32, 16, num_warps=4, num_stages=2)
     up_args = (x, w1, v1, routing.row_to_token, routing.layout, activation, routing.routing_weights)
     down_args = (grad_out, w2, h_pre, h_up, routing.row_to_token, routing.layout, routing.routing_weights, activation)
     for launcher, args, token_rows, copy_name in ((up_projection, up_args, x, "sorted_x"),
                                                   (down_projection_backward, down_args, grad_out, "sorted_grad_out")):
         rows = torch.full((routing.num_rows, token_rows.shape[1]), float("nan"), dtype=dtype, device=DEVICE)
-        with_copy = launcher(*args, **{copy_name: rows})
+        with_copy = launcher(*args, **{copy_name: rows}, tiles=tiles)
         assert torch.equal(rows, sorted_rows(token_rows, routing))
-        for got, want in zip(with_copy, launcher(*args), strict=True):
+        for got, want in zip(with_copy, launcher(*args, tiles=tiles), strict=True):
             assert (got is None and want is None) or same(got, want)
 
 
@@ -878,7 +881,10 @@ def test_gpu_tiles_by_shape_class(monkeypatch):
 def test_direct_launch_keys_apart_what_triton_compiles_apart():
     """kernels.host.DirectLaunch.key, which picks the compiled kernel of an eager launch: arguments Triton compiles
     different kernels for get different keys (a tensor's dtype or 16-byte alignment, a host int against a bool, a
-    float or None of equal value, the compile-time arguments), and a TMA descriptor no key (Triton launches it)."""
+    float or None of equal value, the compile-time arguments, a TMA descriptor's dtype, box or padding), and an
+    argument of another kind no key (Triton launches it)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     from triton_moe.kernels.host import DirectLaunch
 
     key = lambda *args, **kwargs: DirectLaunch.key(0, args, kwargs)
@@ -891,3 +897,13 @@ def test_direct_launch_keys_apart_what_triton_compiles_apart():
         assert key(aligned, first) != key(aligned, second)
     assert key(aligned, 1, BLOCK=64) != key(aligned, 1, BLOCK=128)
     assert key(aligned, object()) is None
+
+    def descriptor(matrix, box, padding="zero"):
+        return TensorDescriptor(matrix, list(matrix.shape), [matrix.shape[1], 1], box, padding)
+
+    weights = torch.zeros(64, 32)
+    # Triton compiles one kernel for descriptors of one dtype and box, whatever the matrix's size and address.
+    assert key(descriptor(weights, [16, 16])) == key(descriptor(torch.zeros(128, 64)[64:], [16, 16]))
+    for other in (descriptor(weights, [32, 16]), descriptor(weights.half(), [16, 16]),
+                  descriptor(weights, [16, 16], padding="nan"), weights):
+        assert key(descriptor(weights, [16, 16])) != key(other)

@@ -11,6 +11,7 @@ from conftest import (DEVICE, DTYPES, HALF_DTYPES, ON_GPU, SEED_CONFIGS, assert_
                       assert_grads_match, assert_intermediates_match, gpu_only, make_input, make_layer,
                       run_against_loop, seed_config, use_problem_size_kernels)
 from triton_moe import MoEConfig
+from triton_moe.kernels import tuning
 from triton_moe.testing.ground_truth import cosine, rel_l2_error
 
 NUM_TOKENS = 96
@@ -299,15 +300,21 @@ def test_never_synchronises(name):
 
 
 @gpu_only
+@pytest.mark.parametrize("kernels", ["small-problem", "large-problem"])
 @pytest.mark.parametrize("name", GRAPH_CONFIGS)
-def test_direct_launches_give_kernel_grid_results_bit_for_bit(name, monkeypatch):
+def test_direct_launches_give_kernel_grid_results_bit_for_bit(name, kernels, monkeypatch):
     """The eager launches of kernels.host.DirectLaunch, through the C launcher where the installed Triton is one it
     knows, give what Triton's own kernel[grid] launches give, bit for bit; a launch hook (a profiler's) still sees
-    every launch."""
+    every launch. With the large problems' kernels, the row GEMMs that read the weights through host-side TMA
+    descriptors launch directly too."""
     from triton import knobs
+    from triton.runtime.jit import JITFunction
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from triton_moe.kernels import grouped_gemm, host, permute, persistent, route, sort
 
+    if kernels == "large-problem":
+        use_problem_size_kernels("large", monkeypatch)
     layer = make_layer(triton_moe.MoEMLP, seed_config(name), torch.bfloat16)
     x = make_input((NUM_TOKENS, 256), torch.bfloat16).requires_grad_()
     grad_out = make_input((NUM_TOKENS, 256), torch.bfloat16)
@@ -319,7 +326,22 @@ def test_direct_launches_give_kernel_grid_results_bit_for_bit(name, monkeypatch)
         (out.float() * grad_out.float()).sum().add(layer.aux_loss).backward()
         return [out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
 
-    first, direct = results(), results()  # the first launch of each key goes through kernel[grid]
+    jit_runs = []  # (kernel, whether a host-side TMA descriptor was among its arguments) of each kernel[grid]
+    jit_run = JITFunction.run
+
+    def recorded_run(self, *args, **kwargs):
+        jit_runs.append((self.fn.__name__, any(isinstance(value, TensorDescriptor) for value in args)))
+        return jit_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(host, "_DIRECT_LAUNCHES", {})  # no launch selected by an earlier test
+    monkeypatch.setattr(JITFunction, "run", recorded_run)
+    first = results()  # the first launch of each key goes through kernel[grid]
+    launched_first, jit_runs[:] = list(jit_runs), []
+    direct = results()
+    monkeypatch.setattr(JITFunction, "run", jit_run)
+    assert launched_first and not jit_runs, jit_runs  # after the first step, every launch is direct
+    if kernels == "large-problem" and tuning.tma_readable(layer.w1):
+        assert ("_expert_rows_gemm", True) in launched_first  # the weights by TMA: keyed and launched directly too
     launchers = [launcher for launch in host._DIRECT_LAUNCHES.values() for launcher, _ in launch._selected.values()]
     if triton.__version__.startswith(host.C_LAUNCH_TRITON_RELEASES):
         assert any(launcher.__name__ == "through_c_launcher" for launcher in launchers)

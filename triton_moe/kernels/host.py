@@ -13,6 +13,7 @@ import torch
 import triton
 from triton import knobs
 from triton.runtime import driver
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Triton reads TRITON_INTERPRET once, when it decorates the kernels at import; this module reads it once too.
@@ -55,8 +56,9 @@ class DirectLaunch:
     the options, and reads its settings, before it calls the compiled kernel's launcher: on a small batch that
     Python is a large part of the layer's step. A DirectLaunch keys the compiled kernel by what Triton specialises
     on (each tensor's dtype and 16-byte alignment, each host scalar's value, the compile-time arguments and launch
-    options), and launches it through the compiled kernel's C launcher (_compiled_launcher). The first launch of
-    each key, and any launch with an argument it does not key (a TMA descriptor), goes through kernel[grid].
+    options), and launches it through the compiled kernel's C launcher (_compiled_launcher), which turns host-side
+    TMA descriptors into CUDA tensor maps itself. The first launch of each key, and any launch with an argument it
+    does not key, goes through kernel[grid].
     """
 
     def __init__(self, kernel):
@@ -89,7 +91,9 @@ class DirectLaunch:
 
         Host scalars are keyed by their value, a finer key than Triton's (an int's equality to 1, divisibility by
         16 and width; fp32 for any float) and, for ints, a cheaper one: the launchers' scalars are sizes and
-        coefficients, the same on every step of a run.
+        coefficients, the same on every step of a run. A host-side TMA descriptor is keyed by what Triton
+        specialises it on, its dtype and box (`tensordesc<bf16[128, 64]>`; its base is 16-byte aligned, which the
+        descriptor checks), and its padding; its shape and strides are runtime arguments of the kernel.
         """
         parts = []
         append = parts.append
@@ -102,10 +106,12 @@ class DirectLaunch:
                 append(value)
             elif value is None or kind is bool or kind is float:
                 append((kind, value))  # apart from the ints 0 and 1
+            elif kind is TensorDescriptor:
+                append((value.base.dtype, tuple(value.block_shape), value.padding))
             elif isinstance(value, torch.Tensor):
                 append(value.dtype)
                 append(value.data_ptr() & 15)
-            else:  # a TMA descriptor
+            else:
                 return None
         return device, tuple(parts), tuple(kwargs.items())
 
