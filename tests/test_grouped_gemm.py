@@ -418,7 +418,7 @@ def test_down_weight_grad_from_weighted_activations(case, activation, dtype):
 def test_gathering_gemms_copy_their_rows(case, tiles, activation, dtype):
     """up_projection's sorted_x and down_projection_backward's sorted_grad_out are exactly the token rows they gather,
     in expert-sorted order, and asking for them leaves every other output as it was, bit for bit. The small tiles
-    make several K steps and column tiles (on the CPU too), which take turns at the copy."""
+    make several K steps, row tiles and column tiles per expert, on the CPU too."""
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)
     _, _, _, x, w1, v1 = random_up_grad_inputs(case, is_gated(activation), dtype)
     tiles = None if tiles == "default" else GemmTiles(32, 32, 16, num_warps=4, num_stages=2)
