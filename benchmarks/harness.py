@@ -309,7 +309,45 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_vari
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(environment=env, args=vars(args), results=rows,
                                    skipped=[dict(config=c, impl=i, reason=r) for c, i, r in skipped]), indent=2))
-    print(f"wrote {out}")
+    plot_results(rows, out.with_suffix(".png"), f"{benchmark_name}: {env['device']}, {args.dtype}, {env['date']}",
+                 "forward" if flops_multiplier == 1 else "forward + backward")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def plot_results(rows, path: Path, title: str, step: str) -> None:
+    """ms per call of each implementation, one panel per config (their times differ by an order of magnitude),
+    with the Triton layer's variants (a CUDA graph, torch.compile) and back-to-back times as bars of their own."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(row["config"] for row in rows))
+    if not configs:
+        return
+    fig, axes = plt.subplots(len(configs), 1, figsize=(8, 0.4 + 1.9 * len(configs)), squeeze=False)
+    for axis, name in zip(axes[:, 0], configs):
+        bars = []  # (label, ms)
+        for row in (row for row in rows if row["config"] == name):
+            bars.append((row["impl"], row["ms"]))
+            if row["back_to_back_ms"] is not None:
+                bars.append((f"{row['impl']}, back to back", row["back_to_back_ms"]))
+            bars += [(f"{row['impl']}, {label}", ms) for label, ms in row["variant_ms"].items()]
+        labels, values = zip(*bars)
+        colors = ["tab:blue" if label.startswith("triton") else "tab:gray" for label in labels]
+        positions = range(len(bars))[::-1]  # the first bar on top
+        axis.barh(positions, values, color=colors)
+        axis.set_yticks(positions, labels, fontsize=8)
+        for position, value in zip(positions, values):
+            axis.text(value, position, f" {value:.2f}", va="center", fontsize=8)
+        axis.set_xlim(0, 1.15 * max(values))
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel(f"ms per {step}" if axis is axes[-1, 0] else "", fontsize=8)
+        axis.grid(axis="x", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _fmt(value, spec):

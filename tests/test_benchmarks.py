@@ -20,6 +20,7 @@ def test_bench_fwd_bwd_writes_a_row_per_implementation(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
+    assert out.with_suffix(".png").stat().st_size > 0  # the plot of the rows
     # torch._grouped_mm runs on a GPU only; megablocks is not installed here (nor on the lent GPU machine);
     # ScatterMoE has one expert width only, so it skips this variable-width config wherever it imports.
     on_gpu = {"grouped_mm"} if torch.cuda.is_available() else set()
