@@ -124,7 +124,7 @@ def main():
     if rank == 0:
         env = environment()
         print(f"# bench_expert_parallel: {world_size} ranks ({backend}), {env['device']}, {dtype}, "
-              f"torch {env['torch']}, triton {env['triton']}, {env['date']}")
+              f"torch {env['torch']}, triton {env['triton']}, {env['date']}; triton_moe source {env['source']}")
         print("| config | tokens/rank | step ms | all-to-all ms (share) | tokens/s, "
               f"{world_size} ranks | tokens/s, 1 device | speed-up |")
         print("|---|---:|---:|---:|---:|---:|---:|")

@@ -84,7 +84,7 @@ def main():
     torch.autograd.set_multithreading_enabled(not args.calling_thread_backward)
     env = environment()
     print(f"# bench_host: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
-    print(f"# command: {env['command']}")
+    print(f"# command: {env['command']}; triton_moe source {env['source']}")
     print("| config | impl | tokens | host µs | launches | aten ops | allocations | host µs without launches |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     dtype = DTYPES[args.dtype]

@@ -125,7 +125,7 @@ def main():
     dtype, dev = DTYPES[args.dtype], device()
     env = environment()
     print(f"# bench_moe: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
-    print(f"# command: {env['command']}")
+    print(f"# command: {env['command']}; triton_moe source {env['source']}")
     for name in args.configs:
         config, default_tokens = make_config(name, args.activation)
         for tokens in args.batch_sizes or [args.tokens or default_tokens]:

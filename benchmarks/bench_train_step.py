@@ -155,7 +155,7 @@ def main():
     args = parse_args()
     env = environment()
     print(f"# bench_train_step: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
-    print(f"# command: {env['command']}")
+    print(f"# command: {env['command']}; triton_moe source {env['source']}")
     data = load_bytes(DATA)
     rows, skipped = [], []
     for scale_name in args.scales:

@@ -8,6 +8,7 @@ timings: a benchmark reports, it does not judge.
 import argparse
 import copy
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -237,7 +238,18 @@ def environment() -> dict:
     import triton
     env["triton"] = triton.__version__
     env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (Triton interpreter)"
+    env["source"] = source_digest(Path(triton_moe.__file__).parent)
     return env
+
+
+def source_digest(package: Path) -> str:
+    """The code that ran, where no commit says it (a copy of a working tree): the first 12 hex digits of the
+    sha256 of the package's .py files, their paths and contents, in path order. For a commit's package:
+    `git archive <commit> triton_moe | tar -x -C <dir>`, then source_digest(<dir>/triton_moe)."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_variants=None):
@@ -253,7 +265,7 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_vari
     peak = dense_peak_tflops(dtype)
     env["dense_peak_tflops"] = peak
     print(f"# {benchmark_name}: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
-    print(f"# command: {env['command']}")
+    print(f"# command: {env['command']}; triton_moe source {env['source']}")
     if peak:
         print(f"# measured dense {args.dtype} GEMM peak (8192^3 torch.matmul): {peak:.0f} TFLOP/s")
     rows, skipped = [], []

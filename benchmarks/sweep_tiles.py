@@ -92,7 +92,7 @@ def main():
     env = environment()
     unit = "device µs per launch (CUDA-graph replays)" if args.graph else "TFLOP/s per role"
     print(f"# sweep_tiles: {env['device']}, triton {env['triton']}, {env['date']}; {unit}")
-    print(f"# command: {env['command']}")
+    print(f"# command: {env['command']}; triton_moe source {env['source']}")
     candidates = [None] + CANDIDATES + SMALL_CANDIDATES if args.graph else CANDIDATES
     for name in args.configs:
         config, tokens = make_config(name, args.activation)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -92,3 +94,24 @@ def test_round_robin_takes_the_steps_in_turn_and_reports_against_the_baseline(ca
     lines = capsys.readouterr().out.splitlines()
     assert "(1.000x)" in lines[0] and "(1.500x)" in lines[1] and lines[1].startswith("moe")
 
+
+
+def test_source_digest_names_the_code_that_ran(tmp_path):
+    """harness.source_digest, which every benchmark prints beside its command: the same for the same files, another
+    for a changed byte, a renamed file or an added one, the same whatever other files lie beside them."""
+    harness = load_script("benchmarks/harness.py", siblings=("baselines",))
+    package = tmp_path / "package"
+    (package / "kernels").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "kernels" / "b.py").write_text("y = 2\n")
+    digest = harness.source_digest(package)
+    assert digest == harness.source_digest(package) and len(digest) == 12
+    (package / "a.py").write_text("x = 2\n")
+    changed = harness.source_digest(package)
+    (package / "kernels" / "b.py").rename(package / "kernels" / "c.py")
+    renamed = harness.source_digest(package)
+    (package / "d.py").write_text("")
+    added = harness.source_digest(package)
+    assert len({digest, changed, renamed, added}) == 4
+    (package / "notes.txt").write_text("not code")
+    assert harness.source_digest(package) == added
