@@ -41,15 +41,17 @@ def dense_loop_moe(config: MoEConfig, params: dict, x: torch.Tensor) -> dict:
 
     output = torch.zeros_like(x)
     rows_token, rows_x, rows_y, h_pre, h_up, h_act = [], [], [], [], [], []
-    offsets = config.expert_width_offsets
+    # Each weight split into its experts' rows once: the backward then joins their gradients in one cat, where a
+    # slice per expert would add a zero-filled [total_width, H] gradient per expert.
+    w1, w2 = params["w1"].split(config.expert_widths), params["w2"].split(config.expert_widths)
+    v1 = params["v1"].split(config.expert_widths) if config.is_gated else None
     for e in range(num_experts):
         tokens, slots = (indices == e).nonzero(as_tuple=True)  # row-major: by token, then slot
-        sl = slice(offsets[e], offsets[e + 1])
         x_e = x[tokens]
-        pre = x_e @ params["w1"][sl].T
-        up = x_e @ params["v1"][sl].T if config.is_gated else None
+        pre = x_e @ w1[e].T
+        up = x_e @ v1[e].T if config.is_gated else None
         act = apply_activation(config.activation, pre, up)
-        y_e = act @ params["w2"][sl]
+        y_e = act @ w2[e]
         output = output.index_add(0, tokens, y_e * weights[tokens, slots][:, None])
         rows_token.append(tokens)
         rows_x.append(x_e)
