@@ -35,8 +35,9 @@ class GemmTiles:
 
 # Each table row carries one line of reason; docs/tuning.md holds the measurements behind every choice.
 
-# The interpreter pays per program and per operation, not per flop: few programs of large tiles.
-INTERPRETER_TILES = GemmTiles(tile_m=128, tile_n=128, tile_k=128, num_warps=1, num_stages=1)
+# The interpreter pays per program and per operation, not per flop: few programs of large tiles. 256 columns cover
+# the test configs' hidden size (256) in one tile.
+INTERPRETER_TILES = GemmTiles(tile_m=128, tile_n=256, tile_k=128, num_warps=1, num_stages=1)
 
 GPU_16BIT_ROLE_TILES = {
     "up": GemmTiles(128, 256, 64, num_warps=8, num_stages=3),  # wide tiles win once the strides are declared
