@@ -440,7 +440,7 @@ ROW_SPLIT_CASES = {
     "expert_without_tokens": ([64, 16, 200, 48], 32, 100, 2, [0, 2, 3]),
     "single_token": ([32, 48, 16, 200, 64], 96, 1, 2, None),
 }
-ROW_SPLIT_TILES = GemmTiles(32, 32, 16, num_warps=4, num_stages=2)
+ROW_SPLIT_TILES = GemmTiles(64, 64, 16, num_warps=4, num_stages=2)
 
 
 @pytest.mark.parametrize("token_rows", ["gathered", "sorted_tma", "sorted"])
