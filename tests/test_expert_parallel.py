@@ -2,8 +2,8 @@
 single-process MoEMLP on the same global weights: each rank's output and input gradient, and the gathered
 expert gradients and all-reduced router gradient. A small GPT with expert-parallel MoE layers and its dense
 parameters under FSDP2 (fully_shard_dense) against the single-process GPT: outputs, every gradient, an optimizer
-step and the gathered checkpoint. Plus the setup errors, raised before any collective, and the example training
-script under torchrun."""
+step and the gathered checkpoint; the same for a GPT of plain MoEMLPs under plain DDP. Plus the setup errors,
+raised before any collective, and the example training script under torchrun."""
 
 import functools
 import os
@@ -191,6 +191,44 @@ def check_fully_shard(rank, world_size):
         fully_shard_dense(unsharded, mesh=init_device_mesh(DEVICE, (1, world_size)))
 
 
+def check_plain_ddp(rank, world_size):
+    """The plain data parallelism of nanoGPT's train.py: a GPT whose MoE layers hold every expert on every rank,
+    wrapped whole in DDP, against the single-process GPT on the same weights, in fp32: each rank's loss, every
+    gradient after DDP's all-reduce (the mean of the single-process gradients on the ranks' batches), and one SGD
+    step. On a rank, some expert gets no token, so its weight gradient there is the zeros the kernels write, which
+    DDP averages with the other rank's."""
+    moe = MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN)
+    config = GPTConfig(moe=moe, n_layer=2, n_head=2, n_embd=HIDDEN, block_size=8)
+    torch.manual_seed(0)
+    reference = GPT(config, triton_moe.MoEMLP).to(DEVICE)
+    model = GPT(config, triton_moe.MoEMLP).to(DEVICE)
+    model.load_state_dict(reference.state_dict())
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+
+    generator = torch.Generator().manual_seed(100 + rank)
+    idx, targets = torch.randint(256, (2, 1 + rank % 2, 8), generator=generator).to(DEVICE)  # (B, T) each, B 1 or 2
+    losses = []
+    for net in (reference, ddp_model):
+        _, loss = net(idx, targets)
+        loss.backward()
+        losses.append(loss)
+    assert_same_math(f"rank {rank}: loss", losses[1], losses[0])
+    starved = torch.tensor([sum(int((block.mlp.tokens_per_expert == 0).sum()) for block in model.transformer.h)])
+    dist.all_reduce(starved)
+    assert starved.item() > 0, "no expert went without tokens on any rank: another batch seed would test that"
+    for param in reference.parameters():  # the single-process gradient of the mean of the ranks' losses
+        dist.all_reduce(param.grad)
+        param.grad /= world_size
+    reference_params = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        assert_same_math(f"rank {rank}: grad {name}", param.grad, reference_params[name].grad)
+
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    torch.optim.SGD(reference.parameters(), lr=0.5).step()
+    for name, want in reference.state_dict().items():
+        assert_same_math(f"rank {rank}: {name} after a step", model.state_dict()[name], want)
+
+
 def worker(rank, world_size, port, backend, check, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # the processes share the machine's cores
@@ -233,6 +271,11 @@ def test_matches_single_process_layer(backend, world_size, dtype):
 @pytest.mark.parametrize("backend", ["gloo", "nccl"])
 def test_fully_shard_dense_matches_single_process_gpt(backend, world_size):
     spawn(check_fully_shard, backend, world_size)
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_plain_ddp_matches_single_process_gpt(backend):
+    spawn(check_plain_ddp, backend, 2)
 
 
 @pytest.mark.parametrize("num_experts, world_size, expert_ranges, match", [
