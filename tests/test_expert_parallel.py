@@ -213,7 +213,8 @@ def check_plain_ddp(rank, world_size):
         loss.backward()
         losses.append(loss)
     assert_same_math(f"rank {rank}: loss", losses[1], losses[0])
-    starved = torch.tensor([sum(int((block.mlp.tokens_per_expert == 0).sum()) for block in model.transformer.h)])
+    starved = torch.tensor([sum(int((block.mlp.tokens_per_expert == 0).sum()) for block in model.transformer.h)],
+                           device=DEVICE)
     dist.all_reduce(starved)
     assert starved.item() > 0, "no expert went without tokens on any rank: another batch seed would test that"
     for param in reference.parameters():  # the single-process gradient of the mean of the ranks' losses
