@@ -11,7 +11,7 @@ import torch.utils.checkpoint
 from triton_moe import reference
 import triton_moe
 from conftest import DEVICE, ON_GPU, make_input, make_layer, seed_config
-from triton_moe import MoEConfig
+from triton_moe import MoEConfig, routing
 from triton_moe.testing.ground_truth import rel_l2_error
 
 IMPLEMENTATIONS = [reference.MoEMLP, triton_moe.MoEMLP]
@@ -189,6 +189,26 @@ def test_reentrant_checkpointing_warns_that_the_aux_loss_gradient_is_lost(layer)
     assert rel_l2_error(router_grads["non-reentrant"], router_grads["none"]) < 1e-6
     assert router_grads["none"].abs().max() > 0
     assert router_grads["reentrant"].abs().max() == 0  # what the warning is about
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy, in the interpreter's kernels
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_a_non_finite_token_reaches_only_its_own_output(layer, bad_value):
+    """A NaN or Inf in one token's input reaches that token's output and no other: the router still picks in-range
+    experts for it, the ones torch's routing picks from the same logits, the sort places every row, and every other
+    token's output is, bit for bit, the one it has beside a finite token."""
+    x = make_input((16, 256), torch.float32)
+    with torch.no_grad():
+        clean_output = layer(x)
+        x[3, 5] = bad_value
+        got = layer.forward_with_intermediates(x)
+    indices, num_experts = got["expert_indices"], layer.config.num_experts
+    assert ((indices >= 0) & (indices < num_experts)).all()
+    assert torch.equal(indices, routing.route(x, layer.router.weight, layer.config).expert_indices)
+    assert torch.equal(got["tokens_per_expert"], torch.bincount(indices.flatten(), minlength=num_experts))
+    others = torch.arange(16, device=DEVICE) != 3
+    assert torch.equal(got["output"][others], clean_output[others])
+    assert not got["output"][3].isfinite().all()
 
 
 def test_evaluation_without_grad_does_not_warn(layer, recwarn):
