@@ -191,19 +191,21 @@ def check_fully_shard(rank, world_size):
         fully_shard_dense(unsharded, mesh=init_device_mesh(DEVICE, (1, world_size)))
 
 
-def check_plain_ddp(rank, world_size):
+def check_plain_ddp(rank, world_size, compiled):
     """The plain data parallelism of nanoGPT's train.py: a GPT whose MoE layers hold every expert on every rank,
-    wrapped whole in DDP, against the single-process GPT on the same weights, in fp32: each rank's loss, every
-    gradient after DDP's all-reduce (the mean of the single-process gradients on the ranks' batches), and one SGD
-    step. On a rank, some expert gets no token, so its weight gradient there is the zeros the kernels write, which
-    DDP averages with the other rank's."""
+    wrapped whole in DDP (compiled first, as train.py does, where `compiled`: under DDP, Dynamo's DDP optimizer
+    compiles the graph), against the single-process GPT on the same weights, in fp32: each rank's loss, every gradient after
+    DDP's all-reduce (the mean of the single-process gradients on the ranks' batches), and one SGD step. On a rank,
+    some expert gets no token, so its weight gradient there is the zeros the kernels write, which DDP averages with
+    the other rank's."""
     moe = MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN)
     config = GPTConfig(moe=moe, n_layer=2, n_head=2, n_embd=HIDDEN, block_size=8)
     torch.manual_seed(0)
     reference = GPT(config, triton_moe.MoEMLP).to(DEVICE)
     model = GPT(config, triton_moe.MoEMLP).to(DEVICE)
     model.load_state_dict(reference.state_dict())
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(
+        torch.compile(model, backend="inductor" if DEVICE == "cuda" else "aot_eager") if compiled else model)
 
     generator = torch.Generator().manual_seed(100 + rank)
     idx, targets = torch.randint(256, (2, 1 + rank % 2, 8), generator=generator).to(DEVICE)  # (B, T) each, B 1 or 2
@@ -274,9 +276,10 @@ def test_fully_shard_dense_matches_single_process_gpt(backend, world_size):
     spawn(check_fully_shard, backend, world_size)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("backend", ["gloo", "nccl"])
-def test_plain_ddp_matches_single_process_gpt(backend):
-    spawn(check_plain_ddp, backend, 2)
+def test_plain_ddp_matches_single_process_gpt(backend, compiled):
+    spawn(check_plain_ddp, backend, 2, compiled)
 
 
 @pytest.mark.parametrize("num_experts, world_size, expert_ranges, match", [
