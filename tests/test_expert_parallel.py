@@ -194,10 +194,10 @@ def check_fully_shard(rank, world_size):
 def check_plain_ddp(rank, world_size, compiled):
     """The plain data parallelism of nanoGPT's train.py: a GPT whose MoE layers hold every expert on every rank,
     wrapped whole in DDP (compiled first, as train.py does, where `compiled`: under DDP, Dynamo's DDP optimizer
-    compiles the graph), against the single-process GPT on the same weights, in fp32: each rank's loss, every gradient after
-    DDP's all-reduce (the mean of the single-process gradients on the ranks' batches), and one SGD step. On a rank,
-    some expert gets no token, so its weight gradient there is the zeros the kernels write, which DDP averages with
-    the other rank's."""
+    compiles the graph), against the single-process GPT on the same weights, in fp32: each rank's loss, every
+    gradient after DDP's all-reduce (the mean of the single-process gradients on the ranks' batches), and one SGD
+    step. On a rank, some expert gets no token, so its weight gradient there is the zeros the kernels write, which
+    DDP averages with the other rank's."""
     moe = MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN)
     config = GPTConfig(moe=moe, n_layer=2, n_head=2, n_embd=HIDDEN, block_size=8)
     torch.manual_seed(0)
