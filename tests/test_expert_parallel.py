@@ -125,6 +125,29 @@ def check_layer(rank, world_size, dtype):
     for case in CASES.values():
         run_case(case, rank, world_size, None if not case["ddp"] else ep_group, dtype)
     check_mistakes_are_errors(rank)
+    check_built_on_the_meta_device(rank, world_size)
+
+
+def check_built_on_the_meta_device(rank, world_size):
+    """A layer built on the meta device and moved by to_empty (every tensor filled with -7 here) holds this rank's
+    width offsets again (a buffer outside the state_dict, which loading leaves alone), and gives the output of a
+    layer built on the device."""
+    config = MoEConfig(expert_sizes=EXPERT_SIZES, num_active_experts=2, hidden_size=HIDDEN)
+    ranges = {2: [(0, 3), (3, 8)], 4: [(0, 1), (1, 4), (4, 6), (6, 8)]}[world_size]
+    built = ExpertParallelMoEMLP(config, expert_ranges=ranges).to(DEVICE)
+    built.load_global_state_dict(make_layer(triton_moe.MoEMLP, config, torch.float32).state_dict())
+    with torch.device("meta"):
+        layer = ExpertParallelMoEMLP(config, expert_ranges=ranges)
+    empty_like = torch.empty_like
+    torch.empty_like = lambda *args, **kwargs: empty_like(*args, **kwargs).fill_(-7)  # uninitialised memory
+    try:
+        layer.to_empty(device=DEVICE)
+    finally:
+        torch.empty_like = empty_like
+    layer.load_global_state_dict(built.global_state_dict())
+    assert torch.equal(layer.local_width_offsets, built.local_width_offsets)
+    x = make_input((5 + rank, HIDDEN), torch.float32, seed=rank)
+    assert torch.equal(layer(x), built(x))
 
 
 def assert_same_math(name, got, want):

@@ -191,6 +191,40 @@ def test_reentrant_checkpointing_warns_that_the_aux_loss_gradient_is_lost(layer)
     assert router_grads["reentrant"].abs().max() == 0  # what the warning is about
 
 
+@pytest.mark.parametrize("then", ["to_empty, load_state_dict", "to_empty, reset_parameters",
+                                  "load_state_dict(assign=True)"])
+@pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda cls: cls.__module__)
+def test_a_layer_built_on_the_meta_device_runs_once_loaded(cls, then, monkeypatch):
+    """A large model is built on the meta device, then moved by Module.to_empty (uninitialised memory for every
+    tensor, here -7 and NaN) and loaded from a checkpoint or initialised, or handed the checkpoint's tensors by
+    load_state_dict(assign=True): the layout buffers hold the config's values on the weights' device, the
+    non-persistent ones (the width offsets the kernels read), which load_state_dict does not write, included; the
+    layer then gives the output of a layer built on the device."""
+    twin = make_layer(cls, seed_config("8exp_variable"), torch.float32)
+    with torch.device("meta"):
+        layer = cls(twin.config)
+    if then.startswith("to_empty"):
+        empty_like = torch.empty_like
+        monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: empty_like(*args, **kwargs).fill_(
+            float("nan") if args[0].is_floating_point() else -7))
+        layer.to_empty(device=DEVICE)
+        monkeypatch.undo()
+    if then.endswith("reset_parameters"):
+        layer.reset_parameters()
+        with torch.no_grad():
+            for name, param in layer.named_parameters():
+                param.copy_(twin.get_parameter(name))
+    else:
+        layer.load_state_dict({name: value.clone() for name, value in twin.state_dict().items()},
+                              assign=then.endswith("(assign=True)"))
+    buffers = dict(layer.named_buffers())
+    assert buffers.keys() == dict(twin.named_buffers()).keys()
+    for name, want in twin.named_buffers():
+        assert torch.equal(buffers[name], want), name
+    x = make_input((16, 256), torch.float32)
+    assert torch.equal(layer(x), twin(x))
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy, in the interpreter's kernels
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
 def test_a_non_finite_token_reaches_only_its_own_output(layer, bad_value):

@@ -108,8 +108,15 @@ class ExpertParallelMoEMLP(MoELayer):
         self.local_rows = slice(offsets[start], offsets[end])  # this rank's rows of the global w1, v1, w2
         self.local_widths = config.expert_widths[start:end]
         self.experts_per_rank = [e - s for s, e in ranges]
-        local_offsets = [offset - offsets[start] for offset in offsets[start:end + 1]]
-        self.register_buffer("local_width_offsets", torch.tensor(local_offsets), persistent=False)
+        self.register_buffer("local_width_offsets", torch.tensor(self._local_width_offsets()), persistent=False)
+
+    def _local_width_offsets(self) -> list[int]:
+        """[local experts + 1]: where each of this rank's experts' rows starts in its w1, v1, w2, then their end."""
+        offsets = self.config.expert_width_offsets[self.local_experts.start:self.local_experts.stop + 1]
+        return [offset - offsets[0] for offset in offsets]
+
+    def _layout_buffers(self) -> dict[str, list[int]]:
+        return {**super()._layout_buffers(), "local_width_offsets": self._local_width_offsets()}
 
     def _experts_or_empty(self, x, routing, intermediates):
         return self._experts(x, routing, intermediates)  # a rank without tokens still joins the exchanges

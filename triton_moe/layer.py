@@ -75,6 +75,28 @@ class MoELayer(nn.Module):
         # A checkpoint from before the layout was saved: the tensors' shapes are all it can be checked by.
         if prefix + "expert_widths" in missing_keys:
             missing_keys.remove(prefix + "expert_widths")
+        # load_state_dict(assign=True) into a layer built on the meta device hands it the checkpoint's tensors but
+        # no buffer outside the state_dict: those are made from the config where the weights now are.
+        for name, values in self._layout_buffers().items():
+            buffer = getattr(self, name)
+            if buffer.is_meta and not self.w1.is_meta:
+                setattr(self, name, torch.tensor(values, dtype=buffer.dtype, device=self.w1.device))
+
+    def _layout_buffers(self) -> dict[str, list[int]]:
+        """The buffers that hold the expert layout, by name, with the values the config gives them (a subclass adds
+        its own)."""
+        return {"expert_widths": self.config.expert_widths}
+
+    def _apply(self, fn, recurse=True):
+        # Module.to_empty hands every tensor uninitialised memory (a model built on the meta device, then moved),
+        # and load_state_dict leaves a buffer alone that the state_dict does not hold: the layout buffers are
+        # written from the config again after every move, in place, so that no kernel reads another layout.
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            for name, values in self._layout_buffers().items():
+                buffer = getattr(self, name)
+                buffer.copy_(torch.tensor(values, dtype=buffer.dtype))
+        return self
 
     def reset_parameters(self):
         for param in self.parameters():

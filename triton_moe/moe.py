@@ -30,6 +30,9 @@ class MoEMLP(MoELayer):
         self.register_buffer("expert_width_offsets", torch.tensor(config.expert_width_offsets), persistent=False)
         self.cuda_graphs = None  # a LayerGraphs where enable_cuda_graphs turned them on
 
+    def _layout_buffers(self) -> dict[str, list[int]]:
+        return {**super()._layout_buffers(), "expert_width_offsets": self.config.expert_width_offsets}
+
     def __getstate__(self):
         # A copy keeps the setting but not the captures, which belong to this layer's tensors.
         state = super().__getstate__()
