@@ -70,6 +70,22 @@ def nan_filled_outputs(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
 
 
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Fill what torch.empty(_like) allocates with NaN, or -7 for integers, so that any element a kernel leaves
+    unwritten fails the comparison with the reference."""
+
+    def poisoned(allocate):
+        def allocate_poisoned(*args, **kwargs):
+            tensor = allocate(*args, **kwargs)
+            return tensor.fill_(float("nan") if tensor.is_floating_point() else -7)
+
+        return allocate_poisoned
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+
+
 def use_problem_size_kernels(size, monkeypatch):
     """Make the launchers take the kernels of `size` ("large" or "small") problems whatever the sizes at hand:
     tuning's size thresholds (sorted token rows for the weight gradients, weights by TMA, dA's fused epilogue, the

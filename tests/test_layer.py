@@ -194,9 +194,9 @@ def test_reentrant_checkpointing_warns_that_the_aux_loss_gradient_is_lost(layer)
 @pytest.mark.parametrize("then", ["to_empty, load_state_dict", "to_empty, reset_parameters",
                                   "load_state_dict(assign=True)"])
 @pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda cls: cls.__module__)
-def test_a_layer_built_on_the_meta_device_runs_once_loaded(cls, then, monkeypatch):
+def test_a_layer_built_on_the_meta_device_runs_once_loaded(cls, then, poisoned_outputs):
     """A large model is built on the meta device, then moved by Module.to_empty (uninitialised memory for every
-    tensor, here -7 and NaN) and loaded from a checkpoint or initialised, or handed the checkpoint's tensors by
+    tensor, here NaN and -7) and loaded from a checkpoint or initialised, or handed the checkpoint's tensors by
     load_state_dict(assign=True): the layout buffers hold the config's values on the weights' device, the
     non-persistent ones (the width offsets the kernels read), which load_state_dict does not write, included; the
     layer then gives the output of a layer built on the device."""
@@ -204,11 +204,7 @@ def test_a_layer_built_on_the_meta_device_runs_once_loaded(cls, then, monkeypatc
     with torch.device("meta"):
         layer = cls(twin.config)
     if then.startswith("to_empty"):
-        empty_like = torch.empty_like
-        monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: empty_like(*args, **kwargs).fill_(
-            float("nan") if args[0].is_floating_point() else -7))
         layer.to_empty(device=DEVICE)
-        monkeypatch.undo()
     if then.endswith("reset_parameters"):
         layer.reset_parameters()
         with torch.no_grad():
