@@ -54,36 +54,35 @@ def _module_from_file(path: Path, name: str):
     return module
 
 
+def poison_allocations(monkeypatch, integer_fill: int | None):
+    """Make torch.empty(_like) fill what they allocate: floats with NaN, integers with `integer_fill` (None: left
+    as allocated)."""
+
+    def poisoned(allocate):
+        def allocate_poisoned(*args, **kwargs):
+            tensor = allocate(*args, **kwargs)
+            if tensor.is_floating_point():
+                return tensor.fill_(float("nan"))
+            return tensor if integer_fill is None else tensor.fill_(integer_fill)
+
+        return allocate_poisoned
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+
+
 @pytest.fixture
 def nan_filled_outputs(monkeypatch):
     """Fill what launchers allocate with torch.empty(_like) with NaN, so that any element a kernel leaves
     unwritten (a ragged block, a partial tile) fails the comparison with the reference."""
-
-    def poisoned(allocate):
-        def allocate_nan(*args, **kwargs):
-            tensor = allocate(*args, **kwargs)
-            return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-        return allocate_nan
-
-    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    poison_allocations(monkeypatch, None)
 
 
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
     """Fill what torch.empty(_like) allocates with NaN, or -7 for integers, so that any element a kernel leaves
     unwritten fails the comparison with the reference."""
-
-    def poisoned(allocate):
-        def allocate_poisoned(*args, **kwargs):
-            tensor = allocate(*args, **kwargs)
-            return tensor.fill_(float("nan") if tensor.is_floating_point() else -7)
-
-        return allocate_poisoned
-
-    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    poison_allocations(monkeypatch, -7)
 
 
 def use_problem_size_kernels(size, monkeypatch):
