@@ -12,7 +12,7 @@ from triton_moe import reference
 import triton_moe
 from conftest import DEVICE, ON_GPU, make_input, make_layer, seed_config
 from triton_moe import MoEConfig, routing
-from triton_moe.testing.ground_truth import rel_l2_error
+from triton_moe.testing.ground_truth import TOLERANCES, dense_loop_moe, fp64_params, rel_l2_error
 
 IMPLEMENTATIONS = [reference.MoEMLP, triton_moe.MoEMLP]
 
@@ -240,6 +240,34 @@ def test_a_non_finite_token_reaches_only_its_own_output(layer, bad_value):
     others = torch.arange(16, device=DEVICE) != 3
     assert torch.equal(got["output"][others], clean_output[others])
     assert not got["output"][3].isfinite().all()
+
+
+def second_order_grads(layer, params, x):
+    """The gradients in `params` of a gradient penalty: |d(|layer(x)|²)/dx|², through create_graph=True."""
+    x = x.detach().requires_grad_()
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    return torch.autograd.grad(grad_x.square().sum(), params)
+
+
+def test_a_second_derivative_is_exact_or_refused(layer):
+    """A gradient penalty differentiates the layer's gradient again. The stk reference's autograd is torch's, and
+    gives the fp64 loop's second-order gradients; the Triton layer's backward runs kernels autograd cannot see, so
+    its backward with create_graph=True raises rather than leave the experts' weights out and the router's
+    gradient wrong."""
+    x = make_input((16, 256), torch.float32)
+    if isinstance(layer, triton_moe.MoEMLP):
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            second_order_grads(layer, [layer.w1, layer.router.weight], x)
+        return
+    params = fp64_params(layer)
+    x64 = x.double().requires_grad_()
+    (grad_x,) = torch.autograd.grad(dense_loop_moe(layer.config, params, x64)["output"].square().sum(), x64,
+                                    create_graph=True)
+    want = torch.autograd.grad(grad_x.square().sum(), [params["w1"], params["w2"], params["router"]])
+    got = second_order_grads(layer, [layer.w1, layer.w2, layer.router.weight], x)
+    for name, got_grad, want_grad in zip(("w1", "w2", "router"), got, want):
+        err = rel_l2_error(got_grad.double(), want_grad)
+        assert err <= TOLERANCES[torch.float32]["rel_l2"], f"{name}: rel L2 error {err:.3g}"
 
 
 def test_evaluation_without_grad_does_not_warn(layer, recwarn):

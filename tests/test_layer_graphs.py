@@ -46,7 +46,8 @@ class EmulatedGraph:
         self.function, self.static_results = function, static_results
 
     def replay(self):
-        copy_into(self.static_results, self.function())
+        with torch.no_grad():  # a graph's replay runs its kernels, none of autograd's work
+            copy_into(self.static_results, self.function())
 
 
 class EmulatedGraphCapture(layer_graphs.GraphCapture):
@@ -153,6 +154,17 @@ def test_results_outlive_the_next_replay():
     for eager_tensor, graphed_tensor in zip(*kept):
         assert torch.equal(eager_tensor, graphed_tensor)
     assert graphed.cuda_graphs.replays == 2
+
+
+def test_a_backward_with_create_graph_raises_as_in_eager():
+    """A replayed layer's backward refuses create_graph=True as the eager node's does: its gradients could not be
+    differentiated again. The loss holds the output and the aux loss, so that the backward would replay."""
+    _, graphed = eager_and_graphed(CONFIGS["variable"])
+    x = new_batch(0)[0].requires_grad_()
+    out = graphed(x)
+    assert graphed.cuda_graphs.replays == 1
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(out.float().square().sum() + graphed.aux_loss, x, create_graph=True)
 
 
 def test_a_second_forward_before_the_backward_runs_eagerly():

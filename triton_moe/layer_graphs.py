@@ -36,6 +36,7 @@ from torch import Tensor
 
 from triton_moe.config import MoEConfig
 from triton_moe.layer_ops import MoELayerFunction, layer_host_arguments
+from triton_moe.ops import refuse_create_graph
 
 # Input signatures one layer captures: the training shape, a last partial batch, an evaluation batch with
 # gradients. Each holds a forward's activations and the backward's gradients for good.
@@ -234,6 +235,7 @@ class _ReplayedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_aux_loss, _):
+        refuse_create_graph()
         captured = ctx.captured
         ctx.graphs.check_backward_of(ctx.replay, captured, ctx.weights)
         if (grad_out is not None and grad_aux_loss is not None

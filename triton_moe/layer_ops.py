@@ -17,7 +17,8 @@ from torch import Tensor
 from triton_moe.config import MoEConfig
 from triton_moe.kernels.route import route_segment_tokens
 from triton_moe.kernels.sort import sort_by_expert_segments
-from triton_moe.ops import checked_host_arguments, expert_mlp_backward, expert_mlp_forward, saved_for_backward
+from triton_moe.ops import (checked_host_arguments, expert_mlp_backward, expert_mlp_forward, refuse_create_graph,
+                            saved_for_backward)
 from triton_moe.router_ops import route_backward, route_forward
 
 _NUM_INPUTS = 14  # MoELayerFunction.forward's arguments after ctx
@@ -58,6 +59,7 @@ class MoELayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_aux_loss, _):
+        refuse_create_graph()
         x, router_weight, router_logits, expert_row_offsets, *expert_saved = ctx.saved_tensors
         num_tokens = x.shape[0]
         if grad_out is None:  # only the aux loss reached the loss

@@ -200,9 +200,22 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def refuse_create_graph():
+    """Raise where a backward of the layer runs with create_graph=True (grad mode on inside a backward). Its
+    kernels run outside autograd, so a gradient it returned would differentiate again without the experts' terms:
+    a gradient penalty's or a Hessian-vector product's result would be silently wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the Triton MoE layer's backward ran with create_graph=True, but its gradients cannot be differentiated "
+            "again: its kernels run outside autograd, so second derivatives (a gradient penalty, Hessian-vector "
+            "products) would miss the experts' terms. triton_moe.reference.MoEMLP, whose autograd is torch's, "
+            "gives them")
+
+
 def _backward(ctx, grads, backward) -> tuple:
     """The autograd backward of the forward above, its work done by `backward` (the custom op or the plain
     function); grads: the gradients of the forward's outputs, of which only out's is used."""
+    refuse_create_graph()
     grad_out = grads[0]
     x, sorted_x, routing_weights, w1, v1, w2, h_pre, h_up, h_act_weighted, *layout_tensors = ctx.saved_tensors
     dx, d_routing_weights, dw1, dv1, dw2 = backward(

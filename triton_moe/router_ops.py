@@ -23,7 +23,7 @@ from triton_moe.config import MoEConfig
 from triton_moe.kernels.host import ceil_div
 from triton_moe.kernels.route import route_segment_tokens, topk_softmax, topk_softmax_backward
 from triton_moe.kernels.sort import SORT_SEGMENT_ASSIGNMENTS, count_expert_segments, sort_by_expert_segments
-from triton_moe.ops import kernel_op
+from triton_moe.ops import kernel_op, refuse_create_graph
 from triton_moe.routing import ExpertSort, Routing, sort_key_dtype
 
 
@@ -167,6 +167,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads, backward) -> tuple:
     """The autograd backward of the route, its work done by `backward` (the custom op or the plain function);
     grads: the gradients of the route's eight outputs: the logits', the weights' and the aux loss's are used."""
+    refuse_create_graph()
     grad_router_logits, grad_routing_weights, _, grad_aux_loss = grads[:4]
     x, router_weight, router_logits, expert_row_offsets = ctx.saved_tensors
     if grad_routing_weights is None:  # only the aux loss (or the logits) reached the loss
