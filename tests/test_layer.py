@@ -32,10 +32,33 @@ def test_integer_input(layer):
         layer(torch.ones(4, 256, dtype=torch.int64, device=DEVICE))
 
 
-def test_float64_input_says_which_dtypes_the_kernels_take():
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_float64_input_says_which_dtypes_the_kernels_take(autocast):
+    """Under autocast too, where the GEMMs would run in fp16 but the output comes back in x's dtype."""
     layer = make_layer(triton_moe.MoEMLP, seed_config("8exp_variable"), torch.float32).double()
-    with pytest.raises(ValueError, match=r"x's dtype .*torch.bfloat16, got torch.float64"):
-        layer(make_input((4, 256), torch.float64))
+    with torch.autocast(DEVICE, dtype=torch.float16, enabled=autocast):
+        with pytest.raises(ValueError, match=r"x's dtype .*torch.bfloat16, got torch.float64"):
+            layer(make_input((4, 256), torch.float64))
+
+
+@pytest.mark.parametrize("name, shape, device", [
+    ("router.weight", (7, 256), DEVICE), ("router.weight", (8, 255), DEVICE), ("w1", (3071, 256), DEVICE),
+    ("w2", (3072, 255), DEVICE), ("router.weight", (8, 256), "meta"), ("w2", (3072, 256), "meta")])
+def test_a_replaced_parameter_of_another_shape_or_device_is_refused(layer, name, shape, device):
+    """A parameter replaced after the layer was built is checked against the layout before the route runs: a
+    ValueError that names it, not torch's router GEMM failing or a kernel reading another layout."""
+    module = layer.router if name == "router.weight" else layer
+    setattr(module, name.split(".")[-1], nn.Parameter(torch.zeros(shape, device=device)))
+    with pytest.raises(ValueError, match=rf"layer's {name} (must have shape|is on meta)"):
+        layer(make_input((4, 256), torch.float32))
+
+
+@pytest.mark.parametrize("layout", ["sparse", "nested"])
+def test_a_sparse_or_nested_input_is_refused(layer, layout):
+    x = make_input((4, 256), torch.float32)
+    x = x.to_sparse() if layout == "sparse" else torch.nested.nested_tensor([x, x[:2]], layout=torch.jagged)
+    with pytest.raises(ValueError, match="x must be a dense tensor"):
+        layer(x)
 
 
 def test_one_dimensional_input(layer):

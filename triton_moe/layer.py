@@ -44,6 +44,7 @@ class MoELayer(nn.Module):
         self.config = config
         hidden = config.hidden_size
         rows = config.total_width if weight_rows is None else weight_rows
+        self.weight_rows = rows
         self.router = nn.Linear(hidden, config.num_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(rows, hidden))
         self.v1 = nn.Parameter(torch.empty(rows, hidden)) if config.is_gated else None
@@ -214,6 +215,8 @@ class MoELayer(nn.Module):
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided or x.is_nested:
+            raise ValueError(f"x must be a dense tensor, got layout {x.layout}{' (nested)' if x.is_nested else ''}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() < 2:
@@ -222,8 +225,7 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"x's last dim must be hidden_size={self.config.hidden_size}, got shape {tuple(x.shape)}"
             )
-        if x.device != self.w1.device:
-            raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w1.device}")
+        self._check_parameters(x.device)
         # A process that sees a GPU runs Triton without its interpreter (triton_moe.kernels picks it only where no
         # CUDA device is visible), and would fail at the first launch on a CPU tensor, deep in Triton's launcher.
         if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available():
@@ -231,6 +233,23 @@ class MoELayer(nn.Module):
                 "x and the layer are on the CPU, where the Triton kernels run only through Triton's interpreter, "
                 "which this process does not use (a CUDA device is visible): move the model and its inputs to the "
                 "GPU, or set TRITON_INTERPRET=1 in the environment before triton_moe is imported")
+
+    def _check_parameters(self, device: torch.device):
+        """Every parameter on `device` (x's) with the shape the layer was built with: a parameter replaced since
+        (`.data =`, a new `nn.Parameter`) would otherwise reach the kernels, or torch's router GEMM, with another
+        shape or device, and fail there or read another layout."""
+        config, params = self.config, self._parameters  # w1, v1 (where gated), w2: read once, past Module.__getattr__
+        weight_shape = (self.weight_rows, config.hidden_size)
+        for name, param, shape in (("router.weight", self.router.weight, (config.num_experts, config.hidden_size)),
+                                   ("w1", params["w1"], weight_shape), ("v1", params.get("v1"), weight_shape),
+                                   ("w2", params["w2"], weight_shape)):
+            if param is None:
+                continue
+            if param.device != device:
+                raise ValueError(f"x is on {device} but the layer's {name} is on {param.device}")
+            if param.shape != shape:
+                raise ValueError(f"the layer's {name} must have shape {shape} (its experts' rows, hidden_size), "
+                                 f"got {tuple(param.shape)}")
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from triton_moe.kernels import (ExpertLayout, combine_rows, down_projection, down_projection_backward,
                                 input_grad_rows, sorted_rows_pay_off, up_projection, weight_grad)
-from triton_moe.kernels.host import running_in_interpreter
+from triton_moe.kernels.host import FLOAT_DTYPES, running_in_interpreter
 from triton_moe.routing import ExpertSort
 
 
@@ -251,15 +251,18 @@ def _expert_mlp(*inputs):
 
 def checked_host_arguments(x: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, keep_sorted_x: bool,
                            compute_dtype: torch.dtype | None) -> tuple[bool, torch.dtype]:
-    """(keep_sorted_x, compute_dtype) as the forward takes them, after checking the weights' and compute dtypes:
+    """(keep_sorted_x, compute_dtype) as the forward takes them, after checking x's, the weights' and the compute
+    dtypes:
     keep_sorted_x only for a backward that computes dW1 (not under no_grad, nor with w1 and v1 frozen), and
     compute_dtype x's where it is None."""
     weight_dtypes = {weight.dtype for weight in (w1, v1, w2) if weight is not None}
     if len(weight_dtypes) != 1:
         raise ValueError(f"w1, v1 and w2 must have one dtype, got {sorted(map(str, weight_dtypes))}")
+    if x.dtype not in FLOAT_DTYPES:  # under autocast too: the output comes back in x's dtype
+        raise ValueError(f"x's dtype must be torch.float32, torch.float16 or torch.bfloat16, got {x.dtype}")
     compute_dtype = x.dtype if compute_dtype is None else compute_dtype
-    if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"compute_dtype (x's dtype where autocast is off) must be torch.float32, torch.float16 or "
+    if compute_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"compute_dtype (autocast's dtype where it is on) must be torch.float32, torch.float16 or "
                          f"torch.bfloat16, got {compute_dtype}")
     keep_sorted_x = (keep_sorted_x and torch.is_grad_enabled()
                      and any(weight is not None and weight.requires_grad for weight in (w1, v1)))
