@@ -165,19 +165,18 @@ def test_tied_router_logits_pick_the_lower_expert_index(cls):
 def test_state_dict_of_another_expert_layout_is_refused(cls):
     """Same total width, other order of widths: loading names both layouts instead of handing rows to the wrong
     experts, also across implementations and after a torch.save round trip."""
-    saved = make_layer(triton_moe.MoEMLP, MoEConfig(expert_sizes=[(4, 64), (2, 32)], num_active_experts=2,
+    saved = make_layer(triton_moe.MoEMLP, MoEConfig(expert_sizes=[(4, 256), (2, 128)], num_active_experts=2,
                                                     hidden_size=256), torch.float32)
-    other = make_layer(cls, MoEConfig(expert_sizes=[(2, 32), (4, 64)], num_active_experts=2, hidden_size=256),
-                       torch.float32) if cls is triton_moe.MoEMLP else None
+    other = make_layer(cls, MoEConfig(expert_sizes=[(2, 128), (4, 256)], num_active_experts=2, hidden_size=256),
+                       torch.float32)
     buffer = io.BytesIO()
     torch.save(saved.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer)
-    if other is not None:
-        with pytest.raises(ValueError, match=r"expert_sizes '4x64,2x32'.*expert_sizes '2x32,4x64'"):
-            other.load_state_dict(state)
-    same_config = MoEConfig(expert_sizes=[(2, 64), (2, 64), (2, 32)], num_active_experts=2, hidden_size=256)
-    same_layout = (cls(same_config, block_size=32) if cls is reference.MoEMLP else cls(same_config)).to(DEVICE)
+    with pytest.raises(ValueError, match=r"expert_sizes '4x256,2x128'.*expert_sizes '2x128,4x256'"):
+        other.load_state_dict(state)
+    same_config = MoEConfig(expert_sizes=[(2, 256), (2, 256), (2, 128)], num_active_experts=2, hidden_size=256)
+    same_layout = cls(same_config).to(DEVICE)
     same_layout.load_state_dict(state)  # the same widths in the same order, grouped otherwise
     assert torch.equal(same_layout.w1, saved.w1)
 

@@ -1,7 +1,7 @@
 """The stk reference MoEMLP: block-sparse expert MLPs (megablocks' dMoE design) for variable expert widths.
 
 One forward:
-    route -> sort rows by expert -> pad each expert's rows to block_size -> build the topology
+    route -> sort rows by expert -> pad each expert's rows to BLOCK_SIZE -> build the topology
     -> up projection (stk.ops.sdd) -> activation on the nonzero blocks -> down projection (stk.ops.dsd)
     -> un-pad -> weight by the routing weights and sum the k rows of each token.
 The backward is autograd through stk's sdd/dsd Functions and the torch ops around them.
@@ -16,33 +16,30 @@ from triton_moe.layer import MoELayer
 from triton_moe.reference.topology_var import build_topology
 from triton_moe.routing import Routing, sort_by_expert
 
-BLOCK_SIZE = 128  # stk's block: the widths and hidden_size must be multiples of it
+BLOCK_SIZE = 128  # stk's block, fixed in its kernels: the widths and hidden_size must be multiples of it
 
 
-def check_block_aligned(config: MoEConfig, block_size: int = BLOCK_SIZE) -> None:
-    """Raise a ValueError unless every width and hidden_size is a multiple of block_size (stk's need)."""
+def check_block_aligned(config: MoEConfig) -> None:
+    """Raise a ValueError unless every width and hidden_size is a multiple of BLOCK_SIZE (stk's need)."""
     for width in sorted(set(config.expert_widths)):
-        if width % block_size:
+        if width % BLOCK_SIZE:
             raise ValueError(
-                f"expert_sizes: width {width} is not a multiple of block_size={block_size}; "
+                f"expert_sizes: width {width} is not a multiple of stk's block size {BLOCK_SIZE}; "
                 "the stk reference needs block-aligned widths (the Triton MoEMLP does not)"
             )
-    if config.hidden_size % block_size:
+    if config.hidden_size % BLOCK_SIZE:
         raise ValueError(
-            f"hidden_size={config.hidden_size} is not a multiple of block_size={block_size}, "
+            f"hidden_size={config.hidden_size} is not a multiple of stk's block size {BLOCK_SIZE}, "
             "which the stk reference needs"
         )
 
 
 class MoEMLP(MoELayer):
-    """Reference MoE MLP on stk block-sparse products; needs widths and hidden_size multiple of block_size."""
+    """Reference MoE MLP on stk block-sparse products; needs widths and hidden_size multiples of BLOCK_SIZE."""
 
-    def __init__(self, config: MoEConfig, block_size: int = BLOCK_SIZE):
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-        check_block_aligned(config, block_size)
+    def __init__(self, config: MoEConfig):
+        check_block_aligned(config)
         super().__init__(config)
-        self.block_size = block_size
 
     def _experts(self, x: torch.Tensor, routing: Routing, intermediates: dict | None) -> torch.Tensor:
         cfg = self.config
@@ -53,7 +50,7 @@ class MoEMLP(MoELayer):
             w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
             sort = sort_by_expert(routing.expert_indices, cfg.num_experts)
             topology, padded_row_offsets, block_rows_per_expert = build_topology(sort.tokens_per_expert, cfg,
-                                                                                 self.block_size)
+                                                                                 BLOCK_SIZE)
 
             # Row r of expert e moves to padded row padded_row_offsets[e] + (r - expert_row_offsets[e]).
             row_expert = sort.row_expert.long()  # [N*k]
@@ -80,7 +77,7 @@ class MoEMLP(MoELayer):
 
         if intermediates is not None:
             to_rows = lambda blocks: _blocks_to_expert_rows(blocks, sort.tokens_per_expert, block_rows_per_expert,
-                                                            cfg, self.block_size)
+                                                            cfg, BLOCK_SIZE)
             intermediates.update(
                 tokens_per_expert=sort.tokens_per_expert, row_to_token=sort.row_to_token,
                 sorted_x=sorted_x, h_pre=to_rows(h_pre.data), h_act=to_rows(h_act_data), y_expert=y_expert,
