@@ -78,3 +78,14 @@ def test_importing_the_config_leaves_triton_alone():
     late = subprocess.run([sys.executable, "-c", "import triton; import triton_moe.kernels"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert late.returncode != 0 and "triton was imported before them" in late.stderr
+
+
+@pytest.mark.parametrize("value", ["true", "ON", "yes"])
+def test_a_true_interpreter_variable_of_any_spelling_runs_the_layer(value):
+    """Triton reads TRITON_INTERPRET=true (or on, yes) as the interpreter; the package writes such a value as "1",
+    which the launchers and the layer read, so that a layer runs on the CPU with it."""
+    env = {**os.environ, "TRITON_INTERPRET": value, "CUDA_VISIBLE_DEVICES": ""}
+    script = ("import os, torch, triton_moe; from triton_moe import MoEConfig; "
+              "layer = triton_moe.MoEMLP(MoEConfig(expert_sizes='2x16', num_active_experts=1, hidden_size=16)); "
+              "assert layer(torch.randn(4, 16)).shape == (4, 16); assert os.environ['TRITON_INTERPRET'] == '1'")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)

@@ -3,7 +3,8 @@
 Without a GPU the kernels run on CPU tensors through Triton's interpreter, which Triton reads from TRITON_INTERPRET
 when it is first imported: this package sets it then, where no CUDA device is visible and nothing has set it. Once
 Triton is imported without it, kernels cannot run on such a machine, so importing them then is an error that says
-so.
+so. Triton reads the variable as true for "1", "true" or "on" in any case (newer releases also "yes" and "y"); the
+package reads "1" only, so a true value is written as "1" here, before the kernels or the layer read it.
 """
 
 import os
@@ -11,6 +12,8 @@ import sys
 
 import torch
 
+if os.environ.get("TRITON_INTERPRET", "").lower() in ("true", "on", "yes", "y"):
+    os.environ["TRITON_INTERPRET"] = "1"
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
     if "triton" in sys.modules:
         raise ImportError(
