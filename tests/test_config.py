@@ -1,9 +1,13 @@
 """MoEConfig: derived fields and a ValueError naming the field for every bad value."""
 
+import copy
+import dataclasses
 import os
+import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from triton_moe import MoEConfig
@@ -37,6 +41,11 @@ def test_derived_fields():
     (dict(load_balance_coef=float("inf")), "load_balance_coef"),
     (dict(z_loss_coef=float("nan")), "z_loss_coef"),
     (dict(z_loss_coef="0.1"), "z_loss_coef"),
+    (dict(load_balance_coef=1e39), "load_balance_coef"),
+    (dict(z_loss_coef=10**400), "z_loss_coef"),
+    (dict(init_std=1e39), "init_std"),
+    (dict(init_std=1e-46), "init_std"),
+    (dict(expert_sizes="²x16"), "expert_sizes"),
     (dict(expert_sizes=[(2**40, 1)]), "expert_sizes"),
     (dict(expert_sizes=[(2, 2**31)]), "expert_sizes"),
     (dict(expert_sizes=[4, 64]), "expert_sizes"),
@@ -51,6 +60,31 @@ def test_bad_values_name_the_field(kwargs, field):
     args = dict(expert_sizes=[(4, 64)], num_active_experts=2, hidden_size=32) | kwargs
     with pytest.raises(ValueError, match=field):
         MoEConfig(**args)
+
+
+def test_numpy_numbers_are_coefficients_like_floats():
+    config = MoEConfig(expert_sizes=[(4, 64)], num_active_experts=2, hidden_size=32,
+                       load_balance_coef=np.float32(0.5), z_loss_coef=np.int64(0), init_std=np.float64(0.25))
+    assert (config.load_balance_coef, config.z_loss_coef, config.init_std) == (0.5, 0.0, 0.25)
+    assert all(type(value) is float for value in (config.load_balance_coef, config.z_loss_coef, config.init_std))
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", 64), ("expert_sizes", [(2, 16)]),
+                                          ("load_balance_coef", float("nan")), ("total_width", 3)])
+def test_a_built_config_is_read_only(field, value):
+    """A field set after the checks would go unchecked (a NaN coefficient) and out of step with the derived fields
+    and the layers built from the config; dataclasses.replace makes another config, checked again."""
+    config = MoEConfig(expert_sizes=[(4, 64)], num_active_experts=2, hidden_size=32)
+    with pytest.raises(dataclasses.FrozenInstanceError, match=f"cannot set MoEConfig.{field}"):
+        setattr(config, field, value)
+    assert config == MoEConfig(expert_sizes=[(4, 64)], num_active_experts=2, hidden_size=32)
+    for copy_of_config in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert copy_of_config == config
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            copy_of_config.hidden_size = 64
+    assert dataclasses.replace(config, hidden_size=64).hidden_size == 64
+    with pytest.raises(ValueError, match="hidden_size"):
+        dataclasses.replace(config, hidden_size=0)
 
 
 @pytest.mark.parametrize("expert_sizes", [None, 4, {4: 64}])

@@ -1,7 +1,8 @@
 """MoEConfig: the one description of an MoE layer, shared by the Triton layer and the stk reference."""
 
 import math
-from dataclasses import dataclass, field
+import numbers
+from dataclasses import FrozenInstanceError, dataclass, field
 
 from triton_moe.activations import check_activation, is_gated
 
@@ -14,6 +15,9 @@ class MoEConfig:
     the first four of width 512, the last four of width 256, in that order. The text `"4x512,4x256"` says the same
     (what a configurator or a checkpoint's arguments carry; `expert_sizes_text` writes it). Expert `e` owns rows
     `expert_width_offsets[e]:expert_width_offsets[e + 1]` of the weights `w1`, `v1` and `w2`.
+
+    A built config is read-only: its fields are checked and its derived fields computed once, and the layers built
+    from it keep it. `dataclasses.replace(config, field=value)` makes another, checked again.
     """
 
     expert_sizes: list[tuple[int, int]]
@@ -54,17 +58,23 @@ class MoEConfig:
             )
         check_activation(self.activation)
         for name in ("load_balance_coef", "z_loss_coef", "init_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, _fp32_number(name, getattr(self, name)))
         for name in ("load_balance_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.init_std <= 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std}")
+        if self.init_std < FP32_TINIEST:
+            raise ValueError(f"init_std must be > 0 in fp32 (at least {FP32_TINIEST:.3g}), got {self.init_std}")
         for name in ("normalize_weights", "keep_sorted_x"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_checked", False):
+            raise FrozenInstanceError(
+                f"cannot set MoEConfig.{name}: a built config is read-only (its fields are checked and its derived "
+                "fields computed once, and layers keep it); dataclasses.replace(config, ...) makes another")
+        super().__setattr__(name, value)
 
     @property
     def expert_sizes_text(self) -> str:
@@ -83,6 +93,8 @@ class MoEConfig:
 
 
 MAX_EXPERTS = 2**16  # the router's and the sort's tables hold an entry per expert
+FP32_MAX = 3.4028234663852886e38  # the coefficients and init_std reach the aux loss and the weights in fp32
+FP32_TINIEST = 1.401298464324817e-45  # the smallest positive fp32 value: an init_std below it draws zeros
 MAX_TOTAL_WIDTH = 2**31 - 1  # weight rows are addressed with 32-bit offsets
 
 
@@ -91,7 +103,7 @@ def parse_expert_sizes(text: str) -> list[tuple[int, int]]:
     groups = []
     for group in text.replace(" ", "").split(","):
         count, _, width = group.partition("x")
-        if not (count.isdigit() and width.isdigit()):
+        if not (count.isdecimal() and width.isdecimal()):
             raise ValueError(f"expert_sizes must look like '4x512,4x256' (count x width, comma-separated), "
                              f"got {text!r}")
         groups.append((int(count), int(width)))
@@ -142,6 +154,20 @@ def _checked_expert_sizes(expert_sizes) -> list[tuple[int, int]]:
     if total_width > MAX_TOTAL_WIDTH:
         raise ValueError(f"expert_sizes: the widths must sum to at most {MAX_TOTAL_WIDTH}, got {total_width}")
     return groups
+
+
+def _fp32_number(name, value) -> float:
+    """value as a float, or a ValueError that names it: a real number (a Python or numpy int or float, not a bool)
+    finite in fp32."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value) or abs(value) > FP32_MAX:
+        raise ValueError(f"{name} must be finite in fp32 (at most {FP32_MAX:.4g} in size), got {value!r}")
+    return value
 
 
 def _require_int(name, value, minimum):
