@@ -192,6 +192,20 @@ def test_state_dict_of_another_expert_layout_is_refused(cls):
     assert torch.equal(same_layout.w1, saved.w1)
 
 
+@pytest.mark.parametrize("config", [None, "4x512,4x256", {"expert_sizes": "4x512"}])
+def test_a_config_of_another_type_is_refused(config):
+    with pytest.raises(TypeError, match="config must be a MoEConfig"):
+        triton_moe.MoEMLP(config)
+
+
+@pytest.mark.parametrize("saved_widths", [[512] * 4 + [256] * 4, torch.tensor([[512] * 4 + [256] * 4])])
+def test_a_malformed_layout_in_a_state_dict_is_refused(layer, saved_widths):
+    state = layer.state_dict()
+    state["expert_widths"] = saved_widths
+    with pytest.raises(ValueError, match="expert_widths must be a 1-D tensor"):
+        layer.load_state_dict(state)
+
+
 def test_state_dict_without_the_layout_still_loads(layer):
     """A checkpoint from before the layout was saved loads into a layer of the same shapes."""
     state = layer.state_dict()

@@ -1,12 +1,13 @@
 """The helpers for training code: per-layer expert load of the last forward, active parameters and FLOPs."""
 
+import pytest
 import torch
 import torch.nn as nn
 
 from triton_moe import reference
 import triton_moe
 from conftest import make_input, make_layer
-from triton_moe import MoEConfig, active_parameters, expert_load, flops_per_token
+from triton_moe import MoEConfig, active_parameters, aux_loss, expert_load, flops_per_token
 
 CONFIG = MoEConfig(expert_sizes=[(2, 64), (2, 32)], num_active_experts=2, hidden_size=32)
 STK_CONFIG = MoEConfig(expert_sizes=[(2, 256), (2, 128)], num_active_experts=2, hidden_size=128)  # 128-blocks
@@ -43,3 +44,22 @@ def test_active_parameters_count_top_k_experts():
     layer(make_input((8, 32), torch.float32))
     assert active_parameters(model, from_last_forward=True) == 32 * 32 + 4 * 32 + 2 * 64 * 2 * 32
     assert flops_per_token(model, seq_len=16, n_layer=1, n_embd=32) == 6 * want + 12 * 1 * 32 * 16
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda layer: expert_load(None), TypeError, "model must be an nn.Module"),
+    (lambda layer: active_parameters(layer.w1), TypeError, "model must be an nn.Module"),
+    (lambda layer: aux_loss("model"), TypeError, "model must be an nn.Module"),
+    (lambda layer: triton_moe.enable_cuda_graphs(None), TypeError, "model must be an nn.Module"),
+    (lambda layer: aux_loss(layer, detach_layers="yes"), ValueError, "detach_layers must be True or False"),
+    (lambda layer: active_parameters(layer, from_last_forward=1), ValueError, "from_last_forward must be True"),
+    (lambda layer: flops_per_token(layer, -5, 2, 32), ValueError, "seq_len must be >= 1"),
+    (lambda layer: flops_per_token(layer, 16.5, 2, 32), ValueError, "seq_len must be an int"),
+    (lambda layer: flops_per_token(layer, 16, -1, 32), ValueError, "n_layer must be >= 0"),
+    (lambda layer: flops_per_token(layer, 16, 2, 0), ValueError, "n_embd must be >= 1"),
+])
+def test_the_helpers_name_a_wrong_argument(call, error, match):
+    """A model that is not a module, a flag that is not a bool, a size that is not a positive int: an error that
+    names the argument, not an AttributeError from inside or a number computed from it."""
+    with pytest.raises(error, match=match):
+        call(make_layer(triton_moe.MoEMLP, CONFIG, torch.float32))

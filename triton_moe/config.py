@@ -40,7 +40,7 @@ class MoEConfig:
 
     def __post_init__(self):
         self.expert_sizes = _checked_expert_sizes(self.expert_sizes)
-        _require_int("hidden_size", self.hidden_size, minimum=1)
+        require_int("hidden_size", self.hidden_size, minimum=1)
 
         self.expert_widths = [width for count, width in self.expert_sizes for _ in range(count)]
         self.num_experts = len(self.expert_widths)
@@ -50,7 +50,7 @@ class MoEConfig:
         self.expert_width_offsets = offsets
         self.total_width = offsets[-1]
 
-        _require_int("num_active_experts", self.num_active_experts, minimum=1)
+        require_int("num_active_experts", self.num_active_experts, minimum=1)
         if self.num_active_experts > self.num_experts:
             raise ValueError(
                 f"num_active_experts (top-k) must be <= num_experts = {self.num_experts}, "
@@ -170,7 +170,8 @@ def _fp32_number(name, value) -> float:
     return value
 
 
-def _require_int(name, value, minimum):
+def require_int(name, value, minimum):
+    """value is an int (not a bool) >= minimum, or a ValueError that names it."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{name} must be an int, got {value!r}")
     if value < minimum:

@@ -40,6 +40,9 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, config: MoEConfig, weight_rows: int | None = None):
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, such as MoEConfig(expert_sizes='4x512,4x256', "
+                            f"num_active_experts=2, hidden_size=768), got {type(config).__name__}")
         super().__init__()
         self.config = config
         hidden = config.hidden_size
@@ -65,6 +68,9 @@ class MoELayer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         saved = state_dict.get(prefix + "expert_widths")
+        if saved is not None and (not isinstance(saved, torch.Tensor) or saved.dim() != 1):
+            raise ValueError(f"the state_dict's {prefix}expert_widths must be a 1-D tensor of the experts' widths, "
+                             f"got {saved!r}")
         if saved is not None and saved.tolist() != self.config.expert_widths:
             saved_sizes = format_expert_sizes(expert_sizes_of_widths(saved.tolist()))
             raise ValueError(
@@ -269,6 +275,8 @@ def aux_loss(model: nn.Module, detach_layers: bool = False) -> torch.Tensor:
     as module state, out of its backward: AOTAutograd otherwise hands that backward a zero gradient for each of
     them every step, a launch and a copy each under CUDA graphs. A later call returns the sum without gradient.
     """
+    check_model(model)
+    check_bool("detach_layers", detach_layers)
     layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.aux_loss is not None]
     if not layers:
         param = next(model.parameters(), None)
@@ -279,3 +287,15 @@ def aux_loss(model: nn.Module, detach_layers: bool = False) -> torch.Tensor:
             layer.aux_loss = layer.aux_loss.detach()
     return total
 
+
+
+def check_model(model) -> None:
+    """A TypeError unless `model` is an nn.Module (the model, or the layer, holding the MoE layers)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module holding MoE layers, got {type(model).__name__}")
+
+
+def check_bool(name: str, value) -> None:
+    """A ValueError unless `value` is True or False: a flag given another value is a mistake, not a truth value."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from triton_moe.config import MoEConfig
 from triton_moe.kernels import ExpertLayout, down_projection, gather_rows, up_projection
-from triton_moe.layer import MoELayer
+from triton_moe.layer import MoELayer, check_bool, check_model
 from triton_moe.layer_graphs import LayerGraphs
 from triton_moe.layer_ops import moe_layer
 from triton_moe.ops import expert_mlp
@@ -99,8 +99,8 @@ def enable_cuda_graphs(model: nn.Module, enabled: bool = True) -> int:
     first one's backward). It takes the host's time out of small models' eager steps, and holds each layer's
     activations between steps. torch.compile ignores it: its own modes graph the layer.
     """
-    if not isinstance(enabled, bool):
-        raise ValueError(f"enabled must be True or False, got {enabled!r}")
+    check_model(model)
+    check_bool("enabled", enabled)
     layers = [module for module in model.modules() if isinstance(module, MoEMLP)]
     for layer in layers:
         if not enabled:

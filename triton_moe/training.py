@@ -12,11 +12,13 @@ parameter count overstates a token's work: nanoGPT's estimate_mfu, fed the whole
 import torch
 import torch.nn as nn
 
-from triton_moe.layer import MoELayer
+from triton_moe.config import require_int
+from triton_moe.layer import MoELayer, check_bool, check_model
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
     """{name: layer} of every MoE layer in `model`."""
+    check_model(model)
     return {name: module for name, module in model.named_modules() if isinstance(module, MoELayer)}
 
 
@@ -47,8 +49,10 @@ def active_parameters(model: nn.Module, from_last_forward: bool = False) -> int:
     gives); True: weighted by where the last forward's tokens went (expert_load; reads the counts to the host).
     Every parameter counts, the embeddings too (nanoGPT's get_num_params leaves out the position embeddings).
     """
+    check_bool("from_last_forward", from_last_forward)
+    layers = moe_layers(model)
     total = sum(param.numel() for param in model.parameters())
-    for layer in moe_layers(model).values():
+    for layer in layers.values():
         config = layer.config
         per_row = _expert_parameters_per_row(layer)
         total -= layer.w1.shape[0] * per_row  # the rows this layer holds (fewer under expert parallelism)
@@ -66,4 +70,7 @@ def flops_per_token(model: nn.Module, seq_len: int, n_layer: int, n_embd: int,
                     from_last_forward: bool = False) -> float:
     """Training FLOPs per token, as nanoGPT's estimate_mfu counts them (PaLM's appendix B): 6 × active parameters
     for the matrix products of forward and backward, plus 12 × n_layer × n_embd × seq_len for attention."""
+    require_int("seq_len", seq_len, minimum=1)
+    require_int("n_layer", n_layer, minimum=0)
+    require_int("n_embd", n_embd, minimum=1)
     return 6 * active_parameters(model, from_last_forward) + 12 * n_layer * n_embd * seq_len
