@@ -848,6 +848,9 @@ def test_invalid_layout_raises_value_error():
         ExpertLayout(row_offsets, width_offsets, [64, 16, 0, 48], routing.num_rows)
     with pytest.raises(ValueError, match="expert_widths"):
         ExpertLayout(row_offsets, width_offsets, [], routing.num_rows)
+    for widths in ([64.0, 16, 32, 48], [64, True, 32, 48], [64, "16", 32, 48]):
+        with pytest.raises(ValueError, match="expert_widths .* an int"):
+            ExpertLayout(row_offsets, width_offsets, widths, routing.num_rows)
     with pytest.raises(ValueError, match="expert_row_offsets"):
         ExpertLayout(row_offsets[1:], width_offsets, routing.expert_widths, routing.num_rows)
     with pytest.raises(ValueError, match="expert_width_offsets"):

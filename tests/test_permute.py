@@ -68,5 +68,10 @@ def test_invalid_arguments_raise_value_error():
         combine_rows(rows, flat_to_row.float(), 2)
     with pytest.raises(ValueError, match="top_k"):
         combine_rows(rows, flat_to_row, 0)
+    for top_k in (2.0, True, "2"):
+        with pytest.raises(ValueError, match="top_k must be an int"):
+            combine_rows(rows, flat_to_row, top_k)
     with pytest.raises(ValueError, match="src"):
         gather_rows(rows[:, ::2], flat_to_row)
+    with pytest.raises(ValueError, match="src has no rows"):  # every index out of range, known on the host
+        gather_rows(rows[:0], flat_to_row)

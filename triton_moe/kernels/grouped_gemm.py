@@ -38,7 +38,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
-from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_shape, traceable
+from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_int, check_tensor_shape, traceable
 from triton_moe.kernels.layout import ExpertLayout
 from triton_moe.kernels.persistent import persistent_rows_gemm, persistent_weight_grad
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, PERSISTENT_TILES, SUM_SPLITS_ELEMENTS, GemmTiles,
@@ -892,8 +892,8 @@ def weight_grad(
         zeros.
     """
     layout.check_hidden("hidden_rows", hidden_rows, FLOAT_DTYPES)
-    if row_splits is not None and row_splits < 1:
-        raise ValueError(f"row_splits must be >= 1, got {row_splits}")
+    if row_splits is not None:
+        check_int("row_splits", row_splits, 1)
     out_dtype = hidden_rows.dtype if out_dtype is None else out_dtype
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")

@@ -180,6 +180,12 @@ def check_tensor_shape(name, tensor, shape, dtypes):
     _check_dtype_and_layout(name, tensor, dtypes)
 
 
+def check_int(name, value, minimum):
+    """`value` is an int (not a bool; a torch.SymInt where torch.compile traces with dynamic shapes) >= minimum."""
+    if not isinstance(value, (int, torch.SymInt)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def check_tensor_dim(name, tensor, dim, dtypes):
     """`tensor` is a contiguous torch.Tensor of `dim` dimensions, with a dtype in `dtypes`."""
     if not isinstance(tensor, torch.Tensor):

@@ -12,6 +12,12 @@ W_e values in columns 0 : W_e; the columns past W_e are never read (the up proje
 its outputs do not depend on what the memory held). Their shape follows from R and
 the widths alone, both known on the host, so no size is ever read back from the device: the layer never
 synchronises, and a CUDA graph or torch.compile holds it whatever the widths. With one width there is no padding.
+
+The launchers check what the host knows (shapes, dtypes, contiguity, the widths), never the values a device tensor
+holds, since reading them would synchronise: the offsets must be non-decreasing, from 0 to R and to TW, the width
+offsets the prefix sums of the widths, and every index the launchers take (row_to_token, flat_to_row,
+routing_weight_index) in range. Other values read and write out of bounds. The layer's come from its config, its
+route and its sort.
 """
 
 import functools
@@ -39,8 +45,9 @@ class WidthFacts(NamedTuple):
 
 @functools.lru_cache(maxsize=64)
 def width_facts(expert_widths: tuple[int, ...]) -> WidthFacts:
-    if not expert_widths or min(expert_widths) < 1:
-        raise ValueError(f"expert_widths must list at least one expert, each >= 1, got {list(expert_widths)}")
+    if not expert_widths or not all(isinstance(width, int) and not isinstance(width, bool) and width >= 1
+                                    for width in expert_widths):
+        raise ValueError(f"expert_widths must list at least one expert, each an int >= 1, got {list(expert_widths)}")
     return WidthFacts(
         total_width=sum(expert_widths), max_width=max(expert_widths), uniform=len(set(expert_widths)) == 1,
         kernel_constants=dict(EXPERTS_POW2=next_power_of_2(len(expert_widths)),

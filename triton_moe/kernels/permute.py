@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_tensor_dim, traceable
+from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_int, check_tensor_dim, traceable
 from triton_moe.kernels.tuning import PERMUTE_NUM_WARPS, permute_tile_h, rows_per_program
 
 
@@ -58,6 +58,8 @@ def gather_rows(src: torch.Tensor, row_to_token: torch.Tensor) -> torch.Tensor:
     check_tensor_dim("src", src, 2, FLOAT_DTYPES)
     check_tensor_dim("row_to_token", row_to_token, 1, INDEX_DTYPES)
     num_rows, hidden = row_to_token.shape[0], src.shape[1]
+    if num_rows > 0 and src.shape[0] == 0:
+        raise ValueError(f"src has no rows for row_to_token's {num_rows} rows to copy")
     rows = torch.empty((num_rows, hidden), dtype=src.dtype, device=src.device)  # (R, H)
     if num_rows > 0 and hidden > 0:
         tile_h = permute_tile_h(hidden)
@@ -86,8 +88,7 @@ def combine_rows(rows: torch.Tensor, flat_to_row: torch.Tensor, top_k: int,
     """
     check_tensor_dim("rows", rows, 2, FLOAT_DTYPES)
     check_tensor_dim("flat_to_row", flat_to_row, 1, INDEX_DTYPES)
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    check_int("top_k", top_k, 1)
     out_dtype = rows.dtype if out_dtype is None else out_dtype
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")

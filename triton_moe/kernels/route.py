@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_moe.kernels.host import ceil_div, check_tensor_dim, check_tensor_shape, next_power_of_2, traceable
-from triton_moe.kernels.sort import check_int, check_shape, launch_segment_table, no_sort_tables
+from triton_moe.kernels.host import (ceil_div, check_int, check_tensor_dim, check_tensor_shape, next_power_of_2,
+                                     traceable)
+from triton_moe.kernels.sort import check_shape, launch_segment_table, no_sort_tables
 from triton_moe.kernels.tuning import (INTERPRETER_ROUTE_TILE_ELEMENTS, ROUTE_BACKWARD_ELEMENTS_PER_THREAD,
                                        ROUTE_BACKWARD_TILE_ELEMENTS, ROUTE_SEGMENT_TOKENS, ROUTE_FORWARD_NUM_WARPS,
                                        ROUTE_MIN_SEGMENTS, ROUTE_TILE_ELEMENTS, running_in_interpreter)

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_moe.kernels.host import (INDEX_DTYPES, ceil_div, check_tensor_dim, check_tensor_shape, next_power_of_2,
-                                     traceable)
+from triton_moe.kernels.host import (INDEX_DTYPES, ceil_div, check_int, check_tensor_dim, check_tensor_shape,
+                                     next_power_of_2, traceable)
 from triton_moe.kernels.tuning import (RANK_CHUNK, SCATTER_ASSIGNMENTS, SORT_SEGMENT_ASSIGNMENTS, SORT_NUM_WARPS,
                                        TABLE_EXPERT_CHUNK, TABLE_NUM_WARPS, TABLE_SCAN_CHUNK, TABLE_TILE_ELEMENTS,
                                        ZERO_CHUNK)
@@ -203,11 +203,6 @@ def launch_segment_table(segment_expert_counts, segment_prob_sums, segment_lse_s
 def check_shape(name, tensor, shape):
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
-
-
-def check_int(name, value, minimum):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def check_assignments(expert_indices):
