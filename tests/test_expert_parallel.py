@@ -311,10 +311,27 @@ def test_plain_ddp_matches_single_process_gpt(backend, compiled):
     (8, 2, [(0, 3), (3, 7)], "cover experts 0..7"),
     (8, 2, [(0, 0), (0, 8)], "non-empty"),
     (8, 2, [(0, 8)], "one \\(start, end\\) per rank"),
+    (8, 2, [(0, 4.0), (4, 8)], "pair of ints per rank; rank 0 has \\(0, 4.0\\)"),
+    (8, 2, [("0", "4"), (4, 8)], "pair of ints per rank; rank 0"),
+    (8, 2, [(0, 2, 4), (4, 8)], "pair of ints per rank; rank 0"),
 ])
 def test_bad_expert_split_is_refused(num_experts, world_size, expert_ranges, match):
     with pytest.raises(ValueError, match=match):
         split_experts(num_experts, world_size, expert_ranges)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: gather_state_dict(None), TypeError, "model must be an nn.Module"),
+    (lambda: shard_state_dict(None, {}), TypeError, "model must be an nn.Module"),
+    (lambda: shard_state_dict(torch.nn.Linear(2, 2), None), TypeError, "global_state_dict must be a state_dict"),
+    (lambda: data_parallel(None), TypeError, "model must be an nn.Module"),
+    (lambda: fully_shard_dense(torch.nn.Sequential(torch.nn.Linear(2, 2)), modules=torch.nn.Linear(2, 2)),
+     TypeError, "modules must be an iterable of modules"),
+])
+def test_the_helpers_name_a_wrong_argument(call, error, match):
+    """Checked before any collective, so one process without a process group shows them."""
+    with pytest.raises(error, match=match):
+        call()
 
 
 def test_uneven_split_is_accepted():

@@ -15,7 +15,7 @@ sum of every rank's loss; the router's gradient is this rank's only. Data parall
 the router's and divides the experts' by P: `data_parallel` (DDP) or `fully_shard_dense` (FSDP2) does both.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from triton_moe.config import MoEConfig
-from triton_moe.layer import MoELayer
+from triton_moe.layer import MoELayer, check_model
 from triton_moe.ops import expert_mlp
 from triton_moe.routing import Routing, sort_by_expert
 
@@ -45,6 +45,10 @@ def split_experts(num_experts: int, world_size: int,
         per_rank = num_experts // world_size
         return [(rank * per_rank, (rank + 1) * per_rank) for rank in range(world_size)]
     ranges = [tuple(r) for r in expert_ranges]
+    for rank, bounds in enumerate(ranges):
+        if len(bounds) != 2 or not all(isinstance(bound, int) and not isinstance(bound, bool) for bound in bounds):
+            raise ValueError(f"expert_ranges must hold one (start, end) pair of ints per rank; rank {rank} has "
+                             f"{bounds!r}: {ranges}")
     if len(ranges) != world_size:
         raise ValueError(f"expert_ranges must give one (start, end) per rank of the process group "
                          f"({world_size}), got {len(ranges)}: {ranges}")
@@ -213,6 +217,7 @@ class ExpertParallelMoEMLP(MoELayer):
 
 def _expert_layers(model: nn.Module):
     """(prefix for names, layer) of each expert-parallel layer in `model`."""
+    check_model(model)
     return [(f"{name}." if name else "", module) for name, module in model.named_modules()
             if isinstance(module, ExpertParallelMoEMLP)]
 
@@ -227,6 +232,9 @@ def shard_state_dict(model: nn.Module, global_state_dict: dict) -> dict:
     """The state_dict of the single-process twin of `model` (MoEMLP where `model` has ExpertParallelMoEMLP),
     with each expert-parallel layer's w1, v1, w2 cut down to this rank's rows, and each tensor that FSDP shards in
     `model` (a DTensor in its state_dict) distributed as there: for `model.load_state_dict`."""
+    if not isinstance(global_state_dict, Mapping):
+        raise TypeError(f"global_state_dict must be a state_dict (a mapping of names to tensors), got "
+                        f"{type(global_state_dict).__name__}")
     local = dict(global_state_dict)
     for prefix, layer in _expert_layers(model):
         for name in EXPERT_PARAMETERS:
@@ -244,9 +252,10 @@ def gather_state_dict(model: nn.Module) -> dict:
     """`model.state_dict()` with every expert-parallel layer's shards gathered into the global w1, v1, w2, and FSDP's
     DTensors into whole tensors: the single-process twin's state_dict (a checkpoint), on every rank. A collective:
     every rank calls it."""
+    layers = _expert_layers(model)
     state = {name: value.full_tensor() if isinstance(value, DTensor) else value
              for name, value in model.state_dict().items()}
-    for prefix, layer in _expert_layers(model):
+    for prefix, layer in layers:
         for name in EXPERT_PARAMETERS:
             if getattr(layer, name) is not None:
                 state[prefix + name] = layer.gather_expert_rows(getattr(layer, name).detach())
@@ -280,6 +289,7 @@ def data_parallel(model: nn.Module, process_group=None, **ddp_kwargs) -> nn.para
     DP over the same ranks). The expert layers should use a process group of their own (e.g. `dist.new_group()`),
     so that their exchanges never interleave with DDP's all-reduces on one communicator.
     """
+    check_model(model)
     if isinstance(model, ExpertParallelMoEMLP):  # DDP names a root module's parameters inconsistently
         raise ValueError("data_parallel: pass a model that holds the ExpertParallelMoEMLP layers, not a layer")
     _, world_size = _group_rank_and_size(process_group)
@@ -311,6 +321,9 @@ def fully_shard_dense(model: nn.Module, mesh=None, modules: Iterable[nn.Module] 
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("fully_shard_dense: model is under DDP (data_parallel) already, which would average the "
                          "dense gradients a second time; use one of the two")
+    if isinstance(modules, nn.Module) or not isinstance(modules, Iterable):
+        raise TypeError(f"fully_shard_dense: modules must be an iterable of modules, such as the transformer blocks "
+                        f"(model.transformer.h), got {type(modules).__name__}")
     modules = list(modules)
     layers = [layer for _, layer in _expert_layers(model)]
     if any(module is layer.router for module in modules for layer in layers):
