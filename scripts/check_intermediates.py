@@ -34,16 +34,16 @@ def forward_backward(layer, x, upstream) -> tuple[dict, dict]:
 def main(argv=None) -> int:
     args = parse_arguments(__doc__, argv)
     failures = 0
-    for name, dtype_name, dtype, ours, ref, x, upstream in cases(args):
+    for progress, name, dtype_name, dtype, ours, ref, x, upstream in cases(args):
+        fault = f", fault {args.inject_fault} injected into triton" if args.inject_fault else ""
+        print(f"\n## [{progress}] {name} {CONFIGS[name]['expert_sizes']} top-{ours.config.num_active_experts}, "
+              f"{args.activation}, {args.tokens} tokens, {dtype_name} on {DEVICE}{fault}: "
+              "triton vs stk reference", flush=True)
         with inject_fault(args.inject_fault):
             got, got_grads = forward_backward(ours, x, upstream)
         want, want_grads = forward_backward(ref, x, upstream)
         got.update(got_grads)
         want.update(want_grads)
-        fault = f", fault {args.inject_fault} injected into triton" if args.inject_fault else ""
-        print(f"\n## {name} {CONFIGS[name]['expert_sizes']} top-{ours.config.num_active_experts}, "
-              f"{args.activation}, {args.tokens} tokens, {dtype_name} on {DEVICE}{fault}: "
-              "triton vs stk reference")
         print(f"| {'intermediate':<18} | {'max abs':>10} | {'max rel':>10} | {'rel L2':>10} | {'cosine':>10} "
               "| ok |")
         print(f"|{'-' * 20}|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 12}|----|")

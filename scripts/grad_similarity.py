@@ -21,12 +21,13 @@ from triton_moe.testing.ground_truth import run_with_loop
 def main(argv=None) -> int:
     args = parse_arguments(__doc__, argv)
     failures = 0
-    for name, dtype_name, dtype, ours, ref, x, upstream in cases(args):
+    for progress, name, dtype_name, dtype, ours, ref, x, upstream in cases(args):
+        fault = f", fault {args.inject_fault} injected into triton" if args.inject_fault else ""
+        print(f"\n## [{progress}] {name}, {args.activation}, {args.tokens} tokens, {dtype_name} on {DEVICE}{fault}",
+              flush=True)
         with inject_fault(args.inject_fault):
             _, _, ours_grads, truth = run_with_loop(ours, x, upstream)
         _, _, ref_grads, _ = run_with_loop(ref, x, upstream)
-        fault = f", fault {args.inject_fault} injected into triton" if args.inject_fault else ""
-        print(f"\n## {name}, {args.activation}, {args.tokens} tokens, {dtype_name} on {DEVICE}{fault}")
         print("| grad | pair | cosine | rel L2 | max rel | ok |\n|---|---|---:|---:|---:|---|")
         for key in truth:
             pairs = {"triton vs fp64": (ours_grads[key], truth[key]),

@@ -12,11 +12,13 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 @pytest.mark.parametrize("script", ["check_intermediates.py", "grad_similarity.py"])
 def test_script_passes_on_a_small_config(script):
+    """...and heads each config's table with its place among the cases, before the case's minute of work."""
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / script), "--configs", "8exp_variable", "--tokens", "24",
          "--activation", "swiglu"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "within tolerance" in result.stdout
+    assert "## [1/1] 8exp_variable" in result.stdout
 
 
 @pytest.mark.parametrize("arguments, message", [

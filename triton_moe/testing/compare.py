@@ -27,8 +27,9 @@ DEFAULT_CONFIGS = list(SEED_CONFIGS) + (list(GPU_CONFIGS) if ON_GPU else [])
 
 
 def add_common_arguments(parser):
-    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS),
-                        help="default: the seed table (+ the realistic shapes on a GPU)")
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS), metavar="CONFIG",
+                        help=f"any of {', '.join(CONFIGS)}; default: the seed table (+ the realistic shapes on a "
+                             "GPU)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"] + (["bfloat16"] if ON_GPU else []),
                         choices=list(DTYPES))
     parser.add_argument("--activation", default="relu_squared", choices=["relu_squared", "swiglu", "gelu"])
@@ -58,14 +59,15 @@ def report(failures: int, what: str) -> int:
 
 
 def cases(args):
-    """For each config x dtype of the command line: (name, dtype_name, dtype, triton layer, reference layer,
-    x, upstream gradient), the two layers on identical weights."""
-    for name in args.configs:
-        for dtype_name in args.dtypes:
-            dtype = DTYPES[dtype_name]
-            ours, ref = twin_layers(name, args.activation, dtype, args.seed)
-            x, upstream = inputs(ours.config, args.tokens, dtype, args.seed)
-            yield name, dtype_name, dtype, ours, ref, x, upstream
+    """For each config x dtype of the command line: (progress, name, dtype_name, dtype, triton layer, reference
+    layer, x, upstream gradient), the two layers on identical weights; progress is "i/n" of the cases, for the
+    tables' headings (a case takes up to a minute on the CPU)."""
+    pairs = [(name, dtype_name) for name in args.configs for dtype_name in args.dtypes]
+    for index, (name, dtype_name) in enumerate(pairs, 1):
+        dtype = DTYPES[dtype_name]
+        ours, ref = twin_layers(name, args.activation, dtype, args.seed)
+        x, upstream = inputs(ours.config, args.tokens, dtype, args.seed)
+        yield f"{index}/{len(pairs)}", name, dtype_name, dtype, ours, ref, x, upstream
 
 
 def twin_layers(name, activation, dtype, seed):
