@@ -450,13 +450,16 @@ def main(argv=None) -> int:
 
 
 def print_summary(runs: dict, metrics: dict, checks: dict, args):
+    # the busiest expert's share of the assignments over its even share, the mean of the last steps (1: balanced)
+    busiest = f"busiest expert (last {FINAL_WINDOW})"
     print(f"\n| {'implementation':<14} | {'first loss':>10} | {f'final loss (last {FINAL_WINDOW})':>22} |"
-          f" {'tokens/s':>10} | {'time s':>8} |")
-    print(f"|{'-' * 16}|{'-' * 12}|{'-' * 24}|{'-' * 12}|{'-' * 10}|")
+          f" {busiest:>26} | {'tokens/s':>10} | {'time s':>8} |")
+    print(f"|{'-' * 16}|{'-' * 12}|{'-' * 24}|{'-' * 28}|{'-' * 12}|{'-' * 10}|")
     for name, run in runs.items():
         final = metrics[f"final_loss_{name}"]
-        print(f"| {name:<14} | {run['losses'][0]:>10.4f} | {final:>22.4f} | {run['tokens_per_s']:>10.0f} |"
-              f" {run['seconds']:>8.1f} |")
+        imbalance = sum(run["load_imbalance"][-FINAL_WINDOW:]) / len(run["load_imbalance"][-FINAL_WINDOW:])
+        print(f"| {name:<14} | {run['losses'][0]:>10.4f} | {final:>22.4f} | {f'{imbalance:.2f}x its share':>26} |"
+              f" {run['tokens_per_s']:>10.0f} | {run['seconds']:>8.1f} |")
     verdict = {True: "ok", False: "FAIL"}
     print(f"\nPearson r of the loss curves  {metrics['pearson_r']:.6f}  (>= {args.min_correlation})  "
           f"{verdict[checks['correlation']]}")

@@ -32,10 +32,11 @@ class FakeWandb(types.ModuleType):
         return run
 
 
-def test_trains_both_and_writes_results(tmp_path, monkeypatch):
+def test_trains_both_and_writes_results(tmp_path, monkeypatch, capsys):
     fake_wandb = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
     assert validate_training.main([*TINY, "--out-dir", str(tmp_path), "--wandb", "--control"]) == 0
+    summary = capsys.readouterr().out
 
     result = json.loads((tmp_path / "validate_training.json").read_text())
     assert (tmp_path / "validate_training.png").stat().st_size > 0
@@ -66,6 +67,9 @@ def test_trains_both_and_writes_results(tmp_path, monkeypatch):
     assert all(1.0 <= value <= 3.0 for value in result["runs"]["triton"]["load_imbalance"])
     logged = fake_wandb.runs[1].logged[0][1]
     assert sum(logged[f"load/transformer.h.0.mlp/expert_{e}"] for e in range(3)) == pytest.approx(1.0)
+    # the summary table gives each run's busiest expert over its last steps
+    last_steps = result["runs"]["triton"]["load_imbalance"][-validate_training.FINAL_WINDOW:]
+    assert f"{sum(last_steps) / len(last_steps):.2f}x its share" in summary
 
 
 def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
