@@ -67,3 +67,31 @@ def test_cuda_graphs_train_as_eager(tmp_path):
         assert torch.equal(got, want), name
     replays = [block.mlp.cuda_graphs.replays for block in runs[2]["model"].transformer.h]
     assert replays == [6]
+
+
+@cpu_only
+def test_eval_reads_the_val_split_and_training_never_does(tmp_path, monkeypatch):
+    """--data of 900 'a' bytes then 100 'b' bytes: the first 90% train, the last 10% give the val loss. Every forward
+    is recorded with the bytes it reads (inputs and targets) and its loss: no training batch reads a 'b' (16 windows
+    a step, of which some would if training drew from the whole file), and the val loss saved is the mean loss of the
+    eval batches that read only 'b'."""
+    data = tmp_path / "ab.txt"
+    data.write_bytes(b"a" * 900 + b"b" * 100)
+    splits = train.load_splits(data)
+    assert bytes(splits["train"]) == b"a" * 900 and bytes(splits["val"]) == b"b" * 100  # disjoint, the whole file
+    forwards = []  # (training, the byte values read, loss)
+    gpt_forward = train.GPT.forward
+
+    def recording_forward(self, idx, targets=None):
+        logits, loss = gpt_forward(self, idx, targets)
+        forwards.append((self.training, set(torch.cat([idx, targets]).unique().tolist()), loss.item()))
+        return logits, loss
+
+    monkeypatch.setattr(train.GPT, "forward", recording_forward)
+    train.main([*TINY, "--data", str(data), "--batch-size", "16", "--max-iters", "2", "--eval-iters", "2",
+                "--out-dir", str(tmp_path)])
+    assert [seen for training, seen, _ in forwards if training] == [{ord("a")}] * 2
+    eval_reads = [seen for training, seen, _ in forwards if not training]
+    assert sorted(map(sorted, eval_reads)) == [[ord("a")]] * 2 + [[ord("b")]] * 2  # each split's eval_iters batches
+    val_losses = [loss for training, seen, loss in forwards if not training and seen == {ord("b")}]
+    assert torch.load(tmp_path / "ckpt.pt")["val_loss"] == pytest.approx(sum(val_losses) / len(val_losses))

@@ -1,5 +1,8 @@
-"""nanoGPT's training loop, trimmed, around examples/nanogpt/model.py: byte-level text, AdamW, eval, checkpoints
-that resume, MFU of the active parameters, torch.compile, the MoE layers replayed from CUDA graphs.
+"""nanoGPT's training loop, trimmed, around examples/nanogpt/model.py: AdamW, eval, checkpoints that resume, MFU of
+the active parameters, torch.compile, the MoE layers replayed from CUDA graphs.
+
+It trains on the bytes of --data (default: the bundled data/classics.txt; byte-level, vocab 256, no download, no
+tokenizer): the first 90% of them train, the last 10% give the val loss, as nanoGPT's prepare.py splits them.
 
     uv run python examples/nanogpt/train.py --max-iters 20 --out-dir runs/nanogpt          # CPU: a tiny model
     uv run python examples/nanogpt/train.py --max-iters 40 --out-dir runs/nanogpt --resume # 20 more steps
@@ -24,6 +27,7 @@ from model import GPT, GPTConfig  # model.py beside this script, as in nanoGPT
 from triton_moe import enable_cuda_graphs, expert_load
 
 DATA = Path(__file__).resolve().parent.parent.parent / "data" / "classics.txt"
+TRAIN_FRACTION = 0.9  # the first 90% of the bytes train, the last 10% give the val loss, as nanoGPT's prepare.py
 # MoE: the model_args a checkpoint carries and a resume restores, the MoE keys among them
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout",
               "moe_experts", "moe_top_k", "moe_activation")
@@ -31,6 +35,8 @@ MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size",
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA,
+                        help="a text file, read as bytes (vocab 256); default: the bundled data/classics.txt")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/nanogpt"))
     parser.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -53,7 +59,21 @@ def parse_args(argv=None):
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the MoE layers from CUDA graphs in eager steps (triton_moe.enable_cuda_graphs): "
                              "less host time a step, the same results")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.data.is_file():
+        parser.error(f"--data {args.data} is not a file")
+    val_bytes = args.data.stat().st_size - int(args.data.stat().st_size * TRAIN_FRACTION)
+    if val_bytes < args.block_size + 2:
+        parser.error(f"--data {args.data}: its val split (the last {100 - round(100 * TRAIN_FRACTION)}%, "
+                     f"{val_bytes} bytes) must hold --block-size + 2 = {args.block_size + 2} bytes")
+    return args
+
+
+def load_splits(path: Path) -> dict[str, np.ndarray]:
+    """The file's bytes [N] uint8 as {"train": the first TRAIN_FRACTION of them, "val": the rest}."""
+    data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    train_bytes = int(len(data) * TRAIN_FRACTION)
+    return {"train": data[:train_bytes], "val": data[train_bytes:]}
 
 
 def get_batch(data: np.ndarray, args, step: int):
@@ -66,18 +86,20 @@ def get_batch(data: np.ndarray, args, step: int):
 
 
 @torch.no_grad()
-def estimate_loss(model, data, args, step):
+def estimate_loss(model, splits: dict[str, np.ndarray], args, step: int) -> dict[str, float]:
+    """{split: mean cross-entropy over args.eval_iters batches of it}: eval mode, so no aux loss and no dropout."""
     model.eval()
-    losses = [model(*get_batch(data, args, -1 - step * args.eval_iters - i))[1].item()
-              for i in range(args.eval_iters)]
+    losses = {split: float(np.mean([model(*get_batch(data, args, -1 - step * args.eval_iters - i))[1].item()
+                                    for i in range(args.eval_iters)]))
+              for split, data in splits.items()}
     model.train()
-    return float(np.mean(losses))
+    return losses
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    data = np.frombuffer(DATA.read_bytes(), dtype=np.uint8)
+    splits = load_splits(args.data)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = args.out_dir / "ckpt.pt"
     iter_num = 0
@@ -102,7 +124,7 @@ def main(argv=None) -> dict:
     losses = []
     last = time.perf_counter()
     while iter_num < args.max_iters:
-        x, y = get_batch(data, args, iter_num)
+        x, y = get_batch(splits["train"], args, iter_num)
         _, loss = forward(x, y)  # MoE: the training loss holds the aux loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -117,10 +139,11 @@ def main(argv=None) -> dict:
               f"{busiest:.2f}x its share", flush=True)
         iter_num += 1
         if iter_num % args.eval_interval == 0 or iter_num == args.max_iters:
-            val_loss = estimate_loss(model, data, args, iter_num)
-            print(f"step {iter_num}: eval loss {val_loss:.4f}", flush=True)
+            eval_losses = estimate_loss(model, splits, args, iter_num)
+            print(f"step {iter_num}: train loss {eval_losses['train']:.4f}, val loss {eval_losses['val']:.4f}",
+                  flush=True)
             torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                            iter_num=iter_num, val_loss=val_loss), checkpoint_path)
+                            iter_num=iter_num, val_loss=eval_losses["val"]), checkpoint_path)
     return dict(losses=losses, model=model)
 
 
