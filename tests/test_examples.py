@@ -33,6 +33,52 @@ def test_resumed_training_matches_uninterrupted(tmp_path):
     assert checkpoint["model_args"]["moe_experts"] == "2x64,2x32" and checkpoint["iter_num"] == 4
 
 
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """The out-dir of a run of TINY for 2 iterations: its checkpoint, which the tests below read but never write."""
+    out_dir = tmp_path_factory.mktemp("two_steps")
+    train.main([*TINY, "--max-iters", "2", "--out-dir", str(out_dir)])
+    return out_dir
+
+
+@cpu_only
+def test_resume_takes_the_checkpoints_flags(two_steps, tmp_path):
+    """A resume given none of TINY's flags trains on with the checkpoint's (block size 16, not the default 64)."""
+    (tmp_path / "ckpt.pt").write_bytes((two_steps / "ckpt.pt").read_bytes())
+    resumed = train.main(["--device", "cpu", "--max-iters", "3", "--out-dir", str(tmp_path), "--resume"])
+    assert len(resumed["losses"]) == 1 and resumed["model"].config.block_size == 16
+    saved, resumed_saved = (torch.load(path / "ckpt.pt") for path in (two_steps, tmp_path))
+    assert resumed_saved["train_args"] == saved["train_args"] and resumed_saved["iter_num"] == 3
+
+
+@cpu_only
+@pytest.mark.parametrize("changed", [["--block-size", "32"], ["--batch-size", "3"], ["--seed", "1"],
+                                     ["--moe-experts", "4x16"], ["--learning-rate", "0.01"], ["--data", "README.md"]])
+def test_resume_refuses_a_changed_flag(two_steps, changed, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--max-iters", "3", "--out-dir", str(two_steps), "--resume", *changed])
+    assert exit_info.value.code == 2
+    assert f"{changed[0]} {changed[1]} differs from" in capsys.readouterr().err
+    assert torch.load(two_steps / "ckpt.pt")["iter_num"] == 2
+
+
+@cpu_only
+def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path, capsys):
+    out_dir = tmp_path / "never_trained"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--out-dir", str(out_dir), "--resume"])
+    assert exit_info.value.code == 2
+    assert f"no checkpoint {out_dir / 'ckpt.pt'}" in capsys.readouterr().err
+    assert not out_dir.exists()
+
+
+@cpu_only
+def test_resume_with_nothing_left_to_do_says_so(two_steps, capsys):
+    resumed = train.main([*TINY, "--max-iters", "2", "--out-dir", str(two_steps), "--resume"])
+    assert resumed["losses"] == []
+    assert "nothing to train: the model is at iter 2 and --max-iters is 2" in capsys.readouterr().out
+
+
 @cpu_only
 def test_model_follows_nanogpt_init_and_optimizer_groups():
     model = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=32, moe_experts="2x64,2x32"))

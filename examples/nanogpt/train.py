@@ -31,16 +31,37 @@ TRAIN_FRACTION = 0.9  # the first 90% of the bytes train, the last 10% give the 
 # MoE: the model_args a checkpoint carries and a resume restores, the MoE keys among them
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout",
               "moe_experts", "moe_top_k", "moe_activation")
+# The flags a resume may change: how far it trains, how often and how long it evaluates, where and how a step runs.
+# Every other flag shapes the model, the data, the batches or the optimizer: a checkpoint keeps those, and a resume
+# takes them from it.
+RESUME_MAY_CHANGE = ("resume", "out_dir", "max_iters", "eval_interval", "eval_iters", "device", "compile",
+                     "cuda_graphs")
+
+
+def flag(name: str) -> str:
+    """An argument's command-line flag: "block_size" -> "--block-size"."""
+    return "--" + name.replace("_", "-")
+
+
+def training_args(args) -> dict:
+    """The flags a checkpoint keeps (all but RESUME_MAY_CHANGE), as plain values: paths as text."""
+    return {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()
+            if name not in RESUME_MAY_CHANGE}
 
 
 def parse_args(argv=None):
+    """(the checked flags, the checkpoint to resume or None). On --resume the flags outside RESUME_MAY_CHANGE come
+    from the checkpoint; one given on the command line with another value is a usage error."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA,
                         help="a text file, read as bytes (vocab 256); default: the bundled data/classics.txt")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/nanogpt"))
-    parser.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from --out-dir/ckpt.pt with its flags; only " +
+                             ", ".join(flag(name) for name in RESUME_MAY_CHANGE[2:]) + " may change")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max-iters", type=int, default=20)
+    parser.add_argument("--max-iters", type=int, default=20,
+                        help="train up to this iteration (a resume counts on from the checkpoint's)")
     parser.add_argument("--eval-interval", type=int, default=10)
     parser.add_argument("--eval-iters", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -60,13 +81,31 @@ def parse_args(argv=None):
                         help="replay the MoE layers from CUDA graphs in eager steps (triton_moe.enable_cuda_graphs): "
                              "less host time a step, the same results")
     args = parser.parse_args(argv)
+    args.data = args.data.resolve()
+    checkpoint = None
+    if args.resume:
+        checkpoint_path = args.out_dir / "ckpt.pt"
+        if not checkpoint_path.is_file():
+            parser.error(f"--resume: there is no checkpoint {checkpoint_path} (--out-dir {args.out_dir}) to resume")
+        checkpoint = torch.load(checkpoint_path, map_location="cpu")
+        # A namespace that holds an attribute keeps it where the command line leaves the flag out: parsed over
+        # placeholders, the attributes that are not placeholders are the flags given
+        unset = object()
+        given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+        current = training_args(args)
+        for name, saved in checkpoint["train_args"].items():
+            if getattr(given, name, unset) is not unset and current[name] != saved:
+                parser.error(f"{flag(name)} {getattr(given, name)} differs from {saved} in {checkpoint_path}: a "
+                             "resume trains on with the checkpoint's flags (leave it out, or start a new --out-dir)")
+        vars(args).update(checkpoint["train_args"])
+        args.data = Path(args.data)
     if not args.data.is_file():
         parser.error(f"--data {args.data} is not a file")
     val_bytes = args.data.stat().st_size - int(args.data.stat().st_size * TRAIN_FRACTION)
     if val_bytes < args.block_size + 2:
         parser.error(f"--data {args.data}: its val split (the last {100 - round(100 * TRAIN_FRACTION)}%, "
                      f"{val_bytes} bytes) must hold --block-size + 2 = {args.block_size + 2} bytes")
-    return args
+    return args, checkpoint
 
 
 def load_splits(path: Path) -> dict[str, np.ndarray]:
@@ -97,14 +136,13 @@ def estimate_loss(model, splits: dict[str, np.ndarray], args, step: int) -> dict
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args, checkpoint = parse_args(argv)
     torch.manual_seed(args.seed)
     splits = load_splits(args.data)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = args.out_dir / "ckpt.pt"
     iter_num = 0
-    if args.resume:
-        checkpoint = torch.load(checkpoint_path, map_location=args.device)
+    if checkpoint is not None:
         model_args = checkpoint["model_args"]  # MoE: the expert layout comes back with the other model_args
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(checkpoint["model"])
@@ -113,11 +151,14 @@ def main(argv=None) -> dict:
         model_args = {key: getattr(args, key) for key in MODEL_ARGS if hasattr(args, key)}
         model_args["bias"], model_args["vocab_size"] = False, 256
         model = GPT(GPTConfig(**model_args))
+    if iter_num >= args.max_iters:
+        print(f"nothing to train: the model is at iter {iter_num} and --max-iters is {args.max_iters}", flush=True)
+        return dict(losses=[], model=model)
     model.to(args.device)
     if args.cuda_graphs:
         enable_cuda_graphs(model)  # MoE: eager steps replay the MoE layers from CUDA graphs
     optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (0.9, 0.95), args.device)
-    if args.resume:
+    if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
     forward = torch.compile(model) if args.compile else model
 
@@ -143,7 +184,8 @@ def main(argv=None) -> dict:
             print(f"step {iter_num}: train loss {eval_losses['train']:.4f}, val loss {eval_losses['val']:.4f}",
                   flush=True)
             torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                            iter_num=iter_num, val_loss=eval_losses["val"]), checkpoint_path)
+                            train_args=training_args(args), iter_num=iter_num, val_loss=eval_losses["val"]),
+                       checkpoint_path)
     return dict(losses=losses, model=model)
 
 
