@@ -1,6 +1,8 @@
 """examples/nanogpt: nanoGPT's model and training loop with MoEMLP train, checkpoint and resume on the CPU; on a GPU,
 its MoE layers replayed from CUDA graphs train as eager ones."""
 
+import re
+
 import pytest
 import torch
 from conftest import ON_GPU, gpu_only, load_script
@@ -77,6 +79,23 @@ def test_resume_with_nothing_left_to_do_says_so(two_steps, capsys):
     resumed = train.main([*TINY, "--max-iters", "2", "--out-dir", str(two_steps), "--resume"])
     assert resumed["losses"] == []
     assert "nothing to train: the model is at iter 2 and --max-iters is 2" in capsys.readouterr().out
+
+
+@cpu_only
+def test_log_line_and_load_balance_coef(tmp_path, capsys):
+    """Each step's line: the loss as cross-entropy + aux, the step's time, no MFU on the CPU, and the busiest
+    expert's share against its ceiling E/k (6 experts, top-2: 3x). --moe-load-balance-coef reaches the layers (an
+    aux loss of about 0.5 instead of about 0.01) and the checkpoint's model_args."""
+    run = train.main([*TINY, "--moe-experts", "3x32,3x16", "--moe-load-balance-coef", "0.5", "--max-iters", "2",
+                      "--out-dir", str(tmp_path)])
+    lines = re.findall(r"^iter (\d+): loss ([\d.]+) = cross-entropy ([\d.]+) \+ aux ([\d.]+), time ([\d.]+)ms, "
+                       r"busiest expert ([\d.]+)x its share \(max 3.00x\)$", capsys.readouterr().out, re.MULTILINE)
+    assert [int(line[0]) for line in lines] == [0, 1]
+    for _, loss, cross_entropy, aux, milliseconds, busiest in lines:
+        assert float(cross_entropy) + float(aux) == pytest.approx(float(loss), abs=2e-4)
+        assert 0.4 < float(aux) < 1.0 and float(milliseconds) > 0 and 1.0 <= float(busiest) <= 3.0
+    assert torch.load(tmp_path / "ckpt.pt")["model_args"]["moe_load_balance_coef"] == 0.5
+    assert all(block.mlp.config.load_balance_coef == 0.5 for block in run["model"].transformer.h)
 
 
 @cpu_only

@@ -1,8 +1,9 @@
 """nanoGPT's model.py with triton-moe's MoEMLP in every Block: what changes, and nothing else.
 
 The differences from nanoGPT (github.com/karpathy/nanoGPT, model.py), each marked `# MoE:` below:
-1. GPTConfig gains moe_experts ("4x512,4x256": count x width groups), moe_top_k and moe_activation: plain str/int
-   values, so nanoGPT's configurator and a checkpoint's model_args carry them as they carry n_layer.
+1. GPTConfig gains moe_experts ("4x512,4x256": count x width groups), moe_top_k, moe_activation and
+   moe_load_balance_coef: plain str/int/float values, so nanoGPT's configurator and a checkpoint's model_args carry
+   them as they carry n_layer.
 2. Block.mlp is MoEMLP followed by dropout (MoEMLP has none; nanoGPT's MLP drops out after c_proj). MoEMLP has no
    bias, whatever config.bias says.
 3. Init: _init_weights re-initialises the router (an nn.Linear) with N(0, 0.02), which is MoEMLP's own init; w2,
@@ -88,10 +89,12 @@ class GPTConfig:
     moe_experts: str = "4x1536,4x768"  # count x width groups: experts of different widths in one layer
     moe_top_k: int = 2
     moe_activation: str = "gelu"  # nanoGPT's MLP uses GELU; also "relu_squared", "swiglu"
+    moe_load_balance_coef: float = 0.01  # weight of the load-balancing loss in the aux loss
 
     def moe_config(self) -> MoEConfig:
         return MoEConfig(expert_sizes=self.moe_experts, num_active_experts=self.moe_top_k,
-                         hidden_size=self.n_embd, activation=self.moe_activation)
+                         hidden_size=self.n_embd, activation=self.moe_activation,
+                         load_balance_coef=self.moe_load_balance_coef)
 
 
 class GPT(nn.Module):

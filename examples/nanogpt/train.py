@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from model import GPT, GPTConfig  # model.py beside this script, as in nanoGPT
 
-from triton_moe import enable_cuda_graphs, expert_load
+from triton_moe import aux_loss, enable_cuda_graphs, expert_load
 
 DATA = Path(__file__).resolve().parent.parent.parent / "data" / "classics.txt"
 TRAIN_FRACTION = 0.9  # the first 90% of the bytes train, the last 10% give the val loss, as nanoGPT's prepare.py
 # MoE: the model_args a checkpoint carries and a resume restores, the MoE keys among them
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout",
-              "moe_experts", "moe_top_k", "moe_activation")
+              "moe_experts", "moe_top_k", "moe_activation", "moe_load_balance_coef")
 # The flags a resume may change: how far it trains, how often and how long it evaluates, where and how a step runs.
 # Every other flag shapes the model, the data, the batches or the optimizer: a checkpoint keeps those, and a resume
 # takes them from it.
@@ -73,6 +73,8 @@ def parse_args(argv=None):
     parser.add_argument("--moe-experts", default="2x128,2x64", help="count x width groups, e.g. 4x512,4x256")
     parser.add_argument("--moe-top-k", type=int, default=2)
     parser.add_argument("--moe-activation", default="gelu", choices=["gelu", "relu_squared", "swiglu"])
+    parser.add_argument("--moe-load-balance-coef", type=float, default=0.01,
+                        help="weight of the load-balancing loss in the aux loss (MoEConfig.load_balance_coef)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1337)
@@ -155,30 +157,44 @@ def main(argv=None) -> dict:
         print(f"nothing to train: the model is at iter {iter_num} and --max-iters is {args.max_iters}", flush=True)
         return dict(losses=[], model=model)
     model.to(args.device)
+    device_type = "cuda" if "cuda" in args.device else "cpu"  # as nanoGPT: "cuda:1" too takes fused AdamW
     if args.cuda_graphs:
         enable_cuda_graphs(model)  # MoE: eager steps replay the MoE layers from CUDA graphs
-    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (0.9, 0.95), args.device)
+    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (0.9, 0.95), device_type)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
     forward = torch.compile(model) if args.compile else model
+    if args.compile:
+        print("compiling the model: torch.compile builds it during the first step, which takes a while", flush=True)
 
+    moe = model.config.moe_config()
+    # MoE: a token's k slots go to k distinct experts, so an expert takes at most 1/k of the assignments: E/k times
+    # its even share, 1/E
+    busiest_ceiling = moe.num_experts / moe.num_active_experts
     losses = []
-    last = time.perf_counter()
+    local_iter_num = 0  # the steps this process has run
+    running_mfu = None
     while iter_num < args.max_iters:
+        started = time.perf_counter()
         x, y = get_batch(splits["train"], args, iter_num)
         _, loss = forward(x, y)  # MoE: the training loss holds the aux loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(loss.item())
-        now = time.perf_counter()
-        mfu = model.estimate_mfu(args.batch_size, now - last)
-        last = now
+        losses.append(loss.item())  # waits for the step, which step_seconds then covers
+        step_seconds = time.perf_counter() - started
+        moe_aux = aux_loss(model).item()  # MoE: the sum the loss holds, from the layers' last forward
+        if device_type == "cuda" and local_iter_num >= 5:  # as nanoGPT: MFU on a GPU, past the first steps
+            mfu = model.estimate_mfu(args.batch_size, step_seconds)
+            running_mfu = mfu if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu
+        mfu_text = "" if running_mfu is None else f", mfu {100 * running_mfu:.2f}% (of an A100)"
         busiest = max(max(load.tolist()) * len(load) for load in expert_load(model).values())
-        print(f"iter {iter_num}: loss {losses[-1]:.4f}, mfu {100 * mfu:.4f}% (of an A100), busiest expert "
-              f"{busiest:.2f}x its share", flush=True)
+        print(f"iter {iter_num}: loss {losses[-1]:.4f} = cross-entropy {losses[-1] - moe_aux:.4f} + aux "
+              f"{moe_aux:.4f}, time {1000 * step_seconds:.2f}ms{mfu_text}, busiest expert {busiest:.2f}x its share "
+              f"(max {busiest_ceiling:.2f}x)", flush=True)
         iter_num += 1
+        local_iter_num += 1
         if iter_num % args.eval_interval == 0 or iter_num == args.max_iters:
             eval_losses = estimate_loss(model, splits, args, iter_num)
             print(f"step {iter_num}: train loss {eval_losses['train']:.4f}, val loss {eval_losses['val']:.4f}",
