@@ -119,6 +119,37 @@ def test_model_follows_nanogpt_init_and_optimizer_groups():
     assert active_parameters(model) == dense_equivalent
 
 
+@cpu_only
+def test_model_prints_counts_and_keeps_nanogpts_attention_fallback_and_crop(monkeypatch, capsys):
+    """nanoGPT's prints (parameters, decay groups, fused AdamW) beside the active parameters; its attention for a torch
+    without scaled_dot_product_attention (a causal mask buffer) gives the flash path's logits; crop_block_size keeps
+    the logits of the positions it keeps, on either path."""
+    config = GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=32, moe_experts="2x64,2x32")
+    model = GPT(config)
+    printed = capsys.readouterr().out
+    assert f"active parameters: {active_parameters(model) / 1e6:.2f}M of " in printed
+    assert "number of parameters: " in printed
+    model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert "num decayed parameter tensors: " in capsys.readouterr().out.splitlines()[0]
+    with monkeypatch.context() as without_flash:
+        without_flash.delattr(torch.nn.functional, "scaled_dot_product_attention")
+        manual = GPT(GPTConfig(**vars(config)))
+    loaded = manual.load_state_dict(model.state_dict(), strict=False)
+    assert loaded.missing_keys == ["transformer.h.0.attn.bias"] and not loaded.unexpected_keys
+    assert not manual.transformer.h[0].attn.flash and model.transformer.h[0].attn.flash
+    x = torch.randint(256, (2, 16))
+    model.eval()
+    manual.eval()
+    logits = model(x, x)[0]
+    torch.testing.assert_close(manual(x, x)[0], logits)
+    for cropped in (model, manual):
+        cropped.crop_block_size(8)
+        assert cropped.config.block_size == 8 and cropped.transformer.wpe.weight.shape[0] == 8
+        assert cropped is model or cropped.transformer.h[0].attn.bias.shape == (1, 1, 8, 8)
+        x_cropped = x[:, :8].contiguous()
+        torch.testing.assert_close(cropped(x_cropped, x_cropped)[0], logits[:, :8])
+
+
 @gpu_only
 def test_cuda_graphs_train_as_eager(tmp_path):
     """--cuda-graphs: the MoE layers replay from CUDA graphs in every training step (evaluation, without gradients,
