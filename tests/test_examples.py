@@ -35,6 +35,27 @@ def test_resumed_training_matches_uninterrupted(tmp_path):
     assert checkpoint["model_args"]["moe_experts"] == "2x64,2x32" and checkpoint["iter_num"] == 4
 
 
+@cpu_only
+@pytest.mark.parametrize("flags, error", [
+    (["--moe-experts", "4x"], "--moe-experts 4x: expert_sizes must look like"),
+    (["--moe-top-k", "5"], "--moe-top-k 5: num_active_experts (top-k) must be <= num_experts = 4"),
+    (["--moe-load-balance-coef", "-1"], "--moe-load-balance-coef -1.0: load_balance_coef must be >= 0"),
+    (["--n-head", "3"], "--n-embd (32) must be a multiple of --n-head (3)"),
+    (["--block-size", "0"], "--block-size must be >= 1"),
+    (["--cuda-graphs"], "--cuda-graphs needs a CUDA --device and no --compile"),
+    (["--data", "no_such_file.txt"], "no_such_file.txt is not a file"),
+    (["--block-size", "80000"], "must hold --block-size + 2 = 80002 bytes"),
+])
+def test_bad_flags_are_usage_errors(flags, error, tmp_path, monkeypatch, capsys):
+    """Before any folder is made: exit status 2 and a message that names the flag."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--out-dir", "run", *flags])
+    assert exit_info.value.code == 2
+    assert error in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def two_steps(tmp_path_factory):
     """The out-dir of a run of TINY for 2 iterations: its checkpoint, which the tests below read but never write."""

@@ -31,6 +31,9 @@ TRAIN_FRACTION = 0.9  # the first 90% of the bytes train, the last 10% give the 
 # MoE: the model_args a checkpoint carries and a resume restores, the MoE keys among them
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout",
               "moe_experts", "moe_top_k", "moe_activation", "moe_load_balance_coef")
+# MoEConfig's fields that train.py's flags set: a ValueError of MoEConfig starts with the field it is about
+MOE_FLAGS = {"expert_sizes": "moe_experts", "num_active_experts": "moe_top_k", "activation": "moe_activation",
+             "load_balance_coef": "moe_load_balance_coef", "hidden_size": "n_embd"}
 # The flags a resume may change: how far it trains, how often and how long it evaluates, where and how a step runs.
 # Every other flag shapes the model, the data, the batches or the optimizer: a checkpoint keeps those, and a resume
 # takes them from it.
@@ -47,6 +50,11 @@ def training_args(args) -> dict:
     """The flags a checkpoint keeps (all but RESUME_MAY_CHANGE), as plain values: paths as text."""
     return {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()
             if name not in RESUME_MAY_CHANGE}
+
+
+def new_model_args(args) -> dict:
+    """GPTConfig's arguments for a new model of the flags: bytes (vocab 256), no biases."""
+    return {**{key: getattr(args, key) for key in MODEL_ARGS if hasattr(args, key)}, "bias": False, "vocab_size": 256}
 
 
 def parse_args(argv=None):
@@ -101,6 +109,23 @@ def parse_args(argv=None):
                              "resume trains on with the checkpoint's flags (leave it out, or start a new --out-dir)")
         vars(args).update(checkpoint["train_args"])
         args.data = Path(args.data)
+    if args.max_iters < 0:
+        parser.error(f"--max-iters must be >= 0, got {args.max_iters}")
+    for name in ("eval_interval", "eval_iters", "batch_size", "block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(args, name) < 1:
+            parser.error(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
+    if args.n_embd % args.n_head:
+        parser.error(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
+    try:
+        GPTConfig(**new_model_args(args)).moe_config()
+    except ValueError as error:
+        names = [name for field, name in MOE_FLAGS.items() if str(error).startswith(field)] or MOE_FLAGS.values()
+        parser.error(" ".join(f"{flag(name)} {getattr(args, name)}" for name in names) + f": {error}")
+    if "cuda" in args.device and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} but no CUDA device is visible")
+    if args.cuda_graphs and ("cuda" not in args.device or args.compile):
+        parser.error(f"--cuda-graphs needs a CUDA --device and no --compile (which graphs the model itself), got "
+                     f"--device {args.device}" + (" and --compile" if args.compile else ""))
     if not args.data.is_file():
         parser.error(f"--data {args.data} is not a file")
     val_bytes = args.data.stat().st_size - int(args.data.stat().st_size * TRAIN_FRACTION)
@@ -150,8 +175,7 @@ def main(argv=None) -> dict:
         model.load_state_dict(checkpoint["model"])
         iter_num = checkpoint["iter_num"]
     else:
-        model_args = {key: getattr(args, key) for key in MODEL_ARGS if hasattr(args, key)}
-        model_args["bias"], model_args["vocab_size"] = False, 256
+        model_args = new_model_args(args)
         model = GPT(GPTConfig(**model_args))
     if iter_num >= args.max_iters:
         print(f"nothing to train: the model is at iter {iter_num} and --max-iters is {args.max_iters}", flush=True)
