@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import ON_GPU, gpu_only, load_script
+from conftest import ON_GPU, ROOT, gpu_only, load_script
 
 from triton_moe import active_parameters
 
@@ -117,6 +117,15 @@ def test_log_line_and_load_balance_coef(tmp_path, capsys):
         assert 0.4 < float(aux) < 1.0 and float(milliseconds) > 0 and 1.0 <= float(busiest) <= 3.0
     assert torch.load(tmp_path / "ckpt.pt")["model_args"]["moe_load_balance_coef"] == 0.5
     assert all(block.mlp.config.load_balance_coef == 0.5 for block in run["model"].transformer.h)
+
+
+def test_readme_use_snippet_runs_as_pasted():
+    """README's "## Use" snippet defines what it uses, and its loss reaches the experts' weights."""
+    snippet = re.search(r"^## Use\n\n```python\n(.*?)^```", (ROOT / "README.md").read_text(),
+                        re.MULTILINE | re.DOTALL).group(1)
+    namespace = {}
+    exec(snippet, namespace)
+    assert namespace["mlp"].w1.grad is not None and namespace["mlp"].w1.grad.abs().sum() > 0
 
 
 @cpu_only
