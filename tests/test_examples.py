@@ -11,6 +11,7 @@ from triton_moe import active_parameters
 
 train = load_script("examples/nanogpt/train.py", siblings=("model",))
 GPT, GPTConfig = train.GPT, train.GPTConfig
+sample = load_script("examples/nanogpt/sample.py", siblings=("model",))
 
 TINY = ["--device", "cpu", "--batch-size", "2", "--block-size", "16", "--n-layer", "1", "--n-embd", "32",
         "--moe-experts", "2x64,2x32", "--eval-interval", "2", "--eval-iters", "1"]
@@ -117,6 +118,15 @@ def test_log_line_and_load_balance_coef(tmp_path, capsys):
         assert 0.4 < float(aux) < 1.0 and float(milliseconds) > 0 and 1.0 <= float(busiest) <= 3.0
     assert torch.load(tmp_path / "ckpt.pt")["model_args"]["moe_load_balance_coef"] == 0.5
     assert all(block.mlp.config.load_balance_coef == 0.5 for block in run["model"].transformer.h)
+
+
+@cpu_only
+def test_sample_continues_the_start_text(two_steps, tmp_path, capsys):
+    text = sample.main(["--out-dir", str(two_steps), "--device", "cpu", "--start", "ALICE", "--max-new-tokens", "3"])
+    assert text.startswith("ALICE") and len(text) > len("ALICE") and text in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--out-dir", str(tmp_path), "--device", "cpu"])
+    assert exit_info.value.code == 2 and f"--out-dir {tmp_path} holds no ckpt.pt" in capsys.readouterr().err
 
 
 def test_readme_use_snippet_runs_as_pasted():

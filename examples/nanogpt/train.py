@@ -1,17 +1,30 @@
-"""nanoGPT's training loop, trimmed, around examples/nanogpt/model.py: AdamW, eval, checkpoints that resume, MFU of
-the active parameters, torch.compile, the MoE layers replayed from CUDA graphs.
+"""A short stand-in for nanoGPT's train.py around examples/nanogpt/model.py: AdamW, a val loss on held-out bytes,
+checkpoints that resume, MFU of the active parameters, torch.compile, the MoE layers replayed from CUDA graphs.
 
 It trains on the bytes of --data (default: the bundled data/classics.txt; byte-level, vocab 256, no download, no
 tokenizer): the first 90% of them train, the last 10% give the val loss, as nanoGPT's prepare.py splits them.
 
-    uv run python examples/nanogpt/train.py --max-iters 20 --out-dir runs/nanogpt          # CPU: a tiny model
-    uv run python examples/nanogpt/train.py --max-iters 40 --out-dir runs/nanogpt --resume # 20 more steps
-    python examples/nanogpt/train.py --device cuda --n-layer 6 --n-embd 384 --moe-experts 4x1536,4x768 --compile
-    python examples/nanogpt/train.py --device cuda --n-layer 6 --n-embd 384 --moe-experts 4x1536,4x768 --cuda-graphs
+    uv run python examples/nanogpt/train.py --max-iters 20                  # CPU: a tiny model, into runs/nanogpt
+    uv run python examples/nanogpt/train.py --max-iters 40 --resume         # 20 more steps from runs/nanogpt
+    python examples/nanogpt/train.py --device cuda --batch-size 64 --block-size 256 --n-layer 6 --n-head 6 \\
+        --n-embd 384 --moe-experts 4x1536,4x768 --max-iters 5000 --eval-interval 250 --compile  # or --cuda-graphs
+
+Its flags are its own (argparse, with dashes): nanoGPT's configurator and config files do not reach it. It leaves
+out of nanoGPT's train.py:
+- the learning-rate schedule: a constant --learning-rate, no warmup, no cosine decay;
+- gradient accumulation, DDP (torchrun), init_from='gpt2', wandb, eval_only and log_interval (it logs every step);
+- mixed precision: fp32 throughout, no autocast, GradScaler or TF32 (nanoGPT trains in bf16 on a GPU);
+- best_val_loss: it saves a checkpoint at every eval, whether the val loss improved or not;
+- random batches: a step's batch comes from a generator seeded by the step, so that a resumed run sees the batches
+  an uninterrupted one does;
+- prepare.py's train.bin and val.bin: it reads one text file and splits it itself.
+A checkpoint keeps the training flags (train_args) and --resume takes them from it: --max-iters, --eval-interval,
+--eval-iters, --device, --compile and --cuda-graphs may change; any other flag given with another value is a usage
+error, since it would change the model, the data, the batches or the optimizer of the run it continues.
 
 What a nanoGPT train.py needs for MoE, marked `# MoE:`: the MoE keys go into model_args, so that a checkpoint
 rebuilds and resumes the same model (nanoGPT's resume copies a fixed list of keys from the checkpoint: add them
-there); the log line reports the experts' load.
+there); the log line reports the aux loss and the experts' load.
 """
 
 import argparse
