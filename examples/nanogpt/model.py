@@ -1,8 +1,9 @@
 """nanoGPT's model.py with triton-moe's MoEMLP in every Block: what changes, and nothing else.
 
 The differences from nanoGPT (github.com/karpathy/nanoGPT, model.py), each marked `# MoE:` below:
-1. GPTConfig gains moe_experts ("4x512,4x256": count x width groups), moe_top_k and moe_activation: plain str/int
-   values, so nanoGPT's configurator and a checkpoint's model_args carry them as they carry n_layer.
+1. GPTConfig gains moe_experts ("4x512,4x256": count x width groups), moe_top_k, moe_activation and
+   moe_load_balance_coef: plain str/int/float values, so nanoGPT's configurator and a checkpoint's model_args carry
+   them as they carry n_layer.
 2. Block.mlp is MoEMLP followed by dropout (MoEMLP has none; nanoGPT's MLP drops out after c_proj). MoEMLP has no
    bias, whatever config.bias says.
 3. Init: _init_weights re-initialises the router (an nn.Linear) with N(0, 0.02), which is MoEMLP's own init; w2,
@@ -10,6 +11,10 @@ The differences from nanoGPT (github.com/karpathy/nanoGPT, model.py), each marke
 4. forward adds the experts' aux loss (load balancing + z-loss) to the loss while training; the eval loss is the
    plain cross-entropy, comparable with a dense model's.
 5. configure_optimizers keeps the routers out of weight decay; estimate_mfu counts the active parameters.
+6. __init__ prints the active parameters (a token's top-k experts and everything outside the experts) and the total
+   after nanoGPT's count.
+Left out: nanoGPT's MLP (MoEMLP replaces it) and from_pretrained, which loads GPT-2's weights: their dense MLPs have
+no counterpart among the experts.
 """
 
 import inspect
@@ -20,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from triton_moe import MoEConfig, MoEMLP, aux_loss, flops_per_token
+from triton_moe import MoEConfig, MoEMLP, active_parameters, aux_loss, flops_per_token
 
 
 class LayerNorm(nn.Module):
@@ -46,6 +51,13 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        # flash attention make GPU go brrrrr but support is only in PyTorch >= 2.0
+        self.flash = hasattr(torch.nn.functional, "scaled_dot_product_attention")
+        if not self.flash:
+            print("WARNING: using slow attention. Flash Attention requires PyTorch >= 2.0")
+            # causal mask to ensure that attention is only applied to the left in the input sequence
+            self.register_buffer("bias", torch.tril(torch.ones(config.block_size, config.block_size))
+                                 .view(1, 1, config.block_size, config.block_size))
 
     def forward(self, x):
         B, T, C = x.size()
@@ -53,8 +65,15 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0,
-                                           is_causal=True)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None,
+                                               dropout_p=self.dropout if self.training else 0, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            att = self.attn_dropout(att)
+            y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -88,10 +107,12 @@ class GPTConfig:
     moe_experts: str = "4x1536,4x768"  # count x width groups: experts of different widths in one layer
     moe_top_k: int = 2
     moe_activation: str = "gelu"  # nanoGPT's MLP uses GELU; also "relu_squared", "swiglu"
+    moe_load_balance_coef: float = 0.01  # weight of the load-balancing loss in the aux loss
 
     def moe_config(self) -> MoEConfig:
         return MoEConfig(expert_sizes=self.moe_experts, num_active_experts=self.moe_top_k,
-                         hidden_size=self.n_embd, activation=self.moe_activation)
+                         hidden_size=self.n_embd, activation=self.moe_activation,
+                         load_balance_coef=self.moe_load_balance_coef)
 
 
 class GPT(nn.Module):
@@ -116,6 +137,11 @@ class GPT(nn.Module):
             if pn.endswith("c_proj.weight") or pn.endswith("mlp.w2"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+        print("number of parameters: %.2fM" % (self.get_num_params() / 1e6,))
+        # MoE: (6) a token runs through its top-k experts only
+        print(f"active parameters: {active_parameters(self) / 1e6:.2f}M of "
+              f"{sum(p.numel() for p in self.parameters()) / 1e6:.2f}M (a token's top-{config.moe_top_k} experts)")
+
     def get_num_params(self, non_embedding=True):
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
@@ -129,6 +155,15 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def crop_block_size(self, block_size):
+        # model surgery to decrease the block size if necessary
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        for block in self.transformer.h:
+            if hasattr(block.attn, "bias"):
+                block.attn.bias = block.attn.bias[:, :, :block_size, :block_size]
 
     def forward(self, idx, targets=None):
         device = idx.device
@@ -162,10 +197,16 @@ class GPT(nn.Module):
             {"params": decay_params, "weight_decay": weight_decay},
             {"params": nodecay_params, "weight_decay": 0.0},
         ]
+        num_decay_params = sum(p.numel() for p in decay_params)
+        num_nodecay_params = sum(p.numel() for p in nodecay_params)
+        print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")
+        print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay_params:,} parameters")
         fused_available = "fused" in inspect.signature(torch.optim.AdamW).parameters
         use_fused = fused_available and device_type == "cuda"
         extra_args = dict(fused=True) if use_fused else dict()
-        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+        print(f"using fused AdamW: {use_fused}")
+        return optimizer
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """Model flops utilization in units of `peak_flops` (nanoGPT's default: an A100's bf16 peak).
