@@ -76,6 +76,16 @@ def test_resume_takes_the_checkpoints_flags(two_steps, tmp_path):
 
 
 @cpu_only
+def test_a_checkpoint_without_the_flags_resumes_with_the_command_lines(two_steps, tmp_path):
+    """A checkpoint written before the training flags were kept has none: the resume takes the command line's."""
+    checkpoint = torch.load(two_steps / "ckpt.pt")
+    del checkpoint["train_args"]
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    resumed = train.main([*TINY, "--max-iters", "3", "--out-dir", str(tmp_path), "--resume"])
+    assert len(resumed["losses"]) == 1 and torch.load(tmp_path / "ckpt.pt")["iter_num"] == 3
+
+
+@cpu_only
 @pytest.mark.parametrize("changed", [["--block-size", "32"], ["--batch-size", "3"], ["--seed", "1"],
                                      ["--moe-experts", "4x16"], ["--learning-rate", "0.01"], ["--data", "README.md"]])
 def test_resume_refuses_a_changed_flag(two_steps, changed, capsys):

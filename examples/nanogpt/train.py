@@ -116,11 +116,13 @@ def parse_args(argv=None):
         unset = object()
         given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), unset)))
         current = training_args(args)
-        for name, saved in checkpoint["train_args"].items():
+        # a checkpoint written before the flags were kept resumes with the command line's
+        saved_args = checkpoint.get("train_args", current)
+        for name, saved in saved_args.items():
             if getattr(given, name, unset) is not unset and current[name] != saved:
                 parser.error(f"{flag(name)} {getattr(given, name)} differs from {saved} in {checkpoint_path}: a "
                              "resume trains on with the checkpoint's flags (leave it out, or start a new --out-dir)")
-        vars(args).update(checkpoint["train_args"])
+        vars(args).update(saved_args)
         args.data = Path(args.data)
     if args.max_iters < 0:
         parser.error(f"--max-iters must be >= 0, got {args.max_iters}")
