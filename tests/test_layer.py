@@ -53,6 +53,13 @@ def test_a_replaced_parameter_of_another_shape_or_device_is_refused(layer, name,
         layer(make_input((4, 256), torch.float32))
 
 
+def test_a_forward_on_the_meta_device_is_refused(layer):
+    with torch.device("meta"):
+        meta_layer = type(layer)(layer.config)
+    with pytest.raises(ValueError, match="x is on the meta device"):
+        meta_layer(torch.randn(4, 256, device="meta"))
+
+
 @pytest.mark.parametrize("layout", ["sparse", "nested"])
 def test_a_sparse_or_nested_input_is_refused(layer, layout):
     x = make_input((4, 256), torch.float32)

@@ -221,6 +221,9 @@ class MoELayer(nn.Module):
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.is_meta:
+            raise ValueError("x is on the meta device, where no kernel runs: move a model built there to a device "
+                             "(to_empty, then load_state_dict or reset_parameters) before its forward")
         if x.layout != torch.strided or x.is_nested:
             raise ValueError(f"x must be a dense tensor, got layout {x.layout}{' (nested)' if x.is_nested else ''}")
         if not x.is_floating_point():
