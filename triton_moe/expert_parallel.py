@@ -321,7 +321,7 @@ def fully_shard_dense(model: nn.Module, mesh=None, modules: Iterable[nn.Module] 
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("fully_shard_dense: model is under DDP (data_parallel) already, which would average the "
                          "dense gradients a second time; use one of the two")
-    if isinstance(modules, nn.Module) or not isinstance(modules, Iterable):
+    if not isinstance(modules, Iterable):  # one module that holds no others (a ModuleList is iterable)
         raise TypeError(f"fully_shard_dense: modules must be an iterable of modules, such as the transformer blocks "
                         f"(model.transformer.h), got {type(modules).__name__}")
     modules = list(modules)
