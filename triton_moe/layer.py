@@ -289,7 +289,6 @@ def aux_loss(model: nn.Module, detach_layers: bool = False) -> torch.Tensor:
     return total
 
 
-
 def check_model(model) -> None:
     """A TypeError unless `model` is an nn.Module (the model, or the layer, holding the MoE layers)."""
     if not isinstance(model, nn.Module):

@@ -252,8 +252,7 @@ def _expert_mlp(*inputs):
 def checked_host_arguments(x: Tensor, w1: Tensor, v1: Tensor | None, w2: Tensor, keep_sorted_x: bool,
                            compute_dtype: torch.dtype | None) -> tuple[bool, torch.dtype]:
     """(keep_sorted_x, compute_dtype) as the forward takes them, after checking x's, the weights' and the compute
-    dtypes:
-    keep_sorted_x only for a backward that computes dW1 (not under no_grad, nor with w1 and v1 frozen), and
+    dtypes: keep_sorted_x only for a backward that computes dW1 (not under no_grad, nor with w1 and v1 frozen), and
     compute_dtype x's where it is None."""
     weight_dtypes = {weight.dtype for weight in (w1, v1, w2) if weight is not None}
     if len(weight_dtypes) != 1:
