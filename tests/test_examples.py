@@ -1,6 +1,7 @@
 """examples/nanogpt: nanoGPT's model and training loop with MoEMLP train, checkpoint and resume on the CPU; on a GPU,
 its MoE layers replayed from CUDA graphs train as eager ones."""
 
+import math
 import re
 
 import pytest
@@ -128,6 +129,21 @@ def test_log_line_and_load_balance_coef(tmp_path, capsys):
         assert 0.4 < float(aux) < 1.0 and float(milliseconds) > 0 and 1.0 <= float(busiest) <= 3.0
     assert torch.load(tmp_path / "ckpt.pt")["model_args"]["moe_load_balance_coef"] == 0.5
     assert all(block.mlp.config.load_balance_coef == 0.5 for block in run["model"].transformer.h)
+
+
+@cpu_only
+def test_dtype_autocasts_the_forward(tmp_path):
+    """--dtype bfloat16 or float16 (with its GradScaler) autocasts the forward, as nanoGPT's train.py does: the first
+    loss moves off fp32's by rounding, not more; on the CPU the default is float32, without autocast."""
+    assert train.parse_args([*TINY])[0].dtype == "float32"
+    first_losses = {}
+    for dtype in ("float32", "bfloat16", "float16"):
+        run = train.main([*TINY, "--dtype", dtype, "--max-iters", "2", "--out-dir", str(tmp_path / dtype)])
+        assert len(run["losses"]) == 2 and all(math.isfinite(loss) for loss in run["losses"])
+        first_losses[dtype] = run["losses"][0]
+    for dtype in ("bfloat16", "float16"):
+        assert first_losses[dtype] != first_losses["float32"]
+        assert first_losses[dtype] == pytest.approx(first_losses["float32"], rel=2e-2)
 
 
 @cpu_only

@@ -13,14 +13,15 @@ Its flags are its own (argparse, with dashes): nanoGPT's configurator and config
 out of nanoGPT's train.py:
 - the learning-rate schedule: a constant --learning-rate, no warmup, no cosine decay;
 - gradient accumulation, DDP (torchrun), init_from='gpt2', wandb, eval_only and log_interval (it logs every step);
-- mixed precision: fp32 throughout, no autocast, GradScaler or TF32 (nanoGPT trains in bf16 on a GPU);
+- TF32 (the forward autocasts to --dtype as nanoGPT's does: bfloat16 by default on a GPU that has it, float16 with
+  a GradScaler, float32 without autocast, the default on the CPU);
 - best_val_loss: it saves a checkpoint at every eval, whether the val loss improved or not;
 - random batches: a step's batch comes from a generator seeded by the step, so that a resumed run sees the batches
   an uninterrupted one does;
 - prepare.py's train.bin and val.bin: it reads one text file and splits it itself.
 A checkpoint keeps the training flags (train_args) and --resume takes them from it: --max-iters, --eval-interval,
---eval-iters, --device, --compile and --cuda-graphs may change; any other flag given with another value is a usage
-error, since it would change the model, the data, the batches or the optimizer of the run it continues.
+--eval-iters, --device, --dtype, --compile and --cuda-graphs may change; any other flag given with another value is
+a usage error, since it would change the model, the data, the batches or the optimizer of the run it continues.
 
 What a nanoGPT train.py needs for MoE, marked `# MoE:`: the MoE keys go into model_args, so that a checkpoint
 rebuilds and resumes the same model (nanoGPT's resume copies a fixed list of keys from the checkpoint: add them
@@ -28,6 +29,7 @@ there); the log line reports the aux loss and the experts' load.
 """
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -50,7 +52,7 @@ MOE_FLAGS = {"expert_sizes": "moe_experts", "num_active_experts": "moe_top_k", "
 # The flags a resume may change: how far it trains, how often and how long it evaluates, where and how a step runs.
 # Every other flag shapes the model, the data, the batches or the optimizer: a checkpoint keeps those, and a resume
 # takes them from it.
-RESUME_MAY_CHANGE = ("resume", "out_dir", "max_iters", "eval_interval", "eval_iters", "device", "compile",
+RESUME_MAY_CHANGE = ("resume", "out_dir", "max_iters", "eval_interval", "eval_iters", "device", "dtype", "compile",
                      "cuda_graphs")
 
 
@@ -99,6 +101,11 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        default="bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+                        else "float32",
+                        help="autocast's dtype for the forward over fp32 weights, as nanoGPT (float32: no autocast); "
+                             "default bfloat16 on a GPU that has it, else float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (as nanoGPT does)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the MoE layers from CUDA graphs in eager steps (triton_moe.enable_cuda_graphs): "
@@ -166,13 +173,24 @@ def get_batch(data: np.ndarray, args, step: int):
     return x.to(args.device), y.to(args.device)
 
 
+def autocast(args, device_type: str):
+    """The forward's context: autocast to --dtype (the MoE layers' expert GEMMs run in it too), or none for fp32."""
+    if args.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.amp.autocast(device_type=device_type, dtype=getattr(torch, args.dtype))
+
+
 @torch.no_grad()
-def estimate_loss(model, splits: dict[str, np.ndarray], args, step: int) -> dict[str, float]:
+def estimate_loss(model, splits: dict[str, np.ndarray], args, step: int, device_type: str) -> dict[str, float]:
     """{split: mean cross-entropy over args.eval_iters batches of it}: eval mode, so no aux loss and no dropout."""
     model.eval()
-    losses = {split: float(np.mean([model(*get_batch(data, args, -1 - step * args.eval_iters - i))[1].item()
-                                    for i in range(args.eval_iters)]))
-              for split, data in splits.items()}
+    losses = {}
+    for split, data in splits.items():
+        split_losses = []
+        for i in range(args.eval_iters):
+            with autocast(args, device_type):
+                split_losses.append(model(*get_batch(data, args, -1 - step * args.eval_iters - i))[1].item())
+        losses[split] = float(np.mean(split_losses))
     model.train()
     return losses
 
@@ -202,6 +220,7 @@ def main(argv=None) -> dict:
     optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (0.9, 0.95), device_type)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == "float16")  # as nanoGPT: fp16 only
     forward = torch.compile(model) if args.compile else model
     if args.compile:
         print("compiling the model: torch.compile builds it during the first step, which takes a while", flush=True)
@@ -216,11 +235,14 @@ def main(argv=None) -> dict:
     while iter_num < args.max_iters:
         started = time.perf_counter()
         x, y = get_batch(splits["train"], args, iter_num)
-        _, loss = forward(x, y)  # MoE: the training loss holds the aux loss
+        with autocast(args, device_type):
+            _, loss = forward(x, y)  # MoE: the training loss holds the aux loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         losses.append(loss.item())  # waits for the step, which step_seconds then covers
         step_seconds = time.perf_counter() - started
         moe_aux = aux_loss(model).item()  # MoE: the sum the loss holds, from the layers' last forward
@@ -235,7 +257,7 @@ def main(argv=None) -> dict:
         iter_num += 1
         local_iter_num += 1
         if iter_num % args.eval_interval == 0 or iter_num == args.max_iters:
-            eval_losses = estimate_loss(model, splits, args, iter_num)
+            eval_losses = estimate_loss(model, splits, args, iter_num, device_type)
             print(f"step {iter_num}: train loss {eval_losses['train']:.4f}, val loss {eval_losses['val']:.4f}",
                   flush=True)
             torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
