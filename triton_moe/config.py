@@ -65,8 +65,7 @@ class MoEConfig:
         if self.init_std < FP32_TINIEST:
             raise ValueError(f"init_std must be > 0 in fp32 (at least {FP32_TINIEST:.3g}), got {self.init_std}")
         for name in ("normalize_weights", "keep_sorted_x"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         object.__setattr__(self, "_checked", True)
 
     def __setattr__(self, name, value):
@@ -168,6 +167,12 @@ def _fp32_number(name, value) -> float:
     if not math.isfinite(value) or abs(value) > FP32_MAX:
         raise ValueError(f"{name} must be finite in fp32 (at most {FP32_MAX:.4g} in size), got {value!r}")
     return value
+
+
+def check_bool(name: str, value) -> None:
+    """A ValueError unless `value` is True or False: a flag given another value is a mistake, not a truth value."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def require_int(name, value, minimum):

@@ -12,7 +12,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from triton_moe.config import MoEConfig, expert_sizes_of_widths, format_expert_sizes
+from triton_moe.config import MoEConfig, check_bool, expert_sizes_of_widths, format_expert_sizes
 from triton_moe.routing import Routing, route
 
 
@@ -293,9 +293,3 @@ def check_model(model) -> None:
     """A TypeError unless `model` is an nn.Module (the model, or the layer, holding the MoE layers)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module holding MoE layers, got {type(model).__name__}")
-
-
-def check_bool(name: str, value) -> None:
-    """A ValueError unless `value` is True or False: a flag given another value is a mistake, not a truth value."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")

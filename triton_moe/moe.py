@@ -13,9 +13,9 @@ tile) from the offsets (kernels/layout.py). Any width >= 1 works, and experts of
 import torch
 import torch.nn as nn
 
-from triton_moe.config import MoEConfig
+from triton_moe.config import MoEConfig, check_bool
 from triton_moe.kernels import ExpertLayout, down_projection, gather_rows, up_projection
-from triton_moe.layer import MoELayer, check_bool, check_model
+from triton_moe.layer import MoELayer, check_model
 from triton_moe.layer_graphs import LayerGraphs
 from triton_moe.layer_ops import moe_layer
 from triton_moe.ops import expert_mlp

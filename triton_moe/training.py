@@ -12,8 +12,8 @@ parameter count overstates a token's work: nanoGPT's estimate_mfu, fed the whole
 import torch
 import torch.nn as nn
 
-from triton_moe.config import require_int
-from triton_moe.layer import MoELayer, check_bool, check_model
+from triton_moe.config import check_bool, require_int
+from triton_moe.layer import MoELayer, check_model
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
