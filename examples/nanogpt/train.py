@@ -56,6 +56,11 @@ RESUME_MAY_CHANGE = ("resume", "out_dir", "max_iters", "eval_interval", "eval_it
                      "cuda_graphs")
 
 
+def train_bytes(num_bytes: int) -> int:
+    """How many of a file's bytes train: the first TRAIN_FRACTION of them; the rest give the val loss."""
+    return int(num_bytes * TRAIN_FRACTION)
+
+
 def flag(name: str) -> str:
     """An argument's command-line flag: "block_size" -> "--block-size"."""
     return "--" + name.replace("_", "-")
@@ -150,7 +155,8 @@ def parse_args(argv=None):
                      f"--device {args.device}" + (" and --compile" if args.compile else ""))
     if not args.data.is_file():
         parser.error(f"--data {args.data} is not a file")
-    val_bytes = args.data.stat().st_size - int(args.data.stat().st_size * TRAIN_FRACTION)
+    data_bytes = args.data.stat().st_size
+    val_bytes = data_bytes - train_bytes(data_bytes)
     if val_bytes < args.block_size + 2:
         parser.error(f"--data {args.data}: its val split (the last {100 - round(100 * TRAIN_FRACTION)}%, "
                      f"{val_bytes} bytes) must hold --block-size + 2 = {args.block_size + 2} bytes")
@@ -160,8 +166,8 @@ def parse_args(argv=None):
 def load_splits(path: Path) -> dict[str, np.ndarray]:
     """The file's bytes [N] uint8 as {"train": the first TRAIN_FRACTION of them, "val": the rest}."""
     data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
-    train_bytes = int(len(data) * TRAIN_FRACTION)
-    return {"train": data[:train_bytes], "val": data[train_bytes:]}
+    split = train_bytes(len(data))
+    return {"train": data[:split], "val": data[split:]}
 
 
 def get_batch(data: np.ndarray, args, step: int):
