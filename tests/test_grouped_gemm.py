@@ -1,6 +1,8 @@
 """Grouped-GEMM launchers against plain PyTorch in fp64, expert by expert, over widths, hidden sizes, routings
 and dtypes."""
 
+import ctypes
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -673,6 +675,55 @@ def test_weights_by_tma_same_results(case, activation, dtype, monkeypatch):
     by_tma = run()
     assert answers and all(answers)  # every launch read its weights by TMA
     for got, want in zip(by_tma, by_pointers, strict=True):
+        assert (got is None and want is None) or same(got, want)
+
+
+@gpu_only
+def test_tma_launches_from_a_thread_without_a_cuda_context(monkeypatch):
+    """The GEMMs with host-side TMA descriptors (up and dA reading the weights by TMA, dW reading sorted rows by
+    TMA) launch from a new thread after this one loaded their kernels, and give this thread's results. A new thread
+    has no current CUDA context, which the driver needs to encode a descriptor, and Triton's launcher makes one
+    current only after encoding; the caching allocator, which serves the new thread's outputs from the blocks this
+    thread's run freed, makes none current either. So is autograd's device thread where the first backward ran
+    elsewhere."""
+    if not tuning.has_tma(torch.device(DEVICE)):
+        pytest.skip("this GPU has no TMA")
+    dtype = torch.bfloat16
+    routing, h_pre, _, w2, grad_out = random_down_inputs("mixed_widths", "relu_squared", dtype)
+    _, dh_pre, _, x, w1, _ = random_up_grad_inputs("mixed_widths", False, dtype)
+    monkeypatch.setattr(tuning, "TMA_WEIGHTS_MIN_ROWS_X_HIDDEN", 0)
+    monkeypatch.setattr(tuning, "FUSED_DH_MIN_ROWS_X_HIDDEN", 0)
+    sorted_x = x[routing.row_to_token].contiguous()  # (R, H)
+    assert grouped_gemm.tma_readable(sorted_x)
+
+    def run():
+        return [None if t is None else t.cpu() for t in (
+            *up_projection(x, w1, None, routing.row_to_token, routing.layout, "relu_squared",
+                           routing.routing_weights),
+            *down_projection_backward(grad_out, w2, h_pre, None, routing.row_to_token, routing.layout,
+                                      routing.routing_weights, "relu_squared"),
+            *weight_grad(dh_pre, None, sorted_x, None, routing.layout, row_splits=1))]
+
+    in_this_thread = run()
+    torch.cuda.synchronize()
+    outcome = {}
+
+    def in_a_new_thread():
+        context = ctypes.c_void_p()
+        host._libcuda().cuCtxGetCurrent(ctypes.byref(context))
+        outcome["context before"] = context.value
+        try:
+            outcome["results"] = run()
+        except Exception as error:  # raised again below, in the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=in_a_new_thread)
+    thread.start()
+    thread.join()
+    assert outcome["context before"] is None  # the thread began without a current context
+    if "error" in outcome:
+        raise outcome["error"]
+    for got, want in zip(outcome["results"], in_this_thread, strict=True):
         assert (got is None and want is None) or same(got, want)
 
 

@@ -1,6 +1,9 @@
 """The Triton MoEMLP against the fp64 per-expert loop and against the stk reference: every intermediate, the
 output, the aux loss and every gradient; widths the reference cannot do; determinism; state_dict exchange."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import triton
@@ -357,3 +360,40 @@ def test_direct_launches_give_kernel_grid_results_bit_for_bit(name, kernels, mon
     for got in (first, direct, with_hook):
         for want_tensor, got_tensor in zip(results(), got):
             assert torch.equal(want_tensor, got_tensor)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="autograd's device thread and TMA descriptors: a CUDA device")
+def test_a_backward_in_autograds_device_thread_after_the_kernels_loaded_elsewhere():
+    """A large 16-bit layer (its gathering GEMMs read the weights through host-side TMA descriptors) trains once with
+    the backward in the calling thread, which loads every kernel, then with the backward in autograd's device
+    thread, new in this process: its first CUDA work is the dA GEMM's launch, whose descriptors the driver encodes
+    only with a current CUDA context. The gradients are the same bit for bit."""
+    script = """
+import torch, triton_moe
+from triton_moe import MoEConfig
+from triton_moe.kernels import tuning
+torch.manual_seed(0)
+layer = triton_moe.MoEMLP(MoEConfig(expert_sizes="8x256", num_active_experts=8, hidden_size=1024))
+layer = layer.cuda().to(torch.bfloat16)
+x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+grad_out = torch.randn_like(x)
+if not tuning.weights_by_tma(layer.w2, 2048 * 8):
+    raise SystemExit("skip: the GEMMs read no weights by TMA on this GPU")
+
+def gradients():
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    layer(x).backward(grad_out)
+    return [t.grad.clone() for t in (x, *layer.parameters())]
+
+with torch.autograd.set_multithreading_enabled(False):
+    in_this_thread = gradients()
+in_the_device_thread = gradients()
+assert all(torch.equal(a, b) for a, b in zip(in_this_thread, in_the_device_thread, strict=True))
+print("same gradients")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    if result.stdout.startswith("skip:") or result.stderr.startswith("skip:"):
+        pytest.skip(result.stderr.strip())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same gradients" in result.stdout

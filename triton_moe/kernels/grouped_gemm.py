@@ -35,10 +35,10 @@ operands of one call share one dtype (fp32, fp16, bf16).
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from triton_moe.kernels.activation import activation_backward, activation_forward, check_activation, is_gated
-from triton_moe.kernels.host import FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_int, check_tensor_shape, traceable
+from triton_moe.kernels.host import (FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_int, check_tensor_shape,
+                                    row_major_descriptor, traceable)
 from triton_moe.kernels.layout import ExpertLayout
 from triton_moe.kernels.persistent import persistent_rows_gemm, persistent_weight_grad
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, PERSISTENT_TILES, SUM_SPLITS_ELEMENTS, GemmTiles,
@@ -597,8 +597,8 @@ def _expert_rows_gemm_launch(
     b_desc = b2_desc = None  # TMA descriptors of the weights, in boxes of TILE_N weight rows x TILE_K
     if ragged_out and weights_by_tma(b, num_rows) and (b2 is None or weights_by_tma(b2, num_rows)):
         box = [tiles.tile_n, tiles.tile_k]
-        b_desc = TensorDescriptor(b, list(b.shape), [hidden, 1], box)
-        b2_desc = None if b2 is None else TensorDescriptor(b2, list(b2.shape), [hidden, 1], box)
+        b_desc = row_major_descriptor(b, box)
+        b2_desc = None if b2 is None else row_major_descriptor(b2, box)
     traceable(_expert_rows_gemm)[grid](
         a, a2, b, b2, b_desc, b2_desc,
         out, out2, out3, a_rows, h_pre, partials,
@@ -939,7 +939,7 @@ def weight_grad(
                                 hidden=hidden, uniform_weight_elements=dw.numel() if layout.uniform else None)
     rows_desc = None  # a TMA descriptor of the sorted rows, in boxes of TILE_K rows x TILE_N columns
     if b_rows == "sorted_tma":
-        rows_desc = TensorDescriptor(token_rows, list(token_rows.shape), [hidden, 1], [tiles.tile_k, tiles.tile_n])
+        rows_desc = row_major_descriptor(token_rows, [tiles.tile_k, tiles.tile_n])
     # The grid is exact: the tiles depend only on the widths and H, sum_e cdiv(W_e, TILE_M) * cdiv(H, TILE_N).
     num_tiles = layout.tiles_per_row_tile(tiles.tile_m)[1] * ceil_div(hidden, tiles.tile_n)
     if row_splits is None:

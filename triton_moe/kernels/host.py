@@ -6,8 +6,10 @@ helpers are plain Python on purpose. (triton.cdiv and triton.next_power_of_2 are
 few µs a call on the host; per expert and per launch that came to most of a millisecond per step with 64 experts.)
 """
 
+import ctypes
 import inspect
 import os
+import threading
 
 import torch
 import triton
@@ -47,6 +49,60 @@ def traceable(kernel):
     if launch is None:
         launch = _DIRECT_LAUNCHES[kernel] = DirectLaunch(kernel)
     return launch
+
+
+
+def row_major_descriptor(matrix: torch.Tensor, block_shape: list[int]) -> TensorDescriptor:
+    """A host-side TMA descriptor of the row-major 2-D `matrix`, in boxes of `block_shape`: the one way the
+    launchers make them. On a GPU it first makes a CUDA context current in the calling thread (_bind_context)."""
+    if matrix.is_cuda:
+        _bind_context(matrix.device)
+    return TensorDescriptor(matrix, list(matrix.shape), [matrix.shape[1], 1], block_shape)
+
+
+_THREAD_STATE = threading.local()  # .devices: the CUDA devices for which this thread has a current context
+
+
+def _bind_context(device: torch.device) -> None:
+    """Make the device's primary CUDA context current in this thread where none is: once per thread and device.
+
+    Triton encodes a host-side TMA descriptor (cuTensorMapEncodeTiled) in the launching thread before its C launcher
+    makes a context current, and the driver refuses the encoding in a thread without one ("invalid device
+    context"). Autograd runs the backward in a device thread of its own, whose first CUDA work can be such a launch
+    where another thread loaded the kernel first. Driver calls only: no stream work, so safe inside a CUDA-graph
+    capture."""
+    devices = _THREAD_STATE.__dict__.setdefault("devices", set())
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index in devices:
+        return
+    libcuda = _libcuda()
+    context = ctypes.c_void_p()
+    _driver_call(libcuda.cuCtxGetCurrent(ctypes.byref(context)), "cuCtxGetCurrent")
+    if not context.value:
+        handle = ctypes.c_int()
+        _driver_call(libcuda.cuDeviceGet(ctypes.byref(handle), index), "cuDeviceGet")
+        _driver_call(libcuda.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle), "cuDevicePrimaryCtxRetain")
+        _driver_call(libcuda.cuCtxSetCurrent(context), "cuCtxSetCurrent")
+    devices.add(index)
+
+
+_LIBCUDA = []  # the CUDA driver library, loaded on first use
+
+
+def _libcuda() -> ctypes.CDLL:
+    if not _LIBCUDA:
+        try:
+            _LIBCUDA.append(ctypes.CDLL("libcuda.so.1"))
+        except OSError:  # not on the loader's path: where Triton found it
+            from triton.backends.nvidia.driver import libcuda_dirs
+            _LIBCUDA.append(ctypes.CDLL(os.path.join(libcuda_dirs()[0], "libcuda.so.1")))
+    return _LIBCUDA[0]
+
+
+def _driver_call(status: int, name: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"CUDA driver call {name} failed with CUresult {status}")
+
 
 
 class DirectLaunch:
