@@ -121,5 +121,27 @@ def test_a_true_interpreter_variable_of_any_spelling_runs_the_layer(value):
     env = {**os.environ, "TRITON_INTERPRET": value, "CUDA_VISIBLE_DEVICES": ""}
     script = ("import os, torch, triton_moe; from triton_moe import MoEConfig; "
               "layer = triton_moe.MoEMLP(MoEConfig(expert_sizes='2x16', num_active_experts=1, hidden_size=16)); "
-              "assert layer(torch.randn(4, 16)).shape == (4, 16); assert os.environ['TRITON_INTERPRET'] == '1'")
-    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+              "assert os.environ['TRITON_INTERPRET'] == '1'; assert layer(torch.randn(4, 16)).shape == (4, 16)")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    import triton
+    from triton_moe.kernels import host
+    problem = host.interpreter_version_problem(triton.__version__, np.__version__)
+    if problem is None:
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:  # these releases' interpreter cannot run the kernels: the first launch says so
+        assert result.returncode != 0 and f"RuntimeError: {problem}" in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, runs", [
+    ("3.6.0", "2.3.5", True), ("3.6.0", "2.4.0", False), ("3.5.1", "2.5.2", False), ("3.7.0", "2.5.2", True),
+    ("3.9.0", "2.4.6", True), ("3.6.0", "2.4.0rc1", False), ("3.10.0", "2.5.0", True),
+])
+def test_interpreter_releases_that_cannot_run_the_kernels_are_named(triton_version, numpy_version, runs):
+    """Triton before 3.7 with numpy from 2.4 on: the interpreter fails inside Triton at the first kernel that loops
+    to a runtime bound (found with triton 3.5.1-3.9.0 and numpy 2.2-2.5), so the first launch refuses the pair with
+    both versions named."""
+    from triton_moe.kernels import host
+    problem = host.interpreter_version_problem(triton_version, numpy_version)
+    assert (problem is None) == runs
+    if not runs:
+        assert f"Triton {triton_version}" in problem and f"numpy {numpy_version}" in problem

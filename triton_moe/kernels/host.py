@@ -9,6 +9,7 @@ few µs a call on the host; per expert and per launch that came to most of a mil
 import ctypes
 import inspect
 import os
+import re
 import threading
 
 import torch
@@ -44,6 +45,8 @@ def traceable(kernel):
     if tracing():
         return torch.library.wrap_triton(kernel)
     if _INTERPRETER:
+        if not _INTERPRETER_CHECKED:
+            _check_interpreter()
         return kernel
     launch = _DIRECT_LAUNCHES.get(kernel)
     if launch is None:
@@ -103,6 +106,37 @@ def _driver_call(status: int, name: str) -> None:
     if status != 0:
         raise RuntimeError(f"CUDA driver call {name} failed with CUresult {status}")
 
+
+
+def interpreter_version_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels with these releases of Triton and numpy, or None.
+
+    Before Triton 3.7 the interpreter turns a kernel's runtime scalar into a Python int with int() of a one-element
+    array, which numpy refuses from 2.4 on (triton-lang/triton#9171): every kernel that loops to a runtime bound then
+    fails at its first launch with a TypeError from inside Triton."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1), which runs triton_moe's kernels on "
+                f"this machine, cannot run them with numpy {numpy_version}: before Triton 3.7 it converts kernel "
+                "scalars in a way numpy 2.4 refuses (triton-lang/triton#9171). Install numpy<2.4, or triton>=3.7 "
+                "(torch>=2.12 brings it)")
+    return None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+_INTERPRETER_CHECKED = []  # [True] once the interpreter's releases were found able to run the kernels
+
+
+def _check_interpreter() -> None:
+    import numpy  # the interpreter's own dependency
+
+    problem = interpreter_version_problem(triton.__version__, numpy.__version__)
+    if problem is not None:
+        raise RuntimeError(problem)
+    _INTERPRETER_CHECKED.append(True)
 
 
 class DirectLaunch:
