@@ -1,5 +1,6 @@
 """What every launcher does on the host before it launches: the argument checks (a ValueError that names the
-argument) and the integer arithmetic of grids and tiles.
+argument), the integer arithmetic of grids and tiles, the host-side TMA descriptors, and the launch itself
+(DirectLaunch; under the interpreter, once, the check that its releases can run the kernels).
 
 The launchers run on every step, and on a small batch their host time, not the GPU's, is the layer's time: these
 helpers are plain Python on purpose. (triton.cdiv and triton.next_power_of_2 are constexpr functions that cost a
@@ -54,7 +55,6 @@ def traceable(kernel):
     return launch
 
 
-
 def row_major_descriptor(matrix: torch.Tensor, block_shape: list[int]) -> TensorDescriptor:
     """A host-side TMA descriptor of the row-major 2-D `matrix`, in boxes of `block_shape`: the one way the
     launchers make them. On a GPU it first makes a CUDA context current in the calling thread (_bind_context)."""
@@ -105,7 +105,6 @@ def _libcuda() -> ctypes.CDLL:
 def _driver_call(status: int, name: str) -> None:
     if status != 0:
         raise RuntimeError(f"CUDA driver call {name} failed with CUresult {status}")
-
 
 
 def interpreter_version_problem(triton_version: str, numpy_version: str) -> str | None:
