@@ -74,7 +74,9 @@ def _bind_context(device: torch.device) -> None:
     context"). Autograd runs the backward in a device thread of its own, whose first CUDA work can be such a launch
     where another thread loaded the kernel first. Driver calls only: no stream work, so safe inside a CUDA-graph
     capture."""
-    devices = _THREAD_STATE.__dict__.setdefault("devices", set())
+    devices = getattr(_THREAD_STATE, "devices", None)
+    if devices is None:
+        devices = _THREAD_STATE.devices = set()
     index = torch.cuda.current_device() if device.index is None else device.index
     if index in devices:
         return
