@@ -67,22 +67,36 @@ def patch(variant):
         ops.up_projection, ops.down_projection_backward = up, dA
 
 
-def pieces(name):
+def problem(name):
+    """(config, tokens) of a harness config name, with "_swiglu" at its end for that activation."""
     activation = "swiglu" if name.endswith("swiglu") else "relu_squared"
-    config, tokens = harness.make_config(name.removesuffix("_swiglu"), activation)
+    return harness.make_config(name.removesuffix("_swiglu"), activation)
+
+
+def operands(name):
+    """(config, x, every kernel's operands of one forward and backward: harness.triton_operands), bf16."""
+    config, tokens = problem(name)
     layer, _ = harness.build_layer("triton", config, torch.bfloat16)
     x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        o = harness.triton_operands(layer, x)
+        return config, x, harness.triton_operands(layer, x)
+
+
+def pieces(name):
+    config, x, o = operands(name)
+    with torch.no_grad():
         s, L, act, rw = o.sort, o.layout, config.activation, o.routing_weights
         ident = identity(s.row_to_token)
         sx, sg = o.sorted_x.clone(), torch.empty_like(o.sorted_x)
         gather_into(sg, o.grad_out, s.row_to_token)
-        up = lambda a, r2t, copy: kernels.up_projection(a, o.w1, o.v1, r2t, L, act, rw, routing_weight_index=s.row_to_flat,  # noqa: E731
-                                                        sorted_x=copy)
-        dA = lambda g, r2t, copy: kernels.down_projection_backward(g, o.w2, o.h_pre, o.h_up, r2t, L, rw, act,  # noqa: E731
-                                                                   routing_weight_index=s.row_to_flat,
-                                                                   sorted_grad_out=copy)
+
+        def up(a, r2t, copy):
+            return kernels.up_projection(a, o.w1, o.v1, r2t, L, act, rw, routing_weight_index=s.row_to_flat,
+                                         sorted_x=copy)
+
+        def dA(g, r2t, copy):
+            return kernels.down_projection_backward(g, o.w2, o.h_pre, o.h_up, r2t, L, rw, act,
+                                                    routing_weight_index=s.row_to_flat, sorted_grad_out=copy)
         # the same reduction order whatever the rows' source: the results must be equal bit for bit
         same = [torch.equal(up(x, s.row_to_token, None)[2], up(sx, ident, None)[2]),
                 torch.equal(up(x, s.row_to_token, None)[2], up(x, s.row_to_token, o.sorted_x)[2]),
@@ -109,23 +123,25 @@ def pieces(name):
             print(f"  {label:30s} {graph_us(fn):8.1f}", flush=True)
 
 
-def layer_variants(name, rounds=2):
-    activation = "swiglu" if name.endswith("swiglu") else "relu_squared"
-    config, tokens = harness.make_config(name.removesuffix("_swiglu"), activation)
-    print(f"\n## {name}: the layer's forward + backward, ms (eager one call / back to back / graph / device)",
-          flush=True)
+def layer_variants(name, variants, patch, rounds=2, device_time=True):
+    """The layer's forward + backward at `name` under each variant (patch(variant) before it; the first is the
+    base), alternating, `rounds` times: eager one call, back to back, graph replay and, with device_time, the sum of
+    the kernels' device time; then whether each variant's output and gradients equal the base's bit for bit."""
+    config, tokens = problem(name)
+    columns = "eager one call / back to back / graph" + (" / device" if device_time else "")
+    print(f"\n## {name}: the layer's forward + backward, ms ({columns})", flush=True)
     outputs = {}
     for round_ in range(rounds):
-        for variant in ("base", "sep", "sorted", "nocopy"):
+        for variant in variants:
             patch(variant)
             torch.manual_seed(0)
             layer, _ = harness.build_layer("triton", config, torch.bfloat16)
             x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
             step = harness.forward_backward_step(layer, x)
-            eager = harness.time_ms(step, warmup=5, repeats=30)
-            b2b = harness.back_to_back_ms(step, warmup=3, repeats=30)
-            graph = harness.time_ms(harness.graphed_forward_backward_step(layer, x), warmup=3, repeats=30)
-            _, device_us = harness.kernel_launches(step)
+            times = [harness.time_ms(step, warmup=5, repeats=30), harness.back_to_back_ms(step, warmup=3, repeats=30),
+                     harness.time_ms(harness.graphed_forward_backward_step(layer, x), warmup=3, repeats=30)]
+            if device_time:
+                times.append(harness.kernel_launches(step)[1] / 1e3)
             flops = 3 * harness.model_flops(config, x, layer.router.weight)
             if round_ == 0:
                 layer.zero_grad(set_to_none=True)
@@ -133,16 +149,18 @@ def layer_variants(name, rounds=2):
                 out = layer(xg)
                 out.backward(torch.ones_like(out))
                 outputs[variant] = [out, xg.grad, layer.w1.grad, layer.w2.grad, layer.router.weight.grad]
-            print(f"  round {round_} {variant:7s} {eager:7.3f} {b2b:7.3f} {graph:7.3f} {device_us / 1e3:7.3f}  "
+            graph = times[2]
+            print(f"  round {round_} {variant:7s} {' '.join(f'{t:7.3f}' for t in times)}  "
                   f"({flops / graph / 1e9:5.1f} TFLOP/s graphed, {flops / graph / 1e9 / 7.7:4.1f}% of 770)", flush=True)
-    patch("base")
-    for variant in ("sep", "sorted", "nocopy"):
-        print(f"  {variant} against base, bit-equal out/dx/dw1/dw2/drouter:",
-              [torch.equal(a, b) for a, b in zip(outputs[variant], outputs["base"])], flush=True)
+    patch(variants[0])
+    for variant in variants[1:]:
+        print(f"  {variant} against {variants[0]}, bit-equal out/dx/dw1/dw2/drouter:",
+              [torch.equal(a, b) for a, b in zip(outputs[variant], outputs[variants[0]])], flush=True)
 
 
-print(torch.__version__, kernels.__name__, torch.cuda.get_device_name())
-for name in CONFIGS:
-    pieces(name)
-for name in CONFIGS:
-    layer_variants(name)
+if __name__ == "__main__":
+    print(torch.__version__, kernels.__name__, torch.cuda.get_device_name())
+    for name in CONFIGS:
+        pieces(name)
+    for name in CONFIGS:
+        layer_variants(name, ("base", "sep", "sorted", "nocopy"), patch)

@@ -10,24 +10,14 @@ time, alternating in one process, and checks that outputs and gradients are the 
 import sys
 
 import torch
+from copy_variants import gather_into, layer_variants, operands
+from sweep_tiles import graph_us  # on sys.path through copy_variants
 
-sys.path.insert(0, "benchmarks")
-import harness  # noqa: E402
-from sweep_tiles import graph_us  # noqa: E402
-
-import triton_moe.ops as ops  # noqa: E402
-from triton_moe import kernels  # noqa: E402
-from triton_moe.kernels import permute, tuning  # noqa: E402
+import triton_moe.ops as ops
+from triton_moe import kernels
 
 ORIGINAL = dict(up=ops.up_projection, dA=ops.down_projection_backward)
 SIDE_STREAMS = {}
-
-
-def gather_into(rows, src, row_to_token):
-    """rows[r] = src[row_to_token[r]], the permute kernel's launch into a given buffer."""
-    permute._gather_rows_kernel[(rows.shape[0],)](
-        src, row_to_token, rows, rows.shape[0], src.shape[1], TILE_ROWS=1,
-        TILE_H=tuning.permute_tile_h(src.shape[1]), num_warps=tuning.PERMUTE_NUM_WARPS)
 
 
 def overlapped(gemm, copy, src, row_to_token):
@@ -62,12 +52,8 @@ def patch(variant):
 
 
 def pieces(name):
-    activation = "swiglu" if name.endswith("swiglu") else "relu_squared"
-    config, tokens = harness.make_config(name.removesuffix("_swiglu"), activation)
-    layer, _ = harness.build_layer("triton", config, torch.bfloat16)
-    x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    config, x, o = operands(name)
     with torch.no_grad():
-        o = harness.triton_operands(layer, x)
         s, L, act, rw = o.sort, o.layout, config.activation, o.routing_weights
         copy = torch.empty_like(o.sorted_x)
         up = lambda rows_copy: kernels.up_projection(  # noqa: E731
@@ -93,39 +79,10 @@ def pieces(name):
         print(f"  the overlapped copy equals the GEMM's: {torch.equal(copy, o.sorted_x)}", flush=True)
 
 
-def layer_variants(name, rounds=3):
-    activation = "swiglu" if name.endswith("swiglu") else "relu_squared"
-    config, tokens = harness.make_config(name.removesuffix("_swiglu"), activation)
-    print(f"\n## {name}: the layer's forward + backward, ms (eager one call / back to back / graph)", flush=True)
-    outputs = {}
-    for round_ in range(rounds):
-        for variant in ("base", "overlap"):
-            patch(variant)
-            torch.manual_seed(0)
-            layer, _ = harness.build_layer("triton", config, torch.bfloat16)
-            x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
-            step = harness.forward_backward_step(layer, x)
-            eager = harness.time_ms(step, warmup=5, repeats=30)
-            b2b = harness.back_to_back_ms(step, warmup=3, repeats=30)
-            graph = harness.time_ms(harness.graphed_forward_backward_step(layer, x), warmup=3, repeats=30)
-            flops = 3 * harness.model_flops(config, x, layer.router.weight)
-            if round_ == 0:
-                layer.zero_grad(set_to_none=True)
-                xg = x.detach().requires_grad_()
-                out = layer(xg)
-                out.backward(torch.ones_like(out))
-                outputs[variant] = [out, xg.grad, layer.w1.grad, layer.w2.grad, layer.router.weight.grad]
-            print(f"  round {round_} {variant:8s} {eager:7.3f} {b2b:7.3f} {graph:7.3f}  "
-                  f"({flops / graph / 1e9:5.1f} TFLOP/s graphed, {flops / graph / 1e9 / 7.7:4.1f}% of 770)", flush=True)
-    patch("base")
-    print("  overlap against base, bit-equal out/dx/dw1/dw2/drouter:",
-          [torch.equal(a, b) for a, b in zip(outputs["overlap"], outputs["base"])], flush=True)
-
-
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     names = sys.argv[1:] or ["h2048_64x1024_top8", "h2048_128x768_top8", "h2048_64x1024_top8_swiglu"]
     for name in names:
         pieces(name)
     for name in names:
-        layer_variants(name)
+        layer_variants(name, ("base", "overlap"), patch, rounds=3, device_time=False)
