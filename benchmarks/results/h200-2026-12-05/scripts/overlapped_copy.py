@@ -1,4 +1,4 @@
-"""Prepared for the next GPU session, not run yet: the gathering GEMMs without their row copies, each copy made
+"""Session 25, run in session 26 (overlapped_copy.txt): the gathering GEMMs without their row copies, each copy made
 instead by a gather pass on a second stream while the GEMM runs (the GEMM is bound by its math, the gather by
 memory). The gather pass alone costs 238 µs a copy and the copy inside the GEMM 155-190 µs (copy_variants.txt): the
 question is how much of the gather the GEMM hides. Part 1 times the pieces (device µs per launch from CUDA-graph

@@ -5,6 +5,7 @@ copy on the way. Uniform widths, one-projection activations. Device µs per laun
 and the largest difference of the outputs against the portable kernels.
 
     python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py [configs...]
+    python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py --split-up   (split_up, session 26)
 """
 import sys
 
@@ -27,6 +28,7 @@ def _persistent_token_rows_gemm(
     EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, HAS_ROUTING_WEIGHTS: tl.constexpr,
     INDEXED_ROUTING_WEIGHTS: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = True,
 ):
     """Tiles program_id, program_id + NUM_PROGRAMS, ... of out = A_sorted[rows of e] @ B_eᵀ, hidden -> width."""
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[num_rows, hidden], strides=[hidden, 1],
@@ -34,7 +36,7 @@ def _persistent_token_rows_gemm(
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[total_width, hidden], strides=[hidden, 1],
                                        block_shape=[TILE_N, TILE_K])
     num_tiles = tl.load(num_tiles_ptr)
-    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, warp_specialize=True):
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, warp_specialize=WARP_SPECIALIZE):
         expert = tl.load(tile_table_ptr + 2 * tile_id)
         first_tile = tl.load(tile_table_ptr + 2 * tile_id + 1)
         row_start = tl.load(expert_row_offsets_ptr + expert).to(tl.int32)
@@ -63,7 +65,9 @@ def _persistent_token_rows_gemm(
             if INDEXED_ROUTING_WEIGHTS:
                 weight_slots = tl.load(routing_weight_index_ptr + rows, mask=row_mask, other=0)
             routing_weights = tl.load(routing_weights_ptr + weight_slots, mask=row_mask, other=0.0)
-        if EPILOGUE == "act_forward":
+        if EPILOGUE == "plain":  # h_pre only, as a plain GEMM would store it
+            tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        elif EPILOGUE == "act_forward":
             _act_forward_epilogue(acc, None, out_ptr, None, out3_ptr, out_offsets, out_mask, rows, row_mask,
                                   routing_weights, col_tile, col_tiles, width, max_width, ACTIVATION, False,
                                   HAS_ROUTING_WEIGHTS, False, TILE_M, TILE_N)
@@ -74,7 +78,7 @@ def _persistent_token_rows_gemm(
 
 
 def _launch(a_sorted, b, layout, tiles, epilogue, activation, routing_weights, routing_weight_index,
-            out, out3=None, h_pre=None, partials=None):
+            out, out3=None, h_pre=None, partials=None, warp_specialize=True):
     col_tiles = ceil_div(layout.max_width, tiles.tile_n)
     max_tiles = (ceil_div(layout.num_rows, tiles.tile_m) + layout.num_experts) * col_tiles
     tile_table, num_tiles = _tile_table(layout.expert_row_offsets, layout, col_tiles, max_tiles, tiles.tile_m)
@@ -87,7 +91,7 @@ def _launch(a_sorted, b, layout, tiles, epilogue, activation, routing_weights, r
             EPILOGUE=epilogue, ACTIVATION=activation, HAS_ROUTING_WEIGHTS=routing_weights is not None,
             INDEXED_ROUTING_WEIGHTS=routing_weight_index is not None,
             TILE_M=tiles.tile_m, TILE_N=tiles.tile_n, TILE_K=tiles.tile_k, NUM_PROGRAMS=num_programs,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            WARP_SPECIALIZE=warp_specialize, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def up_persistent(x, w1, row_to_token, layout, activation, routing_weights, routing_weight_index, tiles,
@@ -114,11 +118,42 @@ def dA_persistent(grad_out, w2, h_pre, row_to_token, layout, activation, routing
 TILES = [GemmTiles(128, 256, 64, 4, 3), GemmTiles(128, 256, 64, 4, 4), GemmTiles(128, 128, 64, 4, 4)]
 
 
+def split_up(harness, graph_us, name="h2048_64x1024_top8", tiles=GemmTiles(128, 256, 64, 4, 4)):
+    """Session 26: the persistent up over pre-sorted rows with and without warp specialisation, with its activation
+    epilogue (h_pre and h_act stored) and with a plain one (h_pre only): which of the two makes it slower than the
+    portable kernel. Device µs per launch; the plain epilogue's output is checked against the portable h_pre."""
+    config, tokens = harness.make_config(name, "relu_squared")
+    layer, _ = harness.build_layer("triton", config, torch.bfloat16)
+    x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        o = harness.triton_operands(layer, x)
+        s, L, act, rw = o.sort, o.layout, config.activation, o.routing_weights
+        ref_h_pre, _, _ = kernels.up_projection(x, o.w1, None, s.row_to_token, L, act, rw,
+                                                routing_weight_index=s.row_to_flat)
+        sx = kernels.gather_rows(x, s.row_to_token)
+        h_pre, h_act = x.new_empty(L.hidden_shape), x.new_empty(L.hidden_shape)
+        print(f"\n## {name}: persistent up over sorted rows, {tiles}, device µs per launch", flush=True)
+        for ws in (True, False):
+            for epilogue in ("act_forward", "plain"):
+                run = lambda: _launch(sx, o.w1, L, tiles, epilogue, act, rw, s.row_to_flat, h_pre,  # noqa: E731
+                                      out3=h_act, warp_specialize=ws)
+                try:
+                    run()
+                    same = torch.equal(h_pre, ref_h_pre)
+                    print(f"  warp_specialize={ws!s:5s} epilogue={epilogue:11s} {graph_us(run):8.1f}  "
+                          f"h_pre equal to the portable kernel's: {same}", flush=True)
+                except Exception as error:
+                    print(f"  warp_specialize={ws} epilogue={epilogue}: {type(error).__name__}: {str(error)[:300]}",
+                          flush=True)
+
+
 def main():
     sys.path.insert(0, "benchmarks")
     import harness
     from sweep_tiles import graph_us
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
+    if sys.argv[1:] == ["--split-up"]:
+        return split_up(harness, graph_us)
     for name in sys.argv[1:] or ["h2048_64x1024_top8", "h2048_128x768_top8"]:
         config, tokens = harness.make_config(name, "relu_squared")
         layer, _ = harness.build_layer("triton", config, torch.bfloat16)
