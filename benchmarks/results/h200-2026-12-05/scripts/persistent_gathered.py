@@ -118,15 +118,21 @@ def dA_persistent(grad_out, w2, h_pre, row_to_token, layout, activation, routing
 TILES = [GemmTiles(128, 256, 64, 4, 3), GemmTiles(128, 256, 64, 4, 4), GemmTiles(128, 128, 64, 4, 4)]
 
 
-def split_up(harness, graph_us, name="h2048_64x1024_top8", tiles=GemmTiles(128, 256, 64, 4, 4)):
-    """Session 26: the persistent up over pre-sorted rows with and without warp specialisation, with its activation
-    epilogue (h_pre and h_act stored) and with a plain one (h_pre only): which of the two makes it slower than the
-    portable kernel. Device µs per launch; the plain epilogue's output is checked against the portable h_pre."""
+def _operands(harness, name):
+    """(config, x, every kernel's operands of one forward and backward: harness.triton_operands), bf16, relu²."""
     config, tokens = harness.make_config(name, "relu_squared")
     layer, _ = harness.build_layer("triton", config, torch.bfloat16)
     x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        o = harness.triton_operands(layer, x)
+        return config, x, harness.triton_operands(layer, x)
+
+
+def split_up(harness, graph_us, name="h2048_64x1024_top8", tiles=GemmTiles(128, 256, 64, 4, 4)):
+    """Session 26: the persistent up over pre-sorted rows with and without warp specialisation, with its activation
+    epilogue (h_pre and h_act stored) and with a plain one (h_pre only): which of the two makes it slower than the
+    portable kernel. Device µs per launch; the plain epilogue's output is checked against the portable h_pre."""
+    config, x, o = _operands(harness, name)
+    with torch.no_grad():
         s, L, act, rw = o.sort, o.layout, config.activation, o.routing_weights
         ref_h_pre, _, _ = kernels.up_projection(x, o.w1, None, s.row_to_token, L, act, rw,
                                                 routing_weight_index=s.row_to_flat)
@@ -155,11 +161,8 @@ def main():
     if sys.argv[1:] == ["--split-up"]:
         return split_up(harness, graph_us)
     for name in sys.argv[1:] or ["h2048_64x1024_top8", "h2048_128x768_top8"]:
-        config, tokens = harness.make_config(name, "relu_squared")
-        layer, _ = harness.build_layer("triton", config, torch.bfloat16)
-        x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        config, x, o = _operands(harness, name)
         with torch.no_grad():
-            o = harness.triton_operands(layer, x)
             s, L, act, rw = o.sort, o.layout, config.activation, o.routing_weights
             up_args = (o.w1, None, s.row_to_token, L, act, rw)
             dA_args = (o.w2, o.h_pre, None, s.row_to_token, L, rw, act)
