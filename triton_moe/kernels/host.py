@@ -8,6 +8,7 @@ few µs a call on the host; per expert and per launch that came to most of a mil
 """
 
 import ctypes
+import functools
 import inspect
 import os
 import re
@@ -91,17 +92,14 @@ def _bind_context(device: torch.device) -> None:
     devices.add(index)
 
 
-_LIBCUDA = []  # the CUDA driver library, loaded on first use
-
-
+@functools.lru_cache(maxsize=1)
 def _libcuda() -> ctypes.CDLL:
-    if not _LIBCUDA:
-        try:
-            _LIBCUDA.append(ctypes.CDLL("libcuda.so.1"))
-        except OSError:  # not on the loader's path: where Triton found it
-            from triton.backends.nvidia.driver import libcuda_dirs
-            _LIBCUDA.append(ctypes.CDLL(os.path.join(libcuda_dirs()[0], "libcuda.so.1")))
-    return _LIBCUDA[0]
+    """The CUDA driver library, loaded on first use."""
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:  # not on the loader's path: where Triton found it
+        from triton.backends.nvidia.driver import libcuda_dirs
+        return ctypes.CDLL(os.path.join(libcuda_dirs()[0], "libcuda.so.1"))
 
 
 def _driver_call(status: int, name: str) -> None:
