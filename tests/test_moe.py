@@ -393,7 +393,7 @@ assert all(torch.equal(a, b) for a, b in zip(in_this_thread, in_the_device_threa
 print("same gradients")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    if result.stdout.startswith("skip:") or result.stderr.startswith("skip:"):
+    if result.stderr.startswith("skip:"):  # SystemExit's message
         pytest.skip(result.stderr.strip())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same gradients" in result.stdout
