@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from triton_moe import MoEConfig
 
@@ -145,3 +146,32 @@ def test_interpreter_releases_that_cannot_run_the_kernels_are_named(triton_versi
     assert (problem is None) == runs
     if not runs:
         assert f"Triton {triton_version}" in problem and f"numpy {numpy_version}" in problem
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's CPU interpreter only")
+def test_the_interpreters_overflow_sanitizer_is_off_and_changed_nothing():
+    """Under the interpreter the kernels' import turns off its integer-overflow sanitizer, which computes each check
+    and drops it without a debug mode: an int32 product that overflows comes out the same, without an error, with
+    the sanitizer on and off."""
+    import triton
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    @triton.jit
+    def square(values_ptr, squares_ptr):
+        values = tl.load(values_ptr + tl.arange(0, 4))
+        tl.store(squares_ptr + tl.arange(0, 4), values * values)
+
+    options = interpreter.interpreter_builder.options
+    assert not options.debug and not options.sanitize_overflow
+    values = torch.tensor([3, -7, 70000, 2**31 - 1], dtype=torch.int32)
+    squares = {}
+    for sanitize in (False, True):
+        interpreter.interpreter_builder.options = dataclasses.replace(options, sanitize_overflow=sanitize)
+        try:
+            squares[sanitize] = torch.empty_like(values)
+            square[(1,)](values, squares[sanitize])
+        finally:
+            interpreter.interpreter_builder.options = options
+    assert torch.equal(squares[False], squares[True])
+    assert torch.equal(squares[False], (values.long() ** 2).to(torch.int32))  # wrapped as int32 wraps

@@ -1,6 +1,7 @@
 """What every launcher does on the host before it launches: the argument checks (a ValueError that names the
 argument), the integer arithmetic of grids and tiles, the host-side TMA descriptors, and the launch itself
-(DirectLaunch; under the interpreter, once, the check that its releases can run the kernels).
+(DirectLaunch; under the interpreter, once, the check that its releases can run the kernels). Under the interpreter
+its import also turns off the interpreter's overflow sanitizer, whose checks change nothing there.
 
 The launchers run on every step, and on a small batch their host time, not the GPU's, is the layer's time: these
 helpers are plain Python on purpose. (triton.cdiv and triton.next_power_of_2 are constexpr functions that cost a
@@ -8,6 +9,7 @@ few µs a call on the host; per expert and per launch that came to most of a mil
 """
 
 import ctypes
+import dataclasses
 import functools
 import inspect
 import os
@@ -28,6 +30,25 @@ _INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 def running_in_interpreter() -> bool:
     """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return _INTERPRETER
+
+
+def _drop_the_interpreters_dead_overflow_checks() -> None:
+    """Turn off the integer-overflow sanitizer of Triton's CPU interpreter where its debug mode is off.
+
+    For each 32-bit integer add, sub and mul a kernel runs, the interpreter computes the operation again in int64
+    and compares it with the type's bounds, in numpy, and then hands the result to a device_assert that does
+    nothing without debug, which the interpreter's options leave off. So the work changes no result and no error,
+    and it is much of the interpreter's time in kernels heavy with index arithmetic (stk's among them). Compiled
+    kernels are unaffected: the option is the interpreter's own."""
+    from triton.runtime import interpreter
+
+    options = interpreter.interpreter_builder.options
+    if getattr(options, "sanitize_overflow", False) and not options.debug:
+        interpreter.interpreter_builder.options = dataclasses.replace(options, sanitize_overflow=False)
+
+
+if _INTERPRETER:
+    _drop_the_interpreters_dead_overflow_checks()
 
 
 _TRACING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.FUNCTIONAL,
