@@ -57,3 +57,25 @@ def test_activation_forward_and_backward(activation):
     for got, expected in [(act, expected_act.detach()), (d_pre, h_pre64.grad), (d_up, expected_d_up)]:
         error = (got.double() - expected).abs().max().item()
         assert error <= 1e-5 * expected.abs().max().item(), f"max error {error:.3e}"
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_non_finite_values_come_out_as_torchs(activation):
+    """NaN and ±inf inputs give what torch's activations and their autograd derivatives give, NaN where torch gives
+    NaN: a NaN in the hidden activations (weights or inputs gone bad) reaches the output and the gradients, as it
+    does through a dense MLP, rather than vanishing."""
+    inf, nan = float("inf"), float("nan")
+    h_pre = torch.tensor([nan, inf, -inf, 1.0, -1.0, 0.0, 2.0, nan], device=DEVICE)
+    h_up = torch.tensor([1.0, 1.0, 1.0, nan, inf, inf, -inf, nan], device=DEVICE)
+    act, d_pre, d_up = (torch.zeros_like(h_pre) for _ in range(3))
+    gated = is_gated(activation)
+    _apply_activation[(1,)](h_pre, h_up, act, d_pre, d_up, h_pre.numel(), ACTIVATION=activation, GATED=gated,
+                            BLOCK=h_pre.numel())
+
+    h_pre64, h_up64 = h_pre.double().requires_grad_(), h_up.double().requires_grad_()
+    expected_act = TORCH_ACTIVATIONS[activation](h_pre64, h_up64)
+    expected_act.sum().backward()
+    expected_d_up = h_up64.grad if gated else torch.zeros_like(h_up64)
+    for got, expected in [(act, expected_act.detach()), (d_pre, h_pre64.grad), (d_up, expected_d_up)]:
+        assert torch.equal(got.isnan(), expected.isnan()), (got, expected)
+        assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-6, equal_nan=True), (got, expected)

@@ -82,6 +82,30 @@ def test_empty_expert_and_all_tokens_to_one():
     assert grads["w1"][:offsets[3]].abs().max() == 0 and grads["w2"][offsets[4]:].abs().max() == 0
 
 
+@pytest.mark.parametrize("kernels", ["small-problem", "large-problem"])
+@pytest.mark.parametrize("activation", ["relu_squared", "swiglu", "gelu"])
+def test_a_nan_weight_reaches_the_output_and_gradients_where_the_loops_does(activation, kernels, monkeypatch):
+    """One NaN in an expert's up projection: NaN in the output and in every gradient exactly where the fp64 loop has
+    it (the tokens routed to that expert, and what they reach), as through a dense MLP, and the rest matching; with
+    the small and the large problems' kernels (the activation's backward in dA's epilogue or in a row pass)."""
+    use_problem_size_kernels(kernels.split("-")[0], monkeypatch)
+    config = MoEConfig(expert_sizes=[(2, 48), (2, 16)], num_active_experts=2, hidden_size=64, activation=activation)
+    layer = make_layer(triton_moe.MoEMLP, config, torch.float32)
+    with torch.no_grad():
+        layer.w1[5, 7] = float("nan")  # a hidden unit of expert 0
+    got, want, got_grads, want_grads = run_against_loop(layer, make_input((29, 64), torch.float32))
+    pairs = [("output", got["output"], want["output"])] + [(name, got_grads[name], want_grads[name])
+                                                            for name in want_grads]
+    for name, got_value, want_value in pairs:
+        want_nan = want_value.isnan().cpu()
+        assert torch.equal(got_value.isnan().cpu(), want_nan), name
+        if not want_nan.all():
+            assert_close(name, got_value[~want_nan], want_value[~want_nan], torch.float32)
+    routed_to_0 = (got["expert_indices"] == 0).any(-1).cpu()  # [N]
+    assert 0 < routed_to_0.sum() < routed_to_0.numel()
+    assert torch.equal(got["output"].isnan().any(-1).cpu(), routed_to_0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["8exp_variable", "16exp_variable"])
 def test_matches_reference(name, dtype):

@@ -16,7 +16,8 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 * pi)
 def activation_forward(h_pre, h_up, ACTIVATION: tl.constexpr):
     """act(h_pre[, h_up]) elementwise; h_up is None unless ACTIVATION is gated."""
     if ACTIVATION == "relu_squared":
-        relu = tl.maximum(h_pre, 0.0)
+        # NaN stays NaN, as torch.relu keeps it (tl.maximum's default returns the other operand)
+        relu = tl.maximum(h_pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
         act = relu * relu
     elif ACTIVATION == "gelu":
         act = 0.5 * h_pre * (1.0 + tl.math.erf(h_pre * _SQRT_HALF))
@@ -33,7 +34,7 @@ def activation_backward(h_pre, h_up, ACTIVATION: tl.constexpr):
     (Zeros rather than None: compiled Triton cannot return None inside a tuple; unused, they cost nothing.)
     """
     if ACTIVATION == "relu_squared":
-        d_act_d_pre = 2.0 * tl.maximum(h_pre, 0.0)
+        d_act_d_pre = 2.0 * tl.maximum(h_pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
         d_act_d_up = tl.zeros_like(h_pre)
     elif ACTIVATION == "gelu":
         normal_cdf = 0.5 * (1.0 + tl.math.erf(h_pre * _SQRT_HALF))
