@@ -84,10 +84,10 @@ def test_empty_expert_and_all_tokens_to_one():
 
 @pytest.mark.parametrize("kernels", ["small-problem", "large-problem"])
 @pytest.mark.parametrize("activation", ["relu_squared", "swiglu", "gelu"])
-def test_a_nan_weight_reaches_the_output_and_gradients_where_the_loops_does(activation, kernels, monkeypatch):
+def test_a_nan_weight_reaches_the_output_and_gradients_as_in_the_loop(activation, kernels, monkeypatch):
     """One NaN in an expert's up projection: NaN in the output and in every gradient exactly where the fp64 loop has
     it (the tokens routed to that expert, and what they reach), as through a dense MLP, and the rest matching; with
-    the small and the large problems' kernels (the activation's backward in dA's epilogue or in a row pass)."""
+    the small and the large problems' kernels (the activation's backward in dA's epilogue or in the row pass)."""
     use_problem_size_kernels(kernels.split("-")[0], monkeypatch)
     config = MoEConfig(expert_sizes=[(2, 48), (2, 16)], num_active_experts=2, hidden_size=64, activation=activation)
     layer = make_layer(triton_moe.MoEMLP, config, torch.float32)

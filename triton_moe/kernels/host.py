@@ -39,12 +39,14 @@ def _drop_the_interpreters_dead_overflow_checks() -> None:
     and compares it with the type's bounds, in numpy, and then hands the result to a device_assert that does
     nothing without debug, which the interpreter's options leave off. So the work changes no result and no error,
     and it is much of the interpreter's time in kernels heavy with index arithmetic (stk's among them). Compiled
-    kernels are unaffected: the option is the interpreter's own."""
+    kernels are unaffected: the option is the interpreter's own. A Triton release that keeps its options
+    otherwise is left as it is."""
     from triton.runtime import interpreter
 
-    options = interpreter.interpreter_builder.options
-    if getattr(options, "sanitize_overflow", False) and not options.debug:
-        interpreter.interpreter_builder.options = dataclasses.replace(options, sanitize_overflow=False)
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if getattr(options, "sanitize_overflow", False) and getattr(options, "debug", True) is False:
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
 
 
 if _INTERPRETER:
