@@ -6,6 +6,7 @@ and the largest difference of the outputs against the portable kernels.
 
     python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py [configs...]
     python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py --split-up   (split_up, session 26)
+    python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py --layer [configs...]   (session 27)
 """
 import sys
 
@@ -153,6 +154,44 @@ def split_up(harness, graph_us, name="h2048_64x1024_top8", tiles=GemmTiles(128, 
                           flush=True)
 
 
+def patch_layer(variant, persistent_tiles=GemmTiles(128, 256, 64, 4, 3)):
+    """Session 27: the layer's up and dA GEMMs as the persistent kernels over rows a gather pass sorted (variant
+    "persistent"), patched into ops where the layer keeps the sorted rows (large 16-bit problems on Hopper) and the
+    activation takes one projection; elsewhere, and for variant "base", the portable kernels. The gather lands in
+    the layer's own sorted-rows buffer by a copy (one more pass over R·H than a product path would make)."""
+    import triton_moe.ops as ops
+    if not hasattr(patch_layer, "original"):
+        patch_layer.original = (ops.up_projection, ops.down_projection_backward)
+    up_original, dA_original = patch_layer.original
+    if variant == "base":
+        ops.up_projection, ops.down_projection_backward = up_original, dA_original
+        return
+
+    def up(x, w1, v1, row_to_token, layout, activation, routing_weights=None, *, routing_weight_index=None,
+           sorted_x=None, tiles=None):
+        if v1 is not None or sorted_x is None:
+            return up_original(x, w1, v1, row_to_token, layout, activation, routing_weights,
+                               routing_weight_index=routing_weight_index, sorted_x=sorted_x, tiles=tiles)
+        sorted_x.copy_(kernels.gather_rows(x, row_to_token))
+        h_pre, h_act, _ = up_persistent(x, w1, row_to_token, layout, activation, routing_weights,
+                                        routing_weight_index, persistent_tiles, sorted_x=sorted_x)
+        return h_pre, None, h_act
+
+    def dA(grad_out, w2, h_pre, h_up, row_to_token, layout, routing_weights, activation, *,
+           routing_weight_index=None, sorted_grad_out=None, tiles=None):
+        if h_up is not None or sorted_grad_out is None or routing_weights is None:
+            return dA_original(grad_out, w2, h_pre, h_up, row_to_token, layout, routing_weights, activation,
+                               routing_weight_index=routing_weight_index, sorted_grad_out=sorted_grad_out,
+                               tiles=tiles)
+        sorted_grad_out.copy_(kernels.gather_rows(grad_out, row_to_token))
+        dh_pre, d_routing_weights, _ = dA_persistent(grad_out, w2, h_pre, row_to_token, layout, activation,
+                                                     routing_weights, routing_weight_index, persistent_tiles,
+                                                     sorted_grad_out=sorted_grad_out)
+        return dh_pre, None, d_routing_weights
+
+    ops.up_projection, ops.down_projection_backward = up, dA
+
+
 def main():
     sys.path.insert(0, "benchmarks")
     import harness
@@ -160,6 +199,11 @@ def main():
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     if sys.argv[1:] == ["--split-up"]:
         return split_up(harness, graph_us)
+    if sys.argv[1:2] == ["--layer"]:
+        from copy_variants import layer_variants
+        for name in sys.argv[2:] or ["h4096_8x14336_top2"]:
+            layer_variants(name, ("base", "persistent"), patch_layer, rounds=2)
+        return
     for name in sys.argv[1:] or ["h2048_64x1024_top8", "h2048_128x768_top8"]:
         config, x, o = _operands(harness, name)
         with torch.no_grad():
