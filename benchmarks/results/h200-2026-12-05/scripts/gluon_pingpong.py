@@ -9,8 +9,13 @@ the consumers take the ring in that order, handing it over by a turn barrier aft
 one consumer's epilogue runs while the other's MMAs run. The turn barriers also keep a consumer from waiting on a
 stage's barrier more than one phase ahead (an mbarrier wait only sees the phase's parity).
 
+Session 27 added the row copy the layer needs for large problems (ROW_COPY: the producer also writes the gathered
+rows of an expert's first column tile into sorted_x), its check (the same h_pre and h_act, sorted_x equal to
+x[row_to_token]) and its timing beside the portable kernel's with its copy.
+
     PYTHONPATH=$PWD python3 benchmarks/results/h200-2026-12-05/scripts/gluon_pingpong.py      (GPU: check + bench)
-    /tmp/v36/bin/python benchmarks/results/h200-2026-12-05/scripts/gluon_pingpong.py --compile (sm_90, no GPU)
+    [ROW_COPY=1] /tmp/v36/bin/python benchmarks/results/h200-2026-12-05/scripts/gluon_pingpong.py --compile
+                                                                                             (sm_90, no GPU)
 """
 import os
 import sys
@@ -26,15 +31,20 @@ P_WARPS = 4  # the producer's warps
 
 @gluon.jit
 def _pp_producer(x_ptr, row_to_token_ptr, b_desc, a_bufs, b_bufs, a_ready, b_ready, empty,
-                 tile_table_ptr, num_tiles_ptr, row_offsets_ptr, width_offsets_ptr, H,
+                 tile_table_ptr, num_tiles_ptr, row_offsets_ptr, width_offsets_ptr, H, sorted_x_ptr,
                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr,
-                 NUM_PROGRAMS: gl.constexpr, P_WARPS: gl.constexpr, WIDTH_MULTIPLE: gl.constexpr):
+                 NUM_PROGRAMS: gl.constexpr, P_WARPS: gl.constexpr, WIDTH_MULTIPLE: gl.constexpr,
+                 ROW_COPY: gl.constexpr):
     """Every tile of this program in order: per K step, wait for the stage to be free, then the weight tile by TMA
-    and the gathered x rows by cp.async (each producer thread arrives on a_ready when its copies land)."""
+    and the gathered x rows by cp.async (each producer thread arrives on a_ready when its copies land). ROW_COPY
+    (session 27): on an expert's first column tile, also the K step's gathered rows into sorted_x, in chunks of
+    rows through registers (loads that hit L2 behind the cp.async), masked to the expert's rows; no barrier."""
     TPW_K: gl.constexpr = BK // 8
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_K, TPW_K], [P_WARPS, 1], [1, 0])
     cols = gl.arange(0, BK, layout=gl.SliceLayout(0, ld))
     tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, ld))
+    CHUNK: gl.constexpr = (32 // TPW_K) * P_WARPS  # rows a copy chunk takes: one 16-byte vector a thread
+    chunk_rows = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, ld))
     num_tiles = gl.load(num_tiles_ptr)
     k_tiles = gl.cdiv(H, BK)
     it = 0
@@ -52,6 +62,16 @@ def _pp_producer(x_ptr, row_to_token_ptr, b_desc, a_bufs, b_bufs, a_ready, b_rea
             _tma_load(b_desc, [n0, k * BK], b_ready.index(s), b_bufs.index(s))
             _cp_async(a_bufs.index(s), x_ptr + base[:, None] + (k * BK + cols)[None, :])
             async_copy.mbarrier_arrive(a_ready.index(s), increment_count=False)
+            if ROW_COPY:
+                if col_tile == 0:
+                    for c in gl.static_range(BM // CHUNK):
+                        rows = row_tile * BM + c * CHUNK + chunk_rows
+                        in_expert = rows < num_rows
+                        tokens = gl.load(row_to_token_ptr + row_start + rows, mask=in_expert, other=0).to(gl.int64)
+                        values = gl.load(x_ptr + tokens[:, None] * H + (k * BK + cols)[None, :],
+                                         mask=in_expert[:, None])
+                        gl.store(sorted_x_ptr + (row_start + rows)[:, None].to(gl.int64) * H
+                                 + (k * BK + cols)[None, :], values, mask=in_expert[:, None])
             it += 1
 
 
@@ -109,9 +129,9 @@ def _pp_consumer(a_bufs, b_bufs, a_ready, b_ready, empty, turn, h_pre_ptr, h_act
 
 @gluon.jit
 def _pingpong_up_kernel(x_ptr, row_to_token_ptr, b_desc, h_pre_ptr, h_act_ptr, rw_ptr,
-                        row_offsets_ptr, width_offsets_ptr, tile_table_ptr, num_tiles_ptr, H, max_width,
+                        row_offsets_ptr, width_offsets_ptr, tile_table_ptr, num_tiles_ptr, H, max_width, sorted_x_ptr,
                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr,
-                        NUM_PROGRAMS: gl.constexpr, WIDTH_MULTIPLE: gl.constexpr):
+                        NUM_PROGRAMS: gl.constexpr, WIDTH_MULTIPLE: gl.constexpr, ROW_COPY: gl.constexpr):
     P_WARPS: gl.constexpr = 4
     a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
     a_bufs = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BM, BK], a_layout)
@@ -134,8 +154,8 @@ def _pingpong_up_kernel(x_ptr, row_to_token_ptr, b_desc, h_pre_ptr, h_act_ptr, r
                         tile_table_ptr, num_tiles_ptr, row_offsets_ptr, width_offsets_ptr, H, max_width,
                         1, BM, BN, BK, NUM_STAGES, NUM_PROGRAMS, WIDTH_MULTIPLE)),
         (_pp_producer, (x_ptr, row_to_token_ptr, b_desc, a_bufs, b_bufs, a_ready, b_ready, empty,
-                        tile_table_ptr, num_tiles_ptr, row_offsets_ptr, width_offsets_ptr, H,
-                        BM, BN, BK, NUM_STAGES, NUM_PROGRAMS, P_WARPS, WIDTH_MULTIPLE)),
+                        tile_table_ptr, num_tiles_ptr, row_offsets_ptr, width_offsets_ptr, H, sorted_x_ptr,
+                        BM, BN, BK, NUM_STAGES, NUM_PROGRAMS, P_WARPS, WIDTH_MULTIPLE, ROW_COPY)),
     ], [4, P_WARPS], [232, 40])  # 3.6: worker_num_regs is required
 
 
@@ -146,8 +166,9 @@ CONFIGS = {"pp 64x256x64 s4": dict(BM=64, BN=256, BK=64, NUM_STAGES=4),
 
 
 def pingpong_up(x, w1, row_to_token, row_offsets, width_offsets, rw, tile_table, out, *, expert_widths,
-                BM, BN, BK, NUM_STAGES):
-    """(h_pre, h_act) into out, as gathered_up_projection (its checks done by the caller's first call of it)."""
+                BM, BN, BK, NUM_STAGES, sorted_x=None):
+    """(h_pre, h_act) into out, as gathered_up_projection (its checks done by the caller's first call of it);
+    given sorted_x [R, H], also the gathered rows into it."""
     from math import gcd
 
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -157,8 +178,9 @@ def pingpong_up(x, w1, row_to_token, row_offsets, width_offsets, rw, tile_table,
     b_desc = TensorDescriptor(w1, [sum(widths), H], [H, 1], [BN, BK], b_smem_layout(BN, BK))
     grid = min(torch.cuda.get_device_properties(x.device).multi_processor_count, max_tiles)
     _pingpong_up_kernel[(grid,)](x, row_to_token, b_desc, h_pre, h_act, rw, row_offsets, width_offsets, table,
-                                 num_tiles, H, max(widths), BM=BM, BN=BN, BK=BK, NUM_STAGES=NUM_STAGES,
-                                 NUM_PROGRAMS=grid, WIDTH_MULTIPLE=gcd(64, *widths), num_warps=4)
+                                 num_tiles, H, max(widths), x if sorted_x is None else sorted_x, BM=BM, BN=BN, BK=BK,
+                                 NUM_STAGES=NUM_STAGES, NUM_PROGRAMS=grid, WIDTH_MULTIPLE=gcd(64, *widths),
+                                 ROW_COPY=sorted_x is not None, num_warps=4)
     return h_pre, h_act
 
 
@@ -183,6 +205,15 @@ def check_and_bench(num_tokens=16384, hidden=2048, num_experts=64, width=1024, t
                 same = torch.equal(h_pre, coop[0]) and torch.equal(h_act, coop[1])
                 print(f"check {label:18s} {name:14s} h_pre rel_l2={e_pre:.2e} h_act rel_l2={e_act:.2e} "
                       f"equal to the cooperative kernel's: {same}", flush=True)
+                # with the row copy (session 27): the same h_pre and h_act, and sorted_x == x[row_to_token]
+                sorted_x = torch.full((data[2].shape[0], H), float("nan"), dtype=torch.bfloat16, device="cuda")
+                copied = tuple(torch.empty_like(o) for o in out) if alloc is torch.empty else tuple(
+                    torch.zeros_like(o) for o in out)
+                pingpong_up(*data, table, copied, expert_widths=widths, sorted_x=sorted_x, **cfg)
+                torch.cuda.synchronize()
+                print(f"check {label + ' +copy':18s} {name:14s} h_pre, h_act equal without the copy: "
+                      f"{torch.equal(copied[0], h_pre) and torch.equal(copied[1], h_act)}; sorted_x equal to "
+                      f"x[row_to_token]: {torch.equal(sorted_x, data[0][data[2]])}", flush=True)
             except Exception as exc:
                 print(f"check {label} {name}: FAILED {type(exc).__name__}: {str(exc)[:400]}", flush=True)
     from triton_moe.kernels.grouped_gemm import up_projection
@@ -200,10 +231,16 @@ def check_and_bench(num_tokens=16384, hidden=2048, num_experts=64, width=1024, t
     coop_table = build_tile_table(ro, wo, R, widths, 128, 256)
     runs["gluon cooperative ws 128x256x64 s3"] = lambda: gathered_up_projection(
         x, w1, rtt, ro, wo, rw, coop_table, expert_widths=widths, out=out, persistent=True)
+    sorted_x = torch.empty((R, hidden), dtype=torch.bfloat16, device="cuda")
+    runs["repo up_projection (portable, with row copy)"] = lambda: up_projection(x, w1, None, rtt, layout,
+                                                                                   "relu_squared", rw,
+                                                                                   sorted_x=sorted_x)
     for label, cfg in CONFIGS.items():
         table = build_tile_table(ro, wo, R, widths, cfg["BM"], cfg["BN"])
         runs[f"gluon {label}"] = (lambda t, c: lambda: pingpong_up(x, w1, rtt, ro, wo, rw, t, out,
                                                                    expert_widths=widths, **c))(table, cfg)
+        runs[f"gluon {label} +row copy"] = (lambda t, c: lambda: pingpong_up(
+            x, w1, rtt, ro, wo, rw, t, out, expert_widths=widths, sorted_x=sorted_x, **c))(table, cfg)
     a = x[rtt]
     runs["cuBLAS dense [R,H]x[H,W] (bound)"] = lambda: a @ w1[:width].T
     for _ in range(2):  # two rounds: the spread between them
@@ -227,11 +264,12 @@ def compile_only():
         sig = dict(x_ptr="*bf16", row_to_token_ptr="*i64",
                    b_desc=f"tensordesc<bf16[{BN},{BK}],{b_smem_layout(BN, BK)!r}>", h_pre_ptr="*bf16",
                    h_act_ptr="*bf16", rw_ptr="*fp32", row_offsets_ptr="*i64", width_offsets_ptr="*i64",
-                   tile_table_ptr="*i32", num_tiles_ptr="*i32", H="i32", max_width="i32")
-        constexprs = dict(BM=BM, BN=BN, BK=BK, NUM_STAGES=S, NUM_PROGRAMS=132, WIDTH_MULTIPLE=64)
+                   tile_table_ptr="*i32", num_tiles_ptr="*i32", H="i32", max_width="i32", sorted_x_ptr="*bf16")
+        constexprs = dict(BM=BM, BN=BN, BK=BK, NUM_STAGES=S, NUM_PROGRAMS=132, WIDTH_MULTIPLE=64,
+                          ROW_COPY=os.environ.get("ROW_COPY") == "1")
         sig.update({c: "constexpr" for c in constexprs})
         names = list(sig)
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:12] if n != "b_desc"}
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:13] if n != "b_desc"}
         try:
             kernel = triton.compile(GluonASTSource(_pingpong_up_kernel, sig, constexprs, attrs=attrs),
                                     target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
