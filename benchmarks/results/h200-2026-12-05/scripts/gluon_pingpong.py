@@ -10,12 +10,13 @@ one consumer's epilogue runs while the other's MMAs run. The turn barriers also 
 stage's barrier more than one phase ahead (an mbarrier wait only sees the phase's parity).
 
 Session 27 added the row copy the layer needs for large problems (ROW_COPY: the producer also writes the gathered
-rows of an expert's first column tile into sorted_x), its check (the same h_pre and h_act, sorted_x equal to
-x[row_to_token]) and its timing beside the portable kernel's with its copy.
+rows of an expert's first column tile into sorted_x) and a second epilogue, dA of relu² (EPILOGUE="dA"), with their
+checks (against the copy-less run and against the portable down_projection_backward) and their timings beside the
+portable kernels with their copies.
 
     PYTHONPATH=$PWD python3 benchmarks/results/h200-2026-12-05/scripts/gluon_pingpong.py      (GPU: check + bench)
-    [ROW_COPY=1] /tmp/v36/bin/python benchmarks/results/h200-2026-12-05/scripts/gluon_pingpong.py --compile
-                                                                                             (sm_90, no GPU)
+    [EPILOGUE=dA] [ROW_COPY=1] /tmp/v36/bin/python benchmarks/results/h200-2026-12-05/scripts/gluon_pingpong.py \
+        --compile                                                                            (sm_90, no GPU)
 """
 import os
 import sys
