@@ -106,6 +106,20 @@ def test_a_nan_weight_reaches_the_output_and_gradients_as_in_the_loop(activation
     assert torch.equal(got["output"].isnan().any(-1).cpu(), routed_to_0)
 
 
+def test_tied_and_non_finite_logits_pick_the_experts_the_loop_picks():
+    """Tied router logits (a zero router row pair) and non-finite ones (NaN and ±inf in a token's x): the layer and
+    the fp64 loop pick the same experts, by the one rule (the k largest logits, ties to the lower index, NaN first)."""
+    config = MoEConfig(expert_sizes=[(2, 48), (2, 16)], num_active_experts=2, hidden_size=64)
+    layer = make_layer(triton_moe.MoEMLP, config, torch.float32)
+    with torch.no_grad():
+        layer.router.weight[1] = layer.router.weight[2]  # experts 1 and 2 tie for every token
+    x = make_input((29, 64), torch.float32)
+    x[3, 5], x[4, 6], x[5, 7] = float("nan"), float("inf"), float("-inf")
+    got, want, _, _ = run_against_loop(layer, x)
+    assert torch.equal(got["expert_indices"].cpu(), want["expert_indices"].cpu())
+    assert got["expert_indices"][3].tolist() == [0, 1]  # an all-NaN row: NaN first, the lower index among ties
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["8exp_variable", "16exp_variable"])
 def test_matches_reference(name, dtype):

@@ -30,7 +30,10 @@ def dense_loop_moe(config: MoEConfig, params: dict, x: torch.Tensor) -> dict:
     k, num_experts = config.num_active_experts, config.num_experts
     logits = x @ params["router"].T  # [N, E]
     probs = logits.softmax(dim=-1)
-    weights, indices = probs.topk(k, dim=-1)
+    # The routing rule every implementation follows (routing.route): the k largest logits, ties to the lower expert
+    # index, NaN above everything (a stable descending sort).
+    indices = logits.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # [N, k]
+    weights = probs.gather(1, indices)  # [N, k]
     if config.normalize_weights:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     counts = torch.stack([(indices == e).sum() for e in range(num_experts)])
