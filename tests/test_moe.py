@@ -107,7 +107,7 @@ def test_a_nan_weight_reaches_the_output_and_gradients_as_in_the_loop(activation
 
 
 def test_tied_and_non_finite_logits_pick_the_experts_the_loop_picks():
-    """Tied router logits (a zero router row pair) and non-finite ones (NaN and ±inf in a token's x): the layer and
+    """Tied router logits (two equal router rows) and non-finite ones (NaN and ±inf in a token's x): the layer and
     the fp64 loop pick the same experts, by the one rule (the k largest logits, ties to the lower index, NaN first)."""
     config = MoEConfig(expert_sizes=[(2, 48), (2, 16)], num_active_experts=2, hidden_size=64)
     layer = make_layer(triton_moe.MoEMLP, config, torch.float32)
