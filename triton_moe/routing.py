@@ -32,6 +32,13 @@ class ExpertSort:
     expert_row_offsets: torch.Tensor  # [E + 1] int64: rows of expert e are offsets[e]:offsets[e + 1]
 
 
+def top_k_experts(router_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] int64: each token's k largest logits' experts in descending order, the rule every implementation
+    follows. Picked on the logits rather than the probabilities, whose rounding can tie two different logits; equal
+    logits go to the lower expert index first and NaN ranks above everything (a stable descending sort)."""
+    return torch.sort(router_logits, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
 def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> Routing:
     """Route tokens `x` [N, hidden] with `router_weight` [E, hidden]; logits and losses in fp32."""
     num_tokens = x.shape[0]
@@ -39,10 +46,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig) -> Ro
     with torch.autocast(device_type=x.device.type, enabled=False):
         router_logits = F.linear(x.float(), router_weight.float())  # [N, E]
     probs = torch.softmax(router_logits, dim=-1)  # [N, E]
-    # The k largest logits in descending order, picked on the logits rather than the probabilities, whose rounding
-    # can tie two different logits; equal logits go to the lower expert index first (a stable sort). Every
-    # implementation follows this rule.
-    expert_indices = torch.sort(router_logits, dim=-1, descending=True, stable=True).indices[:, :k]  # [N, k]
+    expert_indices = top_k_experts(router_logits, k)  # [N, k]
     routing_weights = probs.gather(1, expert_indices)  # [N, k]
     if config.normalize_weights:
         routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)

@@ -7,6 +7,7 @@ import torch
 
 from triton_moe.activations import apply_activation
 from triton_moe.config import MoEConfig
+from triton_moe.routing import top_k_experts
 
 # Bounds against the fp64 loop, per compute dtype: max |a - b| / max |b| (error relative to the tensor's scale),
 # relative L2 error ||a - b|| / ||b|| (sees a wrong scale or a missing part, which cosine does not) and cosine
@@ -30,9 +31,7 @@ def dense_loop_moe(config: MoEConfig, params: dict, x: torch.Tensor) -> dict:
     k, num_experts = config.num_active_experts, config.num_experts
     logits = x @ params["router"].T  # [N, E]
     probs = logits.softmax(dim=-1)
-    # The routing rule every implementation follows (routing.route): the k largest logits, ties to the lower expert
-    # index, NaN above everything (a stable descending sort).
-    indices = logits.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # [N, k]
+    indices = top_k_experts(logits, k)  # [N, k]: the routing rule every implementation follows
     weights = probs.gather(1, indices)  # [N, k]
     if config.normalize_weights:
         weights = weights / weights.sum(dim=-1, keepdim=True)
