@@ -150,7 +150,7 @@ def layer_variants(name, variants, patch, rounds=2, device_time=True):
                 out.backward(torch.ones_like(out))
                 outputs[variant] = [out, xg.grad, layer.w1.grad, layer.w2.grad, layer.router.weight.grad]
             graph = times[2]
-            print(f"  round {round_} {variant:7s} {' '.join(f'{t:7.3f}' for t in times)}  "
+            print(f"  round {round_} {variant:13s} {' '.join(f'{t:7.3f}' for t in times)}  "
                   f"({flops / graph / 1e9:5.1f} TFLOP/s graphed, {flops / graph / 1e9 / 7.7:4.1f}% of 770)", flush=True)
     patch(variants[0])
     for variant in variants[1:]:

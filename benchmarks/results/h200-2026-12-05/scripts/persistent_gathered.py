@@ -7,6 +7,8 @@ and the largest difference of the outputs against the portable kernels.
     python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py [configs...]
     python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py --split-up   (split_up, session 26)
     python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py --layer [configs...]   (session 27)
+    python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py --layer-dA [configs...]   (session 28)
+    python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py --split-up CONFIG   (session 28)
 """
 import sys
 
@@ -156,9 +158,10 @@ def split_up(harness, graph_us, name="h2048_64x1024_top8", tiles=GemmTiles(128, 
 
 def patch_layer(variant, persistent_tiles=GemmTiles(128, 256, 64, 4, 3)):
     """Session 27: the layer's up and dA GEMMs as the persistent kernels over rows a gather pass sorted (variant
-    "persistent"), patched into ops where the layer keeps the sorted rows (large 16-bit problems on Hopper) and the
-    activation takes one projection; elsewhere, and for variant "base", the portable kernels. The gather lands in
-    the layer's own sorted-rows buffer by a copy (one more pass over R·H than a product path would make)."""
+    "persistent"; session 28: "persistent dA", the dA alone), patched into ops where the layer keeps the sorted rows
+    (large 16-bit problems on Hopper) and the activation takes one projection; elsewhere, and for variant "base",
+    the portable kernels. The gather lands in the layer's own sorted-rows buffer by a copy (one more pass over R·H
+    than a product path would make)."""
     import triton_moe.ops as ops
     if not hasattr(patch_layer, "original"):
         patch_layer.original = (ops.up_projection, ops.down_projection_backward)
@@ -189,7 +192,7 @@ def patch_layer(variant, persistent_tiles=GemmTiles(128, 256, 64, 4, 3)):
                                                      sorted_grad_out=sorted_grad_out)
         return dh_pre, None, d_routing_weights
 
-    ops.up_projection, ops.down_projection_backward = up, dA
+    ops.up_projection, ops.down_projection_backward = (up_original if variant == "persistent dA" else up), dA
 
 
 def main():
@@ -197,12 +200,13 @@ def main():
     import harness
     from sweep_tiles import graph_us
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
-    if sys.argv[1:] == ["--split-up"]:
-        return split_up(harness, graph_us)
-    if sys.argv[1:2] == ["--layer"]:
+    if sys.argv[1:2] == ["--split-up"]:
+        return split_up(harness, graph_us, *sys.argv[2:3])
+    if sys.argv[1:2] in (["--layer"], ["--layer-dA"]):
         from copy_variants import layer_variants
+        variant = "persistent" if sys.argv[1] == "--layer" else "persistent dA"
         for name in sys.argv[2:] or ["h4096_8x14336_top2"]:
-            layer_variants(name, ("base", "persistent"), patch_layer, rounds=2)
+            layer_variants(name, ("base", variant), patch_layer, rounds=2 if variant == "persistent" else 3)
         return
     for name in sys.argv[1:] or ["h2048_64x1024_top8", "h2048_128x768_top8"]:
         config, x, o = _operands(harness, name)
