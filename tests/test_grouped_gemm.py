@@ -779,6 +779,46 @@ def test_launchers_with_other_tiles(tiles, activation, dh_path, monkeypatch):
             assert dv1 is None
 
 
+@pytest.mark.parametrize("row_group", [2, 3])
+@pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
+def test_row_groups_same_results(activation, row_group, monkeypatch):
+    """The portable GEMM's tiles in groups of row tiles (as for experts whose weight slices outgrow L2): every
+    launcher's results equal the ungrouped order's bit for bit, with experts of 0 to 6 row tiles, so that groups
+    end short of ROW_GROUP row tiles."""
+    take_dh_path("fused" if activation == "relu_squared" else "row pass", monkeypatch)
+    expert_widths, hidden, num_tokens, top_k, allowed_experts = ROW_SPLIT_CASES["expert_without_tokens"]
+    generator = torch.Generator().manual_seed(0)
+    routing = make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator)
+    dtype, gated = torch.float32, is_gated(activation)
+    x, grad_out = random((num_tokens, hidden), dtype, generator), random((num_tokens, hidden), dtype, generator)
+    w1, w2 = random_weight(routing, hidden, dtype, generator), random_weight(routing, hidden, dtype, generator)
+    v1 = random_weight(routing, hidden, dtype, generator) if gated else None
+    tiles = GemmTiles(16, 32, 16, num_warps=1, num_stages=1)
+    layout, row_to_token, routing_weights = routing.layout, routing.row_to_token, routing.routing_weights
+    row_tiles = (layout.expert_row_offsets.diff() + tiles.tile_m - 1) // tiles.tile_m
+    # an expert without rows, and one with a full group of row tiles and a short one after it
+    assert 0 in row_tiles.tolist() and any(n > row_group and n % row_group for n in row_tiles.tolist())
+
+    def run():
+        sorted_x = torch.full((routing.num_rows, hidden), float("nan"), dtype=dtype, device=DEVICE)
+        h_pre, h_up, h_act = forward = up_projection(x, w1, v1, row_to_token, layout, activation, routing_weights,
+                                                     sorted_x=sorted_x, tiles=tiles)
+        y = down_projection(h_act, w2, layout, tiles=tiles)
+        backward = down_projection_backward(grad_out, w2, h_pre, h_up, row_to_token, layout, routing_weights,
+                                            activation, tiles=tiles)
+        dx_rows = input_grad_rows(backward[0], w1, backward[1], v1, layout, tiles=tiles)
+        return [*forward, sorted_x, y, *backward, dx_rows]
+
+    ungrouped = run()
+    monkeypatch.setattr(tuning, "ROW_GROUP_MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(tuning, "ROW_GROUP", row_group)
+    groups = []  # each portable launch's ROW_GROUP
+    monkeypatch.setattr(grouped_gemm, "row_group", lambda nbytes: groups.append(tuning.row_group(nbytes)) or groups[-1])
+    for got, want in zip(run(), ungrouped, strict=True):
+        assert (got is None and want is None) or same(got, want)
+    assert len(groups) >= 4 and set(groups) == {row_group}
+
+
 def run_all_launchers(case, activation, dtype):
     """Forward and backward through every launcher, with fixed random inputs; returns every output."""
     routing, h_pre, h_up, w2, grad_out = random_down_inputs(case, activation, dtype)

@@ -42,7 +42,7 @@ from triton_moe.kernels.host import (FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check
 from triton_moe.kernels.layout import ExpertLayout
 from triton_moe.kernels.persistent import persistent_rows_gemm, persistent_weight_grad
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, PERSISTENT_TILES, SUM_SPLITS_ELEMENTS, GemmTiles,
-                                       gemm_tiles, fused_dh_pays_off, row_pass_tiles, rows_per_program,
+                                       gemm_tiles, fused_dh_pays_off, row_group, row_pass_tiles, rows_per_program,
                                        takes_persistent_kernel, tma_readable, weight_grad_row_splits, weights_by_tma,
                                        widths_fit_k_steps)
 
@@ -147,8 +147,12 @@ def _expert_rows_gemm(
     TILE_K: tl.constexpr,
     EXPERTS_POW2: tl.constexpr,
     WIDTH_MULTIPLE: tl.constexpr,
+    ROW_GROUP: tl.constexpr,
 ):
     """One (expert, row tile, column tile) of out = A @ B_e; see the module docstring for the two layouts.
+
+    ROW_GROUP: an expert's tiles run in groups of ROW_GROUP row tiles, column tiles fastest across the group's row
+    tiles taken in turn (1: one row tile's column tiles, then the next row tile's).
 
     ZERO_PADDING ("act_forward" only): the program of an expert's last column tile also writes zeros past the
     expert's width up to max_width, so that the forward's outputs are the same whatever the memory held before.
@@ -207,12 +211,22 @@ def _expert_rows_gemm(
         num_cols = hidden
         reduce_size = width
     # Column tiles fastest: consecutive programs, which run at the same time, share one tile of A rows (a
-    # gather of token rows, or a slab of a hidden-activation matrix) and sweep the expert's weight slice, which is at
-    # most a few MiB and stays in L2 across the expert's row tiles. Row tiles fastest would instead re-read
-    # every A row once per column tile, far apart in time, from DRAM for large experts.
+    # gather of token rows, or a slab of a hidden-activation matrix) and sweep the expert's weight slice, which,
+    # a few MiB, stays in L2 across the expert's row tiles. Row tiles fastest would instead re-read every A row once
+    # per column tile, far apart in time, from DRAM for large experts. A weight slice larger than L2 would come
+    # from DRAM once per row tile: there ROW_GROUP row tiles take each column tile in turn, so that the programs
+    # running together share each weight tile ROW_GROUP times and each A tile a column tiles' sweep.
     col_tiles = tl.cdiv(num_cols, TILE_N)
-    row_tile = (tile_id - first_tile) // col_tiles
-    col_tile = (tile_id - first_tile) % col_tiles
+    local_tile = tile_id - first_tile
+    if ROW_GROUP == 1:
+        row_tile = local_tile // col_tiles
+        col_tile = local_tile % col_tiles
+    else:
+        group_tiles = ROW_GROUP * col_tiles
+        group_first_row_tile = (local_tile // group_tiles) * ROW_GROUP
+        group_row_tiles = tl.minimum(tl.cdiv(num_rows, TILE_M) - group_first_row_tile, ROW_GROUP)
+        row_tile = group_first_row_tile + (local_tile % group_tiles) % group_row_tiles
+        col_tile = (local_tile % group_tiles) // group_row_tiles
     expert_rows = row_tile * TILE_M + tl.arange(0, TILE_M)  # (TILE_M,) row index within the expert
     cols = col_tile * TILE_N + tl.arange(0, TILE_N)  # (TILE_N,)
     ks = tl.arange(0, TILE_K)  # (TILE_K,)
@@ -615,6 +629,7 @@ def _expert_rows_gemm_launch(
         COPY_A_ROWS=a_rows is not None,
         ZERO_PADDING=epilogue == "act_forward" and not layout.uniform,
         B_TMA=b_desc is not None,
+        ROW_GROUP=row_group(layout.max_width * hidden * b.element_size()),
         **_launch_options(a.dtype, tiles, layout),
     )
 

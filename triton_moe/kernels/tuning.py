@@ -268,6 +268,18 @@ def takes_persistent_kernel(hidden_rows: torch.Tensor, other: torch.Tensor) -> b
             and kernel_tma_readable(other))
 
 
+# An expert's weight slice (the widest expert's [W, H]) past this many bytes does not stay in L2 across the expert's
+# row tiles; the portable GEMM then runs its tiles in groups of ROW_GROUP row tiles (see _expert_rows_gemm).
+ROW_GROUP_MIN_WEIGHT_BYTES = 2**24
+ROW_GROUP = 8
+
+
+def row_group(weight_slice_bytes: int) -> int:
+    """The row tiles the portable GEMM groups (its ROW_GROUP) for experts whose weight slices take
+    `weight_slice_bytes`: ROW_GROUP past ROW_GROUP_MIN_WEIGHT_BYTES, else 1."""
+    return ROW_GROUP if weight_slice_bytes > ROW_GROUP_MIN_WEIGHT_BYTES else 1
+
+
 def widths_fit_k_steps(expert_widths: tuple[int, ...], tile_k: int) -> bool:
     """Whether K steps of `tile_k` over each expert's width end at it (every width a multiple), or past it only
     outside the hidden activations (one width): what the persistent row GEMM's TMA loads need."""
