@@ -269,9 +269,11 @@ def takes_persistent_kernel(hidden_rows: torch.Tensor, other: torch.Tensor) -> b
 
 
 # An expert's weight slice (the widest expert's [W, H]) past this many bytes does not stay in L2 across the expert's
-# row tiles; the portable GEMM then runs its tiles in groups of ROW_GROUP row tiles (see _expert_rows_gemm).
+# row tiles; the portable GEMM then runs its tiles in groups of ROW_GROUP row tiles (see _expert_rows_gemm), which
+# measured fastest of 4, 8 and 16 on the gathering GEMMs of eight 14336-wide experts. Slices of a few MiB (64 or
+# 128 experts at hidden 2048) keep the ungrouped order, which measured the same there.
 ROW_GROUP_MIN_WEIGHT_BYTES = 2**24
-ROW_GROUP = 8
+ROW_GROUP = 16
 
 
 def row_group(weight_slice_bytes: int) -> int:
