@@ -9,6 +9,8 @@ and the largest difference of the outputs against the portable kernels.
     python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py --layer [configs...]   (session 27)
     python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py --layer-dA [configs...]   (session 28)
     python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py --split-up CONFIG   (session 28)
+    python3 benchmarks/results/h200-2026-12-05/scripts/persistent_gathered.py --row-group G ...   (session 28: the
+        persistent kernels' tiles in groups of G row tiles, as the portable kernel's tuning.ROW_GROUP)
 """
 import sys
 
@@ -32,6 +34,7 @@ def _persistent_token_rows_gemm(
     INDEXED_ROUTING_WEIGHTS: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr = True,
+    ROW_GROUP: tl.constexpr = 1,
 ):
     """Tiles program_id, program_id + NUM_PROGRAMS, ... of out = A_sorted[rows of e] @ B_eᵀ, hidden -> width."""
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[num_rows, hidden], strides=[hidden, 1],
@@ -47,8 +50,16 @@ def _persistent_token_rows_gemm(
         width_start = tl.load(expert_width_offsets_ptr + expert).to(tl.int32)
         width = tl.load(expert_width_offsets_ptr + expert + 1).to(tl.int32) - width_start
         col_tiles = tl.cdiv(width, TILE_N)
-        row_tile = (tile_id - first_tile) // col_tiles
-        col_tile = (tile_id - first_tile) % col_tiles
+        local_tile = tile_id - first_tile
+        if ROW_GROUP == 1:
+            row_tile = local_tile // col_tiles
+            col_tile = local_tile % col_tiles
+        else:  # session 28: groups of ROW_GROUP row tiles, as the portable kernel's ROW_GROUP
+            group_tiles = ROW_GROUP * col_tiles
+            group_first_row_tile = (local_tile // group_tiles) * ROW_GROUP
+            group_row_tiles = tl.minimum(tl.cdiv(expert_num_rows, TILE_M) - group_first_row_tile, ROW_GROUP)
+            row_tile = group_first_row_tile + (local_tile % group_tiles) % group_row_tiles
+            col_tile = (local_tile % group_tiles) // group_row_tiles
         a_row = row_start + row_tile * TILE_M
         b_row = width_start + col_tile * TILE_N
         acc = tl.zeros((TILE_M, TILE_N), dtype=tl.float32)
@@ -80,6 +91,9 @@ def _persistent_token_rows_gemm(
                                    HAS_ROUTING_WEIGHTS)
 
 
+ROW_GROUP = 1  # session 28: --row-group G sets it
+
+
 def _launch(a_sorted, b, layout, tiles, epilogue, activation, routing_weights, routing_weight_index,
             out, out3=None, h_pre=None, partials=None, warp_specialize=True):
     col_tiles = ceil_div(layout.max_width, tiles.tile_n)
@@ -94,7 +108,8 @@ def _launch(a_sorted, b, layout, tiles, epilogue, activation, routing_weights, r
             EPILOGUE=epilogue, ACTIVATION=activation, HAS_ROUTING_WEIGHTS=routing_weights is not None,
             INDEXED_ROUTING_WEIGHTS=routing_weight_index is not None,
             TILE_M=tiles.tile_m, TILE_N=tiles.tile_n, TILE_K=tiles.tile_k, NUM_PROGRAMS=num_programs,
-            WARP_SPECIALIZE=warp_specialize, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            WARP_SPECIALIZE=warp_specialize, ROW_GROUP=ROW_GROUP, num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages)
 
 
 def up_persistent(x, w1, row_to_token, layout, activation, routing_weights, routing_weight_index, tiles,
@@ -200,6 +215,11 @@ def main():
     import harness
     from sweep_tiles import graph_us
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
+    global ROW_GROUP
+    if sys.argv[1:2] == ["--row-group"]:
+        ROW_GROUP = int(sys.argv[2])
+        del sys.argv[1:3]
+        print(f"ROW_GROUP {ROW_GROUP} (the persistent kernels' tiles)", flush=True)
     if sys.argv[1:2] == ["--split-up"]:
         return split_up(harness, graph_us, *sys.argv[2:3])
     if sys.argv[1:2] in (["--layer"], ["--layer-dA"]):
