@@ -783,8 +783,8 @@ def test_launchers_with_other_tiles(tiles, activation, dh_path, monkeypatch):
 @pytest.mark.parametrize("activation", ["relu_squared", "swiglu"])
 def test_row_groups_same_results(activation, row_group, monkeypatch):
     """The portable GEMM's tiles in groups of row tiles (as for experts whose weight slices outgrow L2): every
-    launcher's results equal the ungrouped order's bit for bit, with experts of 0 to 6 row tiles, so that groups
-    end short of ROW_GROUP row tiles."""
+    launcher's results equal the ungrouped order's bit for bit, with an expert without rows and groups that end
+    short of ROW_GROUP row tiles."""
     take_dh_path("fused" if activation == "relu_squared" else "row pass", monkeypatch)
     expert_widths, hidden, num_tokens, top_k, allowed_experts = ROW_SPLIT_CASES["expert_without_tokens"]
     generator = torch.Generator().manual_seed(0)

@@ -151,8 +151,9 @@ def _expert_rows_gemm(
 ):
     """One (expert, row tile, column tile) of out = A @ B_e; see the module docstring for the two layouts.
 
-    ROW_GROUP: an expert's tiles run in groups of ROW_GROUP row tiles, column tiles fastest across the group's row
-    tiles taken in turn (1: one row tile's column tiles, then the next row tile's).
+    ROW_GROUP: an expert's tiles run in groups of ROW_GROUP row tiles: consecutive tiles step through the group's
+    row tiles at one column tile, then move to the next column tile (1: one row tile's column tiles, then the next
+    row tile's).
 
     ZERO_PADDING ("act_forward" only): the program of an expert's last column tile also writes zeros past the
     expert's width up to max_width, so that the forward's outputs are the same whatever the memory held before.
@@ -211,11 +212,11 @@ def _expert_rows_gemm(
         num_cols = hidden
         reduce_size = width
     # Column tiles fastest: consecutive programs, which run at the same time, share one tile of A rows (a
-    # gather of token rows, or a slab of a hidden-activation matrix) and sweep the expert's weight slice, which,
-    # a few MiB, stays in L2 across the expert's row tiles. Row tiles fastest would instead re-read every A row once
-    # per column tile, far apart in time, from DRAM for large experts. A weight slice larger than L2 would come
-    # from DRAM once per row tile: there ROW_GROUP row tiles take each column tile in turn, so that the programs
-    # running together share each weight tile ROW_GROUP times and each A tile a column tiles' sweep.
+    # gather of token rows, or a slab of a hidden-activation matrix) and sweep the expert's weight slice, which
+    # stays in L2 across the expert's row tiles where it takes a few MiB. Row tiles fastest would instead re-read
+    # every A row once per column tile, far apart in time, from DRAM for large experts. A weight slice larger than
+    # L2 would come from DRAM again for every row tile: there the launcher asks for groups of ROW_GROUP row tiles,
+    # which the programs running together sweep at once, reading each weight tile once for the group.
     col_tiles = tl.cdiv(num_cols, TILE_N)
     local_tile = tile_id - first_tile
     if ROW_GROUP == 1:
