@@ -6,6 +6,7 @@ timings: a benchmark reports, it does not judge.
 """
 
 import argparse
+import contextlib
 import copy
 import datetime
 import hashlib
@@ -13,7 +14,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,6 +70,8 @@ def parse_args(description, extra=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--back-to-back", action="store_true",
                         help="also time every implementation over --repeats calls back to back (no sync between)")
+    parser.add_argument("--clocks", action="store_true",
+                        help="on a GPU, sample its SM clock and power draw (nvidia-smi) while timing; report them")
     parser.add_argument("--out", default=None, help="JSON path (default: runs/<benchmark>.json)")
     if extra:
         extra(parser)
@@ -143,6 +148,70 @@ def back_to_back_ms(fn, warmup: int, repeats: int) -> float:
         fn()
     synchronize()
     return (time.perf_counter() - begin) * 1e3 / repeats
+
+
+class ClockSampler:
+    """The GPU's SM clock and power draw, sampled by nvidia-smi every `period_ms` while the sampler is open, then
+    summarised over the wall-time windows the benchmark marked (`window`). A sustained large problem can meet the
+    board's power limit: the clock then falls, and back-to-back time rises with it."""
+
+    QUERY = "timestamp,clocks.sm,power.draw"
+
+    def __init__(self, period_ms: int = 20):
+        self.period_ms = period_ms
+        self.samples = []  # (seconds since the epoch, SM MHz, W), read when the sampler closes
+
+    @staticmethod
+    def gpu_id() -> str:
+        """nvidia-smi's name for torch's current device: its UUID, which does not depend on how either orders GPUs."""
+        return f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"
+
+    def __enter__(self):
+        self._log = tempfile.TemporaryFile("w+")
+        self._process = subprocess.Popen(
+            ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", f"-lms={self.period_ms}",
+             f"--id={self.gpu_id()}"], stdout=self._log, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc):
+        self._process.terminate()
+        self._process.wait()
+        self._log.seek(0)
+        self.samples = parse_clock_log(self._log.read().splitlines())
+        self._log.close()
+
+    @staticmethod
+    def window(fn, *args):
+        """fn(*args)'s result and the wall-time window (start, end) of the call, in seconds since the epoch."""
+        start = time.time()
+        result = fn(*args)
+        return result, (start, time.time())
+
+
+def parse_clock_log(lines) -> list[tuple[float, float, float]]:
+    """(seconds since the epoch, SM MHz, W) of each well-formed line of nvidia-smi's
+    `--query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader,nounits` output (local time stamps)."""
+    samples = []
+    for line in lines:
+        fields = [field.strip() for field in line.split(",")]
+        try:
+            stamp = datetime.datetime.strptime(fields[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            samples.append((stamp, float(fields[1]), float(fields[2])))
+        except (IndexError, ValueError):
+            continue
+    return samples
+
+
+def clock_summary(samples, window) -> dict | None:
+    """The samples inside `window` (start, end): their number, the SM clock's median and minimum (MHz) and the
+    largest power draw (W); None where none fell inside."""
+    start, end = window
+    inside = [sample for sample in samples if start <= sample[0] <= end]
+    if not inside:
+        return None
+    clocks = [sample[1] for sample in inside]
+    return dict(samples=len(inside), sm_mhz_median=statistics.median(clocks), sm_mhz_min=min(clocks),
+                watts_max=max(sample[2] for sample in inside))
 
 
 def dense_peak_tflops(dtype) -> float | None:
@@ -252,22 +321,10 @@ def source_digest(package: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_variants=None):
-    """Time `make_step(layer, x)()` for every config x implementation; print a markdown table, write JSON.
-
-    flops_multiplier: 1 for forward only, 3 for forward + backward (two GEMMs of the backward per forward one).
-    triton_variants: {column label: make_step}, other ways of running the Triton layer (torch.compile, a CUDA
-        graph), each timed on a GPU in a column of its own.
-    """
-    dtype = DTYPES[args.dtype]
-    dev = device()
-    env = environment()
-    peak = dense_peak_tflops(dtype)
-    env["dense_peak_tflops"] = peak
-    print(f"# {benchmark_name}: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
-    print(f"# command: {env['command']}; triton_moe source {env['source']}")
-    if peak:
-        print(f"# measured dense {args.dtype} GEMM peak (8192^3 torch.matmul): {peak:.0f} TFLOP/s")
+def time_every_config(args, make_step, flops_multiplier, triton_variants, peak) -> tuple[list, list]:
+    """The rows (one per config x implementation, timed) and the skipped (config, implementation, why) of
+    run_benchmark; each row holds the wall-time windows of its timings under "clock_windows"."""
+    dtype, dev = DTYPES[args.dtype], device()
     rows, skipped = [], []
     for name in args.configs:
         config, tokens = make_config(name, args.activation)
@@ -285,9 +342,10 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_vari
             # as skipped; for the Triton layer only runtime errors (out of memory) are, so that its bugs stop the run.
             failures = (RuntimeError, NotImplementedError) if impl == "triton" else Exception
             try:
-                ms = time_ms(step, args.warmup, args.repeats)
+                ms, one_call_window = ClockSampler.window(time_ms, step, args.warmup, args.repeats)
                 memory = peak_memory_mb(step)
-                back_to_back = back_to_back_ms(step, args.warmup, args.repeats) if args.back_to_back else None
+                back_to_back, queued_window = (ClockSampler.window(back_to_back_ms, step, args.warmup, args.repeats)
+                                               if args.back_to_back else (None, None))
             except failures as error:
                 skipped.append((name, impl, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"))
                 continue
@@ -305,7 +363,8 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_vari
                     skipped.append((name, f"triton ({label})", f"{type(error).__name__}: {why}"))
             rows.append(dict(config=name, impl=impl, tokens=tokens, ms=ms, back_to_back_ms=back_to_back, tflops=tflops,
                              pct_peak=100 * tflops / peak if tflops and peak else None, peak_memory_mb=memory,
-                             variant_ms=variant_ms))
+                             variant_ms=variant_ms,
+                             clock_windows={"one call": one_call_window, "back to back": queued_window}))
             del layer, step
             if dev == "cuda":
                 torch.cuda.empty_cache()
@@ -314,7 +373,36 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_vari
             if row["config"] == name:
                 for column, baseline in SPEEDUP_BASELINES.items():
                     row[column] = ms_of_impl[baseline] / row["ms"] if baseline in ms_of_impl else None
+    return rows, skipped
+
+
+def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_variants=None):
+    """Time `make_step(layer, x)()` for every config x implementation; print a markdown table, write JSON.
+
+    flops_multiplier: 1 for forward only, 3 for forward + backward (two GEMMs of the backward per forward one).
+    triton_variants: {column label: make_step}, other ways of running the Triton layer (torch.compile, a CUDA
+        graph), each timed on a GPU in a column of its own.
+    """
+    dtype = DTYPES[args.dtype]
+    dev = device()
+    env = environment()
+    peak = dense_peak_tflops(dtype)
+    env["dense_peak_tflops"] = peak
+    print(f"# {benchmark_name}: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    print(f"# command: {env['command']}; triton_moe source {env['source']}")
+    if peak:
+        print(f"# measured dense {args.dtype} GEMM peak (8192^3 torch.matmul): {peak:.0f} TFLOP/s")
+    sampler = ClockSampler() if args.clocks and dev == "cuda" else None
+    with sampler or contextlib.nullcontext():
+        rows, skipped = time_every_config(args, make_step, flops_multiplier, triton_variants, peak)
+    for row in rows:
+        windows = row.pop("clock_windows")
+        if sampler is not None:
+            row["clocks"] = {timing: clock_summary(sampler.samples, window) for timing, window in windows.items()
+                             if timing == "one call" or row["back_to_back_ms"] is not None}
     print_table(rows, list(triton_variants or {}))
+    if sampler is not None:
+        print_clock_table(rows)
     for name, impl, reason in skipped:
         print(f"skipped {impl} on {name}: {reason}")
     out = Path(args.out or f"runs/{benchmark_name}.json")
@@ -384,6 +472,19 @@ def print_table(rows, variant_labels):
               + f"{_fmt(row['tflops'], '.1f')} | {_fmt(row['pct_peak'], '.1f')} | "
               f"{_fmt(row['peak_memory_mb'], '.0f')} |"
               + "".join(f" {_fmt(row['variant_ms'].get(label), '.3f')} |" for label in variant_labels))
+
+
+def print_clock_table(rows):
+    """The SM clock (median, minimum) and the largest power draw nvidia-smi sampled during each row's timings."""
+    print("\n| config | impl | timing | samples | SM MHz median | SM MHz min | W max |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        for timing, summary in row["clocks"].items():
+            if summary is None:
+                print(f"| {row['config']} | {row['impl']} | {timing} | 0 | - | - | - |")
+                continue
+            print(f"| {row['config']} | {row['impl']} | {timing} | {summary['samples']} | "
+                  f"{summary['sm_mhz_median']:.0f} | {summary['sm_mhz_min']:.0f} | {summary['watts_max']:.0f} |")
 
 
 def forward_step(layer, x):

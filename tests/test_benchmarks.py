@@ -2,8 +2,10 @@
 checks that the scripts and their baselines work and write their JSON)."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,38 @@ def test_source_digest_names_the_code_that_ran(tmp_path):
     assert len({digest, changed, renamed, added}) == 4
     (package / "notes.txt").write_text("not code")
     assert harness.source_digest(package) == added
+
+
+def test_clock_sampler_summarises_the_samples_inside_each_window(tmp_path, monkeypatch):
+    """harness.ClockSampler (bench_*.py --clocks) runs nvidia-smi, here a stand-in that prints a 1500 MHz, 650 W
+    sample every 10 ms, and clock_summary keeps only the samples inside a window; malformed lines are skipped."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import harness
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/usr/bin/env bash\necho "timestamp, clocks.sm [MHz]"\n'
+                    'while true; do echo "$(date +"%Y/%m/%d %H:%M:%S.%3N"), 1500, 650.5"; sleep 0.01; done\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(harness.ClockSampler, "gpu_id", staticmethod(lambda: "0"))
+    with harness.ClockSampler() as sampler:
+        time.sleep(0.3)
+        _, window = harness.ClockSampler.window(time.sleep, 0.3)
+    assert len(sampler.samples) > 5 and all(sample[1:] == (1500.0, 650.5) for sample in sampler.samples)
+    summary = harness.clock_summary(sampler.samples, window)
+    inside = [sample for sample in sampler.samples if window[0] <= sample[0] <= window[1]]
+    assert 0 < summary["samples"] == len(inside) < len(sampler.samples)
+    assert (summary["sm_mhz_median"], summary["sm_mhz_min"], summary["watts_max"]) == (1500.0, 1500.0, 650.5)
+    assert harness.clock_summary(sampler.samples, (0.0, 1.0)) is None
+
+
+def test_clock_log_lines_become_samples():
+    sys.path.insert(0, str(BENCHMARKS))
+    from harness import clock_summary, parse_clock_log
+
+    samples = parse_clock_log(["2026/12/05 10:49:18.356, 1560, 594.01", "2026/12/05 10:49:18.456, 1170, 714.46",
+                               "2026/12/05 10:49:18.556, [N/A], 700", "garbage", ""])
+    assert [sample[1:] for sample in samples] == [(1560.0, 594.01), (1170.0, 714.46)]
+    assert abs(samples[1][0] - samples[0][0] - 0.1) < 1e-6
+    assert clock_summary(samples, (samples[0][0], samples[1][0])) == dict(
+        samples=2, sm_mhz_median=1365.0, sm_mhz_min=1170.0, watts_max=714.46)
