@@ -346,6 +346,9 @@ def time_every_config(args, make_step, flops_multiplier, triton_variants, peak) 
                 memory = peak_memory_mb(step)
                 back_to_back, queued_window = (ClockSampler.window(back_to_back_ms, step, args.warmup, args.repeats)
                                                if args.back_to_back else (None, None))
+                clock_windows = {"one call": one_call_window}
+                if queued_window is not None:
+                    clock_windows["back to back"] = queued_window
             except failures as error:
                 skipped.append((name, impl, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"))
                 continue
@@ -364,7 +367,7 @@ def time_every_config(args, make_step, flops_multiplier, triton_variants, peak) 
             rows.append(dict(config=name, impl=impl, tokens=tokens, ms=ms, back_to_back_ms=back_to_back, tflops=tflops,
                              pct_peak=100 * tflops / peak if tflops and peak else None, peak_memory_mb=memory,
                              variant_ms=variant_ms,
-                             clock_windows={"one call": one_call_window, "back to back": queued_window}))
+                             clock_windows=clock_windows))
             del layer, step
             if dev == "cuda":
                 torch.cuda.empty_cache()
@@ -398,8 +401,7 @@ def run_benchmark(args, benchmark_name, make_step, flops_multiplier, triton_vari
     for row in rows:
         windows = row.pop("clock_windows")
         if sampler is not None:
-            row["clocks"] = {timing: clock_summary(sampler.samples, window) for timing, window in windows.items()
-                             if timing == "one call" or row["back_to_back_ms"] is not None}
+            row["clocks"] = {timing: clock_summary(sampler.samples, window) for timing, window in windows.items()}
     print_table(rows, list(triton_variants or {}))
     if sampler is not None:
         print_clock_table(rows)
