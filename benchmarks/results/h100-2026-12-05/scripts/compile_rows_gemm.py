@@ -65,10 +65,12 @@ def compile_role(role, copy, stages):
                             capture_output=True, text=True)
     sass = subprocess.run([f"{BIN}/nvdisasm", "-c", path + ".cubin"], capture_output=True, text=True).stdout
     lines = sass.splitlines()
-    # The K loop: from the first to the last MMA's branch back; a spill between them runs every K step.
-    mmas = [i for i, line in enumerate(lines) if "HGMMA" in line]
-    loop_end = next(i for i in range(mmas[-1], len(lines)) if "BRA" in lines[i])
-    loop_start = max(i for i in range(mmas[0]) if "BRA" in lines[i])
+    # The K loop: from the label the branch after the last MMA jumps back to, to that branch; a spill between them
+    # runs every K step.
+    last_mma = max(i for i, line in enumerate(lines) if "HGMMA" in line)
+    loop_end = next(i for i in range(last_mma, len(lines)) if "BRA" in lines[i])
+    loop_label = re.search(r"\(([.\w]+)\)", lines[loop_end]).group(1)
+    loop_start = lines.index(f"{loop_label}:")
     spills = [i for i, line in enumerate(lines) if re.search(r"\b(LDL|STL)\b", line)]
     in_loop = sum(loop_start < i < loop_end for i in spills)
     text = report.stdout + report.stderr
