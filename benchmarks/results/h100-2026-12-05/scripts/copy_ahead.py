@@ -1,8 +1,8 @@
 """The gathering GEMMs' row copy loaded a K step ahead of its store (tuning.COPY_ROWS_AHEAD_ROLES, the kernel's
-COPY_AHEAD, which `../copy_ahead.diff` adds to main at 8adabac) against the copy loaded and stored in one step. Part 1: up and dA as the layer runs them (with their
-row copies), device µs per launch from CUDA-graph replays, each variant's outputs checked bit for bit against the
-copy in step; up and dA without the copy beside them. Part 2: the whole layer's forward + backward under each
-variant, alternating.
+COPY_AHEAD, which `../copy_ahead.diff` adds to main at 8adabac) against the copy loaded and stored in one step.
+Part 1: up and dA as the layer runs them (with their row copies), device µs per launch from CUDA-graph replays,
+each variant's outputs checked bit for bit against the copy in step; up and dA without the copy beside them.
+Part 2: the whole layer's forward + backward under each variant, alternating.
 
     python3 benchmarks/results/h100-2026-12-05/scripts/copy_ahead.py [--configs ...] [--layer-configs ...]
         [--rounds N] [--no-layer]
