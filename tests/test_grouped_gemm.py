@@ -20,7 +20,7 @@ from triton_moe.kernels import (
     up_projection,
     weight_grad,
 )
-from triton_moe.kernels import grouped_gemm, host, tuning
+from triton_moe.kernels import grouped_gemm, host, persistent, tuning
 from conftest import DEVICE, DTYPES, HALF_DTYPES, RefuseLaunch, gpu_only
 
 pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
@@ -598,6 +598,33 @@ def test_persistent_kernels_same_results(case, dtype, monkeypatch):
     for got, want in zip((y, dx_rows, dw1), run(tiles or GemmTiles(64, 128, k_step, num_warps=4, num_stages=3)),
                          strict=True):
         assert same(got, want)
+
+
+@pytest.mark.parametrize("hidden_group", [2, 3])
+def test_weight_grad_hidden_groups_same_results(hidden_group, monkeypatch):
+    """The persistent weight gradient's tiles in groups of hidden tiles (as for experts whose hidden activations
+    outgrow L2) give the ungrouped order's gradient bit for bit, with an expert without rows and a group that ends
+    short of HIDDEN_GROUP hidden tiles."""
+    if not tuning.has_warp_specialization(torch.device(DEVICE)):
+        pytest.skip("this GPU takes the portable kernels")
+    tiles = PERSISTENT_TEST_TILES or tuning.PERSISTENT_TILES
+    hidden = 5 * tiles.tile_n  # five hidden tiles: groups of 2 or 3 end short
+    expert_widths, _, num_tokens, top_k, allowed_experts = PERSISTENT_CASES["expert_without_tokens"]
+    generator = torch.Generator().manual_seed(0)
+    routing = make_routing(expert_widths, num_tokens, top_k, allowed_experts, generator)
+    dtype = torch.float16
+    dh_pre = random_hidden(routing, dtype, generator)
+    x_rows = sorted_rows(random((num_tokens, hidden), dtype, generator), routing)  # (R, H)
+    monkeypatch.setattr(tuning, "PERSISTENT_MIN_ROWS_X_HIDDEN", 0)
+    monkeypatch.setattr(grouped_gemm, "_weight_grad_gemm", RefuseLaunch())  # the persistent kernel or a failure
+    ungrouped = weight_grad(dh_pre, None, x_rows, None, routing.layout, tiles=tiles)[0]
+    monkeypatch.setattr(tuning, "HIDDEN_GROUP_MIN_SLICE_BYTES", 0)
+    monkeypatch.setattr(tuning, "HIDDEN_GROUP", hidden_group)
+    groups = []  # each launch's HIDDEN_GROUP
+    monkeypatch.setattr(persistent, "hidden_group",
+                        lambda nbytes: groups.append(tuning.hidden_group(nbytes)) or groups[-1])
+    assert same(weight_grad(dh_pre, None, x_rows, None, routing.layout, tiles=tiles)[0], ungrouped)
+    assert groups == [hidden_group]
 
 
 def test_persistent_kernels_only_where_they_serve(monkeypatch):

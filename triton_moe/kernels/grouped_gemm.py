@@ -40,7 +40,7 @@ from triton_moe.kernels.activation import activation_backward, activation_forwar
 from triton_moe.kernels.host import (FLOAT_DTYPES, INDEX_DTYPES, ceil_div, check_int, check_tensor_shape,
                                     row_major_descriptor, traceable)
 from triton_moe.kernels.layout import ExpertLayout
-from triton_moe.kernels.persistent import persistent_rows_gemm, persistent_weight_grad
+from triton_moe.kernels.persistent import grouped_tile, persistent_rows_gemm, persistent_weight_grad
 from triton_moe.kernels.tuning import (PERMUTE_NUM_WARPS, PERSISTENT_TILES, SUM_SPLITS_ELEMENTS, GemmTiles,
                                        gemm_tiles, fused_dh_pays_off, row_group, row_pass_tiles, rows_per_program,
                                        takes_persistent_kernel, tma_readable, weight_grad_row_splits, weights_by_tma,
@@ -218,16 +218,7 @@ def _expert_rows_gemm(
     # L2 would come from DRAM again for every row tile: there the launcher asks for groups of ROW_GROUP row tiles,
     # which the programs running together sweep at once, reading each weight tile once for the group.
     col_tiles = tl.cdiv(num_cols, TILE_N)
-    local_tile = tile_id - first_tile
-    if ROW_GROUP == 1:
-        row_tile = local_tile // col_tiles
-        col_tile = local_tile % col_tiles
-    else:
-        group_tiles = ROW_GROUP * col_tiles
-        group_first_row_tile = (local_tile // group_tiles) * ROW_GROUP
-        group_row_tiles = tl.minimum(tl.cdiv(num_rows, TILE_M) - group_first_row_tile, ROW_GROUP)
-        row_tile = group_first_row_tile + (local_tile % group_tiles) % group_row_tiles
-        col_tile = (local_tile % group_tiles) // group_row_tiles
+    row_tile, col_tile = grouped_tile(tile_id - first_tile, col_tiles, tl.cdiv(num_rows, TILE_M), ROW_GROUP)
     expert_rows = row_tile * TILE_M + tl.arange(0, TILE_M)  # (TILE_M,) row index within the expert
     cols = col_tile * TILE_N + tl.arange(0, TILE_N)  # (TILE_N,)
     ks = tl.arange(0, TILE_K)  # (TILE_K,)

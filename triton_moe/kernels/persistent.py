@@ -32,7 +32,25 @@ from triton.runtime import _allocation
 
 from triton_moe.kernels.host import ceil_div, running_in_interpreter, traceable
 from triton_moe.kernels.layout import ExpertLayout
-from triton_moe.kernels.tuning import TILE_TABLE_BLOCK, GemmTiles, multiprocessors
+from triton_moe.kernels.tuning import TILE_TABLE_BLOCK, GemmTiles, hidden_group, multiprocessors
+
+
+@triton.jit
+def grouped_tile(local_tile, fast_tiles, slow_tiles, GROUP: tl.constexpr):
+    """(slow, fast) coordinates of an expert's `local_tile`-th tile on a grid of slow_tiles x fast_tiles. GROUP 1:
+    the fast coordinate steps fastest. Else the slow tiles go in groups of GROUP: consecutive tiles step through the
+    group's slow tiles at one fast tile, then move to the next fast tile, so that the programs running together
+    share a fast tile's operand and read each once for the group (the last group may be short)."""
+    if GROUP == 1:
+        slow = local_tile // fast_tiles
+        fast = local_tile % fast_tiles
+    else:
+        group_tiles = GROUP * fast_tiles
+        group_first = (local_tile // group_tiles) * GROUP
+        group_size = tl.minimum(slow_tiles - group_first, GROUP)
+        slow = group_first + (local_tile % group_tiles) % group_size
+        fast = (local_tile % group_tiles) // group_size
+    return slow, fast
 
 
 @triton.jit
@@ -108,8 +126,12 @@ def _persistent_weight_grad(
     TILE_N: tl.constexpr,
     TILE_K: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
+    HIDDEN_GROUP: tl.constexpr,
 ):
-    """Tiles program_id, program_id + NUM_PROGRAMS, ... of dW_e = A_eᵀ @ B_e (see the module docstring)."""
+    """Tiles program_id, program_id + NUM_PROGRAMS, ... of dW_e = A_eᵀ @ B_e (see the module docstring).
+
+    HIDDEN_GROUP: an expert's tiles run in groups of HIDDEN_GROUP hidden tiles (grouped_tile), each width tile taken
+    by the group's hidden tiles in turn (1: one hidden tile's width tiles, then the next hidden tile's)."""
     num_tiles = tl.load(num_tiles_ptr)
     for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, warp_specialize=True):
         expert = tl.load(tile_table_ptr + 2 * tile_id)
@@ -118,10 +140,12 @@ def _persistent_weight_grad(
         row_end = tl.load(expert_row_offsets_ptr + expert + 1).to(tl.int32)
         width_start = tl.load(expert_width_offsets_ptr + expert).to(tl.int32)
         width = tl.load(expert_width_offsets_ptr + expert + 1).to(tl.int32) - width_start
-        # Width tiles fastest, as in the portable kernel: the programs running together share B's hidden tile.
-        width_tiles = tl.cdiv(width, TILE_M)
-        width_tile = (tile_id - first_tile) % width_tiles
-        hidden_tile = (tile_id - first_tile) // width_tiles
+        # Width tiles fastest, as in the portable kernel: the programs running together share B's hidden tile and
+        # sweep A_e, which stays in L2 across the hidden tiles where it takes a few MiB. An A_e larger than L2 would
+        # come from DRAM again for every hidden tile: there the launcher asks for groups of HIDDEN_GROUP hidden
+        # tiles, which read each A tile once for the group.
+        hidden_tile, width_tile = grouped_tile(tile_id - first_tile, tl.cdiv(width, TILE_M), tl.cdiv(hidden, TILE_N),
+                                               HIDDEN_GROUP)
         # Descriptors that end at the expert's last row: a K step past it reads zeros. (At least one row: an
         # expert without rows, which loads nothing, still makes a valid descriptor.)
         rows_end = tl.maximum(row_end, 1)
@@ -206,10 +230,12 @@ def persistent_weight_grad(hidden_rows: torch.Tensor, sorted_rows: torch.Tensor,
     max_tiles = layout.tiles_per_row_tile(tiles.tile_m)[1] * col_tiles  # exact: the tiles follow from the widths
     tile_table, num_tiles = _tile_table(layout.expert_width_offsets, layout, col_tiles, max_tiles, tiles.tile_m)
     num_programs = min(_num_programs(hidden_rows.device), max_tiles)
+    # the hidden activations of an expert of the mean rows and the widest width
+    slice_bytes = layout.num_rows // layout.num_experts * layout.max_width * hidden_rows.element_size()
     with _descriptor_scratch():
         traceable(_persistent_weight_grad)[(num_programs,)](
             hidden_rows, sorted_rows, dw, layout.expert_row_offsets, layout.expert_width_offsets, tile_table,
             num_tiles, hidden, layout.max_width,
             TILE_M=tiles.tile_m, TILE_N=tiles.tile_n, TILE_K=tiles.tile_k, NUM_PROGRAMS=num_programs,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            HIDDEN_GROUP=hidden_group(slice_bytes), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
