@@ -3,7 +3,7 @@ tiles (tuning.HIDDEN_GROUP, applied past tuning.HIDDEN_GROUP_MIN_SLICE_BYTES of 
 device µs per launch from CUDA-graph replays, checked bit for bit against the ungrouped order; then the whole
 layer's forward + backward under each grouping, alternating.
 
-    python3 benchmarks/results/h100-2026-12-05/scripts/hidden_groups.py [--rounds N]
+    python3 benchmarks/results/h200-2026-12-05/scripts/hidden_groups.py [--rounds N]
 """
 import argparse
 import sys
